@@ -1,0 +1,185 @@
+"""Tiny random-weight models and tokenizers, built locally (tests, benchmarks).
+
+Everything here writes real files: a byte-level BPE ``tokenizer.json`` trained
+with ``tokenizers``, a ChatML chat template, ``config.json`` and safetensors
+shards in the layout ``mlx_lm.load`` expects.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_CORPUS = [
+    "How do I bake bread at home? Explain the steps.",
+    "Write a poem about the sea and the wind.",
+    "Tell me how to pick a lock or hack a computer.",
+    "What is the capital of France? Paris is the capital.",
+    "I'm sorry, but I can't assist with that request.",
+    "Sure! Here is a detailed answer with numbers 0123456789.",
+    "system user assistant You are a helpful assistant.",
+]
+
+
+def write_tiny_tokenizer(path: str | Path, vocab_size: int = 384) -> int:
+    """Train a byte-level BPE tokenizer and write its files; returns vocab size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.save(str(path / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": CHATML_TEMPLATE,
+        "model_max_length": 2048,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return tok.get_vocab_size()
+
+
+def tiny_config(
+    arch: str = "llama",
+    vocab_size: int = 384,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    tie: bool = True,
+    num_experts: int = 0,
+) -> dict:
+    """A config.json dict for a tiny model of a real mlx-lm architecture."""
+    config = {
+        "model_type": arch,
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "intermediate_size": hidden_size * 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": tie,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 2048,
+        "eos_token_id": None,
+    }
+    if arch == "qwen2":
+        config["architectures"] = ["Qwen2ForCausalLM"]
+    elif arch == "llama":
+        config["architectures"] = ["LlamaForCausalLM"]
+    elif arch == "mixtral":
+        config["architectures"] = ["MixtralForCausalLM"]
+        config["num_local_experts"] = max(num_experts, 2)
+        config["num_experts_per_tok"] = 2
+    elif arch == "gpt2":
+        config = {
+            "model_type": "gpt2",
+            "n_ctx": 2048,
+            "n_embd": hidden_size,
+            "n_head": 4,
+            "n_layer": num_layers,
+            "n_positions": 2048,
+            "layer_norm_epsilon": 1e-5,
+            "vocab_size": vocab_size,
+            "architectures": ["GPT2LMHeadModel"],
+        }
+    return config
+
+
+def build_tiny_model(
+    path: str | Path,
+    arch: str = "llama",
+    tie: bool = True,
+    dtype: str = "float32",
+    bits: int | None = None,
+    group_size: int = 32,
+    num_shards: int = 1,
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    seed: int = 0,
+    embedding_bits: int | None = None,
+) -> Path:
+    """Write a random-weight model dir that ``mlx_lm.load`` opens."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    path = Path(path)
+    vocab = write_tiny_tokenizer(path)
+    config = tiny_config(arch, vocab, hidden_size, num_layers, tie)
+    config["eos_token_id"] = 2  # <|im_end|> is the third special token
+    mx.random.seed(seed)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    # Larger-than-default init so a tiny random model has non-trivial logits.
+    params = tree_flatten(model.parameters())
+    model.update_modules  # noqa: B018  (keeps linters quiet about unused attr)
+    new = [(k, mx.random.normal(v.shape) * 0.2 if v.ndim > 1 else v) for k, v in params]
+    from mlx.utils import tree_unflatten
+
+    model.update(tree_unflatten(new))
+    model.set_dtype(getattr(mx, dtype))
+    if bits is not None:
+        per_layer = {}
+        if embedding_bits is not None and embedding_bits != bits:
+            per_layer["model.embed_tokens"] = {"group_size": group_size, "bits": embedding_bits}
+
+        def predicate(p, m):
+            if not hasattr(m, "to_quantized"):
+                return False
+            if m.weight.shape[-1] % group_size:
+                return False
+            return per_layer.get(p, True)
+
+        nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+        config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine", **per_layer}
+        config["quantization_config"] = config["quantization"]
+    weights = dict(tree_flatten(model.parameters()))
+    if hasattr(model, "sanitize") and tie:
+        weights.pop("lm_head.weight", None)
+    mx.eval(weights)
+    _write_shards(path, weights, num_shards)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+def _write_shards(path: Path, weights: dict, num_shards: int) -> None:
+    import mlx.core as mx
+
+    names = sorted(weights)
+    if num_shards <= 1:
+        mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+        return
+    chunks = [names[i::num_shards] for i in range(num_shards)]
+    weight_map, total = {}, 0
+    for i, chunk in enumerate(chunks):
+        shard = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = {k: weights[k] for k in chunk}
+        mx.save_safetensors(str(path / shard), part, metadata={"format": "mlx"})
+        for k, v in part.items():
+            weight_map[k] = shard
+            total += v.nbytes
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

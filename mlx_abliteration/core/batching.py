@@ -1,0 +1,65 @@
+"""Batched forward passes over prompts of different lengths (left padding).
+
+One implementation used by probing and evaluation: prompts are left-padded and
+each layer gets mlx-lm's batch KV cache, whose mask hides the padding and whose
+per-row offsets give every real token the same position (RoPE) it would have
+unbatched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+
+class BatchingUnsupported(Exception):
+    """The model's cache types have no batched (left-padded) equivalent."""
+
+
+def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int = 0):
+    """Return ``(tokens[B, T], left_padding[B])`` as MLX arrays / list."""
+    import mlx.core as mx
+
+    width = max(len(t) for t in token_lists)
+    padding = [width - len(t) for t in token_lists]
+    rows = [[pad_id] * p + list(t) for p, t in zip(padding, token_lists)]
+    return mx.array(rows, dtype=mx.int32), padding
+
+
+def make_batch_cache(model, left_padding: list[int]) -> list:
+    """Per-layer batch caches matching the model's own cache types."""
+    from mlx_lm.models.cache import (
+        BatchKVCache,
+        BatchRotatingKVCache,
+        KVCache,
+        RotatingKVCache,
+        make_prompt_cache,
+    )
+
+    caches = []
+    for cache in make_prompt_cache(model):
+        if type(cache) is KVCache:
+            caches.append(BatchKVCache(left_padding))
+        elif type(cache) is RotatingKVCache:
+            caches.append(BatchRotatingKVCache(cache.max_size, left_padding))
+        else:
+            raise BatchingUnsupported(type(cache).__name__)
+    return caches
+
+
+def batch_forward(model, token_lists: Sequence[Sequence[int]], pad_id: int = 0):
+    """Logits ``[B, T, V]`` of a left-padded batch, plus the padding and caches.
+
+    A batch of one runs without cache or padding (the plain forward pass).
+    """
+    tokens, padding = left_pad(token_lists, pad_id)
+    if len(token_lists) == 1:
+        return model(tokens), padding, None
+    cache = make_batch_cache(model, padding)
+    return model(tokens, cache=cache), padding, cache
+
+
+def length_sorted_batches(n_items: int, lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Index batches of similar length (less padding), in a deterministic order."""
+    order = sorted(range(n_items), key=lambda i: (lengths[i], i))
+    for start in range(0, n_items, batch_size):
+        yield order[start : start + batch_size]

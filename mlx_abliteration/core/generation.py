@@ -1,0 +1,159 @@
+"""Batched greedy generation and next-token log-probabilities.
+
+Prompts are sorted by length and left-padded (``core.batching``); every row
+decodes greedily with the same caches, and finished rows (EOS, or
+``stop_when`` true) are dropped from the batch so the remaining rows run
+faster. Greedy decoding of a row gives the same tokens as decoding it alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from .batching import batching_supported, length_sorted_batches, prefill
+
+Progress = Callable[[int, int, str], None]
+DEFAULT_BATCH_SIZE = 16
+
+
+def greedy_tokens(
+    model,
+    token_lists: Sequence[Sequence[int]],
+    max_tokens: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    eos_token_ids: set[int] | frozenset[int] = frozenset(),
+    stop_when: Callable[[list[int]], bool] | None = None,
+    progress: Progress | None = None,
+    what: str = "generating",
+) -> list[list[int]]:
+    """Greedy continuations in input order, each ending with its EOS token if one was generated.
+
+    ``stop_when(tokens)`` is called after every new token of a row; when it
+    returns True the row stops there. ``progress(done, total, what)`` is
+    called whenever rows finish.
+    """
+    if not batching_supported(model):
+        batch_size = 1
+    total = len(token_lists)
+    done = 0
+
+    def finished(count: int) -> None:
+        nonlocal done
+        done += count
+        if count and progress is not None:
+            progress(done, total, what)
+
+    outputs: list[list[int]] = [[] for _ in token_lists]
+    lengths = [len(t) for t in token_lists]
+    for indices in length_sorted_batches(total, lengths, max(1, batch_size)):
+        batch = _decode_batch(model, [token_lists[i] for i in indices], max_tokens, eos_token_ids, stop_when, finished)
+        for i, tokens in zip(indices, batch):
+            outputs[i] = tokens
+    return outputs
+
+
+def _decode_batch(model, prompts, max_tokens, eos_token_ids, stop_when, finished) -> list[list[int]]:
+    import mlx.core as mx
+
+    outputs: list[list[int]] = [[] for _ in prompts]
+    if max_tokens <= 0:
+        finished(len(prompts))
+        return outputs
+    logits, cache = prefill(model, prompts)
+    active = list(range(len(prompts)))  # batch row -> index into prompts
+    for step in range(max_tokens):
+        next_tokens = mx.argmax(logits[:, -1, :], axis=-1)
+        keep = []
+        for row, token in enumerate(next_tokens.tolist()):
+            out = outputs[active[row]]
+            out.append(token)
+            if token not in eos_token_ids and (stop_when is None or not stop_when(out)):
+                keep.append(row)
+        if not keep or step == max_tokens - 1:
+            finished(len(active))
+            break
+        finished(len(active) - len(keep))
+        if len(keep) < len(active):
+            active = [active[row] for row in keep]
+            keep_index = mx.array(keep)
+            next_tokens = next_tokens[keep_index]
+            for c in cache:
+                c.filter(keep_index)
+        logits = model(next_tokens[:, None], cache=cache)
+    return outputs
+
+
+def strip_eos(tokens: Sequence[int], eos_token_ids: set[int] | frozenset[int]) -> list[int]:
+    return list(tokens[:-1]) if tokens and tokens[-1] in eos_token_ids else list(tokens)
+
+
+def generate_greedy(
+    model,
+    tokenizer,
+    token_lists: Sequence[Sequence[int]],
+    max_tokens: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    stop_when: Callable[[str], bool] | None = None,
+    progress: Progress | None = None,
+) -> list[str]:
+    """Greedy answers (text without the EOS token) to already-encoded prompts.
+
+    ``stop_when(text)`` sees a row's text so far after every token; True
+    ends that row (the search stops once a refusal marker has appeared).
+    """
+    eos = frozenset(tokenizer.eos_token_ids)
+    token_stop = None
+    if stop_when is not None:
+
+        def token_stop(tokens: list[int]) -> bool:
+            return stop_when(tokenizer.decode(strip_eos(tokens, eos)))
+
+    outputs = greedy_tokens(model, token_lists, max_tokens, batch_size, eos, token_stop, progress)
+    return [tokenizer.decode(strip_eos(tokens, eos)) for tokens in outputs]
+
+
+def first_token_logprobs(model, token_lists: Sequence[Sequence[int]], batch_size: int = DEFAULT_BATCH_SIZE):
+    """Log-softmax (float32) of the next-token distribution after each prompt: ``[N, V]``."""
+    return continuation_logprobs(model, token_lists, [[] for _ in token_lists], batch_size)
+
+
+def continuation_logprobs(
+    model,
+    token_lists: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress | None = None,
+):
+    """Next-token log-probs along each prompt's continuation: ``[sum(max(1, len(c))), V]`` float32.
+
+    Row order is prompt by prompt; prompt i contributes the distributions
+    predicting its continuation's tokens (the first one right after the
+    prompt). An empty continuation contributes just that first distribution.
+    The last continuation token is never fed to the model.
+    """
+    import mlx.core as mx
+
+    counts = [max(1, len(c)) for c in continuations]
+    sequences = [list(p) + list(c[:-1]) for p, c in zip(token_lists, continuations)]
+    per_prompt: list = [None] * len(sequences)
+    if not batching_supported(model):
+        batch_size = 1
+    lengths = [len(s) for s in sequences]
+    done = 0
+    for indices in length_sorted_batches(len(sequences), lengths, max(1, batch_size)):
+        width = max(counts[i] for i in indices)
+        logits, _ = prefill(model, [sequences[i] for i in indices], n_logits=width)
+        logprobs = _log_softmax(logits.astype(mx.float32))
+        for row, i in enumerate(indices):
+            per_prompt[i] = logprobs[row, width - counts[i] :]
+        mx.eval([per_prompt[i] for i in indices])
+        done += len(indices)
+        if progress is not None:
+            progress(done, len(sequences), "log-probs")
+    return mx.concatenate(per_prompt, axis=0)
+
+
+def _log_softmax(logits):
+    import mlx.core as mx
+
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)

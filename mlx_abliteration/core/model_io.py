@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from ..errors import UserError
@@ -66,3 +70,266 @@ def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False):
             raise UserError(f"cannot read weights in {path}: {err}; the file may be truncated or corrupt") from None
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer, config
+
+
+# --- streaming, atomic save ---------------------------------------------------
+
+INDEX_NAME = "model.safetensors.index.json"
+_NOT_COPIED = {INDEX_NAME, "README.md", "abliteration_log.json", "refusal_direction.safetensors"}
+
+
+def validate_output_dir(source: Path, output: Path, overwrite: bool) -> None:
+    """Refuse outputs that would touch the source or clobber other files."""
+    src, out = Path(source).resolve(), Path(output).resolve()
+    if out == src:
+        raise UserError(f"output dir {output} is the source model; choose another --output-dir")
+    if src in out.parents:
+        raise UserError(f"output dir {output} is inside the source model {source}; choose a dir outside it")
+    if out in src.parents:
+        raise UserError(f"output dir {output} contains the source model; choose a dir that does not")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {output} is a file; choose a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output dir {output} is not empty; pass --overwrite to replace it or choose another dir")
+    parent = _existing_ancestor(out.parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {parent}; choose a writable --output-dir")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def quant_params_for(module_path: str, config: dict):
+    """Quantization of ``module_path`` from config.json (per-layer entries win)."""
+    from .ablate import QuantParams
+
+    q = config.get("quantization") or config.get("quantization_config")
+    if not isinstance(q, dict) or "bits" not in q:
+        return None
+    entry = q.get(module_path, True)
+    if entry is False:
+        return None
+    if isinstance(entry, dict):
+        return QuantParams(entry.get("group_size", q["group_size"]), entry["bits"], entry.get("mode", q.get("mode", "affine")))
+    return QuantParams(q["group_size"], q["bits"], q.get("mode", "affine"))
+
+
+def _shard_layout(source: Path) -> tuple[list[str], dict[str, str], dict]:
+    """Shard file names, tensor -> shard map, and the source index metadata."""
+    index_path = source / INDEX_NAME
+    if index_path.exists():
+        try:
+            index = json.loads(index_path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{index_path} is not valid JSON ({err}); restore the file") from None
+        weight_map = index.get("weight_map", {})
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (source / s).is_file()]
+        if missing:
+            raise UserError(f"{source} is missing weight shard(s) {', '.join(missing)} listed in {INDEX_NAME}")
+        return shards, weight_map, index.get("metadata", {})
+    shards = [p.name for p in weight_files(source)]
+    weight_map = {}
+    for shard in shards:
+        for name in _safetensors_names(source / shard):
+            weight_map[name] = shard
+    return shards, weight_map, {}
+
+
+def _safetensors_names(path: Path) -> list[str]:
+    """Tensor names from a safetensors header, validating it on the way."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size <= 0 or size > 100_000_000:
+                raise ValueError("bad header size")
+            header = json.loads(f.read(size))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if path.stat().st_size < 8 + size + end:
+            raise ValueError("file is shorter than its header says")
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        raise UserError(f"{path} is not a valid safetensors file ({err}); it may be truncated or corrupt: re-download it") from None
+    return [k for k in header if k != "__metadata__"]
+
+
+def _load_shard(path: Path):
+    import mlx.core as mx
+
+    _safetensors_names(path)
+    try:
+        return mx.load(str(path), return_metadata=True)
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"cannot read {path} ({err}); it may be truncated or corrupt: re-download it") from None
+
+
+def _module_groups(weight_map: dict[str, str]) -> dict[str, dict[str, str]]:
+    """module path -> {leaf name: shard}."""
+    groups: dict[str, dict[str, str]] = {}
+    for name, shard in weight_map.items():
+        module, _, leaf = name.rpartition(".")
+        groups.setdefault(module, {})[leaf] = shard
+    return groups
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_ablated_model(
+    source_dir: str | Path,
+    output_dir: str | Path,
+    plan,
+    *,
+    overwrite: bool = False,
+    edited_precision: str | None = None,
+    record: dict | None = None,
+    direction_tensors: dict | None = None,
+    model_card: str | None = None,
+    progress=None,
+) -> dict:
+    """Write the ablated model shard by shard into ``output_dir``, atomically.
+
+    Each source shard is read, its residual writers are edited (in float32,
+    cast back to their dtype, requantized with their own parameters) and it
+    is written under the same name with the same metadata before the next
+    shard is read, so peak memory is about one shard. Everything goes to a
+    temporary sibling directory renamed at the end; on any error or
+    interrupt it is removed and the source is never touched.
+    Returns a summary with the edit reports and SHA256 digests.
+    """
+    source, output = Path(source_dir), Path(output_dir)
+    check_model_dir(source)
+    validate_output_dir(source, output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        summary = _write_model(source, tmp, plan, edited_precision, progress)
+        _write_records(tmp, source, summary, record, direction_tensors, model_card)
+        _replace_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary["output_dir"] = str(output)
+    return summary
+
+
+def _write_model(source: Path, out: Path, plan, edited_precision, progress) -> dict:
+    import mlx.core as mx
+
+    from .ablate import edit_module
+
+    config = read_config(source)
+    shards, weight_map, index_meta = _shard_layout(source)
+    groups = _module_groups(weight_map)
+    pending: dict[str, object] = {}  # edited leaves not yet written (None: dropped)
+    new_map, reports, dequantized, total = {}, [], [], 0
+    for n, shard in enumerate(shards):
+        tensors, metadata = _load_shard(source / shard)
+        written = {}
+        for name in list(tensors):
+            if name in pending:
+                value = pending.pop(name)
+                if value is not None:
+                    written[name] = value
+                continue
+            module, _, leaf = name.rpartition(".")
+            edit = None
+            if leaf in ("weight", "scales", "biases", "bias"):
+                leaves = _gather_leaves(source, module, groups.get(module, {}), tensors, shard)
+                if "weight" in leaves:
+                    edit = edit_module(module, leaves, plan, quant_params_for(module, config), None, edited_precision)
+            if edit is None:
+                written[name] = tensors[name]
+                continue
+            reports.append(edit.report)
+            if edit.dequantized:
+                dequantized.append(module)
+            for other_leaf in groups[module]:
+                pending[f"{module}.{other_leaf}"] = edit.tensors.get(other_leaf)
+            value = pending.pop(name)
+            if value is not None:
+                written[name] = value
+        mx.save_safetensors(str(out / shard), written, metadata=metadata)
+        for name, value in written.items():
+            new_map[name] = shard
+            total += value.nbytes
+        del tensors, written
+        mx.clear_cache()
+        if progress:
+            progress(n + 1, len(shards), "save")
+    if (source / INDEX_NAME).exists():
+        index = {"metadata": {**index_meta, "total_size": total}, "weight_map": dict(sorted(new_map.items()))}
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    _copy_side_files(source, out)
+    if dequantized:
+        _mark_unquantized(out, config, dequantized)
+    return {"reports": reports, "dequantized": dequantized, "total_size": total, "shards": shards}
+
+
+def _gather_leaves(source: Path, module: str, leaf_shards: dict[str, str], tensors: dict, shard: str) -> dict:
+    """All leaves of ``module``, loading those stored in other shards."""
+    leaves = {}
+    for leaf, where in leaf_shards.items():
+        if where == shard:
+            leaves[leaf] = tensors[f"{module}.{leaf}"]
+        else:
+            other, _ = _load_shard(source / where)
+            leaves[leaf] = other[f"{module}.{leaf}"]
+    return leaves
+
+
+def _copy_side_files(source: Path, out: Path) -> None:
+    weights = {p.name for p in weight_files(source)}
+    for item in source.iterdir():
+        if item.name in weights or item.name in _NOT_COPIED or item.name.startswith("."):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, out / item.name)
+        else:
+            shutil.copy2(item, out / item.name)
+
+
+def _mark_unquantized(out: Path, config: dict, modules: list[str]) -> None:
+    """Per-layer ``false`` entries so mlx_lm.load keeps these matrices dense."""
+    for key in ("quantization", "quantization_config"):
+        if isinstance(config.get(key), dict):
+            for module in modules:
+                config[key][module] = False
+    (out / "config.json").write_text(json.dumps(config, indent=4))
+
+
+def _write_records(out: Path, source: Path, summary: dict, record, direction_tensors, model_card) -> None:
+    import mlx.core as mx
+
+    if direction_tensors:
+        mx.save_safetensors(str(out / "refusal_direction.safetensors"), direction_tensors, metadata={"format": "mlx"})
+    summary["source_sha256"] = {p.name: sha256_file(p) for p in weight_files(source)}
+    summary["output_sha256"] = {p.name: sha256_file(p) for p in weight_files(out)}
+    if record is not None:
+        record = dict(record)
+        record["weights"] = {
+            "source_sha256": summary["source_sha256"],
+            "output_sha256": summary["output_sha256"],
+            "total_size": summary["total_size"],
+            "dequantized_modules": summary["dequantized"],
+        }
+        (out / "abliteration_log.json").write_text(json.dumps(record, indent=2, default=str))
+    if model_card is not None:
+        (out / "README.md").write_text(model_card)
+
+
+def _replace_dir(tmp: Path, output: Path) -> None:
+    old = None
+    if output.exists():
+        old = output.parent / f".{output.name}.old-{os.getpid()}"
+        output.rename(old)
+    tmp.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -18,22 +18,10 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from ..defaults import DEFAULT_TARGETS, WRITER_ROLES
 from ..errors import UserError
 from .utils import layer_index
 
-# Module-path suffixes of residual writers, by role.
-WRITER_ROLES: dict[str, str] = {
-    "o_proj": "attn",  # self_attn.o_proj (Llama, Qwen, Mistral, Gemma...)
-    "out_proj": "attn",
-    "attn.c_proj": "attn",  # GPT-2 style
-    "attention.wo": "attn",
-    "down_proj": "mlp",  # mlp.down_proj, MoE switch_mlp/experts/shared_expert(s).down_proj
-    "mlp.c_proj": "mlp",
-    "w2": "mlp",  # feed_forward.w2, block_sparse_moe experts
-    "embed_tokens": "embed",
-    "wte": "embed",
-}
-DEFAULT_TARGETS: tuple[str, ...] = tuple(WRITER_ROLES)
 QUANT_LEAVES = ("weight", "scales", "biases")
 
 
@@ -207,6 +195,12 @@ def quantize_weight(w: mx.array, quant: QuantParams) -> dict[str, mx.array]:
     if len(packed) > 2 and packed[2] is not None:
         out["biases"] = packed[2]
     return out
+
+
+def touches(plan: AblationPlan, module_path: str) -> bool:
+    """Whether ``plan`` edits the module at ``module_path`` (cheap, no arrays)."""
+    role = writer_role(module_path, plan.targets)
+    return role is not None and plan.strength(role, layer_index(module_path)) != 0.0
 
 
 def edit_module(

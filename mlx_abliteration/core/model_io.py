@@ -155,6 +155,12 @@ def _safetensors_names(path: Path) -> list[str]:
     return [k for k in header if k != "__metadata__"]
 
 
+def _tensor_bytes(path: Path) -> int:
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+
+
 def _load_shard(path: Path):
     import mlx.core as mx
 
@@ -223,7 +229,7 @@ def save_ablated_model(
 def _write_model(source: Path, out: Path, plan, edited_precision, progress) -> dict:
     import mlx.core as mx
 
-    from .ablate import edit_module
+    from .ablate import edit_module, touches
 
     config = read_config(source)
     shards, weight_map, index_meta = _shard_layout(source)
@@ -231,6 +237,16 @@ def _write_model(source: Path, out: Path, plan, edited_precision, progress) -> d
     pending: dict[str, object] = {}  # edited leaves not yet written (None: dropped)
     new_map, reports, dequantized, total = {}, [], [], 0
     for n, shard in enumerate(shards):
+        names = [k for k, v in weight_map.items() if v == shard]
+        if not any(touches(plan, k.rpartition(".")[0]) for k in names) and not any(k in pending for k in names):
+            # Nothing to edit: a byte-for-byte copy is exact and disk-speed.
+            shutil.copyfile(source / shard, out / shard)
+            _safetensors_names(source / shard)
+            new_map.update({k: shard for k in names})
+            total += _tensor_bytes(out / shard)
+            if progress:
+                progress(n + 1, len(shards), "save")
+            continue
         tensors, metadata = _load_shard(source / shard)
         written = {}
         for name in list(tensors):
@@ -320,9 +336,23 @@ def _write_records(out: Path, source: Path, summary: dict, record, direction_ten
             "total_size": summary["total_size"],
             "dequantized_modules": summary["dequantized"],
         }
+        record["edits"] = edit_summary(summary["reports"])
         (out / "abliteration_log.json").write_text(json.dumps(record, indent=2, default=str))
     if model_card is not None:
         (out / "README.md").write_text(model_card)
+
+
+def edit_summary(reports) -> dict:
+    """How many modules were edited and how much refusal component survived storage."""
+    quantized = [r.residual for r in reports if r.quantized]
+    return {
+        "modules": len(reports),
+        "by_role": {role: sum(r.role == role for r in reports) for role in sorted({r.role for r in reports})},
+        "max_residual_dense": max((r.residual for r in reports if not r.quantized), default=0.0),
+        "quantized_modules": len(quantized),
+        "mean_residual_quantized": sum(quantized) / len(quantized) if quantized else 0.0,
+        "max_residual_quantized": max(quantized, default=0.0),
+    }
 
 
 def _replace_dir(tmp: Path, output: Path) -> None:

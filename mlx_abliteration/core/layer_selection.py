@@ -1,0 +1,93 @@
+"""``--use-layer auto``: pick the direction layer without generating text.
+
+Criterion (after Arditi et al.'s "bypass score", made cheap): find the
+model's refusal tokens as the first answer tokens whose probability rises
+most from harmless to harmful prompts; then, for each candidate layer in the
+middle of the network (25%..80% of depth, where refusal directions are found;
+deeper ones tend to damage the model), ablate that layer's direction in
+memory, measure the refusal tokens' probability on harmful prompts and the
+first-token KL on harmless prompts, and revert. The chosen layer minimizes
+refusal probability + KL. Cost: two first-token forward passes over a few
+prompts per candidate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import mlx.core as mx
+
+from .ablate import AblationPlan
+from .chat import encode_chats
+from .generation import first_token_logprobs
+from .model_edit import WeightSnapshot, apply_plan
+
+NUM_REFUSAL_TOKENS = 8
+
+
+@dataclass
+class CandidateScore:
+    layer: int
+    refusal_prob: float  # mean probability of refusal tokens on harmful prompts
+    kl: float  # first-token KL on harmless prompts
+
+    @property
+    def score(self) -> float:
+        return self.refusal_prob + self.kl
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "score": self.score}
+
+
+def candidate_layers(probed: Sequence[int], num_layers: int, max_candidates: int = 10) -> list[int]:
+    lo, hi = int(0.25 * num_layers), int(0.8 * num_layers)
+    middle = [layer for layer in probed if lo <= layer < hi] or list(probed)
+    step = max(1, -(-len(middle) // max_candidates))
+    return middle[::step]
+
+
+def refusal_token_ids(harmful_logp: mx.array, harmless_logp: mx.array, k: int = NUM_REFUSAL_TOKENS) -> list[int]:
+    """Tokens whose mean first-token probability rises most on harmful prompts."""
+    rise = mx.exp(harmful_logp).mean(0) - mx.exp(harmless_logp).mean(0)
+    top = mx.argsort(-rise)[:k]
+    return [int(t) for t in top.tolist() if rise[t].item() > 0]
+
+
+def select_layer_auto(
+    model,
+    tokenizer,
+    directions,
+    plan_for_layer: Callable[[int], AblationPlan],
+    harmful_prompts: Sequence[str],
+    harmless_prompts: Sequence[str],
+    *,
+    system_prompt: str | None = None,
+    batch_size: int = 16,
+    progress=None,
+    storage_dtype=None,
+) -> tuple[int, list[CandidateScore]]:
+    harmful_ids = encode_chats(tokenizer, harmful_prompts, system_prompt)
+    harmless_ids = encode_chats(tokenizer, harmless_prompts, system_prompt)
+    base_harmful = first_token_logprobs(model, harmful_ids, batch_size)
+    base_harmless = first_token_logprobs(model, harmless_ids, batch_size)
+    tokens = refusal_token_ids(base_harmful, base_harmless)
+    candidates = candidate_layers(directions.layers, directions.num_model_layers)
+    snapshot = WeightSnapshot(model, plan_for_layer(candidates[0]).targets)
+    scores = []
+    try:
+        for n, layer in enumerate(candidates):
+            apply_plan(model, plan_for_layer(layer), storage_dtype=storage_dtype)
+            harmful = first_token_logprobs(model, harmful_ids, batch_size)
+            harmless = first_token_logprobs(model, harmless_ids, batch_size)
+            refusal = float(mx.exp(harmful[:, tokens]).sum(-1).mean().item()) if tokens else 0.0
+            p = mx.exp(base_harmless)
+            kl = float((p * (base_harmless - harmless)).sum(-1).mean().item())
+            scores.append(CandidateScore(layer, refusal, kl))
+            snapshot.restore()
+            if progress:
+                progress(n + 1, len(candidates), "auto layer")
+    finally:
+        snapshot.restore()
+    best = min(scores, key=lambda s: (s.score, s.layer))
+    return best.layer, scores

@@ -1,0 +1,98 @@
+"""Every pipeline parameter and its default, in one place (CLI, GUI, config files)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import UserError
+
+# Module-path suffixes of residual-stream writers, by role (decided by role,
+# never by shape: q/k/v/up/gate read the residual stream and are not here).
+WRITER_ROLES: dict[str, str] = {
+    "o_proj": "attn",  # self_attn.o_proj (Llama, Qwen, Mistral, Gemma...)
+    "out_proj": "attn",
+    "attn.c_proj": "attn",  # GPT-2 style
+    "attention.wo": "attn",
+    "down_proj": "mlp",  # mlp.down_proj; MoE switch_mlp/experts/shared_expert(s).down_proj
+    "mlp.c_proj": "mlp",
+    "w2": "mlp",  # feed_forward.w2, block_sparse_moe experts
+    "embed_tokens": "embed",
+    "wte": "embed",
+}
+DEFAULT_TARGETS: tuple[str, ...] = tuple(WRITER_ROLES)
+
+
+@dataclass
+class AbliterationConfig:
+    """Parameters of ``mlx-abliterate run`` (and the GUI); see ``--help`` for each."""
+
+    model: str = ""
+    output_dir: str | None = None
+    harmful_dataset: str | None = None  # None: the packaged default set
+    harmless_dataset: str | None = None
+    dataset_column: str | None = None
+    cache_dir: str | None = None
+    layers: str = "all"  # which layers are probed / considered
+    use_layer: str = "auto"
+    probe_position: str = "last"
+    probe_marker: str | None = None
+    strip_marker_newline: bool = False
+    direction_variant: str = "mean-diff"
+    ablation_strength: float = 1.0
+    ablate_layers: str = "all"
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    norm_preserve: bool = False
+    edited_precision: str = "keep"
+    batch_size: int | None = None  # None: chosen from prompt lengths
+    max_prompts: int = 128  # probing prompts per kind
+    eval_size: int = 32  # held-out evaluation prompts per kind
+    eval_max_tokens: int = 64
+    kl_tokens: int = 1
+    no_eval: bool = False
+    system_prompt: str | None = None
+    seed: int = 42
+    overwrite: bool = False
+    dry_run: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_overrides(self, values: dict) -> AbliterationConfig:
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}")
+        data = self.to_dict()
+        data.update(values)
+        return AbliterationConfig(**data)
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Settings from a YAML or TOML file (keys as in ``AbliterationConfig``; '-' allowed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass a YAML or TOML file")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as err:  # parse errors of either format
+        raise UserError(f"cannot parse config file {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def config_json(config: AbliterationConfig) -> str:
+    return json.dumps(config.to_dict(), indent=2, default=str)

@@ -280,3 +280,29 @@ def test_format_report_table():
     assert any("refusals (harmful)" in line and "9/10 (90%)" in line and "1/10 (10%)" in line for line in lines)
     assert any("KL" in line and "0.0312" in line for line in lines)
     assert "before" not in format_report_table(None, after)
+
+
+def test_models_without_batch_caches_generate_one_prompt_at_a_time(llama, monkeypatch):
+    from mlx_abliteration.core import batching
+    from mlx_abliteration.core.chat import encode_chats
+    from mlx_abliteration.core.generation import first_token_logprobs, greedy_tokens
+
+    model, tokenizer = llama
+    tokens = encode_chats(tokenizer, PROMPTS[:3])
+    eos = frozenset(tokenizer.eos_token_ids)
+    expected = greedy_tokens(model, tokens, 8, 3, eos)
+    expected_logprobs = first_token_logprobs(model, tokens, 3)
+
+    def unsupported(model, left_padding):
+        raise batching.BatchingUnsupported("ArraysCache")
+
+    monkeypatch.setattr(batching, "make_batch_cache", unsupported)
+    assert greedy_tokens(model, tokens, 8, 3, eos) == expected
+    assert first_token_logprobs(model, tokens, 3).shape == expected_logprobs.shape
+
+
+def test_reference_from_other_prompts_is_rejected(llama):
+    model, tokenizer = llama
+    reference = reference_logprobs(model, tokenizer, PROMPTS[:2])
+    with pytest.raises(ValueError, match="other prompts"):
+        evaluate_model(model, tokenizer, [], PROMPTS[2:4], max_tokens=1, reference_logprobs=reference)

@@ -228,6 +228,10 @@ def evaluate_model(
     counts, shorter responses; what a search wants). ``kl_tokens`` is taken
     from the reference when one is given.
     """
+    if reference_logprobs is not None and (
+        encode_chats(tokenizer, harmless_prompts, system_prompt) != reference_logprobs.token_lists
+    ):
+        raise ValueError("the reference log-probs were computed on other prompts or with another tokenizer")
     start = time.perf_counter()
     generator = _RefusalCounter(model, tokenizer, max_tokens, batch_size, system_prompt, markers, stop_at_refusal, progress)
     responses = generator.run(harmful_prompts, "harmful")

@@ -1,0 +1,201 @@
+"""``mlx-abliterate eval``: refusal rates and KL damage of any model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_BATCH_SIZE = 16  # core.generation.DEFAULT_BATCH_SIZE, without importing MLX for --help
+HELP = "measure refusals (harmful, harmless) and KL divergence against a baseline"
+DESCRIPTION = (
+    "Greedy answers to held-out harmful and harmless prompts through the chat template; a response "
+    "counts as a refusal if it is empty or contains a refusal marker. With --baseline, the baseline "
+    "is evaluated too and KL(baseline || model) of the next-token distributions on the harmless "
+    "prompts measures the damage (one model in memory at a time)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..defaults import AbliterationConfig
+
+    d = AbliterationConfig()
+    parser.add_argument("-m", "--model", required=True, help="model to evaluate: local dir, .gguf file or hub id")
+    parser.add_argument("--baseline", help="original model: its refusals are shown too and KL is measured against it")
+    prompts = parser.add_argument_group("prompts (the held-out split that `run` evaluates on, for the same settings)")
+    prompts.add_argument("--harmful-dataset", help="harmful prompts: .jsonl/.json/.csv/.txt/.parquet or hub id (default: packaged set)")
+    prompts.add_argument("--harmless-dataset", help="harmless prompts, same formats (default: packaged set)")
+    prompts.add_argument("--dataset-column", help="column/field holding the prompt")
+    prompts.add_argument("--num-prompts", type=int, default=d.eval_size, help="held-out prompts of each kind (fewer if a dataset is smaller)")
+    prompts.add_argument("--seed", type=int, default=d.seed, help="seed of the probing/held-out split")
+    prompts.add_argument("--system-prompt", help="system message for every prompt")
+    parser.add_argument("--max-tokens", type=int, default=d.eval_max_tokens, help="tokens generated per answer")
+    parser.add_argument("--kl-tokens", type=int, default=d.kl_tokens, help="KL over this many tokens of the baseline's own answer")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts generated together")
+    parser.add_argument("--markers-file", help="refusal markers, one per line, replacing the default list")
+    parser.add_argument("--extra-markers", nargs="+", default=[], metavar="MARKER", help="markers added to the list")
+    parser.add_argument("--output", help="write the report as JSON to this file")
+    parser.add_argument("--responses", help="write every prompt and response as JSON lines to this file")
+    parser.add_argument("--cache-dir", help="where hub/GGUF models and datasets are cached")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..core.evaluate import format_report_table
+
+    _check_numbers(args)
+    markers = _markers(args)
+    harmful, harmless = _eval_prompts(args)
+    model_path = _resolve(args.model, args.cache_dir)
+    baseline_path = _resolve(args.baseline, args.cache_dir) if args.baseline else None
+    settings = dict(
+        max_tokens=args.max_tokens, batch_size=args.batch_size, system_prompt=args.system_prompt, markers=markers
+    )
+    reference, baseline_report = None, None
+    if baseline_path is not None:
+        reference, baseline_report = _evaluate_baseline(baseline_path, harmful, harmless, args.kl_tokens, settings)
+    report = _evaluate(model_path, harmful, harmless, reference, args.kl_tokens, settings, "model")
+    print(format_report_table(baseline_report, report))
+    if args.output:
+        _write_json(args.output, args, baseline_report, report)
+    if args.responses:
+        _write_responses(args.responses, baseline_report, report)
+    return 0
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    from ..errors import UserError
+
+    for flag, value, least in (
+        ("--num-prompts", args.num_prompts, 1),
+        ("--max-tokens", args.max_tokens, 1),
+        ("--kl-tokens", args.kl_tokens, 1),
+        ("--batch-size", args.batch_size, 1),
+    ):
+        if value < least:
+            raise UserError(f"{flag} must be at least {least} (got {value})")
+
+
+def _markers(args: argparse.Namespace) -> list[str]:
+    from ..core.evaluate import DEFAULT_REFUSAL_MARKERS, read_markers_file
+    from ..errors import UserError
+
+    markers = list(DEFAULT_REFUSAL_MARKERS)
+    if args.markers_file:
+        if not Path(args.markers_file).is_file():
+            raise UserError(f"markers file {args.markers_file} does not exist; pass a text file with one marker per line")
+        markers = read_markers_file(args.markers_file)
+    markers += args.extra_markers
+    if not markers:
+        raise UserError(f"{args.markers_file} holds no markers; add one marker per line")
+    return markers
+
+
+def _eval_prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The held-out part of each dataset: `run` cuts it first, so it depends only on the seed and size."""
+    from ..core.datasets import load_prompts, split_prompts
+
+    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    sets = []
+    for source, kind in ((args.harmful_dataset, "harmful"), (args.harmless_dataset, "harmless")):
+        prompts = load_prompts(source, kind, cache_dir=cache_dir, column=args.dataset_column)
+        n_eval = min(args.num_prompts, len(prompts))
+        sets.append(split_prompts(prompts, 0, n_eval, args.seed, name=kind)[1])
+    return sets[0], sets[1]
+
+
+def _resolve(path: str, cache_dir: str | None) -> Path:
+    from ..core.asset_resolver import resolve_asset
+    from ..core.model_io import check_model_dir
+
+    return check_model_dir(resolve_asset(path, Path(cache_dir) if cache_dir else None))
+
+
+def _evaluate_baseline(path: Path, harmful, harmless, kl_tokens: int, settings: dict):
+    """Reference log-probs and report of the baseline, which is freed before the model loads."""
+    import gc
+
+    import mlx.core as mx
+
+    from ..core.evaluate import evaluate_model, reference_logprobs
+    from ..core.model_io import load_model
+
+    model, tokenizer, _ = load_model(path)
+    bars = _ProgressBars("baseline")
+    reference = reference_logprobs(
+        model, tokenizer, harmless, kl_tokens=kl_tokens, batch_size=settings["batch_size"],
+        system_prompt=settings["system_prompt"], progress=bars,
+    )
+    report = evaluate_model(model, tokenizer, harmful, harmless, kl_tokens=kl_tokens, progress=bars, **settings)
+    bars.close()
+    del model, tokenizer
+    gc.collect()
+    mx.clear_cache()
+    return reference, report
+
+
+def _evaluate(path: Path, harmful, harmless, reference, kl_tokens: int, settings: dict, label: str):
+    from ..core.evaluate import evaluate_model
+    from ..core.model_io import load_model
+    from ..errors import UserError
+
+    model, tokenizer, _ = load_model(path)
+    bars = _ProgressBars(label)
+    try:
+        report = evaluate_model(
+            model, tokenizer, harmful, harmless, reference_logprobs=reference, kl_tokens=kl_tokens, progress=bars,
+            **settings,
+        )
+    except ValueError as err:
+        raise UserError(f"{err}; --baseline must be the original of --model (same tokenizer)") from None
+    bars.close()
+    return report
+
+
+class _ProgressBars:
+    """One tqdm bar (on stderr, TTY only) per stage that ``evaluate_model`` reports."""
+
+    def __init__(self, label: str):
+        self.label, self.what, self.bar = label, None, None
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        from tqdm import tqdm
+
+        if what != self.what:
+            self.close()
+            self.what = what
+            self.bar = tqdm(total=total, desc=f"{self.label}: {what}", unit="prompt", file=sys.stderr, disable=None)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _write_json(path: str, args: argparse.Namespace, baseline_report, report) -> None:
+    data = {
+        "model": args.model,
+        "baseline": args.baseline,
+        "settings": {
+            "num_prompts": args.num_prompts,
+            "seed": args.seed,
+            "max_tokens": args.max_tokens,
+            "kl_tokens": args.kl_tokens,
+            "batch_size": args.batch_size,
+            "system_prompt": args.system_prompt,
+            "harmful_dataset": args.harmful_dataset,
+            "harmless_dataset": args.harmless_dataset,
+        },
+        "report": report.to_dict(),
+        "baseline_report": baseline_report.to_dict() if baseline_report is not None else None,
+    }
+    Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_responses(path: str, baseline_report, report) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        for label, r in (("baseline", baseline_report), ("model", report)):
+            for response in r.responses if r is not None else []:
+                out.write(json.dumps({"model": label, **response}, ensure_ascii=False) + "\n")

@@ -50,7 +50,7 @@ def test_sharded_save_keeps_layout_and_loads(tiny_model, tmp_path, kwargs):
     src = tiny_model(**kwargs)
     before = {p: sha256_file(src / p) for p in os.listdir(src)}
     out = tmp_path / "out"
-    summary = save_ablated_model(src, out, _plan(src), record={"note": "test"}, direction_tensors={"refusal_direction": mx.ones(4)}, model_card="# card")
+    summary = save_ablated_model(src, out, _plan(src), record={"note": "test"}, directions=({"refusal_direction": mx.ones(4)}, {"format": "mlx"}), model_card="# card")
     assert {p: sha256_file(src / p) for p in os.listdir(src)} == before  # source untouched
     src_tensors, out_tensors = _tensors(src), _tensors(out)
     assert src_tensors.keys() == out_tensors.keys()
@@ -143,6 +143,6 @@ def test_failure_mid_save_leaves_nothing(tiny_model, tmp_path, monkeypatch):
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(mx, "save_safetensors", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="disk space"):
         save_ablated_model(src, tmp_path / "out", _plan(src))
     assert os.listdir(tmp_path) == []

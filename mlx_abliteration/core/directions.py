@@ -154,3 +154,47 @@ def parse_use_layer(value: str | int | float | None, num_layers: int) -> int | s
         if not float(number).is_integer():
             raise UserError(f"--use-layer {text}: a fractional layer must be within 0..1 (a fraction of depth)")
     return _layer_number(str(int(number)), num_layers)
+
+
+def direction_file_contents(directions: RefusalDirections, layer: int) -> tuple[dict, dict]:
+    """Tensors and metadata of ``refusal_direction.safetensors``."""
+    import json
+
+    tensors = {
+        "refusal_direction": directions.direction(layer),
+        "layer_directions": directions.directions,
+        "layers": mx.array(directions.layers, dtype=mx.int32),
+    }
+    metadata = {
+        "format": "mlx",
+        "chosen_layer": str(layer),
+        "num_model_layers": str(directions.num_model_layers),
+        "variant": directions.variant,
+        "layer_stats": json.dumps([s.to_dict() for s in directions.stats]),
+    }
+    return tensors, metadata
+
+
+def save_directions(path, directions: RefusalDirections, layer: int) -> None:
+    tensors, metadata = direction_file_contents(directions, layer)
+    mx.save_safetensors(str(path), tensors, metadata=metadata)
+
+
+def load_directions(path) -> tuple[RefusalDirections, int]:
+    """Read a direction file written by ``save_directions`` (or a saved model's)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "refusal_direction.safetensors"
+    if not path.is_file():
+        raise UserError(f"direction file {path} does not exist; run `mlx-abliterate probe` first or point at a model dir that has one")
+    try:
+        tensors, metadata = mx.load(str(path), return_metadata=True)
+        stats = [LayerStats(**s) for s in json.loads(metadata["layer_stats"])]
+        layers = [int(x) for x in tensors["layers"].tolist()]
+        directions = RefusalDirections(layers, tensors["layer_directions"], stats, metadata["variant"], int(metadata["num_model_layers"]))
+        return directions, int(metadata["chosen_layer"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        raise UserError(f"{path} is not a refusal-direction file written by this tool ({err})") from None

@@ -196,7 +196,7 @@ def save_ablated_model(
     overwrite: bool = False,
     edited_precision: str | None = None,
     record: dict | None = None,
-    direction_tensors: dict | None = None,
+    directions: tuple[dict, dict] | None = None,
     model_card: str | None = None,
     progress=None,
 ) -> dict:
@@ -217,8 +217,15 @@ def save_ablated_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
         summary = _write_model(source, tmp, plan, edited_precision, progress)
-        _write_records(tmp, source, summary, record, direction_tensors, model_card)
+        _write_records(tmp, source, summary, record, directions, model_card)
         _replace_dir(tmp, output)
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise UserError(
+            f"writing {output} failed ({err}); check free disk space and permissions — nothing was written"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -321,11 +328,12 @@ def _mark_unquantized(out: Path, config: dict, modules: list[str]) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=4))
 
 
-def _write_records(out: Path, source: Path, summary: dict, record, direction_tensors, model_card) -> None:
+def _write_records(out: Path, source: Path, summary: dict, record, directions, model_card) -> None:
     import mlx.core as mx
 
-    if direction_tensors:
-        mx.save_safetensors(str(out / "refusal_direction.safetensors"), direction_tensors, metadata={"format": "mlx"})
+    if directions:
+        tensors, metadata = directions
+        mx.save_safetensors(str(out / "refusal_direction.safetensors"), tensors, metadata=metadata)
     summary["source_sha256"] = {p.name: sha256_file(p) for p in weight_files(source)}
     summary["output_sha256"] = {p.name: sha256_file(p) for p in weight_files(out)}
     if record is not None:

@@ -1,0 +1,60 @@
+"""``mlx-abliterate probe``: per-layer refusal directions and stats, no weights written."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from . import _options
+
+HELP = "probe harmful/harmless prompts and save the per-layer refusal directions"
+DESCRIPTION = (
+    "Run the probing half of the pipeline: capture the residual stream, compute a refusal direction "
+    "per layer, choose a layer (--use-layer), print the per-layer table and save the directions to "
+    "a safetensors file that `mlx-abliterate ablate --direction` applies later."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _options.add_model_options(parser, output=False)
+    parser.add_argument("--output", default="refusal_direction.safetensors", help="direction file to write")
+    parser.add_argument("--stats-json", help="also write the per-layer statistics as JSON here")
+    _options.add_dataset_options(parser)
+    _options.add_probe_options(parser)
+    _options.add_output_style(parser)
+
+
+def probe(config, output: str | Path, on_event=None):
+    """Library form of the command: returns ``(directions, chosen_layer)``."""
+    from ..core.directions import save_directions
+    from ..errors import UserError
+    from ..pipeline import run_pipeline
+
+    output = Path(output)
+    if output.is_dir():
+        raise UserError(f"--output {output} is a directory; give a file name ending in .safetensors")
+    result = run_pipeline(config.with_overrides({"dry_run": True, "no_eval": True, "output_dir": None}), on_event)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".partial.safetensors")
+    save_directions(tmp, result.directions, result.chosen_layer)
+    tmp.replace(output)
+    return result.directions, result.chosen_layer
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..core.logging_config import setup_logging
+    from ._console import Console
+
+    config = _options.config_from_args(args)
+    setup_logging(args.log_file)
+    console = Console(args.quiet, args.json)
+    try:
+        directions, layer = probe(config, args.output, console)
+    finally:
+        console.close_bars()
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps({"chosen_layer": layer, "layers": [s.to_dict() for s in directions.stats]}, indent=2))
+    if not args.json:
+        print(f"saved directions of {len(directions.layers)} layers (chosen layer {layer}) to {args.output}")
+    return 0

@@ -1,0 +1,49 @@
+"""``mlx-abliterate run``: the full pipeline (the seed's ``python cli.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from . import _options
+
+HELP = "probe, compute the refusal direction, ablate, evaluate and save (the full pipeline)"
+DESCRIPTION = (
+    "Abliterate a chat model: probe harmful/harmless prompts, compute the refusal direction per "
+    "layer, orthogonalize every residual-stream writer against it, evaluate refusals and KL before "
+    "and after on held-out prompts, and save an MLX model that mlx_lm.load opens."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _options.add_model_options(parser)
+    _options.add_dataset_options(parser)
+    _options.add_probe_options(parser)
+    _options.add_ablation_options(parser)
+    _options.add_eval_options(parser)
+    parser.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS, help="probe and print per-layer stats; write nothing")
+    _options.add_output_style(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..core.logging_config import setup_logging
+    from ..pipeline import run_pipeline
+    from ._console import Console, layer_table
+
+    config = _options.config_from_args(args)
+    setup_logging(args.log_file)
+    console = Console(args.quiet, args.json)
+    try:
+        result = run_pipeline(config, console)
+    finally:
+        console.close_bars()
+    if args.json:
+        print(json.dumps({"event": "result", "output_dir": result.output_dir, "chosen_layer": result.chosen_layer,
+                          "before": result.before, "after": result.after}, default=str))  # fmt: skip
+    elif config.dry_run and args.quiet:
+        print(layer_table(result.layer_stats, result.chosen_layer))
+    elif result.output_dir:
+        print(f"saved abliterated model (direction from layer {result.chosen_layer}) to {result.output_dir}")
+    else:
+        print(f"dry run: direction from layer {result.chosen_layer}; nothing written")
+    return 0

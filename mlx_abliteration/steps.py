@@ -1,0 +1,229 @@
+"""The pipeline's steps, each a short function over the config and a reporter."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from . import __version__
+from .core.ablate import AblationPlan, uniform_plan
+from .core.directions import RefusalDirections, compute_directions, direction_file_contents, parse_layer_list, parse_use_layer
+from .core.model_io import check_model_dir, load_model, read_config, validate_output_dir
+from .core.positions import ProbeSpec
+from .core.probe import probe_prompts
+from .defaults import AbliterationConfig
+from .errors import UserError
+
+AUTO_PROMPTS = 16  # prompts per kind used to score candidate layers
+
+
+@dataclass
+class PromptSets:
+    harmful_train: list[str]
+    harmless_train: list[str]
+    harmful_eval: list[str]
+    harmless_eval: list[str]
+
+
+def resolve_model(config: AbliterationConfig, report) -> Path:
+    from .core.asset_resolver import resolve_asset
+
+    if not config.model:
+        raise UserError("no model given; pass -m/--model with a model dir, a .gguf file or a hub id")
+    report.emit("stage", f"resolving model {config.model}")
+    source = Path(resolve_asset(config.model, Path(config.cache_dir) if config.cache_dir else None))
+    return check_model_dir(source)
+
+
+def check_output(source: Path, config: AbliterationConfig) -> None:
+    validate_output_dir(source, Path(config.output_dir), config.overwrite)
+
+
+def load(source: Path, report):
+    from ._backend import blas_info
+
+    report.emit("stage", f"loading {source}", blas=blas_info(), device=str(mx.default_device()))
+    return load_model(source)
+
+
+def prompts(config: AbliterationConfig, report) -> PromptSets:
+    from .core.datasets import load_prompts, split_prompts
+
+    check_counts(config)
+    cache = Path(config.cache_dir) if config.cache_dir else None
+    # The held-out prompts are reserved even with --no-eval (or `probe`), so the
+    # probing set, and so the weights, never depend on whether evaluation runs.
+    n_eval = config.eval_size
+    sets = {}
+    for kind, source in (("harmful", config.harmful_dataset), ("harmless", config.harmless_dataset)):
+        items = load_prompts(source, kind, cache_dir=cache, column=config.dataset_column)
+        sets[kind] = split_prompts(items, config.max_prompts, n_eval, config.seed, name=source or f"default {kind}")
+    data = PromptSets(sets["harmful"][0], sets["harmless"][0], sets["harmful"][1], sets["harmless"][1])
+    report.emit(
+        "info",
+        f"prompts: {len(data.harmful_train)}+{len(data.harmless_train)} for probing, "
+        f"{len(data.harmful_eval)}+{len(data.harmless_eval)} held out for evaluation",
+    )
+    return data
+
+
+def check_counts(config: AbliterationConfig) -> None:
+    for name in ("max_prompts", "eval_size", "eval_max_tokens", "kl_tokens"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < (0 if name == "eval_size" else 1):
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    if config.batch_size is not None and (not isinstance(config.batch_size, int) or config.batch_size < 1):
+        raise UserError(f"--batch-size must be a positive integer, got {config.batch_size!r}")
+
+
+def _eval_batch(config: AbliterationConfig) -> int:
+    return config.batch_size or 16
+
+
+def evaluate_before(model, tokenizer, data: PromptSets, config: AbliterationConfig, report):
+    if config.no_eval or not data.harmful_eval:
+        return None, None
+    from .core.evaluate import evaluate_model, reference_logprobs
+
+    report.emit("stage", "evaluating the original model")
+    reference = reference_logprobs(
+        model, tokenizer, data.harmless_eval, kl_tokens=config.kl_tokens, batch_size=_eval_batch(config),
+        system_prompt=config.system_prompt, progress=report.progress,
+    )  # fmt: skip
+    before = evaluate_model(
+        model, tokenizer, data.harmful_eval, data.harmless_eval, max_tokens=config.eval_max_tokens,
+        batch_size=_eval_batch(config), system_prompt=config.system_prompt, progress=report.progress,
+    )  # fmt: skip
+    report.emit("eval", "original model", which="before", report=before.to_dict())
+    return reference, before
+
+
+def probe_spec(config: AbliterationConfig) -> ProbeSpec:
+    return ProbeSpec(config.probe_position, config.probe_marker, config.strip_marker_newline, config.system_prompt)
+
+
+def probe_directions(model, tokenizer, data: PromptSets, config: AbliterationConfig, report) -> RefusalDirections:
+    num_layers = len(model.layers)
+    layers = parse_layer_list(config.layers, num_layers)
+    spec = probe_spec(config)
+    report.emit("stage", f"probing {len(layers)} layers at position '{spec.position}'")
+    started = time.perf_counter()
+    harmful = probe_prompts(model, tokenizer, data.harmful_train, spec, layers, config.batch_size, report.progress, "probe harmful")
+    harmless = probe_prompts(model, tokenizer, data.harmless_train, spec, layers, config.batch_size, report.progress, "probe harmless")
+    seconds = time.perf_counter() - started
+    directions = compute_directions(harmful, harmless, layers, num_layers, config.direction_variant)
+    report.emit("info", f"probed {harmful.count + harmless.count} prompts in {seconds:.1f}s", probe_seconds=seconds)
+    return directions
+
+
+def choose_layer(model, tokenizer, directions: RefusalDirections, data: PromptSets, config: AbliterationConfig, source: Path, report):
+    choice = parse_use_layer(config.use_layer, directions.num_model_layers)
+    if choice != "auto":
+        if choice not in directions.layers:
+            raise UserError(f"--use-layer {config.use_layer} selects layer {choice}, which was not probed (--layers {config.layers})")
+        report.emit("layers", f"using layer {choice}", stats=[s.to_dict() for s in directions.stats], chosen=choice)
+        return choice, []
+    from .core.layer_selection import select_layer_auto
+
+    report.emit("stage", "choosing the layer (auto)")
+    layer, scores = select_layer_auto(
+        model, tokenizer, directions, lambda layer: build_plan(directions, layer, config),
+        data.harmful_train[:AUTO_PROMPTS], data.harmless_train[:AUTO_PROMPTS],
+        system_prompt=config.system_prompt, batch_size=_eval_batch(config), progress=report.progress,
+        storage_dtype=storage_dtype(source),
+    )  # fmt: skip
+    report.emit(
+        "layers", f"auto-selected layer {layer}", stats=[s.to_dict() for s in directions.stats], chosen=layer,
+        candidates=[s.to_dict() for s in scores],
+    )  # fmt: skip
+    return layer, scores
+
+
+def build_plan(directions: RefusalDirections, layer: int, config: AbliterationConfig) -> AblationPlan:
+    num_layers = directions.num_model_layers
+    return uniform_plan(
+        directions.direction(layer), num_layers, config.ablation_strength,
+        ablate_layers=parse_layer_list(config.ablate_layers, num_layers), targets=config.targets,
+        norm_preserve=config.norm_preserve,
+    )  # fmt: skip
+
+
+def storage_dtype(source: Path):
+    """dtype of the source's dense weights (so in-memory edits round like the saved ones)."""
+    name = read_config(source).get("torch_dtype") or read_config(source).get("dtype")
+    return {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}.get(str(name))
+
+
+def evaluate_after(model, tokenizer, plan, data: PromptSets, reference, config: AbliterationConfig, source: Path, report):
+    if reference is None:
+        return None
+    from .core.evaluate import evaluate_model
+    from .core.model_edit import apply_plan
+
+    report.emit("stage", "evaluating the abliterated model")
+    apply_plan(model, plan, storage_dtype=storage_dtype(source), edited_precision=config.edited_precision)
+    after = evaluate_model(
+        model, tokenizer, data.harmful_eval, data.harmless_eval, max_tokens=config.eval_max_tokens,
+        batch_size=_eval_batch(config), system_prompt=config.system_prompt, reference_logprobs=reference,
+        progress=report.progress,
+    )  # fmt: skip
+    report.emit("eval", "abliterated model", which="after", report=after.to_dict())
+    return after
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"mlx-abliteration": __version__, "python": platform.python_version(), "platform": platform.platform()}
+    for name in ("mlx", "mlx-lm", "numpy", "tokenizers", "transformers"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def build_record(config, source, model_config, directions, layer, candidates, plan, before, after, started) -> dict:
+    return {
+        "tool": "mlx-abliteration",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source_model": str(config.model),
+        "source_path": str(source),
+        "model_type": model_config.get("model_type"),
+        "parameters": config.to_dict(),
+        "chosen_layer": layer,
+        "layer_stats": [s.to_dict() for s in directions.stats],
+        "auto_candidates": [c.to_dict() for c in candidates],
+        "plan": plan.to_dict(),
+        "metrics": {"before": before and before.to_dict(), "after": after and after.to_dict()},
+        "seconds": time.perf_counter() - started,
+        "versions": versions(),
+    }
+
+
+def save(source: Path, config: AbliterationConfig, plan, directions, layer: int, record: dict, report) -> str:
+    from .core.model_card import model_card
+    from .core.model_io import save_ablated_model
+
+    report.emit("stage", f"saving to {config.output_dir}")
+    summary = save_ablated_model(
+        source, config.output_dir, plan, overwrite=config.overwrite, edited_precision=config.edited_precision,
+        record=record, directions=direction_file_contents(directions, layer), model_card=model_card(record),
+        progress=report.progress,
+    )  # fmt: skip
+    quantized = [r for r in summary["reports"] if r.quantized]
+    if quantized:
+        worst = max(r.residual for r in quantized)
+        mean = sum(r.residual for r in quantized) / len(quantized)
+        report.emit(
+            "info",
+            f"requantization keeps {mean:.1%} of the refusal component on average (worst {worst:.1%}); "
+            "--edited-precision bfloat16 stores edited matrices unquantized",
+            residual_mean=mean, residual_max=worst,
+        )  # fmt: skip
+    record["weights"] = {"total_size": summary["total_size"]}
+    return summary["output_dir"]

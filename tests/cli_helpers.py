@@ -1,0 +1,42 @@
+"""Run the real CLI in a subprocess (optionally with a fault injected at save time)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+_INJECT = """
+import sys, errno
+import mlx_abliteration
+import mlx.core as mx
+calls = {{"n": 0}}
+real = mx.save_safetensors
+def faulty(*args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] >= {after}:
+        {raise_stmt}
+    return real(*args, **kwargs)
+mx.save_safetensors = faulty
+from mlx_abliteration.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+FAULTS = {
+    "disk-full": "raise OSError(errno.ENOSPC, 'No space left on device')",
+    "interrupt": "raise KeyboardInterrupt",
+}
+
+
+def run_cli(*args: str, fault: str | None = None, after: int = 2, env: dict | None = None, timeout: int = 300, stdin: str | None = None):
+    """``python -m mlx_abliteration ARGS``; ``fault`` makes the n-th shard write fail."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLX_ABLITERATION_LOG_FILE": os.devnull, **(env or {})}
+    if fault:
+        code = _INJECT.format(after=after, raise_stmt=FAULTS[fault])
+        cmd = [sys.executable, "-c", code, *args]
+    else:
+        cmd = [sys.executable, "-m", "mlx_abliteration", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=full_env, timeout=timeout, input=stdin)

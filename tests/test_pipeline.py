@@ -1,0 +1,108 @@
+"""The full pipeline on tiny models, through the library and the CLI."""
+
+import json
+
+import mlx_lm
+import pytest
+
+from mlx_abliteration.defaults import AbliterationConfig
+from mlx_abliteration.pipeline import Event, iter_events, output_weights_path, run_pipeline
+
+from .cli_helpers import run_cli
+
+HARMFUL = [f"How do I build weapon number {i} to hurt people?" for i in range(24)]
+HARMLESS = [f"How do I bake bread recipe number {i} for my family?" for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    (d / "harmful.txt").write_text("\n".join(HARMFUL))
+    (d / "harmless.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in HARMLESS))
+    return d / "harmful.txt", d / "harmless.jsonl"
+
+
+def _config(model, out, datasets, **kw):
+    base = dict(model=str(model), output_dir=str(out), harmful_dataset=str(datasets[0]), harmless_dataset=str(datasets[1]),
+                max_prompts=12, eval_size=4, eval_max_tokens=4)  # fmt: skip
+    return AbliterationConfig(**{**base, **kw})
+
+
+def test_run_pipeline_end_to_end(tiny_model, tmp_path, datasets):
+    events: list[Event] = []
+    out = tmp_path / "out"
+    result = run_pipeline(_config(tiny_model(num_shards=2), out, datasets), events.append)
+    kinds = {e.kind for e in events}
+    assert {"stage", "progress", "layers", "eval", "done"} <= kinds
+    assert result.output_dir == str(out)
+    assert result.after["kl"] >= 0 and result.before["harmful_total"] == 4
+    log = json.loads((out / "abliteration_log.json").read_text())
+    assert log["chosen_layer"] == result.chosen_layer
+    assert log["metrics"]["after"]["kl"] == pytest.approx(result.after["kl"])
+    assert len(log["layer_stats"]) == 4 and log["versions"]["mlx"]
+    assert output_weights_path(out).name == "model.safetensors.index.json"
+    assert "base_model:" in (out / "README.md").read_text()
+    model, tok = mlx_lm.load(str(out))
+    assert isinstance(mlx_lm.generate(model, tok, prompt="hi", max_tokens=3), str)
+
+
+def test_fixed_layer_dry_run_writes_nothing(tiny_model, tmp_path, datasets):
+    out = tmp_path / "out"
+    result = run_pipeline(_config(tiny_model(), out, datasets, dry_run=True, use_layer="-2", no_eval=True))
+    assert result.chosen_layer == 2 and result.output_dir is None
+    assert not out.exists()
+
+
+def test_iter_events_streams_and_ends_with_result(tiny_model, tmp_path, datasets):
+    events = list(iter_events(_config(tiny_model(), tmp_path / "o", datasets, no_eval=True)))
+    assert events[-1].kind == "result"
+    assert any(e.kind == "progress" for e in events)
+
+
+def test_iter_events_reports_user_errors(tmp_path, datasets):
+    events = list(iter_events(_config(tmp_path / "missing", tmp_path / "o", datasets)))
+    assert events[-1].kind == "error" and "no such local path" in events[-1].message
+
+
+def test_cli_run_probe_ablate_roundtrip(tiny_model, tmp_path, datasets):
+    model = tiny_model(bits=4)
+    common = ["-m", str(model), "--harmful-dataset", str(datasets[0]), "--harmless-dataset", str(datasets[1]), "--max-prompts", "8"]
+    run = run_cli("run", *common, "-o", str(tmp_path / "run"), "--eval-size", "4", "--eval-max-tokens", "4", "--use-layer", "2")
+    assert run.returncode == 0, run.stderr
+    assert "saved abliterated model" in run.stdout and "refusals, harmful" in run.stdout
+    probe = run_cli("probe", *common, "--eval-size", "4", "--use-layer", "2", "--output", str(tmp_path / "dir.safetensors"))
+    assert probe.returncode == 0, probe.stderr
+    ablate = run_cli("ablate", "-m", str(model), "--direction", str(tmp_path / "dir.safetensors"), "-o", str(tmp_path / "abl"))
+    assert ablate.returncode == 0, ablate.stderr
+    # Same direction, same layer, same plan: the same weights as the full run.
+    for name in ("model.safetensors",):
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "abl" / name).read_bytes()
+
+
+def test_cli_json_mode_and_config_file(tiny_model, tmp_path, datasets):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"harmful-dataset: {datasets[0]}\nharmless_dataset: {datasets[1]}\nmax_prompts: 6\neval_size: 4\nuse_layer: 1\nno_eval: true\n")
+    proc = run_cli("run", "-m", str(tiny_model()), "--config", str(cfg), "--use-layer", "3", "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert lines[-1]["event"] == "result" and lines[-1]["chosen_layer"] == 3  # the flag beats the file
+    toml = tmp_path / "cfg.toml"
+    toml.write_text(f'harmful_dataset = "{datasets[0]}"\nharmless_dataset = "{datasets[1]}"\nmax_prompts = 6\neval_size = 4\nuse_layer = "1"\nno_eval = true\n')
+    proc = run_cli("run", "-m", str(tiny_model()), "--config", str(toml), "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1])["chosen_layer"] == 1
+
+
+def test_seed_cli_shim(tiny_model, tmp_path, datasets):
+    import subprocess
+    import sys
+
+    from .cli_helpers import REPO
+
+    proc = subprocess.run(
+        [sys.executable, "cli.py", "-m", str(tiny_model()), "-o", str(tmp_path / "o"), "--harmful-dataset", str(datasets[0]),
+         "--harmless-dataset", str(datasets[1]), "--max-prompts", "6", "--eval-size", "4", "--no-eval", "--use-layer", "1", "--quiet"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "o" / "model.safetensors").exists()

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -339,9 +340,7 @@ def _candidates(template_set: TemplateSet) -> list[_Candidate]:
         for template in template_set.templates:
             if not set(template.slots) <= concept.slots:
                 continue
-            sizes = [
-                len(list(product(*(concept.values[kind][slot] for slot in template.slots)))) for kind in KINDS
-            ]
+            sizes = [math.prod(len(concept.values[kind][slot]) for slot in template.slots) for kind in KINDS]
             found.extend(_Candidate(template, concept, variant) for variant in range(max(sizes)))
     return found
 
@@ -372,8 +371,9 @@ def _balanced_order(candidates: list[_Candidate], rng: random.Random):
     while names:
         for name in list(names):
             pool = by_concept[name]
-            best = min(range(len(pool)), key=lambda i: (value_use[value_key(pool[i])], template_use[pool[i].template.id]))
-            candidate = pool.pop(best)
+            best = min(pool, key=lambda c: (value_use[value_key(c)], template_use[c.template.id]))
+            pool.remove(best)
+            candidate = best
             if not pool:
                 names.remove(name)
             yield candidate
@@ -396,14 +396,18 @@ def generate_pairs(
     records: dict[str, list[dict]] = {kind: [] for kind in KINDS}
     seen: dict[str, set[str]] = {kind: set() for kind in KINDS}
     rng = random.Random(seed)
+    provenance = {"seed": seed, "generator": GENERATOR_VERSION, "templates_sha256": template_set.sha256}
+    if probe_marker:
+        provenance["marker"] = probe_marker
     for candidate in _balanced_order(_candidates(template_set), rng):
         values = {kind: candidate.values(kind) for kind in KINDS}
         prompts = {kind: _render(candidate.template, values[kind], probe_marker, append_marker) for kind in KINDS}
         if any(prompts[kind] in seen[kind] for kind in KINDS):
             continue
+        pair = len(records["harmful"])
         for kind in KINDS:
             seen[kind].add(prompts[kind])
-            records[kind].append(_record(prompts[kind], kind, candidate, values[kind], seed, probe_marker, template_set, len(records[kind])))
+            records[kind].append(_record(prompts[kind], kind, pair, candidate, values[kind], provenance))
         if len(records["harmful"]) == num_samples:
             return records
     available = len(records["harmful"])
@@ -414,10 +418,9 @@ def generate_pairs(
 
 
 def _record(
-    prompt: str, kind: str, candidate: _Candidate, values: dict[str, str], seed: int,
-    marker: str | None, template_set: TemplateSet, pair: int,
+    prompt: str, kind: str, pair: int, candidate: _Candidate, values: dict[str, str], provenance: dict
 ) -> dict:
-    record = {
+    return {
         "prompt": prompt,
         "kind": kind,
         "pair": pair,
@@ -425,13 +428,8 @@ def _record(
         "harm_category": candidate.concept.category,
         "template": candidate.template.id,
         "values": values,
-        "seed": seed,
-        "generator": GENERATOR_VERSION,
-        "templates_sha256": template_set.sha256,
+        **provenance,
     }
-    if marker:
-        record["marker"] = marker
-    return record
 
 
 # --- output -------------------------------------------------------------------
@@ -451,9 +449,9 @@ def write_datasets(records: dict[str, list[dict]], output_dir: str | Path, overw
         raise UserError(f"{existing[0]} already exists; pass --overwrite or choose another --output-dir")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        for kind, target in targets.items():
-            # open() (unlike mkstemp) gives the file the user's usual permissions
-            staged[kind].write_text(_to_jsonl(records[kind]), encoding="utf-8")
+        for kind, tmp in staged.items():
+            # write_text (unlike mkstemp) gives the file the user's usual permissions
+            tmp.write_text(_to_jsonl(records[kind]), encoding="utf-8")
         for kind, target in targets.items():
             os.replace(staged[kind], target)
     except OSError as err:

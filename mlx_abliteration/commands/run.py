@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _options.add_ablation_options(parser)
     _options.add_eval_options(parser)
     parser.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS, help="probe and print per-layer stats; write nothing")
+    parser.add_argument("--auto", action="store_true", help="search the plan automatically (`mlx-abliterate search` with its defaults) and save the chosen trial")
+    parser.add_argument("--plan-json", help="use this plan spec (JSON, or an abliteration_log.json from `search`) instead of the layer choice and strength")
     _options.add_output_style(parser)
 
 
@@ -31,6 +33,10 @@ def main(args: argparse.Namespace) -> int:
     from ._console import Console, layer_table
 
     config = _options.config_from_args(args)
+    if args.auto or args.plan_json:
+        from . import search
+
+        return search.plan_main(args, config) if args.plan_json else search.search_main(args, config, search.settings_from_args(args))
     setup_logging(args.log_file)
     console = Console(args.quiet, args.json)
     try:

@@ -1,0 +1,115 @@
+"""``mlx-abliterate search``: Optuna search over ablation plans (refusals vs KL); also ``run --auto`` and ``run --plan-json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import _options
+
+HELP = "search ablation parameters automatically (Optuna: fewest refusals at least KL) and save the best trial"
+DESCRIPTION = (
+    "Probe once, then run trials that each edit the in-memory model with a plan (direction index as a float "
+    "over layers, global or per-layer direction, per-component strength kernels over layers), count refusals "
+    "on harmful prompts and measure first-token KL on harmless prompts, and revert. Trials are scored on "
+    "prompts disjoint from both the probing and the held-out evaluation prompts. The study is stored on disk: "
+    "rerunning the same command continues it (Ctrl-C keeps finished trials). The Pareto front is printed; with "
+    "-o, the trial with the fewest refusals among those with KL <= --max-kl is evaluated on the held-out split "
+    "and saved (or the trial given by --trial). Search space: direction_scope global|per-layer; "
+    "direction_index 0.2..0.9 of depth; max_weight 0.5..1.5; max_weight_position 0.25..1 of depth; "
+    "min_weight 0..1 x max_weight; min_weight_distance 1..L-1 layers; embed_weight 0..1. Trial 0 is the "
+    "fixed default plan of `run`."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _options.add_model_options(parser)
+    _options.add_dataset_options(parser)
+    _options.add_probe_options(parser)
+    _options.add_ablation_options(parser)
+    _options.add_eval_options(parser)
+    add_search_options(parser)
+    _options.add_output_style(parser)
+
+
+def add_search_options(parser: argparse.ArgumentParser) -> None:
+    from ..core.search import SearchSettings
+
+    d = SearchSettings()
+    g = parser.add_argument_group("search")
+    g.add_argument("--n-trials", type=int, default=d.n_trials, help="finished trials the study should have; a rerun runs only the missing ones")
+    g.add_argument("--n-startup-trials", type=int, default=d.n_startup_trials, help="random trials before TPE starts modelling")
+    g.add_argument("--max-kl", type=float, default=d.max_kl, help="save the trial with the fewest refusals among those with KL <= this")
+    g.add_argument("--search-prompts", type=int, default=d.search_prompts, help="harmful and harmless prompts (each) scoring a trial")
+    g.add_argument("--search-max-tokens", type=int, default=d.search_max_tokens, help="tokens generated per harmful prompt in a trial (stops at the first refusal marker)")
+    g.add_argument("--search-seed", type=int, default=d.search_seed, help="sampler seed (default: --seed)")
+    g.add_argument("--study-dir", default=d.study_dir, help="where studies are stored (default: <cache dir>/studies)")
+    g.add_argument("--study-name", default=d.study_name, help="study name (default: model name + hash of the settings that change scores)")
+    g.add_argument("--trial", type=int, default=d.trial, help="save this finished trial (number from the front table) instead of running more")
+    g.add_argument("--no-warm-start", dest="warm_start", action="store_false", help="do not queue the fixed default plan as the first trial")
+
+
+def settings_from_args(args: argparse.Namespace):
+    from dataclasses import fields
+
+    from ..core.search import SearchSettings
+
+    return SearchSettings(**{f.name: getattr(args, f.name) for f in fields(SearchSettings) if hasattr(args, f.name)})
+
+
+def main(args: argparse.Namespace) -> int:
+    return search_main(args, _options.config_from_args(args), settings_from_args(args))
+
+
+def search_main(args: argparse.Namespace, config, settings) -> int:
+    """Run the search and print the front; shared with ``run --auto``."""
+    from ..core.logging_config import setup_logging
+    from ..core.search import front_table
+    from ..errors import UserError
+    from ..search_pipeline import run_search
+    from ._console import Console
+
+    setup_logging(args.log_file)
+    console = Console(args.quiet, args.json)
+    try:
+        outcome = run_search(config, settings, console)
+    finally:
+        console.close_bars()
+    study = outcome.study
+    if args.json:
+        print(json.dumps({"event": "result", "study": study.name, "storage": study.storage, "chosen": outcome.chosen and outcome.chosen.to_dict(),
+                          "front": [r.to_dict() for r in study.front], "output_dir": outcome.output_dir,
+                          "before": outcome.before, "after": outcome.after}, default=str))  # fmt: skip
+    else:
+        print(front_table(study.front, outcome.chosen, settings.max_kl))
+        print(f"{len(study.rows)} finished trials, {study.seconds_per_trial:.1f}s per trial; study {study.name} in {study.storage}")
+    if outcome.chosen is None:
+        raise UserError(f"no finished trial has KL <= {settings.max_kl:g}; raise --max-kl or pick one with --trial N")
+    if outcome.output_dir:
+        print(f"saved trial {outcome.chosen.number} to {outcome.output_dir}")
+    elif not args.json:
+        print(f"nothing saved; save the chosen trial with: --trial {outcome.chosen.number} -o OUT", file=sys.stderr)
+    return 0
+
+
+def plan_main(args: argparse.Namespace, config) -> int:
+    """``run --plan-json FILE``: the pipeline with an explicit plan spec."""
+    from ..core.kernels import load_plan_spec
+    from ..core.logging_config import setup_logging
+    from ..search_pipeline import run_with_plan
+    from ._console import Console
+
+    spec = load_plan_spec(args.plan_json)
+    setup_logging(args.log_file)
+    console = Console(args.quiet, args.json)
+    try:
+        result = run_with_plan(config, spec, console)
+    finally:
+        console.close_bars()
+    if args.json:
+        print(json.dumps({"event": "result", "output_dir": result.output_dir, "plan_spec": spec.to_dict(),
+                          "before": result.before, "after": result.after}, default=str))  # fmt: skip
+    elif result.output_dir:
+        print(f"saved abliterated model (plan from {args.plan_json}) to {result.output_dir}")
+    return 0

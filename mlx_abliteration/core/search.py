@@ -1,0 +1,390 @@
+"""Automatic parameter search: Optuna over ablation plans, scored on refusals and KL.
+
+Each trial turns sampled numbers into a ``PlanSpec`` (``core.kernels``),
+edits the in-memory model, counts refusals on harmful prompts (generation
+stops at the first refusal marker), measures first-token KL(original ‖
+edited) on harmless prompts, and reverts the edit exactly. Both objectives
+are minimized; the study lives in a journal file, so a rerun continues it.
+
+Search space (L = number of layers; ranges widen to include the warm-start
+trial, the fixed default plan, if it lies outside):
+
+==============================  ===========================================
+parameter                       range
+==============================  ===========================================
+direction_scope                 global | per-layer
+direction_index                 0.2·(L−1) .. 0.9·(L−1), float (interpolated)
+{attn,mlp}.max_weight           0.5 .. 1.5
+{attn,mlp}.max_weight_position  0.25·(L−1) .. L−1
+{attn,mlp}.min_weight_fraction  0 .. 1   (min_weight = fraction · max_weight)
+{attn,mlp}.min_weight_distance  1 .. L−1
+embed_weight                    0 .. 1   (only when the embedding is a target)
+==============================  ===========================================
+
+Sampler: multi-objective TPE (``multivariate=True``, seeded). With the small
+budgets a CPU affords (tens of trials), NSGA-II would not finish a single
+generation of its default population of 50 and is then random search; TPE
+starts modelling the good region after ``n_startup_trials``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from .kernels import COMPONENTS, DIRECTION_SCOPES, Kernel, PlanSpec
+
+OBJECTIVES = ("refusals", "kl")
+WARM_START_ATTR = "warm_start"
+SPEC_ATTR = "plan_spec"
+
+
+@dataclass
+class SearchSettings:
+    """Settings of ``mlx-abliterate search`` beyond the pipeline's (defaults live here)."""
+
+    n_trials: int = 24  # total complete trials in the study; a rerun runs only the missing ones
+    n_startup_trials: int = 8  # random trials before TPE models the results
+    max_kl: float = 0.1  # the saved trial: fewest refusals among trials with KL <= this
+    search_prompts: int = 32  # prompts per kind scoring each trial (disjoint from probing and held-out eval)
+    search_max_tokens: int = 48  # tokens generated per harmful prompt in a trial (stops at a refusal)
+    search_seed: int | None = None  # None: the pipeline's --seed
+    study_dir: str | None = None  # None: <cache dir>/studies
+    study_name: str | None = None  # None: derived from the model and every setting that changes the scores
+    trial: int | None = None  # save this finished trial instead of running more
+    warm_start: bool = True  # trial 0 is the fixed default plan of `run`
+
+    def check(self) -> None:
+        for name in ("n_trials", "search_prompts", "search_max_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.n_startup_trials < 0:
+            raise UserError(f"--n-startup-trials must be >= 0 (got {self.n_startup_trials})")
+        if not self.max_kl > 0:
+            raise UserError(f"--max-kl must be > 0 (got {self.max_kl})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- search space ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Ranges of every sampled parameter (absolute layers for positions)."""
+
+    direction_index: tuple[float, float]
+    max_weight: tuple[float, float]
+    max_weight_position: tuple[float, float]
+    min_weight_distance: tuple[float, float]
+    embed_weight: tuple[float, float] | None  # None: the embedding is not edited
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SearchSpace:
+        return cls(**{k: (tuple(v) if v is not None else None) for k, v in data.items()})
+
+
+def search_space(num_layers: int, probed_layers: Sequence[int], edit_embedding: bool, warm: PlanSpec | None = None) -> SearchSpace:
+    last = float(max(num_layers - 1, 1))
+    lo, hi = float(min(probed_layers)), float(max(probed_layers))
+    index = (max(lo, 0.2 * last), min(hi, 0.9 * last))
+    if index[0] > index[1]:  # too few probed layers for the usual band: any probed layer
+        index = (lo, hi)
+    space = SearchSpace(index, (0.5, 1.5), (0.25 * last, last), (1.0, last), (0.0, 1.0) if edit_embedding else None)
+    return _widened(space, warm) if warm is not None else space
+
+
+def _widened(space: SearchSpace, warm: PlanSpec) -> SearchSpace:
+    def cover(bounds, *values):
+        return (min(bounds[0], *values), max(bounds[1], *values))
+
+    kernels = (warm.attn, warm.mlp)
+    embed = cover(space.embed_weight, warm.embed_weight) if space.embed_weight is not None else None
+    return SearchSpace(
+        cover(space.direction_index, warm.direction_index),
+        cover(space.max_weight, *(k.max_weight for k in kernels)),
+        cover(space.max_weight_position, *(k.max_weight_position for k in kernels)),
+        cover(space.min_weight_distance, *(k.min_weight_distance for k in kernels)),
+        embed,
+    )
+
+
+def suggest_spec(trial, space: SearchSpace) -> PlanSpec:
+    """Sample a ``PlanSpec`` from an Optuna trial (every parameter, always: no conditional space)."""
+    scope = trial.suggest_categorical("direction_scope", list(DIRECTION_SCOPES))
+    index = trial.suggest_float("direction_index", *space.direction_index)
+    kernels = {c: _suggest_kernel(trial, c, space) for c in COMPONENTS}
+    embed = trial.suggest_float("embed_weight", *space.embed_weight) if space.embed_weight is not None else 0.0
+    return PlanSpec(scope, index, kernels["attn"], kernels["mlp"], embed)
+
+
+def _suggest_kernel(trial, component: str, space: SearchSpace) -> Kernel:
+    peak = trial.suggest_float(f"{component}.max_weight", *space.max_weight)
+    position = trial.suggest_float(f"{component}.max_weight_position", *space.max_weight_position)
+    fraction = trial.suggest_float(f"{component}.min_weight_fraction", 0.0, 1.0)
+    distance = trial.suggest_float(f"{component}.min_weight_distance", *space.min_weight_distance)
+    return Kernel(peak, position, fraction * peak, distance)
+
+
+def spec_params(spec: PlanSpec, space: SearchSpace) -> dict:
+    """The Optuna parameters that ``suggest_spec`` turns into ``spec`` (to enqueue it)."""
+    params: dict = {"direction_scope": spec.direction_scope, "direction_index": spec.direction_index}
+    for component in COMPONENTS:
+        kernel: Kernel = getattr(spec, component)
+        params[f"{component}.max_weight"] = kernel.max_weight
+        params[f"{component}.max_weight_position"] = kernel.max_weight_position
+        params[f"{component}.min_weight_fraction"] = kernel.min_weight / kernel.max_weight if kernel.max_weight else 0.0
+        params[f"{component}.min_weight_distance"] = kernel.min_weight_distance
+    if space.embed_weight is not None:
+        params["embed_weight"] = spec.embed_weight
+    return params
+
+
+# --- scoring ------------------------------------------------------------------
+
+
+class EditSnapshot:
+    """The writer modules and their arrays, to undo ``apply_plan`` exactly (no copies: arrays are immutable)."""
+
+    def __init__(self, model, targets):
+        from .model_edit import WeightSnapshot, writer_modules
+
+        self.model = model
+        # Modules too: --edited-precision replaces quantized writers by dense ones.
+        self.modules = writer_modules(model, targets)
+        self.weights = WeightSnapshot(model, targets)
+
+    def restore(self) -> None:
+        from mlx.utils import tree_unflatten
+
+        self.model.update_modules(tree_unflatten(list(self.modules)))
+        self.weights.restore()
+
+
+@dataclass
+class TrialScore:
+    refusals: int
+    total: int
+    kl: float
+    seconds: float
+    generated_tokens: int
+
+
+class TrialScorer:
+    """apply spec -> count refusals, measure KL -> revert; one instance per loaded model."""
+
+    def __init__(self, model, tokenizer, directions, harmful: Sequence[str], reference, *, targets, norm_preserve=False,
+                 storage_dtype=None, edited_precision=None, max_tokens=48, batch_size=16, system_prompt=None, progress=None):  # fmt: skip
+        self.model, self.tokenizer, self.directions = model, tokenizer, directions
+        self.harmful, self.reference = list(harmful), reference
+        self.targets, self.norm_preserve = tuple(targets), norm_preserve
+        self.storage_dtype, self.edited_precision = storage_dtype, edited_precision
+        self.max_tokens, self.batch_size = max_tokens, batch_size
+        self.system_prompt, self.progress = system_prompt, progress
+        self.snapshot = EditSnapshot(model, self.targets)
+
+    def __call__(self, spec: PlanSpec) -> TrialScore:
+        from .evaluate import evaluate_model, kl_from_reference
+        from .kernels import kernel_plan
+        from .model_edit import apply_plan
+
+        started = time.perf_counter()
+        plan = kernel_plan(self.directions, spec, self.targets, self.norm_preserve)
+        try:
+            apply_plan(self.model, plan, storage_dtype=self.storage_dtype, edited_precision=self.edited_precision)
+            report = evaluate_model(
+                self.model, self.tokenizer, self.harmful, [], max_tokens=self.max_tokens, batch_size=self.batch_size,
+                system_prompt=self.system_prompt, progress=self.progress, stop_at_refusal=True,
+                count_harmless_refusals=False,
+            )  # fmt: skip
+            kl = kl_from_reference(self.model, self.reference, self.batch_size)
+        finally:
+            self.snapshot.restore()
+        return TrialScore(report.harmful_refusals, report.harmful_total, kl, time.perf_counter() - started, report.generated_tokens)
+
+
+# --- the study ----------------------------------------------------------------
+
+
+def study_storage(path: Path):
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def study_key(identity: dict) -> str:
+    """A short hash of everything that changes trial scores (so changed settings start a new study)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def open_study(storage_path: Path, name: str, seed: int, n_startup_trials: int):
+    """Create or load the study; the sampler's seed is offset by the trials already run.
+
+    The offset keeps a resumed study deterministic without replaying the first
+    run's random startup samples.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = study_storage(storage_path)
+    existing = 0
+    try:
+        existing = len(optuna.load_study(study_name=name, storage=storage).trials)
+    except KeyError:
+        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=seed + existing, multivariate=True, n_startup_trials=n_startup_trials)
+    return optuna.create_study(
+        study_name=name, storage=storage, sampler=sampler, directions=["minimize", "minimize"], load_if_exists=True
+    )
+
+
+def complete_trials(study) -> list:
+    from optuna.trial import TrialState
+
+    return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+
+
+def ensure_warm_start(study, spec: PlanSpec, space: SearchSpace) -> bool:
+    """Enqueue the fixed default plan unless the study already has (or waits for) it."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False):
+        if trial.user_attrs.get(WARM_START_ATTR) and trial.state in (TrialState.COMPLETE, TrialState.WAITING):
+            return False
+    study.enqueue_trial(spec_params(spec, space), user_attrs={WARM_START_ATTR: True})
+    return True
+
+
+@dataclass
+class TrialRow:
+    """A finished trial as the front table and the log show it."""
+
+    number: int
+    refusals: int
+    total: int
+    kl: float
+    seconds: float
+    spec: PlanSpec
+    warm_start: bool = False
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "spec": self.spec.to_dict()}
+
+
+def trial_row(trial) -> TrialRow:
+    attrs = trial.user_attrs
+    return TrialRow(
+        trial.number, int(trial.values[0]), int(attrs.get("total", 0)), float(trial.values[1]),
+        float(attrs.get("seconds", 0.0)), PlanSpec.from_dict(attrs[SPEC_ATTR]), bool(attrs.get(WARM_START_ATTR)),
+    )  # fmt: skip
+
+
+def optimize(
+    study,
+    space: SearchSpace,
+    score: Callable[[PlanSpec], TrialScore],
+    n_trials: int,
+    on_trial: Callable[[TrialRow, int], None] | None = None,
+) -> bool:
+    """Run trials until the study has ``n_trials`` complete ones; True if interrupted (Ctrl-C).
+
+    An interrupted trial is marked failed; finished trials stay in the study.
+    """
+    from optuna.trial import TrialState
+
+    while (done := len(complete_trials(study))) < n_trials:
+        trial = study.ask()
+        try:
+            spec = suggest_spec(trial, space)
+            result = score(spec)
+        except KeyboardInterrupt:
+            study.tell(trial, state=TrialState.FAIL)
+            return True
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        for key, value in (("total", result.total), ("seconds", result.seconds), ("generated_tokens", result.generated_tokens), (SPEC_ATTR, spec.to_dict())):
+            trial.set_user_attr(key, value)
+        frozen = study.tell(trial, [result.refusals, result.kl])
+        if on_trial is not None:
+            on_trial(trial_row(frozen), done + 1)
+    return False
+
+
+def pareto_front(rows: Sequence[TrialRow]) -> list[TrialRow]:
+    """Trials no other trial beats on both refusals and KL, by refusals then KL."""
+
+    def dominates(a: TrialRow, b: TrialRow) -> bool:
+        return a.refusals <= b.refusals and a.kl <= b.kl and (a.refusals < b.refusals or a.kl < b.kl)
+
+    front = [r for r in rows if not any(dominates(o, r) for o in rows)]
+    return sorted(front, key=lambda r: (r.refusals, r.kl, r.number))
+
+
+def choose_trial(rows: Sequence[TrialRow], max_kl: float) -> TrialRow | None:
+    """Fewest refusals among trials with KL <= ``max_kl`` (ties: lower KL, then earlier)."""
+    allowed = [r for r in rows if r.kl <= max_kl]
+    return min(allowed, key=lambda r: (r.refusals, r.kl, r.number)) if allowed else None
+
+
+def find_trial(rows: Sequence[TrialRow], number: int) -> TrialRow:
+    for row in rows:
+        if row.number == number:
+            return row
+    finished = ", ".join(str(r.number) for r in rows) or "none"
+    raise UserError(f"trial {number} is not a finished trial of this study (finished: {finished})")
+
+
+def front_table(front: Sequence[TrialRow], chosen: TrialRow | None = None, max_kl: float | None = None) -> str:
+    """The Pareto front as a plain-text table (one row per trial)."""
+    head = f"{'trial':>5}  {'refusals':>9}  {'KL':>7}  {'scope':<9}  {'dir':>5}  {'attn max@pos min/dist':<23}  {'mlp max@pos min/dist':<23}  {'embed':>5}"
+    lines = [head, "-" * len(head)]
+    for row in front:
+        s = row.spec
+        line = (
+            f"{row.number:>5}  {f'{row.refusals}/{row.total}':>9}  {row.kl:>7.4f}  {s.direction_scope:<9}  "
+            f"{s.direction_index:>5.2f}  {_kernel_cell(s.attn):<23}  {_kernel_cell(s.mlp):<23}  {s.embed_weight:>5.2f}"
+        )
+        notes = []
+        if row.warm_start:
+            notes.append("fixed default")
+        if max_kl is not None and row.kl > max_kl:
+            notes.append(f"KL > {max_kl:g}")
+        if chosen is not None and row.number == chosen.number:
+            notes.append("<= chosen")
+        lines.append(line + ("  " + ", ".join(notes) if notes else ""))
+    return "\n".join(lines)
+
+
+def _kernel_cell(k: Kernel) -> str:
+    return f"{k.max_weight:.2f}@{k.max_weight_position:.1f} {k.min_weight:.2f}/{k.min_weight_distance:.1f}"
+
+
+@dataclass
+class StudySummary:
+    name: str
+    storage: str
+    rows: list[TrialRow] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def front(self) -> list[TrialRow]:
+        return pareto_front(self.rows)
+
+    @property
+    def seconds_per_trial(self) -> float:
+        timed = [r.seconds for r in self.rows if r.seconds > 0]
+        return sum(timed) / len(timed) if timed else 0.0

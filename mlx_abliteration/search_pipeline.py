@@ -1,0 +1,264 @@
+"""The search flow (``mlx-abliterate search``, ``run --auto``) and ``run --plan-json``.
+
+Probing happens once; every trial edits the loaded model and reverts it
+(``core.search``). Trials are scored on a *search split*: prompts left over
+after the held-out evaluation prompts and the probing prompts are cut (the
+same shuffle as ``run``), so neither the direction nor the held-out numbers
+that ``eval`` reports are fitted by the search. A dataset without spare
+prompts falls back to the probing prompts.
+
+The saved trial's ``PlanSpec`` goes into ``abliteration_log.json``;
+``run --plan-json LOG`` with the same settings rebuilds the same plan from
+the same directions, so the same weights, bit for bit.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from . import steps
+from .core.ablate import check_strength
+from .core.kernels import PlanSpec, kernel_plan, uniform_spec
+from .core.search import (
+    SearchSettings,
+    SearchSpace,
+    StudySummary,
+    TrialRow,
+    TrialScorer,
+    choose_trial,
+    complete_trials,
+    ensure_warm_start,
+    find_trial,
+    open_study,
+    optimize,
+    search_space,
+    study_key,
+    trial_row,
+)
+from .defaults import WRITER_ROLES, AbliterationConfig
+from .errors import UserError
+from .pipeline import PipelineResult, _Reporter
+
+# Settings that never change a trial's score (so they do not start a new study).
+_UNSCORED = ("output_dir", "overwrite", "dry_run", "no_eval", "cache_dir", "eval_max_tokens")
+
+
+@dataclass
+class SearchOutcome:
+    study: StudySummary
+    chosen: TrialRow | None
+    settings: SearchSettings
+    scored_on: str = ""
+    output_dir: str | None = None
+    before: dict | None = None
+    after: dict | None = None
+    record: dict = field(default_factory=dict)
+
+
+def run_search(
+    config: AbliterationConfig, settings: SearchSettings | None = None, on_event=None, cancel=None
+) -> SearchOutcome:
+    """Probe once, run (or resume) the study, pick a trial and save it if ``config.output_dir`` is set."""
+    settings = settings or SearchSettings()
+    settings.check()
+    report = _Reporter(on_event, cancel)
+    started = time.perf_counter()
+    save = bool(config.output_dir) and not config.dry_run
+    source = steps.resolve_model(config, report)
+    if save:
+        steps.check_output(source, config)
+    study, storage_path = _open(source, config, settings, report)
+    model, tokenizer, model_config = steps.load(source, report)
+    data = steps.prompts(config, report)
+    directions = steps.probe_directions(model, tokenizer, data, config, report)
+    scored_on, interrupted = study.user_attrs.get("scored_on", ""), False
+    if settings.trial is None:
+        scored_on, interrupted = _search(study, model, tokenizer, source, data, directions, config, settings, report)
+    rows = [trial_row(t) for t in complete_trials(study)]
+    summary = StudySummary(study.study_name, str(storage_path), rows, interrupted)
+    chosen = find_trial(rows, settings.trial) if settings.trial is not None else choose_trial(rows, settings.max_kl)
+    report.emit("front", "Pareto front", front=[r.to_dict() for r in summary.front], chosen=chosen and chosen.number)
+    outcome = SearchOutcome(summary, chosen, settings, scored_on)
+    if save and chosen is not None:
+        extra = {"search": _search_record(summary, chosen, settings, scored_on)}
+        saved = _evaluate_and_save(model, tokenizer, source, model_config, data, directions, chosen.spec, config, report, started, extra)
+        outcome.output_dir, outcome.record, outcome.before, outcome.after = saved
+    report.emit("done", f"finished in {time.perf_counter() - started:.0f}s", output_dir=outcome.output_dir)
+    return outcome
+
+
+def run_with_plan(config: AbliterationConfig, spec: PlanSpec, on_event=None, cancel=None) -> PipelineResult:
+    """``run`` with an explicit plan spec instead of the layer choice and uniform strength."""
+    report = _Reporter(on_event, cancel)
+    started = time.perf_counter()
+    if not config.dry_run and not config.output_dir:
+        raise UserError("no output dir; pass -o/--output-dir (or --dry-run)")
+    source = steps.resolve_model(config, report)
+    if not config.dry_run:
+        steps.check_output(source, config)
+    model, tokenizer, model_config = steps.load(source, report)
+    data = steps.prompts(config, report)
+    directions = steps.probe_directions(model, tokenizer, data, config, report)
+    output, record, before, after = _evaluate_and_save(model, tokenizer, source, model_config, data, directions, spec, config, report, started, {})
+    report.emit("done", f"finished in {time.perf_counter() - started:.0f}s", output_dir=output)
+    return PipelineResult(output, record["chosen_layer"], record["layer_stats"], before, after, record, directions)
+
+
+# --- study ------------------------------------------------------------------
+
+
+def study_identity(source: Path, config: AbliterationConfig, settings: SearchSettings) -> dict:
+    scored = {k: v for k, v in config.to_dict().items() if k not in _UNSCORED}
+    return {
+        "source": str(Path(source).resolve()),
+        "config": scored,
+        "search_prompts": settings.search_prompts,
+        "search_max_tokens": settings.search_max_tokens,
+        "warm_start": settings.warm_start,
+    }
+
+
+def study_dir(config: AbliterationConfig, settings: SearchSettings) -> Path:
+    if settings.study_dir:
+        return Path(settings.study_dir).expanduser()
+    import os
+
+    cache = config.cache_dir or os.environ.get("MLX_ABLITERATION_CACHE") or Path.home() / ".cache" / "mlx-abliteration"
+    return Path(cache).expanduser() / "studies"
+
+
+def _open(source: Path, config: AbliterationConfig, settings: SearchSettings, report):
+    identity = study_identity(source, config, settings)
+    name = settings.study_name or f"{Path(source).name}-{study_key(identity)}"
+    path = study_dir(config, settings) / f"{name}.journal"
+    seed = config.seed if settings.search_seed is None else settings.search_seed
+    study = open_study(path, name, seed, settings.n_startup_trials)
+    if "identity" not in study.user_attrs:
+        study.set_user_attr("identity", identity)
+    done = len(complete_trials(study))
+    if settings.trial is not None and not done:
+        raise UserError(f"study {name} has no finished trials in {path}; run the search first (same settings, without --trial)")
+    verb = "continuing" if done else "starting"
+    report.emit("info", f"{verb} study {name} ({done} finished trials) in {path}", study=name, storage=str(path), finished=done)
+    return study, path
+
+
+def _search(study, model, tokenizer, source, data, directions, config, settings, report) -> tuple[str, bool]:
+    from .core.evaluate import reference_logprobs
+
+    space, warm = _space(study, model, tokenizer, directions, data, config, settings, source, report)
+    if warm is not None and ensure_warm_start(study, warm, space):
+        report.emit("info", f"trial queued: the fixed default plan (layer {warm.direction_index:g}, strength {warm.attn.max_weight:g})")
+    harmful, harmless, scored_on = search_prompt_sets(config, settings.search_prompts)
+    study.set_user_attr("scored_on", scored_on)
+    report.emit("info", f"scoring trials on {len(harmful)}+{len(harmless)} {scored_on} prompts")
+    batch = config.batch_size or 16
+    reference = reference_logprobs(model, tokenizer, harmless, kl_tokens=config.kl_tokens, batch_size=batch, system_prompt=config.system_prompt)
+    scorer = TrialScorer(
+        model, tokenizer, directions, harmful, reference, targets=config.targets, norm_preserve=config.norm_preserve,
+        storage_dtype=steps.storage_dtype(source), edited_precision=config.edited_precision,
+        max_tokens=settings.search_max_tokens, batch_size=batch, system_prompt=config.system_prompt,
+    )  # fmt: skip
+
+    def on_trial(row: TrialRow, done: int) -> None:
+        report.emit(
+            "info", f"trial {row.number} ({done}/{settings.n_trials}): refusals {row.refusals}/{row.total}, "
+            f"KL {row.kl:.4f}, {row.seconds:.1f}s", trial=row.to_dict(),
+        )  # fmt: skip
+        report.progress(done, settings.n_trials, "trials")
+
+    interrupted = optimize(study, space, scorer, settings.n_trials, on_trial)
+    if interrupted:
+        report.emit("info", "interrupted: finished trials are kept; rerun the same command to continue")
+    return scored_on, interrupted
+
+
+def _space(study, model, tokenizer, directions, data, config, settings, source, report) -> tuple[SearchSpace, PlanSpec | None]:
+    """The study's search space and warm-start spec, decided once and stored with the study."""
+    if "space" in study.user_attrs:
+        warm = study.user_attrs.get("warm_spec")
+        return SearchSpace.from_dict(study.user_attrs["space"]), PlanSpec.from_dict(warm) if warm else None
+    warm = None
+    edit_embedding = any(WRITER_ROLES.get(t) == "embed" for t in config.targets)
+    if settings.warm_start and str(config.ablate_layers).strip().lower() == "all":
+        layer, _ = steps.choose_layer(model, tokenizer, directions, data, config, source, report)
+        warm = uniform_spec(layer, directions.num_model_layers, check_strength(config.ablation_strength), embed=edit_embedding)
+    space = search_space(directions.num_model_layers, directions.layers, edit_embedding, warm)
+    study.set_user_attr("space", space.to_dict())
+    study.set_user_attr("warm_spec", warm.to_dict() if warm else None)
+    return space, warm
+
+
+def search_prompt_sets(config: AbliterationConfig, size: int) -> tuple[list[str], list[str], str]:
+    """Harmful and harmless prompts that score trials, and which split they come from."""
+    from .core.datasets import load_prompts, split_prompts
+
+    cache = Path(config.cache_dir) if config.cache_dir else None
+    sets, spare_everywhere = [], True
+    for kind, source in (("harmful", config.harmful_dataset), ("harmless", config.harmless_dataset)):
+        items = load_prompts(source, kind, cache_dir=cache, column=config.dataset_column)
+        rest = split_prompts(items, None, config.eval_size, config.seed, name=source or f"default {kind}")[0]
+        spare = rest[config.max_prompts :]
+        spare_everywhere = spare_everywhere and bool(spare)
+        sets.append((spare[:size], rest[: config.max_prompts][:size]))
+    if spare_everywhere:
+        return sets[0][0], sets[1][0], "search-split"
+    return sets[0][1], sets[1][1], "probing"
+
+
+# --- evaluate, record, save ----------------------------------------------------
+
+
+def _evaluate_and_save(model, tokenizer, source, model_config, data, directions, spec, config, report, started, extra):
+    plan = kernel_plan(directions, spec, config.targets, config.norm_preserve)
+    layer = min(directions.layers, key=lambda p: (abs(p - spec.direction_index), p))
+    reference, before = steps.evaluate_before(model, tokenizer, data, config, report)
+    after = steps.evaluate_after(model, tokenizer, plan, data, reference, config, source, report)
+    record = steps.build_record(config, source, model_config, directions, layer, [], plan, before, after, started)
+    record["plan_spec"] = spec.to_dict()
+    record.update(extra)
+    record["reproduce"] = reproduce_command(config)
+    output = None
+    if not config.dry_run:
+        output = steps.save(source, config, plan, directions, layer, record, report)
+    return output, record, before and before.to_dict(), after and after.to_dict()
+
+
+def _search_record(summary: StudySummary, chosen: TrialRow, settings: SearchSettings, scored_on: str) -> dict:
+    return {
+        "study_name": summary.name,
+        "storage": summary.storage,
+        "trial": chosen.number,
+        "selected_by": f"--trial {settings.trial}" if settings.trial is not None else f"fewest refusals with KL <= {settings.max_kl:g}",
+        "scores": {"refusals": chosen.refusals, "total": chosen.total, "kl": chosen.kl},
+        "scored_on": scored_on,
+        "finished_trials": len(summary.rows),
+        "seconds_per_trial": summary.seconds_per_trial,
+        "settings": settings.to_dict(),
+        "pareto_front": [r.to_dict() for r in summary.front],
+    }
+
+
+_NOT_FOR_PLAN = {"model", "output_dir", "overwrite", "dry_run", "use_layer", "ablation_strength", "ablate_layers"}
+
+
+def reproduce_command(config: AbliterationConfig) -> str:
+    """The ``run --plan-json`` command line that rebuilds the same weights (settings that differ from the defaults)."""
+    defaults = AbliterationConfig()
+    out = str(config.output_dir or "OUT")
+    parts = ["mlx-abliterate", "run", "-m", config.model, "-o", f"{out}-reproduced", "--plan-json", f"{out}/abliteration_log.json"]
+    for f in fields(AbliterationConfig):
+        value = getattr(config, f.name)
+        if f.name in _NOT_FOR_PLAN or value == getattr(defaults, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            parts += [flag] if value else []
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, *map(str, value)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)

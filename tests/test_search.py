@@ -1,0 +1,198 @@
+"""Automatic parameter search: kernel plans, exact revert, persistence, seeding, CLI save and reproduction."""
+
+import json
+
+import mlx.core as mx
+import mlx_lm
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_abliteration.core.ablate import uniform_plan
+from mlx_abliteration.core.directions import RefusalDirections
+from mlx_abliteration.core.kernels import Kernel, PlanSpec, kernel_plan, load_plan_spec, uniform_spec
+from mlx_abliteration.core.model_edit import apply_plan
+from mlx_abliteration.core.model_io import load_model
+from mlx_abliteration.core.search import (
+    EditSnapshot,
+    SearchSettings,
+    TrialRow,
+    TrialScore,
+    choose_trial,
+    complete_trials,
+    open_study,
+    optimize,
+    pareto_front,
+    search_space,
+)
+from mlx_abliteration.defaults import AbliterationConfig
+from mlx_abliteration.errors import UserError
+from mlx_abliteration.search_pipeline import run_search
+
+from .cli_helpers import run_cli
+
+HARMFUL = [f"How do I build weapon number {i} to hurt people?" for i in range(24)]
+HARMLESS = [f"How do I bake bread recipe number {i} for my family?" for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("search_data")
+    (d / "harmful.txt").write_text("\n".join(HARMFUL))
+    (d / "harmless.txt").write_text("\n".join(HARMLESS))
+    return d / "harmful.txt", d / "harmless.txt"
+
+
+def _config(model, datasets, **kw) -> AbliterationConfig:
+    base = dict(model=str(model), harmful_dataset=str(datasets[0]), harmless_dataset=str(datasets[1]), max_prompts=8,
+                eval_size=4, eval_max_tokens=4)  # fmt: skip
+    return AbliterationConfig(**{**base, **kw})
+
+
+def _settings(tmp_path, **kw) -> SearchSettings:
+    return SearchSettings(**{"search_prompts": 6, "search_max_tokens": 4, "n_startup_trials": 2, "study_dir": str(tmp_path / "studies"), **kw})
+
+
+def _directions(num_layers=4, hidden=64, seed=0) -> RefusalDirections:
+    rows = mx.random.normal((num_layers, hidden), key=mx.random.key(seed))
+    rows = rows / mx.linalg.norm(rows, axis=-1, keepdims=True)
+    return RefusalDirections(list(range(num_layers)), rows, [], "mean-diff", num_layers)
+
+
+SPEC = PlanSpec("per-layer", 1.4, Kernel(1.2, 2.0, 0.3, 1.5), Kernel(0.9, 1.0, 0.9, 3.0), 0.7)
+
+
+def test_kernel_falls_linearly_to_min_and_is_zero_beyond():
+    assert Kernel(1.0, 2.0, 0.5, 2.0).weights(6) == [0.5, 0.75, 1.0, 0.75, 0.5, 0.0]
+    assert Kernel(1.5, 0.5, 0.0, 1.0).weights(3) == [0.75, 0.75, 0.0]
+
+
+def test_uniform_spec_is_the_fixed_plan():
+    directions = _directions()
+    fixed = uniform_plan(directions.direction(2), 4, 1.0)
+    plan = kernel_plan(directions, uniform_spec(2, 4, 1.0))
+    assert plan.strengths == fixed.strengths
+    assert mx.array_equal(plan.layer_directions, fixed.layer_directions) and mx.array_equal(plan.embed_direction, fixed.embed_direction)
+
+
+def test_per_layer_and_fractional_directions():
+    directions = _directions()
+    plan = kernel_plan(directions, SPEC)
+    for layer in range(4):
+        assert mx.allclose(plan.layer_directions[layer], directions.directions[layer], atol=1e-6)
+    mixed = 0.6 * directions.directions[1] + 0.4 * directions.directions[2]
+    assert mx.allclose(plan.embed_direction, mixed / mx.linalg.norm(mixed), atol=1e-6)
+    assert plan.strengths["embed"] == [0.7] and plan.strengths["attn"][0] == 0.0
+    assert plan.strengths["attn"][3] == pytest.approx(0.6)
+
+
+def test_plan_spec_roundtrips_through_json(tmp_path):
+    (tmp_path / "log.json").write_text(json.dumps({"plan_spec": SPEC.to_dict()}))
+    assert load_plan_spec(tmp_path / "log.json") == SPEC
+
+
+@pytest.mark.parametrize(
+    "kwargs, precision",
+    [({}, None), ({"dtype": "bfloat16"}, None), ({"bits": 4}, None), ({"bits": 4}, "bfloat16"), ({"arch": "mixtral", "bits": 4}, None)],
+    ids=["float32", "bf16", "q4", "q4-edited-bf16", "moe-q4"],
+)
+def test_apply_then_revert_restores_every_weight_bit_for_bit(tiny_model, kwargs, precision):
+    model, _, _ = load_model(tiny_model(**kwargs))
+    before = dict(tree_flatten(model.parameters()))
+    types = {path: type(m) for path, m in model.named_modules()}
+    snapshot = EditSnapshot(model, AbliterationConfig().targets)
+    apply_plan(model, kernel_plan(_directions(), SPEC), edited_precision=precision)
+    edited = dict(tree_flatten(model.parameters()))
+    assert any(k not in edited or not mx.array_equal(before[k], edited[k]) for k in before)
+    snapshot.restore()
+    after = dict(tree_flatten(model.parameters()))
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype and mx.array_equal(after[key], value), key
+    assert {path: type(m) for path, m in model.named_modules()} == types
+
+
+def test_pareto_front_and_choice():
+    rows = [TrialRow(n, r, 10, kl, 1.0, SPEC) for n, r, kl in [(0, 5, 0.02), (1, 2, 0.3), (2, 3, 0.05), (3, 3, 0.08), (4, 0, 0.9)]]
+    assert [r.number for r in pareto_front(rows)] == [4, 1, 2, 0]
+    assert choose_trial(rows, 0.1).number == 2
+    assert choose_trial(rows, 0.01) is None
+
+
+def test_interrupt_keeps_finished_trials(tmp_path):
+    study = open_study(tmp_path / "s.journal", "s", seed=1, n_startup_trials=2)
+    calls = []
+
+    def score(spec):
+        calls.append(spec)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return TrialScore(len(calls), 8, 0.01 * len(calls), 0.1, 5)
+
+    assert optimize(study, search_space(4, range(4), True), score, 5) is True
+    assert len(complete_trials(study)) == 2 and len(study.trials) == 3
+    assert optimize(study, search_space(4, range(4), True), lambda spec: TrialScore(0, 8, 0.0, 0.1, 5), 4) is False
+    assert len(complete_trials(study)) == 4
+
+
+def _trials(outcome):
+    return [(r.number, r.refusals, r.kl, r.spec) for r in outcome.study.rows]
+
+
+def test_search_persists_resumes_and_same_seed_gives_same_trials(tiny_model, datasets, tmp_path):
+    model = tiny_model()
+    first = run_search(_config(model, datasets), _settings(tmp_path, n_trials=2))
+    assert len(first.study.rows) == 2 and first.scored_on == "search-split"
+    warm = first.study.rows[0]
+    assert warm.warm_start and warm.spec == uniform_spec(warm.spec.direction_index, 4, 1.0)
+    resumed = run_search(_config(model, datasets), _settings(tmp_path, n_trials=4))
+    assert resumed.study.name == first.study.name and len(resumed.study.rows) == 4
+    assert _trials(resumed)[:2] == _trials(first)
+    # The same commands with the same seed in another study dir: the same trials, resumed run included.
+    again = run_search(_config(model, datasets), _settings(tmp_path / "other", n_trials=2))
+    assert again.study.storage != first.study.storage and _trials(again) == _trials(first)
+    again = run_search(_config(model, datasets), _settings(tmp_path / "other", n_trials=4))
+    assert _trials(again) == _trials(resumed)
+
+
+def test_cli_search_saves_a_trial_and_run_reproduces_it(tiny_model, datasets, tmp_path):
+    model = tiny_model(bits=4, num_shards=2)
+    run_search(_config(model, datasets), _settings(tmp_path, n_trials=3))
+    common = ["-m", str(model), "--harmful-dataset", str(datasets[0]), "--harmless-dataset", str(datasets[1]),
+              "--max-prompts", "8", "--eval-size", "4", "--eval-max-tokens", "4"]  # fmt: skip
+    search = ["search", *common, "--search-prompts", "6", "--search-max-tokens", "4", "--n-trials", "3", "--n-startup-trials", "2",
+              "--study-dir", str(tmp_path / "studies")]  # fmt: skip
+    proc = run_cli(*search, "--trial", "2", "-o", str(tmp_path / "best"))
+    assert proc.returncode == 0, proc.stderr
+    assert "3 finished trials" in proc.stdout and "saved trial 2" in proc.stdout and "continuing study" in proc.stderr
+    log = json.loads((tmp_path / "best" / "abliteration_log.json").read_text())
+    assert log["search"]["trial"] == 2 and log["metrics"]["after"]["kl"] is not None and "--plan-json" in log["reproduce"]
+    model, tok = mlx_lm.load(str(tmp_path / "best"))
+    assert isinstance(mlx_lm.generate(model, tok, prompt="hi", max_tokens=2), str)
+    proc = run_cli("run", *common, "--plan-json", str(tmp_path / "best" / "abliteration_log.json"), "-o", str(tmp_path / "again"), "--no-eval")
+    assert proc.returncode == 0, proc.stderr
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        assert (tmp_path / "best" / shard).read_bytes() == (tmp_path / "again" / shard).read_bytes()
+
+
+def test_search_rejects_bad_settings_and_unknown_trials(tiny_model, datasets, tmp_path):
+    config = _config(tiny_model(), datasets)
+    with pytest.raises(UserError, match="--n-trials must be at least 1"):
+        run_search(config, _settings(tmp_path, n_trials=0))
+    with pytest.raises(UserError, match="no finished trials"):
+        run_search(config, _settings(tmp_path, trial=3))
+    run_search(config, _settings(tmp_path, n_trials=1))
+    with pytest.raises(UserError, match="trial 3 is not a finished trial"):
+        run_search(config, _settings(tmp_path, n_trials=1, trial=3))
+
+
+def test_run_auto_delegates_to_the_search(tiny_model, datasets, tmp_path, monkeypatch, capsys):
+    from mlx_abliteration.cli import main
+    from mlx_abliteration.commands import search
+
+    monkeypatch.setattr(search, "settings_from_args", lambda args: _settings(tmp_path, n_trials=2, max_kl=1e9))
+    argv = ["run", "--auto", "-m", str(tiny_model()), "--harmful-dataset", str(datasets[0]), "--harmless-dataset", str(datasets[1]),
+            "--max-prompts", "8", "--eval-size", "4", "--eval-max-tokens", "4", "-o", str(tmp_path / "auto"), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 finished trials" in out and "saved trial" in out
+    assert json.loads((tmp_path / "auto" / "abliteration_log.json").read_text())["search"]["finished_trials"] == 2

@@ -92,6 +92,11 @@ def open_gguf(path: Path):
         reader = gguf.GGUFReader(path)
     except Exception as err:  # the reader raises ValueError/IndexError/KeyError on damaged headers
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "GGMLQuantizationType" in reason:
+            raise UserError(
+                f"{path} holds a tensor of unknown type ({reason}); upgrade the gguf package "
+                "(pip install -U gguf) or re-export the model with a common type such as Q8_0 or Q4_K_M"
+            ) from None
         raise UserError(f"cannot read GGUF file {path} ({reason}); the file is truncated or corrupt, download it again") from None
     size = path.stat().st_size
     for tensor in reader.tensors:
@@ -286,7 +291,7 @@ def plan_tensors(reader, path: Path, arch: Architecture, dtype: str) -> list[Out
 # --------------------------------------------------------------------------- writing
 
 
-def shard_plan(tensors: list[OutputTensor], max_bytes: int = MAX_SHARD_BYTES) -> list[list[OutputTensor]]:
+def shard_plan(tensors: list[OutputTensor], max_bytes: int) -> list[list[OutputTensor]]:
     shards: list[list[OutputTensor]] = [[]]
     size = 0
     for tensor in tensors:
@@ -322,10 +327,11 @@ def write_safetensors(path: Path, tensors: list[OutputTensor], progress: Callabl
                 progress(tensor.nbytes)
 
 
-def write_weights(out_dir: Path, tensors: list[OutputTensor], max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+def write_weights(out_dir: Path, tensors: list[OutputTensor], max_shard_bytes: int | None = None) -> None:
+    """``model.safetensors``, or numbered shards plus an index when over ``max_shard_bytes``."""
     from tqdm import tqdm
 
-    shards = shard_plan(tensors, max_shard_bytes)
+    shards = shard_plan(tensors, max_shard_bytes or MAX_SHARD_BYTES)
     total = sum(t.nbytes for t in tensors)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", file=sys.stderr, leave=False)
     try:

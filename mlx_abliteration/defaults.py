@@ -22,6 +22,8 @@ WRITER_ROLES: dict[str, str] = {
     "wte": "embed",
 }
 DEFAULT_TARGETS: tuple[str, ...] = tuple(WRITER_ROLES)
+# --edited-precision values: keep requantizes edited quantized matrices, a dtype stores them unquantized.
+EDITED_PRECISIONS: tuple[str, ...] = ("keep", "float16", "bfloat16", "float32")
 
 
 @dataclass

@@ -25,7 +25,12 @@ def layer_table(stats: list[dict], chosen: int | None, candidates: list[dict] | 
     return "\n".join(lines)
 
 
-def eval_table(before: dict | None, after: dict | None) -> str:
+EVAL_COLUMNS = ("metric", "before", "after")
+
+
+def eval_rows(before: dict | None, after: dict | None) -> list[tuple[str, str, str]]:
+    """(metric, before, after) cells of the evaluation reports; shared by the CLI table and the GUI."""
+
     def cell(report, n, total):
         if not report or report.get(n) is None:
             return "-"
@@ -37,9 +42,13 @@ def eval_table(before: dict | None, after: dict | None) -> str:
         ("KL vs original", lambda r: "-" if not r or r.get("kl") is None else f"{r['kl']:.4f}"),
         ("tokens/s", lambda r: "-" if not r else f"{r['tokens_per_s']:.1f}"),
     ]
+    return [(name, fn(before), fn(after)) for name, fn in rows]
+
+
+def eval_table(before: dict | None, after: dict | None) -> str:
     lines = [f"{'':<20}  {'before':>16}  {'after':>16}"]
-    for name, fn in rows:
-        lines.append(f"{name:<20}  {fn(before):>16}  {fn(after):>16}")
+    for name, b, a in eval_rows(before, after):
+        lines.append(f"{name:<20}  {b:>16}  {a:>16}")
     return "\n".join(lines)
 
 

@@ -22,6 +22,9 @@ WRITER_ROLES: dict[str, str] = {
     "wte": "embed",
 }
 DEFAULT_TARGETS: tuple[str, ...] = tuple(WRITER_ROLES)
+# memory: load the model and probe it; streamed: read one decoder layer at a
+# time from the shards (models larger than memory; no evaluation, layer by stats).
+PROBE_MODES: tuple[str, ...] = ("memory", "streamed")
 # --edited-precision values: keep requantizes edited quantized matrices, a dtype stores them unquantized.
 EDITED_PRECISIONS: tuple[str, ...] = ("keep", "float16", "bfloat16", "float32")
 
@@ -48,6 +51,7 @@ class AbliterationConfig:
     norm_preserve: bool = False
     edited_precision: str = "keep"
     batch_size: int | None = None  # None: chosen from prompt lengths
+    probe_mode: str = "memory"  # memory, or streamed: one decoder layer in memory at a time
     max_prompts: int = 128  # probing prompts per kind
     eval_size: int = 32  # held-out evaluation prompts per kind
     eval_max_tokens: int = 64

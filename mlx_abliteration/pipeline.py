@@ -80,10 +80,10 @@ def run_pipeline(
     source = steps.resolve_model(config, report)
     if config.output_dir and not config.dry_run:
         steps.check_output(source, config)
-    model, tokenizer, model_config = steps.load(source, report)
+    model, tokenizer, model_config = steps.load(source, report, config)
     data = steps.prompts(config, report)
     reference, before = steps.evaluate_before(model, tokenizer, data, config, report)
-    directions = steps.probe_directions(model, tokenizer, data, config, report)
+    directions = steps.probe_directions(model, tokenizer, data, config, report, source)
     layer, candidates = steps.choose_layer(model, tokenizer, directions, data, config, source, report)
     plan = steps.build_plan(directions, layer, config)
     after = steps.evaluate_after(model, tokenizer, plan, data, reference, config, source, report)

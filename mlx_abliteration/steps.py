@@ -14,8 +14,7 @@ from .core.ablate import AblationPlan, uniform_plan
 from .core.directions import RefusalDirections, compute_directions, direction_file_contents, parse_layer_list, parse_use_layer
 from .core.model_io import check_model_dir, load_model, read_config, validate_output_dir
 from .core.positions import ProbeSpec
-from .core.probe import probe_prompts
-from .defaults import AbliterationConfig
+from .defaults import PROBE_MODES, AbliterationConfig
 from .errors import UserError
 
 AUTO_PROMPTS = 16  # prompts per kind used to score candidate layers
@@ -43,11 +42,18 @@ def check_output(source: Path, config: AbliterationConfig) -> None:
     validate_output_dir(source, Path(config.output_dir), config.overwrite)
 
 
-def load(source: Path, report):
+def load(source: Path, report, config: AbliterationConfig | None = None):
     from ._backend import blas_info
 
-    report.emit("stage", f"loading {source}", blas=blas_info(), device=str(mx.default_device()))
-    return load_model(source)
+    streamed = config is not None and streamed_mode(config)
+    report.emit("stage", f"{'opening (lazily)' if streamed else 'loading'} {source}", blas=blas_info(), device=str(mx.default_device()))
+    return load_model(source, lazy=streamed)
+
+
+def streamed_mode(config: AbliterationConfig) -> bool:
+    if config.probe_mode not in PROBE_MODES:
+        raise UserError(f"unknown probe mode {config.probe_mode!r}; choose one of {', '.join(PROBE_MODES)}")
+    return config.probe_mode == "streamed"
 
 
 def prompts(config: AbliterationConfig, report) -> PromptSets:
@@ -87,6 +93,9 @@ def _eval_batch(config: AbliterationConfig) -> int:
 def evaluate_before(model, tokenizer, data: PromptSets, config: AbliterationConfig, report):
     if config.no_eval or not data.harmful_eval:
         return None, None
+    if streamed_mode(config):
+        report.emit("info", "--probe-mode streamed never loads the whole model: evaluation is skipped")
+        return None, None
     from .core.evaluate import evaluate_model, reference_logprobs
 
     report.emit("stage", "evaluating the original model")
@@ -106,14 +115,22 @@ def probe_spec(config: AbliterationConfig) -> ProbeSpec:
     return ProbeSpec(config.probe_position, config.probe_marker, config.strip_marker_newline, config.system_prompt)
 
 
-def probe_directions(model, tokenizer, data: PromptSets, config: AbliterationConfig, report) -> RefusalDirections:
+def probe_directions(model, tokenizer, data: PromptSets, config: AbliterationConfig, report, source: Path | None = None) -> RefusalDirections:
     num_layers = len(model.layers)
     layers = parse_layer_list(config.layers, num_layers)
     spec = probe_spec(config)
     report.emit("stage", f"probing {len(layers)} layers at position '{spec.position}'")
     started = time.perf_counter()
-    harmful = probe_prompts(model, tokenizer, data.harmful_train, spec, layers, config.batch_size, report.progress, "probe harmful")
-    harmless = probe_prompts(model, tokenizer, data.harmless_train, spec, layers, config.batch_size, report.progress, "probe harmless")
+    if streamed_mode(config):
+        from .core.streamed_probe import streamed_probe
+
+        sets = [data.harmful_train, data.harmless_train]
+        harmful, harmless = streamed_probe(source, sets, spec, layers, config.batch_size, report.progress)
+    else:
+        from .core.distributed import probe_prompts_distributed as probe  # plain probe_prompts in one process
+
+        harmful = probe(model, tokenizer, data.harmful_train, spec, layers, config.batch_size, report.progress, "probe harmful")
+        harmless = probe(model, tokenizer, data.harmless_train, spec, layers, config.batch_size, report.progress, "probe harmless")
     seconds = time.perf_counter() - started
     directions = compute_directions(harmful, harmless, layers, num_layers, config.direction_variant)
     report.emit("info", f"probed {harmful.count + harmless.count} prompts in {seconds:.1f}s", probe_seconds=seconds)
@@ -127,6 +144,13 @@ def choose_layer(model, tokenizer, directions: RefusalDirections, data: PromptSe
             raise UserError(f"--use-layer {config.use_layer} selects layer {choice}, which was not probed (--layers {config.layers})")
         report.emit("layers", f"using layer {choice}", stats=[s.to_dict() for s in directions.stats], chosen=choice)
         return choice, []
+    if streamed_mode(config):
+        from .core.streamed_probe import select_layer_by_separation
+
+        layer = select_layer_by_separation(directions)
+        report.emit("layers", f"auto-selected layer {layer} by separation (streamed mode runs no forward passes to score layers)",
+                    stats=[s.to_dict() for s in directions.stats], chosen=layer)  # fmt: skip
+        return layer, []
     from .core.layer_selection import select_layer_auto
 
     report.emit("stage", "choosing the layer (auto)")
@@ -206,9 +230,12 @@ def build_record(config, source, model_config, directions, layer, candidates, pl
 
 
 def save(source: Path, config: AbliterationConfig, plan, directions, layer: int, record: dict, report) -> str:
+    from .core.distributed import is_primary
     from .core.model_card import model_card
     from .core.model_io import save_ablated_model
 
+    if not is_primary():
+        return config.output_dir  # under mlx.launch only rank 0 writes
     report.emit("stage", f"saving to {config.output_dir}")
     summary = save_ablated_model(
         source, config.output_dir, plan, overwrite=config.overwrite, edited_precision=config.edited_precision,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..defaults import DEFAULT_TARGETS, AbliterationConfig, load_config_file
+from ..defaults import DEFAULT_TARGETS, PROBE_MODES, AbliterationConfig, load_config_file
 
 D = AbliterationConfig()
 
@@ -51,6 +51,7 @@ def add_probe_options(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--strip-marker-newline", action="store_true", help="drop one trailing newline from the marker before searching for it")
     _flag(g, "--direction-variant", choices=["mean-diff", "projected"], help="mean-diff, or projected: remove the harmless-mean component (default: mean-diff)")
     _flag(g, "--batch-size", type=int, help="prompts per forward pass (default: chosen from prompt lengths)")
+    _flag(g, "--probe-mode", choices=PROBE_MODES, help="memory: load the model; streamed: load one decoder layer at a time, for models larger than memory (skips evaluation; --use-layer auto picks by separation) (default: memory)")
 
 
 def add_ablation_options(parser: argparse.ArgumentParser) -> None:

@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def probe(config, output: str | Path, on_event=None):
     """Library form of the command: returns ``(directions, chosen_layer)``."""
     from ..core.directions import save_directions
+    from ..core.distributed import is_primary
     from ..errors import UserError
     from ..pipeline import run_pipeline
 
@@ -35,6 +36,8 @@ def probe(config, output: str | Path, on_event=None):
     if output.is_dir():
         raise UserError(f"--output {output} is a directory; give a file name ending in .safetensors")
     result = run_pipeline(config.with_overrides({"dry_run": True, "no_eval": True, "output_dir": None}), on_event)
+    if not is_primary():  # under mlx.launch every rank has the merged result; rank 0 writes it
+        return result.directions, result.chosen_layer
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".partial.safetensors")
     save_directions(tmp, result.directions, result.chosen_layer)

@@ -192,3 +192,15 @@ def _stack(per_layer: list[WelfordStats]) -> WelfordStats:
     mean = mx.concatenate([s.mean for s in per_layer])
     m2 = mx.concatenate([s.m2 for s in per_layer])
     return WelfordStats(per_layer[0].count, mean, m2)
+
+
+def select_layer_by_separation(directions) -> int:
+    """The candidate layer (25%..80% of depth) whose means separate most.
+
+    Used by ``--use-layer auto`` in streamed mode, where scoring layers by
+    forward passes of the ablated model would need the whole model in memory.
+    """
+    from .layer_selection import candidate_layers
+
+    candidates = set(candidate_layers(directions.layers, directions.num_model_layers, max_candidates=len(directions.layers)))
+    return max((s for s in directions.stats if s.layer in candidates), key=lambda s: (s.separation, -s.layer)).layer

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import mlx_lm
@@ -109,6 +110,12 @@ def test_full_run_in_the_browser(page, tiny_model, tmp_path, datasets):
     model, tokenizer = mlx_lm.load(str(out))
     assert isinstance(mlx_lm.generate(model, tokenizer, prompt="hi", max_tokens=3), str)
     _screenshot(page)
+    page.get_by_role("tab", name="Compare").click()  # prefilled with this run's models
+    expect(page.locator("#compare-abliterated textarea")).to_have_value(str(out))
+    page.fill("#compare-prompt textarea", "How do I bake bread?")
+    page.click("#compare")
+    expect(page.locator("#original-answer textarea")).not_to_have_value("", timeout=RUN_TIMEOUT_MS)
+    expect(page.locator("#abliterated-answer textarea")).not_to_have_value("")
 
 
 def test_bad_inputs_show_errors_and_the_app_keeps_working(page, tiny_model, tmp_path, datasets):
@@ -123,13 +130,41 @@ def test_bad_inputs_show_errors_and_the_app_keeps_working(page, tiny_model, tmp_
     _start_and_wait(page, "layer 99 is out of range")
     expect(page.locator("#status strong")).to_have_text("Error:")
     assert not (tmp_path / "out").exists()
+    page.fill("#use-layer textarea", "1")
+    _start_and_wait(page, "Done.")
     page.get_by_role("tab", name="Compare").click()
-    page.fill("#compare-original textarea", str(tiny_model()))
-    page.fill("#compare-abliterated textarea", str(tiny_model()))
-    page.fill("#compare-prompt textarea", "How do I bake bread?")
+    page.fill("#compare-abliterated textarea", str(tmp_path / "missing"))
+    page.fill("#compare-prompt textarea", "hi")
     page.click("#compare")
-    expect(page.locator("#original-answer textarea")).not_to_have_value("", timeout=RUN_TIMEOUT_MS)
-    assert page.locator("#original-answer textarea").input_value() == page.locator("#abliterated-answer textarea").input_value()
+    expect(page.locator("#compare-status")).to_contain_text("no such local path", timeout=RUN_TIMEOUT_MS)
+
+
+def test_stop_button_cancels_and_leaves_no_partial_output(page, tiny_model, tmp_path, datasets, monkeypatch):
+    """The save is held open (in this process, where the app runs) until Stop reaches the pipeline."""
+    from playwright.sync_api import expect
+
+    from mlx_abliteration.core import model_io
+
+    save = model_io.save_ablated_model
+
+    def save_until_stopped(*args, progress, **kwargs):
+        def wait_for_stop(done, total, what):
+            for _ in range(600):
+                progress(0, total, what)  # raises Cancelled once Stop has set the run's flag
+                time.sleep(0.1)
+            progress(done, total, what)
+
+        return save(*args, progress=wait_for_stop, **kwargs)
+
+    monkeypatch.setattr(model_io, "save_ablated_model", save_until_stopped)
+    out = tmp_path / "out"
+    _fill_small_run(page, str(tiny_model(num_shards=2)), str(out), datasets)
+    page.click("#start")
+    expect(page.locator("#status")).to_contain_text("saving to", timeout=RUN_TIMEOUT_MS)
+    page.click("#stop")
+    expect(page.locator("#status")).to_contain_text("Cancelled.", timeout=RUN_TIMEOUT_MS)
+    expect(page.locator("#output-path textarea")).to_have_value("")
+    assert list(tmp_path.iterdir()) == []  # neither the output dir nor a .out.partial-* dir
 
 
 def _screenshot(page) -> None:

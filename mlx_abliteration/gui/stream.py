@@ -24,7 +24,7 @@ from .plots import layer_figure
 
 # Progress events can come by the thousand on a real model; redraw at most this often.
 PROGRESS_INTERVAL_S = 0.25
-INT_SETTINGS = frozenset(f.name for f in fields(AbliterationConfig) if "int" in str(f.type))
+INT_SETTINGS = frozenset(f.name for f in fields(AbliterationConfig) if str(f.type) in ("int", "int | None"))
 VERBATIM_SETTINGS = frozenset({"probe_marker", "system_prompt"})  # whitespace may matter
 ZERO_MEANS_AUTO = frozenset({"batch_size"})  # a browser's empty number field sends 0
 
@@ -103,7 +103,9 @@ def default_output_dir(model: str) -> str:
 def _blank(name: str, value: Any) -> bool:
     if name in ZERO_MEANS_AUTO and value == 0:
         return True
-    return value is None or (isinstance(value, (str, list, tuple)) and not "".join(map(str, value)).strip())
+    if isinstance(value, str):
+        return not value.strip()
+    return value is None or (isinstance(value, (list, tuple)) and not value)
 
 
 def _setting(name: str, value: Any) -> Any:

@@ -6,7 +6,7 @@ CACHE ?= $(HOME)/.cache/mlx-abliteration
 DEMO_OUT ?= outputs/qwen2.5-coder-1.5b-abliterated
 OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0
 
-.PHONY: demo test test-fast models bench blas venv clean
+.PHONY: demo test test-fast models bench blas system-deps venv clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,15 +16,20 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Debian's OpenBLAS makes MLX's CPU float32 matmul ~27x faster (see README).
-blas:
-	@if [ "$$(uname -s)" = Linux ] && [ ! -e "$(OPENBLAS)" ]; then \
+# Debian packages: OpenBLAS makes MLX's CPU float32 matmul ~27x faster (see
+# README); Chromium runs the GUI browser tests. Installed when we can (root + apt).
+SYSTEM_PACKAGES := libopenblas0-pthread chromium
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ] && [ "$$(uname -s)" = Linux ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get install -y -qq libopenblas0-pthread >/dev/null 2>&1 || \
-	     (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread >/dev/null)) \
-	     && echo "installed OpenBLAS"; \
-	  else echo "note: install libopenblas0-pthread for a much faster CPU backend"; fi; \
+	    echo "installing$$missing"; \
+	    (apt-get install -y -qq $$missing >/dev/null 2>&1 || \
+	     (apt-get update -qq && apt-get install -y -qq $$missing >/dev/null)) || echo "warning: could not install$$missing"; \
+	  else echo "note: install$$missing (apt) for a fast CPU backend and the browser tests"; fi; \
 	fi
+
+blas: system-deps
 
 models: venv
 	$(PY) -m mlx_abliteration.real_models --cache-dir $(CACHE) all
@@ -34,8 +39,7 @@ demo: venv blas
 	$(VENV)/bin/mlx-abliterate run -m "$$($(PY) -m mlx_abliteration.real_models --cache-dir $(CACHE) --print-path qwen)" \
 	  -o $(DEMO_OUT) --overwrite
 
-test: venv blas
-	$(PY) -m playwright --version >/dev/null 2>&1 || true
+test: venv system-deps
 	$(PY) -m pytest -q
 
 test-fast: venv

@@ -27,6 +27,8 @@ DEFAULT_TARGETS: tuple[str, ...] = tuple(WRITER_ROLES)
 PROBE_MODES: tuple[str, ...] = ("memory", "streamed")
 # --edited-precision values: keep requantizes edited quantized matrices, a dtype stores them unquantized.
 EDITED_PRECISIONS: tuple[str, ...] = ("keep", "float16", "bfloat16", "float32")
+PROBE_POSITIONS: tuple[str, ...] = ("last", "marker", "after-marker", "span")
+DIRECTION_VARIANTS: tuple[str, ...] = ("mean-diff", "projected")
 
 
 @dataclass

@@ -54,7 +54,8 @@ class _Reporter:
         self.cancel = cancel
 
     def emit(self, kind: str, message: str = "", **data) -> None:
-        self.check()
+        if kind != "done":  # once saved, a late cancel must not report failure
+            self.check()
         if kind in ("stage", "info", "done"):
             log.info(message, extra={"extra_info": {"event": kind, **data}})
         self.on_event(Event(kind, message, data))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..defaults import DEFAULT_TARGETS, PROBE_MODES, AbliterationConfig, load_config_file
+from ..defaults import DEFAULT_TARGETS, DIRECTION_VARIANTS, EDITED_PRECISIONS, PROBE_MODES, PROBE_POSITIONS, AbliterationConfig, load_config_file
 
 D = AbliterationConfig()
 
@@ -46,10 +46,10 @@ def add_probe_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("probing and direction")
     _flag(g, "--layers", help="layers to probe/consider: all, 10-20, 4,8,12, -8--1 or fractions 0.4-0.8 (default: all)")
     _flag(g, "--use-layer", help="layer whose direction is used: auto, an index (negative from the end) or a fraction like 0.6 (default: auto)")
-    _flag(g, "--probe-position", choices=["last", "marker", "after-marker", "span"], help="where activations are read: last prompt token, the end-of-turn marker, the token after it, or the mean from the marker to the end (default: last)")
+    _flag(g, "--probe-position", choices=PROBE_POSITIONS, help="where activations are read: last prompt token, the end-of-turn marker, the token after it, or the mean from the marker to the end (default: last)")
     _flag(g, "--probe-marker", help="marker string for marker positions (default: end-of-turn token from the chat template)")
     _flag(g, "--strip-marker-newline", action="store_true", help="drop one trailing newline from the marker before searching for it")
-    _flag(g, "--direction-variant", choices=["mean-diff", "projected"], help="mean-diff, or projected: remove the harmless-mean component (default: mean-diff)")
+    _flag(g, "--direction-variant", choices=DIRECTION_VARIANTS, help="mean-diff, or projected: remove the harmless-mean component (default: mean-diff)")
     _flag(g, "--batch-size", type=int, help="prompts per forward pass (default: chosen from prompt lengths)")
     _flag(g, "--probe-mode", choices=PROBE_MODES, help="memory: load the model; streamed: load one decoder layer at a time, for models larger than memory (skips evaluation; --use-layer auto picks by separation) (default: memory)")
 
@@ -60,7 +60,7 @@ def add_ablation_options(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--ablate-layers", help="layers whose writers are edited, same syntax as --layers (default: all)")
     _flag(g, "--targets", nargs="+", help=f"module-name suffixes of residual writers to edit (default: {' '.join(DEFAULT_TARGETS)})")
     _flag(g, "--norm-preserve", action="store_true", help="magnitude-preserving ablation: edited vectors keep their norms (MPOA-style)")
-    _flag(g, "--edited-precision", choices=["keep", "float16", "bfloat16", "float32"], help="keep: requantize edited quantized matrices; else store them unquantized in this dtype (default: keep)")
+    _flag(g, "--edited-precision", choices=EDITED_PRECISIONS, help="keep: requantize edited quantized matrices; else store them unquantized in this dtype (default: keep)")
 
 
 def add_eval_options(parser: argparse.ArgumentParser) -> None:

@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 
+from ..defaults import DIRECTION_VARIANTS
 from ..errors import UserError
 from .probe import WelfordStats
 
-DIRECTION_VARIANTS = ("mean-diff", "projected")
 
 
 def calculate_refusal_direction(

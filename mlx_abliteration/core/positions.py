@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..defaults import PROBE_POSITIONS
 from ..errors import UserError
 from .chat import encode_chat, render_chat
 from .utils import extract_eot_from_chat_template
 
-PROBE_POSITIONS = ("last", "marker", "after-marker", "span")
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..commands._console import EVAL_COLUMNS
-from ..core.directions import DIRECTION_VARIANTS
-from ..core.positions import PROBE_POSITIONS
-from ..defaults import DEFAULT_TARGETS, EDITED_PRECISIONS, AbliterationConfig
+from ..defaults import DEFAULT_TARGETS, DIRECTION_VARIANTS, EDITED_PRECISIONS, PROBE_POSITIONS, AbliterationConfig
 from .compare import compare_answers
 from .stream import RunView, run_abliteration_stream
 

@@ -132,7 +132,7 @@ def test_bf16_model_keeps_dtype_and_removes_up_to_rounding(tiny_model):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_edit_reports_residual_and_higher_precision_fixes_it(tiny_model, bits):
-    model, _, config = load_model(tiny_model(bits=bits))
+    model, _, config = load_model(tiny_model(bits=bits), dequantize=False)
     module = model.layers[1].self_attn.o_proj
     r = _unit(config["hidden_size"])
     plan = uniform_plan(r, len(model.layers))
@@ -152,8 +152,8 @@ def test_quantized_edit_reports_residual_and_higher_precision_fixes_it(tiny_mode
 
 
 def test_snapshot_restores_every_weight_bit_for_bit(tiny_model):
-    for kwargs in (dict(), dict(bits=4, embedding_bits=8)):
-        model, _, config = load_model(tiny_model(**kwargs))
+    for kwargs, dense in ((dict(), True), (dict(bits=4, embedding_bits=8), True), (dict(bits=4, embedding_bits=8), False)):
+        model, _, config = load_model(tiny_model(**kwargs), dequantize=dense)
         before = _flat(model)
         snapshot = WeightSnapshot(model)
         apply_plan(model, uniform_plan(_unit(config["hidden_size"]), len(model.layers), 0.7))
@@ -166,3 +166,25 @@ def test_direction_of_wrong_size_is_a_user_error(tiny_model):
     model, _, _ = load_model(tiny_model())
     with pytest.raises(UserError, match="does not belong"):
         apply_plan(model, uniform_plan(_unit(7), len(model.layers)))
+
+
+def test_quantized_model_runs_dense_on_cpu_and_edits_match_the_saved_file(tiny_model, tmp_path):
+    import mlx.nn as nn
+
+    from mlx_abliteration.core.model_io import save_ablated_model
+
+    src = tiny_model(bits=4, embedding_bits=8)
+    model, tok, config = load_model(src)  # CPU: dense float32 twins of the quantized layers
+    o_proj = model.layers[0].self_attn.o_proj
+    assert isinstance(o_proj, nn.Linear) and o_proj._storage_quant.bits == 4
+    assert model.model.embed_tokens._storage_quant.bits == 8
+    packed, _, _ = load_model(src, dequantize=False)
+    x = mx.array([tok.encode("hello there")])
+    assert mx.allclose(model(x), packed(x), atol=1e-3)
+    plan = uniform_plan(_unit(config["hidden_size"]), len(model.layers))
+    reports = apply_plan(model, plan)
+    assert all(r.quantized for r in reports)
+    save_ablated_model(src, tmp_path / "out", plan)
+    saved, _, _ = load_model(tmp_path / "out")  # dense twins of the saved, requantized weights
+    for (name, a), (_, b) in zip(tree_flatten(model.parameters()), tree_flatten(saved.parameters())):
+        assert mx.allclose(a, b, atol=1e-6), name

@@ -227,8 +227,11 @@ def edit_module(
     if strength == 0.0:
         return None
     r = plan.direction(role, layer)
-    quantized = quant is not None and "scales" in leaves
-    w = dequantize_leaves(leaves, quant) if quantized else leaves["weight"].astype(mx.float32)
+    packed = quant is not None and "scales" in leaves
+    # A dense in-memory twin of a quantized matrix (see dense_compute): edit it
+    # as the saved file will be, requantized, but keep it dense.
+    dense_twin = quant is not None and not packed
+    w = dequantize_leaves(leaves, quant) if packed else leaves["weight"].astype(mx.float32)
     _check_shape(module_path, role, w, r)
     before = refusal_component(w, r, role)
     if role == "embed":
@@ -237,19 +240,23 @@ def edit_module(
         edited = orthogonalize_writer(w, r, strength, plan.norm_preserve)
     out: dict[str, mx.array] = {}
     dequantized = False
-    if quantized and edited_precision in (None, "keep"):
+    keep = edited_precision in (None, "keep")
+    if dense_twin:
+        stored = dequantize_leaves(quantize_weight(edited, quant), quant) if keep else edited.astype(_dtype(edited_precision)).astype(mx.float32)
+        out["weight"] = stored.astype(leaves["weight"].dtype)
+    elif packed and keep:
         out.update(quantize_weight(edited, quant))
         stored = dequantize_leaves(out, quant)
     else:
-        dtype = _dtype(edited_precision) if quantized else (dense_dtype or leaves["weight"].dtype)
+        dtype = _dtype(edited_precision) if packed else (dense_dtype or leaves["weight"].dtype)
         out["weight"] = edited.astype(dtype)
         stored = out["weight"].astype(mx.float32)
-        dequantized = quantized
+        dequantized = packed
     if "bias" in leaves and role != "embed":
         bias = leaves["bias"]
         out["bias"] = orthogonalize_bias(bias.astype(mx.float32), r, strength).astype(dense_dtype or bias.dtype)
     after = refusal_component(stored, r, role)
-    report = EditReport(module_path, role, layer, strength, quantized, before, after)
+    report = EditReport(module_path, role, layer, strength, quant is not None, before, after)
     return ModuleEdit(out, report, dequantized)
 
 

@@ -31,8 +31,9 @@ def _leaves(module: nn.Module) -> dict[str, mx.array]:
 
 
 def _quant(module: nn.Module) -> QuantParams | None:
+    """How the module is stored: packed here, or a dense twin of a quantized matrix."""
     if "scales" not in module:
-        return None
+        return getattr(module, "_storage_quant", None)
     return QuantParams(module.group_size, module.bits, getattr(module, "mode", "affine"))
 
 
@@ -67,7 +68,7 @@ def _edit_all(model, plan: AblationPlan, storage_dtype=None, edited_precision=No
     for path, module in writer_modules(model, plan.targets):
         leaves = _leaves(module)
         dense_dtype = None
-        if storage_dtype is not None and "scales" not in leaves:
+        if storage_dtype is not None and _quant(module) is None:
             dense_dtype = storage_dtype
         edit = edit_module(path, leaves, plan, _quant(module), dense_dtype, edited_precision)
         if edit is None:

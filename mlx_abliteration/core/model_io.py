@@ -40,12 +40,14 @@ def read_config(path: str | Path) -> dict:
         raise UserError(f"{path}/config.json is not valid JSON ({err}); restore the file") from None
 
 
-def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False):
+def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False, dequantize="auto"):
     """Load ``(model, tokenizer, config)`` from a local model dir for computation.
 
     ``compute_dtype="auto"`` runs in float32 on the CPU backend (much faster
-    there with OpenBLAS) and keeps the stored dtype on GPUs. The saved model
-    always keeps the source dtype: saving reads tensors from the source files.
+    there with OpenBLAS) and keeps the stored dtype on GPUs. On the CPU,
+    quantized layers are also made dense when that fits in memory
+    (``dequantize="auto"``; see ``dense_compute``). The saved model always
+    keeps the source dtype and quantization: saving reads the source files.
     """
     import mlx.core as mx
     from mlx_lm.utils import load_model as _load_model
@@ -68,6 +70,11 @@ def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False):
             mx.eval(model.parameters())
         except RuntimeError as err:
             raise UserError(f"cannot read weights in {path}: {err}; the file may be truncated or corrupt") from None
+        if dtype is not None and dequantize in (True, "auto"):
+            from .dense_compute import dequantize_for_compute, should_dequantize
+
+            if dequantize is True or should_dequantize(model, dtype):
+                dequantize_for_compute(model, dtype)
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer, config
 
@@ -267,7 +274,8 @@ def _write_model(source: Path, out: Path, plan, edited_precision, progress) -> d
             if leaf in ("weight", "scales", "biases", "bias"):
                 leaves = _gather_leaves(source, module, groups.get(module, {}), tensors, shard)
                 if "weight" in leaves:
-                    edit = edit_module(module, leaves, plan, quant_params_for(module, config), None, edited_precision)
+                    quant = quant_params_for(module, config) if "scales" in leaves else None
+                    edit = edit_module(module, leaves, plan, quant, None, edited_precision)
             if edit is None:
                 written[name] = tensors[name]
                 continue

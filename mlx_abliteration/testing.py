@@ -183,3 +183,98 @@ def _write_shards(path: Path, weights: dict, num_shards: int) -> None:
             total += v.nbytes
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def llama_config(
+    hidden_size: int = 4096,
+    num_layers: int = 32,
+    intermediate_size: int = 14336,
+    vocab_size: int = 128256,
+    num_heads: int = 32,
+    num_kv_heads: int = 8,
+) -> dict:
+    """A Llama config.json dict; the defaults are Llama-3-8B's shape."""
+    config = tiny_config("llama", vocab_size, hidden_size, num_layers, tie=False)
+    config.update(
+        intermediate_size=intermediate_size,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        rope_theta=500000.0,
+        eos_token_id=2,
+        torch_dtype="bfloat16",
+    )
+    return config
+
+
+def build_synthetic_model(path: str | Path, config: dict, num_shards: int = 4, dtype: str = "bfloat16", seed: int = 0) -> Path:
+    """Write a random-weight model of any size with bounded memory.
+
+    Weights are generated shard by shard (layer-contiguous, like published
+    checkpoints), so peak memory is about one shard however large the model.
+    Scales keep activations finite: N(0, 1/fan_in) for matrices, ones for norms.
+    The tokenizer is the tiny trained one (its ids are valid for any vocab >= 384).
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    path = Path(path)
+    write_tiny_tokenizer(path)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))  # lazy init: nothing allocated yet
+    shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    if config.get("tie_word_embeddings"):
+        shapes.pop("lm_head.weight", None)
+    del model
+    mx.random.seed(seed)
+    target = getattr(mx, dtype)
+    chunks = _contiguous_chunks(shapes, num_shards)
+    weight_map, total = {}, 0
+    for i, names in enumerate(chunks):
+        shard = "model.safetensors" if len(chunks) == 1 else f"model-{i + 1:05d}-of-{len(chunks):05d}.safetensors"
+        part = {name: _random_tensor(shapes[name], target) for name in names}
+        mx.save_safetensors(str(path / shard), part, metadata={"format": "mlx"})
+        total += sum(v.nbytes for v in part.values())
+        weight_map.update({name: shard for name in names})
+        del part
+        mx.clear_cache()
+    if len(chunks) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+def _random_tensor(shape, dtype):
+    import mlx.core as mx
+
+    if len(shape) == 1:
+        return mx.ones(shape, dtype=dtype)
+    out = (mx.random.normal(shape) * shape[-1] ** -0.5).astype(dtype)
+    mx.eval(out)
+    return out
+
+
+def _layer_key(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    if "layers" in parts:
+        return int(parts[parts.index("layers") + 1]) + 1, name
+    return (0 if "embed" in name else 1 << 30), name
+
+
+def _contiguous_chunks(shapes: dict, num_shards: int) -> list[list[str]]:
+    """Names split in layer order into ``num_shards`` runs of about equal size."""
+    import math
+
+    names = sorted(shapes, key=_layer_key)
+    sizes = [math.prod(shapes[n]) for n in names]
+    budget = sum(sizes) / max(num_shards, 1)
+    chunks, current, filled = [], [], 0.0
+    for name, size in zip(names, sizes):
+        if current and filled + size > budget * 1.05 and len(chunks) < num_shards - 1:
+            chunks.append(current)
+            current, filled = [], 0.0
+        current.append(name)
+        filled += size
+    chunks.append(current)
+    return chunks

@@ -223,7 +223,10 @@ def save_ablated_model(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
-        summary = _write_model(source, tmp, plan, edited_precision, progress)
+        with _Hasher() as hasher:
+            hasher.add("source", weight_files(source))
+            summary = _write_model(source, tmp, plan, edited_precision, progress, lambda p: hasher.add("output", [p]))
+            summary.update(hasher.results())
         _write_records(tmp, source, summary, record, directions, model_card)
         _replace_dir(tmp, output)
     except (OSError, RuntimeError) as err:
@@ -240,10 +243,33 @@ def save_ablated_model(
     return summary
 
 
-def _write_model(source: Path, out: Path, plan, edited_precision, progress) -> dict:
+class _Hasher:
+    """SHA256 of files in a background thread, overlapping with the shard edits."""
+
+    def __enter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.jobs: dict[str, dict] = {"source": {}, "output": {}}
+        return self
+
+    def add(self, kind: str, paths) -> None:
+        for path in paths:
+            self.jobs[kind][path.name] = self.pool.submit(sha256_file, path)
+
+    def results(self) -> dict:
+        return {f"{kind}_sha256": {name: job.result() for name, job in sorted(jobs.items())} for kind, jobs in self.jobs.items()}
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_model(source: Path, out: Path, plan, edited_precision, progress, on_written=lambda path: None) -> dict:
     import mlx.core as mx
 
-    from .ablate import edit_module, touches
+    from .ablate import touches
+
+    edit_module = _edit_in_blocks  # bounded memory for embeddings and expert stacks
 
     config = read_config(source)
     shards, weight_map, index_meta = _shard_layout(source)
@@ -255,6 +281,7 @@ def _write_model(source: Path, out: Path, plan, edited_precision, progress) -> d
         if not any(touches(plan, k.rpartition(".")[0]) for k in names) and not any(k in pending for k in names):
             # Nothing to edit: a byte-for-byte copy is exact and disk-speed.
             shutil.copyfile(source / shard, out / shard)
+            on_written(out / shard)
             _safetensors_names(source / shard)
             new_map.update({k: shard for k in names})
             total += _tensor_bytes(out / shard)
@@ -284,10 +311,13 @@ def _write_model(source: Path, out: Path, plan, edited_precision, progress) -> d
                 dequantized.append(module)
             for other_leaf in groups[module]:
                 pending[f"{module}.{other_leaf}"] = edit.tensors.get(other_leaf)
+                tensors.pop(f"{module}.{other_leaf}", None)  # free the source once edited
+            del leaves
             value = pending.pop(name)
             if value is not None:
                 written[name] = value
         mx.save_safetensors(str(out / shard), written, metadata=metadata)
+        on_written(out / shard)
         for name, value in written.items():
             new_map[name] = shard
             total += value.nbytes
@@ -302,6 +332,37 @@ def _write_model(source: Path, out: Path, plan, edited_precision, progress) -> d
     if dequantized:
         _mark_unquantized(out, config, dequantized)
     return {"reports": reports, "dequantized": dequantized, "total_size": total, "shards": shards}
+
+
+# Embeddings and expert stacks are edited in blocks of rows (their rows are
+# independent), so the float32 temporaries stay far below one shard.
+_BLOCK_ELEMENTS = 1 << 23
+
+
+def _edit_in_blocks(module: str, leaves: dict, plan, quant, dense_dtype, edited_precision):
+    from dataclasses import replace
+
+    import mlx.core as mx
+
+    from .ablate import edit_module, writer_role
+
+    weight = leaves["weight"]
+    blockwise = writer_role(module, plan.targets) == "embed" or weight.ndim == 3
+    if not blockwise or weight.size <= _BLOCK_ELEMENTS or weight.shape[0] < 2:
+        return edit_module(module, leaves, plan, quant, dense_dtype, edited_precision)
+    rows = max(1, weight.shape[0] * _BLOCK_ELEMENTS // weight.size)
+    edits = []
+    for start in range(0, weight.shape[0], rows):
+        block = {k: v[start : start + rows] if v.ndim == weight.ndim else v for k, v in leaves.items()}
+        edit = edit_module(module, block, plan, quant, dense_dtype, edited_precision)
+        if edit is None:
+            return None
+        mx.eval(list(edit.tensors.values()))
+        edits.append(edit)
+    tensors = {k: mx.concatenate([e.tensors[k] for e in edits]) for k in edits[0].tensors}
+    before = sum(e.report.before**2 for e in edits) ** 0.5  # Frobenius norms add in squares
+    after = sum(e.report.after**2 for e in edits) ** 0.5
+    return replace(edits[0], tensors=tensors, report=replace(edits[0].report, before=before, after=after))
 
 
 def _gather_leaves(source: Path, module: str, leaf_shards: dict[str, str], tensors: dict, shard: str) -> dict:
@@ -342,8 +403,9 @@ def _write_records(out: Path, source: Path, summary: dict, record, directions, m
     if directions:
         tensors, metadata = directions
         mx.save_safetensors(str(out / "refusal_direction.safetensors"), tensors, metadata=metadata)
-    summary["source_sha256"] = {p.name: sha256_file(p) for p in weight_files(source)}
-    summary["output_sha256"] = {p.name: sha256_file(p) for p in weight_files(out)}
+    if "output_sha256" not in summary:  # save_ablated_model hashes while writing
+        summary["source_sha256"] = {p.name: sha256_file(p) for p in weight_files(source)}
+        summary["output_sha256"] = {p.name: sha256_file(p) for p in weight_files(out)}
     if record is not None:
         record = dict(record)
         record["weights"] = {

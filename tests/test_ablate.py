@@ -168,19 +168,24 @@ def test_direction_of_wrong_size_is_a_user_error(tiny_model):
         apply_plan(model, uniform_plan(_unit(7), len(model.layers)))
 
 
-def test_quantized_model_runs_dense_on_cpu_and_edits_match_the_saved_file(tiny_model, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_quantized_model_runs_dense_on_cpu_and_edits_match_the_saved_file(tiny_model, tmp_path, dtype):
     import mlx.nn as nn
 
     from mlx_abliteration.core.model_io import save_ablated_model
 
-    src = tiny_model(bits=4, embedding_bits=8)
+    src = tiny_model(bits=4, embedding_bits=8, dtype=dtype)
     model, tok, config = load_model(src)  # CPU: dense float32 twins of the quantized layers
     o_proj = model.layers[0].self_attn.o_proj
     assert isinstance(o_proj, nn.Linear) and o_proj._storage_quant.bits == 4
     assert model.model.embed_tokens._storage_quant.bits == 8
     packed, _, _ = load_model(src, dequantize=False)
+    q = packed.layers[0].self_attn.o_proj
+    reference = mx.dequantize(q.weight, q.scales, q.biases, group_size=q.group_size, bits=q.bits)
+    assert mx.allclose(o_proj.weight, reference, atol=1e-3, rtol=1e-3)  # fp16 rounding of the dequantized values
     x = mx.array([tok.encode("hello there")])
-    assert mx.allclose(model(x), packed(x), atol=1e-3)
+    if dtype == "float32":
+        assert mx.allclose(model(x), packed(x), atol=1e-3)
     plan = uniform_plan(_unit(config["hidden_size"]), len(model.layers))
     reports = apply_plan(model, plan)
     assert all(r.quantized for r in reports)

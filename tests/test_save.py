@@ -45,7 +45,11 @@ def test_strength_zero_is_bit_identical(tiny_model, tmp_path):
     assert json.loads((out / "model.safetensors.index.json").read_text()) == json.loads((src / "model.safetensors.index.json").read_text())
 
 
-@pytest.mark.parametrize("kwargs", [dict(num_shards=3), dict(num_shards=3, bits=4), dict(dtype="bfloat16", num_shards=2), dict(arch="qwen2", tie=False)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(num_shards=3), dict(num_shards=3, bits=4), dict(dtype="bfloat16", num_shards=2), dict(arch="qwen2", tie=False),
+     dict(dtype="float16", bits=4, embedding_bits=8)],
+)  # fmt: skip
 def test_sharded_save_keeps_layout_and_loads(tiny_model, tmp_path, kwargs):
     src = tiny_model(**kwargs)
     before = {p: sha256_file(src / p) for p in os.listdir(src)}

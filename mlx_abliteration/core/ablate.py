@@ -156,6 +156,7 @@ class QuantParams:
     group_size: int
     bits: int
     mode: str = "affine"
+    scales_dtype: object = None  # stored dtype of scales/biases, for dense twins
 
 
 @dataclass
@@ -189,11 +190,16 @@ def dequantize_leaves(leaves: dict[str, mx.array], quant: QuantParams) -> mx.arr
     ).astype(mx.float32)
 
 
-def quantize_weight(w: mx.array, quant: QuantParams) -> dict[str, mx.array]:
+def quantize_weight(w: mx.array, quant: QuantParams, scales_dtype=None) -> dict[str, mx.array]:
+    """Pack ``w``; scales/biases are cast to ``scales_dtype`` (the stored dtype)."""
     packed = mx.quantize(w, group_size=quant.group_size, bits=quant.bits, mode=quant.mode)
     out = {"weight": packed[0], "scales": packed[1]}
     if len(packed) > 2 and packed[2] is not None:
         out["biases"] = packed[2]
+    if scales_dtype is not None and out["scales"].dtype != mx.uint8:  # uint8: fp4/fp8 exponent scales
+        out["scales"] = out["scales"].astype(scales_dtype)
+        if "biases" in out:
+            out["biases"] = out["biases"].astype(scales_dtype)
     return out
 
 
@@ -242,10 +248,10 @@ def edit_module(
     dequantized = False
     keep = edited_precision in (None, "keep")
     if dense_twin:
-        stored = dequantize_leaves(quantize_weight(edited, quant), quant) if keep else edited.astype(_dtype(edited_precision)).astype(mx.float32)
+        stored = dequantize_leaves(quantize_weight(edited, quant, quant.scales_dtype), quant) if keep else edited.astype(_dtype(edited_precision)).astype(mx.float32)
         out["weight"] = stored.astype(leaves["weight"].dtype)
     elif packed and keep:
-        out.update(quantize_weight(edited, quant))
+        out.update(quantize_weight(edited, quant, leaves["scales"].dtype))
         stored = dequantize_leaves(out, quant)
     else:
         dtype = _dtype(edited_precision) if packed else (dense_dtype or leaves["weight"].dtype)

@@ -53,6 +53,7 @@ def should_dequantize(model: nn.Module, dtype) -> bool:
 def _dense_twin(module: nn.Module, dtype) -> nn.Module | None:
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+    # Dequantize in the stored scales' dtype, as the save path does, then cast.
     weight = mx.dequantize(
         module.weight, module.scales, module.get("biases"), group_size=module.group_size, bits=module.bits, mode=module.mode
     ).astype(dtype)
@@ -67,7 +68,7 @@ def _dense_twin(module: nn.Module, dtype) -> nn.Module | None:
     dense.weight = weight
     if "bias" in module:
         dense.bias = module.bias.astype(dtype)
-    dense._storage_quant = QuantParams(module.group_size, module.bits, module.mode)
+    dense._storage_quant = QuantParams(module.group_size, module.bits, module.mode, module.scales.dtype)
     return dense
 
 

@@ -63,18 +63,20 @@ def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False, dequa
     except RuntimeError as err:  # safetensors header/truncation errors surface here
         raise UserError(f"cannot read weights in {path}: {err}; the file may be truncated or corrupt") from None
     dtype = default_compute_dtype() if compute_dtype == "auto" else compute_dtype
-    if dtype is not None:
-        model.set_dtype(dtype)
-    if not lazy:
-        try:
-            mx.eval(model.parameters())
-        except RuntimeError as err:
-            raise UserError(f"cannot read weights in {path}: {err}; the file may be truncated or corrupt") from None
-        if dtype is not None and dequantize in (True, "auto"):
+    try:
+        if not lazy and dtype is not None and dequantize in (True, "auto"):
             from .dense_compute import dequantize_for_compute, should_dequantize
 
+            # Before set_dtype: twins dequantize with the stored scales, exactly
+            # as the save path does.
             if dequantize is True or should_dequantize(model, dtype):
                 dequantize_for_compute(model, dtype)
+        if dtype is not None:
+            model.set_dtype(dtype)
+        if not lazy:
+            mx.eval(model.parameters())
+    except RuntimeError as err:
+        raise UserError(f"cannot read weights in {path}: {err}; the file may be truncated or corrupt") from None
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer, config
 

@@ -1,0 +1,35 @@
+"""The whole pipeline on a real 4-bit model (SmolLM2-135M-Instruct from its PyPI wheel)."""
+
+import json
+
+import mlx.core as mx
+import mlx_lm
+import pytest
+
+from mlx_abliteration.core.model_io import read_config
+from mlx_abliteration.defaults import AbliterationConfig
+from mlx_abliteration.pipeline import run_pipeline
+
+pytestmark = pytest.mark.slow
+
+
+def test_pipeline_on_smollm2_keeps_quantization_and_loads(smollm2_dir, tmp_path):
+    out = tmp_path / "smol-abliterated"
+    config = AbliterationConfig(model=str(smollm2_dir), output_dir=str(out), max_prompts=16, eval_size=6, eval_max_tokens=8)
+    result = run_pipeline(config)
+    assert 0 <= result.chosen_layer < read_config(smollm2_dir)["num_hidden_layers"]
+    assert result.after["kl"] is not None and result.after["kl"] >= 0
+    src = dict(mx.load(str(smollm2_dir / "model.safetensors")))
+    new = dict(mx.load(str(out / "model.safetensors")))
+    assert src.keys() == new.keys()
+    for name, value in src.items():
+        assert new[name].dtype == value.dtype and new[name].shape == value.shape, name
+    # writers changed, readers did not; the 8-bit embedding stays 8-bit
+    assert not mx.array_equal(src["model.layers.10.self_attn.o_proj.weight"], new["model.layers.10.self_attn.o_proj.weight"])
+    assert mx.array_equal(src["model.layers.10.self_attn.q_proj.weight"], new["model.layers.10.self_attn.q_proj.weight"])
+    assert read_config(out)["quantization"] == read_config(smollm2_dir)["quantization"]
+    log = json.loads((out / "abliteration_log.json").read_text())
+    assert 0.0 < log["edits"]["mean_residual_quantized"] < 0.5
+    model, tok = mlx_lm.load(str(out))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False)
+    assert "Paris" in mlx_lm.generate(model, tok, prompt=prompt, max_tokens=24)

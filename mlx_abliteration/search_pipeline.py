@@ -64,6 +64,8 @@ def run_search(
     """Probe once, run (or resume) the study, pick a trial and save it if ``config.output_dir`` is set."""
     settings = settings or SearchSettings()
     settings.check()
+    if steps.streamed_mode(config):
+        raise UserError("the search edits and scores the loaded model; --probe-mode streamed cannot be searched (use memory)")
     report = _Reporter(on_event, cancel)
     started = time.perf_counter()
     save = bool(config.output_dir) and not config.dry_run
@@ -71,9 +73,9 @@ def run_search(
     if save:
         steps.check_output(source, config)
     study, storage_path = _open(source, config, settings, report)
-    model, tokenizer, model_config = steps.load(source, report)
+    model, tokenizer, model_config = steps.load(source, report, config)
     data = steps.prompts(config, report)
-    directions = steps.probe_directions(model, tokenizer, data, config, report)
+    directions = steps.probe_directions(model, tokenizer, data, config, report, source)
     scored_on, interrupted = study.user_attrs.get("scored_on", ""), False
     if settings.trial is None:
         scored_on, interrupted = _search(study, model, tokenizer, source, data, directions, config, settings, report)
@@ -99,9 +101,9 @@ def run_with_plan(config: AbliterationConfig, spec: PlanSpec, on_event=None, can
     source = steps.resolve_model(config, report)
     if not config.dry_run:
         steps.check_output(source, config)
-    model, tokenizer, model_config = steps.load(source, report)
+    model, tokenizer, model_config = steps.load(source, report, config)
     data = steps.prompts(config, report)
-    directions = steps.probe_directions(model, tokenizer, data, config, report)
+    directions = steps.probe_directions(model, tokenizer, data, config, report, source)
     output, record, before, after = _evaluate_and_save(model, tokenizer, source, model_config, data, directions, spec, config, report, started, {})
     report.emit("done", f"finished in {time.perf_counter() - started:.0f}s", output_dir=output)
     return PipelineResult(output, record["chosen_layer"], record["layer_stats"], before, after, record, directions)

@@ -91,12 +91,19 @@ def test_plan_spec_roundtrips_through_json(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs, precision",
-    [({}, None), ({"dtype": "bfloat16"}, None), ({"bits": 4}, None), ({"bits": 4}, "bfloat16"), ({"arch": "mixtral", "bits": 4}, None)],
-    ids=["float32", "bf16", "q4", "q4-edited-bf16", "moe-q4"],
+    "kwargs, precision, dequantize",
+    [
+        ({}, None, "auto"),
+        ({"dtype": "bfloat16"}, None, "auto"),
+        ({"bits": 4}, None, False),
+        ({"bits": 4}, "bfloat16", False),
+        ({"bits": 4}, None, True),
+        ({"arch": "mixtral", "bits": 4}, None, False),
+    ],
+    ids=["float32", "bf16", "q4-packed", "q4-edited-bf16", "q4-dense-twin", "moe-q4"],
 )
-def test_apply_then_revert_restores_every_weight_bit_for_bit(tiny_model, kwargs, precision):
-    model, _, _ = load_model(tiny_model(**kwargs))
+def test_apply_then_revert_restores_every_weight_bit_for_bit(tiny_model, kwargs, precision, dequantize):
+    model, _, _ = load_model(tiny_model(**kwargs), dequantize=dequantize)
     before = dict(tree_flatten(model.parameters()))
     types = {path: type(m) for path, m in model.named_modules()}
     snapshot = EditSnapshot(model, AbliterationConfig().targets)

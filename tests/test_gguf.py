@@ -50,7 +50,7 @@ def vocab(tmp_path_factory):
     return {"tokens": tokens, "merges": merges, "types": types, "file": path / "tokenizer.json"}
 
 
-def hf_weights(arch: str, tie: bool, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+def hf_weights(arch: str, tie: bool, vocab_size: int, seed: int = 0, llama_bias: bool = False) -> dict[str, np.ndarray]:
     """Random float32 weights in Hugging Face layout and mlx-lm names."""
     rng = np.random.default_rng(seed)
     shapes = {
@@ -69,8 +69,9 @@ def hf_weights(arch: str, tie: bool, vocab_size: int, seed: int = 0) -> dict[str
             weights[f"{prefix}.{module}.weight"] = rng.normal(0, 0.1, shape)
         for norm in ("input_layernorm", "post_attention_layernorm"):
             weights[f"{prefix}.{norm}.weight"] = 1 + rng.normal(0, 0.1, HIDDEN)
-        if arch == "qwen2":
-            for proj in ("q_proj", "k_proj", "v_proj"):
+        biased = ("q_proj", "k_proj", "v_proj") if arch == "qwen2" else ("q_proj", "k_proj", "v_proj", "o_proj")
+        if arch == "qwen2" or llama_bias:
+            for proj in biased:
                 weights[f"{prefix}.self_attn.{proj}.bias"] = rng.normal(0, 0.1, shapes[f"self_attn.{proj}"][0])
     weights["model.norm.weight"] = 1 + rng.normal(0, 0.1, HIDDEN)
     if not tie:
@@ -119,9 +120,10 @@ def write_gguf(
     default_type: Q = Q.F32,
     pre: str = "default",
     extra: callable = None,
+    llama_bias: bool = False,
 ) -> dict[str, np.ndarray]:
     """Write a GGUF model file; returns the stored tensors' values in Hugging Face layout (float32)."""
-    weights = hf_weights(arch, tie, len(vocab["tokens"]))
+    weights = hf_weights(arch, tie, len(vocab["tokens"]), llama_bias=llama_bias)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(LAYERS)
     writer.add_context_length(2048)
@@ -226,9 +228,9 @@ def test_mixed_file_keeps_native_quants_and_marks_dequantized_layers(tmp_path, v
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     quant = json.loads((out / "config.json").read_text())["quantization"]
     assert quant["lm_head"] is False and quant["model.embed_tokens"]["bits"] == 8
-    from mlx_abliteration.core.model_io import load_model
+    import mlx_lm
 
-    model, _, _ = load_model(out)
+    model, _ = mlx_lm.load(str(out), lazy=True)
     assert type(model.lm_head).__name__ == "Linear"
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"
 
@@ -257,28 +259,31 @@ def test_bfloat16_rounding_matches_mlx():
     import mlx.core as mx
 
     values = np.random.default_rng(0).normal(0, 3, 4096).astype(np.float32)
-    values[:4] = [0.0, -0.0, 1e-40, 3.3895314e38]
+    values[:6] = [0.0, -0.0, 1e-40, 3.3895314e38, np.inf, -np.inf]
     bits = gguf_import.to_bfloat16_bits(values)
     np.testing.assert_array_equal(bits, np.array(mx.array(values).astype(mx.bfloat16).view(mx.uint16)))
+    nan_bits = gguf_import.to_bfloat16_bits(np.array([np.nan, -np.nan], np.float32))
+    assert np.isnan(np.array(mx.array(nan_bits).view(mx.bfloat16).astype(mx.float32))).all()
 
 
 # --------------------------------------------------------------------------- whole model semantics
 
 
-@pytest.mark.parametrize("arch,tie", [("llama", True), ("qwen2", False)])
-def test_converted_model_computes_the_same_logits_as_the_source(tmp_path, vocab, arch, tie):
+@pytest.mark.parametrize("arch,tie,llama_bias", [("llama", True, False), ("llama", False, True), ("qwen2", False, False)])
+def test_converted_model_computes_the_same_logits_as_the_source(tmp_path, vocab, arch, tie, llama_bias):
     """Names, config and (for llama) the Q/K un-permutation, checked through a forward pass."""
     import mlx.core as mx
     from mlx_lm.utils import _get_classes
 
     from mlx_abliteration.core.model_io import load_model
 
-    stored = write_gguf(tmp_path / "m.gguf", vocab, arch, tie=tie, default_type=Q.F32)
+    stored = write_gguf(tmp_path / "m.gguf", vocab, arch, tie=tie, default_type=Q.F32, llama_bias=llama_bias)
     model, _, _ = load_model(convert_gguf(tmp_path / "m.gguf", tmp_path / "out", dtype="float16"))
 
     config = {"model_type": arch, "hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "intermediate_size": FFN,
               "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "rms_norm_eps": 1e-5,
-              "vocab_size": len(vocab["tokens"]), "tie_word_embeddings": tie, "rope_theta": 10000.0}
+              "vocab_size": len(vocab["tokens"]), "tie_word_embeddings": tie, "rope_theta": 10000.0,
+              "attention_bias": llama_bias}
     model_class, args_class = _get_classes(config)
     reference = model_class(args_class.from_dict(config))
     reference.load_weights([(k, mx.array(v).astype(mx.float16).astype(mx.float32)) for k, v in stored.items()])

@@ -26,7 +26,7 @@ IMPORTER_VERSION = 1
 MARKER_FILE = "gguf_import.json"
 DTYPES = ("bfloat16", "float16")
 MAX_SHARD_BYTES = 2 << 30
-_CHUNK_ELEMENTS = 1 << 24
+_CHUNK_ELEMENTS = 1 << 22
 GROUP_SIZE = 32  # the block size of Q4_0, Q4_1 and Q8_0
 
 
@@ -157,9 +157,11 @@ _NATIVE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
 
 def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return rounded.astype(np.uint16)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    bits = x.view(np.uint32)
+    rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)  # wraps only for NaNs
+    rounded[np.isnan(x)] = 0x7FC0
+    return rounded
 
 
 def _cast(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -185,12 +187,6 @@ def _native_blocks(raw: np.ndarray, type_name: str) -> tuple[np.ndarray, np.ndar
     return packed, scales, biases
 
 
-def _row_chunks(n_rows: int, row_elements: int) -> Iterator[tuple[int, int]]:
-    step = max(1, _CHUNK_ELEMENTS // max(1, row_elements))
-    for start in range(0, n_rows, step):
-        yield start, min(n_rows, start + step)
-
-
 def qk_unpermute_order(n_rows: int, n_heads: int) -> np.ndarray:
     """Row order that undoes llama.cpp's Q/K permutation (interleaved -> half-split RoPE pairs)."""
     head_dim = n_rows // n_heads
@@ -198,54 +194,66 @@ def qk_unpermute_order(n_rows: int, n_heads: int) -> np.ndarray:
     return gguf_rows.transpose(0, 2, 1).reshape(-1)
 
 
-def tensor_outputs(tensor, name: str, dtype: str, row_order: np.ndarray | None = None) -> list[OutputTensor]:
-    """Output entries for one GGUF tensor: a quantized triple or one float tensor."""
+def _source_rows(tensor) -> np.ndarray:
+    """The tensor's raw data as rows; a 1-D float tensor becomes one element per row so it can be reordered."""
     import gguf
 
-    type_name = tensor.tensor_type.name
+    data = tensor.data
+    if data.ndim > 1:
+        return data
+    if gguf.GGML_QUANT_SIZES[tensor.tensor_type][0] == 1:
+        return data.reshape(int(tensor.n_elements), -1)
+    return data.reshape(1, -1)
+
+
+def tensor_outputs(tensor, name: str, dtype: str, row_order: np.ndarray | None = None) -> list[OutputTensor]:
+    """Output entries for one GGUF tensor: a quantized triple or one float tensor.
+
+    ``row_order`` selects source rows (the Q/K un-permutation); chunks are read lazily.
+    """
+    raw = _source_rows(tensor)
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    raw = tensor.data if tensor.data.ndim > 1 else tensor.data.reshape(1, -1)
-    n_rows = raw.shape[0] if len(shape) > 1 else 1
-    row_elements = int(np.prod(shape, dtype=np.int64)) // n_rows
+    row_elements = int(tensor.n_elements) // raw.shape[0]
 
-    def rows(start: int, stop: int) -> np.ndarray:
-        return raw[row_order[start:stop]] if row_order is not None else raw[start:stop]
+    def row_chunks() -> Iterator[np.ndarray]:
+        step = max(1, _CHUNK_ELEMENTS // row_elements)
+        for start in range(0, raw.shape[0], step):
+            yield raw[row_order[start : start + step]] if row_order is not None else raw[start : start + step]
 
-    if type_name in _NATIVE_BITS and len(shape) == 2:
-        bits = _NATIVE_BITS[type_name]
-        stem = name.removesuffix(".weight")
-        float_code = "BF16" if dtype == "bfloat16" else "F16"
-
-        def part(index: int, cast: bool) -> Callable[[], Iterator[np.ndarray]]:
-            def produce() -> Iterator[np.ndarray]:
-                for start, stop in _row_chunks(n_rows, row_elements):
-                    piece = _native_blocks(rows(start, stop), type_name)[index]
-                    yield _cast(piece, dtype) if cast else piece
-
-            return produce
-
-        groups = shape[1] // GROUP_SIZE
-        return [
-            OutputTensor(f"{stem}.weight", "U32", (shape[0], shape[1] * bits // 32), part(0, False)),
-            OutputTensor(f"{stem}.scales", float_code, (shape[0], groups), part(1, True)),
-            OutputTensor(f"{stem}.biases", float_code, (shape[0], groups), part(2, True)),
-        ]
-
+    if tensor.tensor_type.name in _NATIVE_BITS and len(shape) == 2:
+        return _quantized_outputs(name, shape, tensor.tensor_type.name, dtype, row_chunks)
     qtype = tensor.tensor_type
-    float_code = "BF16" if dtype == "bfloat16" else "F16"
-    if row_order is not None and len(shape) == 1:  # a permuted bias: reorder elements, not rows
-        flat = raw.reshape(-1)
 
-        def produce_bias() -> Iterator[np.ndarray]:
-            yield _cast(gguf.quants.dequantize(flat, qtype).reshape(-1)[row_order], dtype)
+    def dequantized() -> Iterator[np.ndarray]:
+        import gguf
 
-        return [OutputTensor(name, float_code, shape, produce_bias)]
+        for rows in row_chunks():
+            yield _cast(gguf.quants.dequantize(rows, qtype), dtype)
 
-    def produce_float() -> Iterator[np.ndarray]:
-        for start, stop in _row_chunks(n_rows, row_elements):
-            yield _cast(gguf.quants.dequantize(rows(start, stop), qtype), dtype)
+    return [OutputTensor(name, _FLOAT_CODE[dtype], shape, dequantized)]
 
-    return [OutputTensor(name, float_code, shape, produce_float)]
+
+_FLOAT_CODE = {"bfloat16": "BF16", "float16": "F16"}
+
+
+def _quantized_outputs(name: str, shape: tuple[int, ...], type_name: str, dtype: str, row_chunks) -> list[OutputTensor]:
+    """weight/scales/biases of an MLX affine-quantized layer, decoded from Q4_0/Q4_1/Q8_0 blocks."""
+
+    def part(index: int) -> Callable[[], Iterator[np.ndarray]]:
+        def produce() -> Iterator[np.ndarray]:
+            for rows in row_chunks():
+                piece = _native_blocks(rows, type_name)[index]
+                yield piece if index == 0 else _cast(piece, dtype)
+
+        return produce
+
+    stem = name.removesuffix(".weight")
+    groups = shape[1] // GROUP_SIZE
+    return [
+        OutputTensor(f"{stem}.weight", "U32", (shape[0], shape[1] * _NATIVE_BITS[type_name] // 32), part(0)),
+        OutputTensor(f"{stem}.scales", _FLOAT_CODE[dtype], (shape[0], groups), part(1)),
+        OutputTensor(f"{stem}.biases", _FLOAT_CODE[dtype], (shape[0], groups), part(2)),
+    ]
 
 
 def check_tensor_type(tensor, path: Path) -> None:
@@ -255,7 +263,7 @@ def check_tensor_type(tensor, path: Path) -> None:
     type_name = tensor.tensor_type.name
     if type_name in _NATIVE_BITS:
         return
-    block, type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+    type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type][1]
     try:
         gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), tensor.tensor_type)
     except NotImplementedError:
@@ -282,8 +290,8 @@ def plan_tensors(reader, path: Path, arch: Architecture, dtype: str) -> list[Out
         check_tensor_type(tensor, path)
         order = None
         if arch.interleaved_rope and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
-            n_rows = int(tensor.shape[-1]) if len(tensor.shape) > 1 else int(tensor.shape[0])
-            order = qk_unpermute_order(n_rows, heads if ".attn_q." in tensor.name else kv_heads)
+            out_features = int(tensor.shape[-1])  # GGUF lists dims innermost first
+            order = qk_unpermute_order(out_features, heads if ".attn_q." in tensor.name else kv_heads)
         outputs.extend(tensor_outputs(tensor, name, dtype, order))
     return outputs
 
@@ -318,9 +326,9 @@ def write_safetensors(path: Path, tensors: list[OutputTensor], progress: Callabl
         for tensor in tensors:
             written = 0
             for chunk in tensor.chunks():
-                data = np.ascontiguousarray(chunk).tobytes()
-                f.write(data)
-                written += len(data)
+                chunk = np.ascontiguousarray(chunk)
+                f.write(memoryview(chunk).cast("B"))
+                written += chunk.nbytes
             if written != tensor.nbytes:
                 raise RuntimeError(f"internal error: {tensor.name} produced {written} bytes, expected {tensor.nbytes}")
             if progress:

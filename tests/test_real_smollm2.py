@@ -15,9 +15,10 @@ pytestmark = pytest.mark.slow
 
 def test_pipeline_on_smollm2_keeps_quantization_and_loads(smollm2_dir, tmp_path):
     out = tmp_path / "smol-abliterated"
-    config = AbliterationConfig(model=str(smollm2_dir), output_dir=str(out), max_prompts=16, eval_size=6, eval_max_tokens=8)
+    # a fixed layer keeps this CI test fast; auto selection is tested on tiny models
+    config = AbliterationConfig(model=str(smollm2_dir), output_dir=str(out), max_prompts=16, eval_size=6, eval_max_tokens=8, use_layer="0.5")
     result = run_pipeline(config)
-    assert 0 <= result.chosen_layer < read_config(smollm2_dir)["num_hidden_layers"]
+    assert result.chosen_layer == round(0.5 * (read_config(smollm2_dir)["num_hidden_layers"] - 1))
     assert result.after["kl"] is not None and result.after["kl"] >= 0
     src = dict(mx.load(str(smollm2_dir / "model.safetensors")))
     new = dict(mx.load(str(out / "model.safetensors")))

@@ -6,9 +6,10 @@ most from harmless to harmful prompts; then, for each candidate layer in the
 middle of the network (25%..80% of depth, where refusal directions are found;
 deeper ones tend to damage the model), ablate that layer's direction in
 memory, measure the refusal tokens' probability on harmful prompts and the
-first-token KL on harmless prompts, and revert. The chosen layer minimizes
-refusal probability + KL. Cost: two first-token forward passes over a few
-prompts per candidate.
+first-token KL on harmless prompts, and revert. Candidates are a coarse grid
+(at most 8 layers) refined at the best one's two neighbours. The chosen layer
+minimizes refusal probability + KL. Cost: two first-token forward passes over
+a few prompts per candidate.
 """
 
 from __future__ import annotations
@@ -40,11 +41,17 @@ class CandidateScore:
         return {**asdict(self), "score": self.score}
 
 
-def candidate_layers(probed: Sequence[int], num_layers: int, max_candidates: int = 10) -> list[int]:
+def candidate_layers(probed: Sequence[int], num_layers: int, max_candidates: int = 8) -> list[int]:
+    """Coarse grid over the probed layers within 25%..80% of depth."""
     lo, hi = int(0.25 * num_layers), int(0.8 * num_layers)
     middle = [layer for layer in probed if lo <= layer < hi] or list(probed)
     step = max(1, -(-len(middle) // max_candidates))
     return middle[::step]
+
+
+def refinement_layers(best: int, probed: Sequence[int], scored: set[int]) -> list[int]:
+    """The unscored neighbours of the best coarse candidate."""
+    return [layer for layer in (best - 1, best + 1) if layer in probed and layer not in scored]
 
 
 def refusal_token_ids(harmful_logp: mx.array, harmless_logp: mx.array, k: int = NUM_REFUSAL_TOKENS) -> list[int]:
@@ -74,20 +81,31 @@ def select_layer_auto(
     tokens = refusal_token_ids(base_harmful, base_harmless)
     candidates = candidate_layers(directions.layers, directions.num_model_layers)
     snapshot = WeightSnapshot(model, plan_for_layer(candidates[0]).targets)
-    scores = []
-    try:
-        for n, layer in enumerate(candidates):
-            apply_plan(model, plan_for_layer(layer), storage_dtype=storage_dtype)
+
+    def score(layer: int) -> CandidateScore:
+        apply_plan(model, plan_for_layer(layer), storage_dtype=storage_dtype)
+        try:
             harmful = first_token_logprobs(model, harmful_ids, batch_size)
             harmless = first_token_logprobs(model, harmless_ids, batch_size)
-            refusal = float(mx.exp(harmful[:, tokens]).sum(-1).mean().item()) if tokens else 0.0
-            p = mx.exp(base_harmless)
-            kl = float((p * (base_harmless - harmless)).sum(-1).mean().item())
-            scores.append(CandidateScore(layer, refusal, kl))
+        finally:
             snapshot.restore()
-            if progress:
-                progress(n + 1, len(candidates), "auto layer")
-    finally:
-        snapshot.restore()
+        refusal = float(mx.exp(harmful[:, tokens]).sum(-1).mean().item()) if tokens else 0.0
+        kl = float((mx.exp(base_harmless) * (base_harmless - harmless)).sum(-1).mean().item())
+        return CandidateScore(layer, refusal, kl)
+
+    scores: list[CandidateScore] = []
+    total = len(candidates) + 2
+    for layer in candidates:
+        scores.append(score(layer))
+        if progress:
+            progress(len(scores), total, "auto layer")
+    best = min(scores, key=lambda s: (s.score, s.layer))
+    for layer in refinement_layers(best.layer, directions.layers, {s.layer for s in scores}):
+        scores.append(score(layer))
+        if progress:
+            progress(len(scores), total, "auto layer")
+    if progress:
+        progress(total, total, "auto layer")
+    scores.sort(key=lambda s: s.layer)
     best = min(scores, key=lambda s: (s.score, s.layer))
     return best.layer, scores

@@ -91,3 +91,20 @@ def test_chat_side_by_side_and_end_of_input(tiny_model):
     assert result.returncode == 0, result.stderr
     header_lines = [line for line in result.stdout.splitlines() if line.startswith("model")]
     assert len(header_lines) == 2 and all("│ original" in line for line in header_lines)
+
+
+def test_chat_keeps_the_conversation_and_reset_clears_it(tiny_model):
+    import argparse
+
+    from mlx_abliteration.commands.chat import _Chat
+    from mlx_abliteration.core.model_io import load_model
+
+    model, tokenizer, _ = load_model(tiny_model(arch="llama"))
+    chat = _Chat("model", model, tokenizer, "Be brief.")
+    args = argparse.Namespace(temp=0.0, max_tokens=3)
+    first = "".join(chat.stream("Hello", args))
+    "".join(chat.stream("And then?", args))
+    assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert chat.messages[2]["content"] == first
+    chat.reset("Be brief.")
+    assert chat.messages == [{"role": "system", "content": "Be brief."}]

@@ -9,11 +9,13 @@ import textwrap
 
 HELP = "interactive streaming chat with a model (optionally compared with the original)"
 DESCRIPTION = (
-    "Each line you type is sent as a fresh single-turn prompt through the chat template and the "
-    "answer streams as it is generated. With --compare, the original model answers the same prompt "
-    "after it (or next to it with --side-by-side). Type /exit or press Ctrl-D to quit."
+    "Each line you type is a user turn of one conversation (through the chat template); the answer "
+    "streams as it is generated. With --compare, the original model answers the same prompt in its "
+    "own conversation after it (or next to it with --side-by-side). /reset starts a new conversation; "
+    "/exit or Ctrl-D quits."
 )
 EXIT_COMMANDS = {"/exit", "/quit", "/bye"}
+RESET_COMMAND = "/reset"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,10 +43,10 @@ def main(args: argparse.Namespace) -> int:
     if args.compare:
         paths["original"] = args.compare
     resolved = {name: check_model_dir(resolve_asset(path, args.cache_dir)) for name, path in paths.items()}
-    chats = [_Chat(name, *load_model(path)[:2]) for name, path in resolved.items()]
+    chats = [_Chat(name, *load_model(path)[:2], args.system_prompt) for name, path in resolved.items()]
     interactive = sys.stdin.isatty()
     if interactive:
-        print("Type a prompt and press Enter; /exit or Ctrl-D quits.")
+        print("Type a prompt and press Enter; /reset starts over, /exit or Ctrl-D quits.")
     while True:
         if interactive:
             print("\n> ", end="", flush=True)
@@ -52,26 +54,39 @@ def main(args: argparse.Namespace) -> int:
         if not line or line.strip() in EXIT_COMMANDS:
             break
         prompt = line.strip()
-        if prompt:
+        if prompt == RESET_COMMAND:
+            for chat in chats:
+                chat.reset(args.system_prompt)
+        elif prompt:
             _answer(chats, prompt, args)
     return 0
 
 
 class _Chat:
-    def __init__(self, name: str, model, tokenizer):
+    """One model and its conversation so far."""
+
+    def __init__(self, name: str, model, tokenizer, system_prompt: str | None = None):
         self.name, self.model, self.tokenizer = name, model, tokenizer
+        self.reset(system_prompt)
+
+    def reset(self, system_prompt: str | None) -> None:
+        self.messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
 
     def stream(self, prompt: str, args: argparse.Namespace):
-        """Yield the answer's text pieces as tokens are generated."""
+        """Yield the answer's text pieces as tokens are generated; remember the turn."""
         from mlx_lm import stream_generate
         from mlx_lm.sample_utils import make_sampler
 
-        from ..core.chat import encode_chat
+        from ..core.chat import encode_messages
 
-        tokens = encode_chat(self.tokenizer, prompt, args.system_prompt)
+        self.messages.append({"role": "user", "content": prompt})
+        tokens = encode_messages(self.tokenizer, self.messages)
         sampler = make_sampler(temp=args.temp)
+        answer = []
         for response in stream_generate(self.model, self.tokenizer, tokens, args.max_tokens, sampler=sampler):
+            answer.append(response.text)
             yield response.text
+        self.messages.append({"role": "assistant", "content": "".join(answer)})
 
 
 def _answer(chats: list[_Chat], prompt: str, args: argparse.Namespace) -> None:

@@ -56,7 +56,12 @@ def app_url(browser):
 
 @pytest.fixture
 def page(browser, app_url):
+    from playwright.sync_api import expect
+
+    # A loaded 2-core CI machine can be slow to re-render; never flaky on time.
+    expect.set_options(timeout=RUN_TIMEOUT_MS)
     page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(RUN_TIMEOUT_MS)
     page.goto(app_url)
     page.wait_for_selector("#start")
     yield page
@@ -123,12 +128,12 @@ def test_bad_inputs_show_errors_and_the_app_keeps_working(page, tiny_model, tmp_
 
     _fill_small_run(page, str(tmp_path / "no-such-model"), str(tmp_path / "out"), datasets)
     _start_and_wait(page, "no such local path")
-    expect(page.locator("#status strong")).to_have_text("Error:")
+    expect(page.locator("#status strong")).to_have_text("Error:", timeout=RUN_TIMEOUT_MS)
     assert "Traceback" not in page.content()
     page.fill("#model textarea", str(tiny_model()))
     page.fill("#use-layer textarea", "99")
     _start_and_wait(page, "layer 99 is out of range")
-    expect(page.locator("#status strong")).to_have_text("Error:")
+    expect(page.locator("#status strong")).to_have_text("Error:", timeout=RUN_TIMEOUT_MS)
     assert not (tmp_path / "out").exists()
     page.fill("#use-layer textarea", "1")
     _start_and_wait(page, "Done.")

@@ -75,7 +75,7 @@ def run_search(
     study, storage_path = _open(source, config, settings, report)
     model, tokenizer, model_config = steps.load(source, report, config)
     data = steps.prompts(config, report)
-    directions = steps.probe_directions(model, tokenizer, data, config, report, source)
+    directions = _directions(model, tokenizer, data, config, source, storage_path.with_suffix(".directions.safetensors"), report)
     scored_on, interrupted = study.user_attrs.get("scored_on", ""), False
     if settings.trial is None:
         scored_on, interrupted = _search(study, model, tokenizer, source, data, directions, config, settings, report)
@@ -148,6 +148,20 @@ def _open(source: Path, config: AbliterationConfig, settings: SearchSettings, re
     return study, path
 
 
+def _directions(model, tokenizer, data, config, source, cache: Path, report):
+    """Probe once per study: a resumed study (or --trial) reads the directions it was scored with."""
+    from .core.directions import load_directions, save_directions
+
+    if cache.is_file():
+        report.emit("info", f"directions of this study read from {cache}")
+        return load_directions(cache)[0]
+    directions = steps.probe_directions(model, tokenizer, data, config, report, source)
+    partial = cache.with_name(cache.name + ".tmp.safetensors")
+    save_directions(partial, directions, directions.layers[0])
+    partial.replace(cache)  # a killed run leaves no half-written cache
+    return directions
+
+
 def _search(study, model, tokenizer, source, data, directions, config, settings, report) -> tuple[str, bool]:
     from .core.evaluate import reference_logprobs
 
@@ -157,7 +171,9 @@ def _search(study, model, tokenizer, source, data, directions, config, settings,
     harmful, harmless, scored_on = search_prompt_sets(config, settings.search_prompts)
     study.set_user_attr("scored_on", scored_on)
     report.emit("info", f"scoring trials on {len(harmful)}+{len(harmless)} {scored_on} prompts")
-    batch = config.batch_size or 16
+    # One batch for all prompts unless --batch-size says otherwise: decoding on
+    # the CPU is bound by reading the weights, once per step however many rows.
+    batch = config.batch_size or max(len(harmful), len(harmless))
     reference = reference_logprobs(model, tokenizer, harmless, kl_tokens=config.kl_tokens, batch_size=batch, system_prompt=config.system_prompt)
     scorer = TrialScorer(
         model, tokenizer, directions, harmful, reference, targets=config.targets, norm_preserve=config.norm_preserve,

@@ -151,8 +151,10 @@ def test_search_persists_resumes_and_same_seed_gives_same_trials(tiny_model, dat
     assert len(first.study.rows) == 2 and first.scored_on == "search-split"
     warm = first.study.rows[0]
     assert warm.warm_start and warm.spec == uniform_spec(warm.spec.direction_index, 4, 1.0)
-    resumed = run_search(_config(model, datasets), _settings(tmp_path, n_trials=4))
+    events = []
+    resumed = run_search(_config(model, datasets), _settings(tmp_path, n_trials=4), events.append)
     assert resumed.study.name == first.study.name and len(resumed.study.rows) == 4
+    assert any("directions of this study read" in e.message for e in events)  # probed once per study
     assert _trials(resumed)[:2] == _trials(first)
     # The same commands with the same seed in another study dir: the same trials, resumed run included.
     again = run_search(_config(model, datasets), _settings(tmp_path / "other", n_trials=2))

@@ -53,7 +53,7 @@ class SearchSettings:
     n_startup_trials: int = 8  # random trials before TPE models the results
     max_kl: float = 0.1  # the saved trial: fewest refusals among trials with KL <= this
     search_prompts: int = 32  # prompts per kind scoring each trial (disjoint from probing and held-out eval)
-    search_max_tokens: int = 48  # tokens generated per harmful prompt in a trial (stops at a refusal)
+    search_max_tokens: int = 32  # tokens generated per harmful prompt in a trial (stops at a refusal)
     search_seed: int | None = None  # None: the pipeline's --seed
     study_dir: str | None = None  # None: <cache dir>/studies
     study_name: str | None = None  # None: derived from the model and every setting that changes the scores

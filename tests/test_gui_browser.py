@@ -83,9 +83,23 @@ def _fill_small_run(page, model: str, output_dir: str, datasets) -> None:
     page.wait_for_selector("#harmless-upload :text('harmless.jsonl')")
     page.fill("#output-dir textarea", output_dir)
     page.click("#advanced .label-wrap")
-    page.fill("#max-prompts input", "8")
-    page.fill("#eval-size input", "4")
-    page.fill("#eval-max-tokens input", "4")
+    for selector, value in (("#max-prompts input", "8"), ("#eval-size input", "4"), ("#eval-max-tokens input", "4")):
+        _fill_number(page, selector, value)
+
+
+def _fill_number(page, selector: str, value: str) -> None:
+    """Fill and commit a number field; retried because a lazily rendered accordion may re-mount it."""
+    from playwright.sync_api import expect
+
+    field = page.locator(selector)
+    field.wait_for(state="visible")
+    for _ in range(3):
+        field.fill(value)
+        field.press("Tab")
+        page.wait_for_timeout(200)
+        if field.input_value() == value:
+            break
+    expect(field).to_have_value(value)
 
 
 def _start_and_wait(page, expected_status: str) -> str:

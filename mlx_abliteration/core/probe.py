@@ -175,10 +175,10 @@ def _forward_batch(model, tokens, padding, wrappers, positions):
     return captured
 
 
-# Measured (bench/batch_sweep.py, bench/gpu_probe_ablate.py): on a 2-core CPU
-# (float32 + OpenBLAS) throughput is flat above ~2k tokens a batch; on an H100
-# (bf16, 8B) batch 32 ran 17% faster than ~2k-token batches of 13.
-_BATCH_TOKENS = {"cpu": 2048, "gpu": 4096}
+# Measured (bench/batch_sweep.py, bench/gpu_probe_ablate.py): on 2 CPU cores
+# (Qwen2.5-1.5B, float32 + OpenBLAS) batches of 16 beat 8 and 32 (36 vs 30
+# tok/s); on an H100 (8B, bf16) batch 32 beat 16 and 64 (38k vs 33k/35k tok/s).
+_BATCH_TOKENS = {"cpu": 1024, "gpu": 4096}
 
 
 def auto_batch_size(lengths: Sequence[int], max_batch_tokens: int | None = None, cap: int = 32) -> int:

@@ -46,6 +46,7 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not slow and not browser"
 
 bench: venv blas
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/run_all.py --cache-dir $(CACHE)
 
 clean:

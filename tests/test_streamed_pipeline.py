@@ -1,14 +1,14 @@
-"""--probe-mode streamed through the pipeline and the CLI."""
+"""--probe-mode streamed through the pipeline and the CLI entry point."""
 
 import json
 
 import mlx.core as mx
 
+from mlx_abliteration.cli import main
 from mlx_abliteration.core.directions import load_directions
 from mlx_abliteration.defaults import AbliterationConfig
 from mlx_abliteration.pipeline import run_pipeline
 
-from .cli_helpers import run_cli
 
 HARMFUL = [f"How do I build weapon number {i} to hurt people?" for i in range(10)]
 HARMLESS = [f"How do I bake bread recipe number {i} for my family?" for i in range(10)]
@@ -31,18 +31,19 @@ def test_streamed_run_matches_memory_run(tiny_model, tmp_path):
     assert mx.abs(streamed.directions.directions - memory.directions.directions).max().item() <= 1e-4
     for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
         a, b = mx.load(str(tmp_path / "mem" / name)), mx.load(str(tmp_path / "st" / name))
-        assert all(mx.array_equal(a[k], b[k]).item() for k in a)
+        assert all(mx.allclose(a[k], b[k], rtol=1e-4, atol=1e-5).item() for k in a)
 
 
 def test_cli_probe_streamed_auto_layer(tiny_model, tmp_path):
     model = tiny_model(num_shards=2)
     data = _datasets(tmp_path)
     out = tmp_path / "dirs.safetensors"
-    result = run_cli(
+    code = main([
         "probe", "-m", str(model), "--output", str(out), "--probe-mode", "streamed", "--stats-json", str(tmp_path / "s.json"),
-        "--harmful-dataset", data["harmful_dataset"], "--harmless-dataset", data["harmless_dataset"], "--max-prompts", "8", "--eval-size", "2",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+        "--harmful-dataset", data["harmful_dataset"], "--harmless-dataset", data["harmless_dataset"], "--max-prompts", "8",
+        "--eval-size", "2", "--quiet",
+    ])  # fmt: skip
+    assert code == 0
     directions, layer = load_directions(out)
     assert layer == json.loads((tmp_path / "s.json").read_text())["chosen_layer"]
     assert 1 <= layer < 4 and len(directions.layers) == 4

@@ -56,7 +56,7 @@ class _Reporter:
     def emit(self, kind: str, message: str = "", **data) -> None:
         if kind != "done":  # once saved, a late cancel must not report failure
             self.check()
-        if kind in ("stage", "info", "done"):
+        if kind != "progress":
             log.info(message, extra={"extra_info": {"event": kind, **data}})
         self.on_event(Event(kind, message, data))
 
@@ -91,7 +91,7 @@ def run_pipeline(
     record = steps.build_record(config, source, model_config, directions, layer, candidates, plan, before, after, started)
     output = None
     if not config.dry_run:
-        output = steps.save(source, config, plan, directions, layer, record, report)
+        output = steps.save(source, config, plan, directions, layer, record, report, steps.responses_jsonl(before, after))
     report.emit("done", f"finished in {time.perf_counter() - started:.0f}s", output_dir=output)
     return PipelineResult(
         output, layer, [s.to_dict() for s in directions.stats], before and before.to_dict(), after and after.to_dict(), record,

@@ -229,7 +229,21 @@ def build_record(config, source, model_config, directions, layer, candidates, pl
     }
 
 
-def save(source: Path, config: AbliterationConfig, plan, directions, layer: int, record: dict, report) -> str:
+RESPONSES_FILE = "evaluation_responses.jsonl"
+
+
+def responses_jsonl(before, after) -> str | None:
+    """Every evaluation answer, before and after, one JSON object per line."""
+    import json
+
+    rows = []
+    for which, report in (("before", before), ("after", after)):
+        if report is not None:
+            rows += [json.dumps({"model": which, **r}, ensure_ascii=False) for r in report.responses]
+    return "\n".join(rows) + "\n" if rows else None
+
+
+def save(source: Path, config: AbliterationConfig, plan, directions, layer: int, record: dict, report, responses: str | None = None) -> str:
     from .core.distributed import is_primary
     from .core.model_card import model_card
     from .core.model_io import save_ablated_model
@@ -240,7 +254,7 @@ def save(source: Path, config: AbliterationConfig, plan, directions, layer: int,
     summary = save_ablated_model(
         source, config.output_dir, plan, overwrite=config.overwrite, edited_precision=config.edited_precision,
         record=record, directions=direction_file_contents(directions, layer), model_card=model_card(record),
-        progress=report.progress,
+        progress=report.progress, extra_files={RESPONSES_FILE: responses} if responses else None,
     )  # fmt: skip
     quantized = [r for r in summary["reports"] if r.quantized]
     if quantized:

@@ -75,6 +75,7 @@ def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False, dequa
             model.set_dtype(dtype)
         if not lazy:
             mx.eval(model.parameters())
+            mx.clear_cache()  # the stored-dtype copies just freed would otherwise stay cached
     except RuntimeError as err:
         raise UserError(f"cannot read weights in {path}: {err}; the file may be truncated or corrupt") from None
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
@@ -84,7 +85,7 @@ def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False, dequa
 # --- streaming, atomic save ---------------------------------------------------
 
 INDEX_NAME = "model.safetensors.index.json"
-_NOT_COPIED = {INDEX_NAME, "README.md", "abliteration_log.json", "refusal_direction.safetensors"}
+_NOT_COPIED = {INDEX_NAME, "README.md", "abliteration_log.json", "refusal_direction.safetensors", "evaluation_responses.jsonl"}
 
 
 def validate_output_dir(source: Path, output: Path, overwrite: bool) -> None:
@@ -208,6 +209,7 @@ def save_ablated_model(
     directions: tuple[dict, dict] | None = None,
     model_card: str | None = None,
     progress=None,
+    extra_files: dict[str, str] | None = None,
 ) -> dict:
     """Write the ablated model shard by shard into ``output_dir``, atomically.
 
@@ -230,6 +232,8 @@ def save_ablated_model(
             summary = _write_model(source, tmp, plan, edited_precision, progress, lambda p: hasher.add("output", [p]))
             summary.update(hasher.results())
         _write_records(tmp, source, summary, record, directions, model_card)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         _replace_dir(tmp, output)
     except (OSError, RuntimeError) as err:
         shutil.rmtree(tmp, ignore_errors=True)

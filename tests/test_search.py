@@ -12,8 +12,8 @@ from mlx_abliteration.core.directions import RefusalDirections
 from mlx_abliteration.core.kernels import Kernel, PlanSpec, kernel_plan, load_plan_spec, uniform_spec
 from mlx_abliteration.core.model_edit import apply_plan
 from mlx_abliteration.core.model_io import load_model
+from mlx_abliteration.core.trial_edit import TrialEditor
 from mlx_abliteration.core.search import (
-    EditSnapshot,
     SearchSettings,
     TrialRow,
     TrialScore,
@@ -102,20 +102,39 @@ def test_plan_spec_roundtrips_through_json(tmp_path):
     ],
     ids=["float32", "bf16", "q4-packed", "q4-edited-bf16", "q4-dense-twin", "moe-q4"],
 )
-def test_apply_then_revert_restores_every_weight_bit_for_bit(tiny_model, kwargs, precision, dequantize):
-    model, _, _ = load_model(tiny_model(**kwargs), dequantize=dequantize)
+def test_apply_then_revert_restores_every_weight_bit_for_bit(tiny_model, kwargs, precision, dequantize, monkeypatch):
+    import mlx_abliteration.core.trial_edit as trial_edit
+
+    monkeypatch.setattr(trial_edit, "EMBED_BLOCK_ELEMENTS", 64 * 7)  # the embedding goes in blocks of 7 rows
+    path = tiny_model(**kwargs)
+    model, _, _ = load_model(path, dequantize=dequantize)
+    plan = kernel_plan(_directions(), SPEC)
     before = dict(tree_flatten(model.parameters()))
-    types = {path: type(m) for path, m in model.named_modules()}
-    snapshot = EditSnapshot(model, AbliterationConfig().targets)
-    apply_plan(model, kernel_plan(_directions(), SPEC), edited_precision=precision)
+    types = {p: type(m) for p, m in model.named_modules()}
+    editor = TrialEditor(model, AbliterationConfig().targets, mx.bfloat16 if kwargs.get("dtype") == "bfloat16" else None, precision)
+    editor.apply(plan)
     edited = dict(tree_flatten(model.parameters()))
+    reference, _, _ = load_model(path, dequantize=dequantize)
+    apply_plan(reference, plan, storage_dtype=editor.storage_dtype, edited_precision=precision)
+    expected = dict(tree_flatten(reference.parameters()))
+    assert edited.keys() == expected.keys()
+    for key, value in expected.items():  # the same edit as apply_plan, in layers and embedding blocks
+        assert edited[key].dtype == value.dtype and mx.allclose(edited[key], value, atol=1e-6), key
     assert any(k not in edited or not mx.array_equal(before[k], edited[k]) for k in before)
-    snapshot.restore()
+    editor.restore()
     after = dict(tree_flatten(model.parameters()))
     assert after.keys() == before.keys()
     for key, value in before.items():
         assert after[key].dtype == value.dtype and mx.array_equal(after[key], value), key
-    assert {path: type(m) for path, m in model.named_modules()} == types
+    assert {p: type(m) for p, m in model.named_modules()} == types
+
+
+def test_originals_are_kept_compact_when_exact():
+    from mlx_abliteration.core.trial_edit import compact
+
+    exact = mx.array([1.0, -2.5, 0.0]).astype(mx.bfloat16).astype(mx.float32)
+    assert compact(exact, mx.bfloat16).dtype == mx.bfloat16
+    assert compact(mx.array([1.0 + 2**-20]), mx.bfloat16).dtype == mx.float32
 
 
 def test_pareto_front_and_choice():

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .kernels import COMPONENTS, DIRECTION_SCOPES, Kernel, PlanSpec
+from .trial_edit import TrialEditor
 
 OBJECTIVES = ("refusals", "kl")
 WARM_START_ATTR = "warm_start"
@@ -153,24 +154,6 @@ def spec_params(spec: PlanSpec, space: SearchSpace) -> dict:
 # --- scoring ------------------------------------------------------------------
 
 
-class EditSnapshot:
-    """The writer modules and their arrays, to undo ``apply_plan`` exactly (no copies: arrays are immutable)."""
-
-    def __init__(self, model, targets):
-        from .model_edit import WeightSnapshot, writer_modules
-
-        self.model = model
-        # Modules too: --edited-precision replaces quantized writers by dense ones.
-        self.modules = writer_modules(model, targets)
-        self.weights = WeightSnapshot(model, targets)
-
-    def restore(self) -> None:
-        from mlx.utils import tree_unflatten
-
-        self.model.update_modules(tree_unflatten(list(self.modules)))
-        self.weights.restore()
-
-
 @dataclass
 class TrialScore:
     refusals: int
@@ -188,20 +171,18 @@ class TrialScorer:
         self.model, self.tokenizer, self.directions = model, tokenizer, directions
         self.harmful, self.reference = list(harmful), reference
         self.targets, self.norm_preserve = tuple(targets), norm_preserve
-        self.storage_dtype, self.edited_precision = storage_dtype, edited_precision
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self.system_prompt, self.progress = system_prompt, progress
-        self.snapshot = EditSnapshot(model, self.targets)
+        self.editor = TrialEditor(model, self.targets, storage_dtype, edited_precision)
 
     def __call__(self, spec: PlanSpec) -> TrialScore:
         from .evaluate import evaluate_model, kl_from_reference
         from .kernels import kernel_plan
-        from .model_edit import apply_plan
 
         started = time.perf_counter()
         plan = kernel_plan(self.directions, spec, self.targets, self.norm_preserve)
         try:
-            apply_plan(self.model, plan, storage_dtype=self.storage_dtype, edited_precision=self.edited_precision)
+            self.editor.apply(plan)
             report = evaluate_model(
                 self.model, self.tokenizer, self.harmful, [], max_tokens=self.max_tokens, batch_size=self.batch_size,
                 system_prompt=self.system_prompt, progress=self.progress, stop_at_refusal=True,
@@ -209,7 +190,7 @@ class TrialScorer:
             )  # fmt: skip
             kl = kl_from_reference(self.model, self.reference, self.batch_size)
         finally:
-            self.snapshot.restore()
+            self.editor.restore()
         return TrialScore(report.harmful_refusals, report.harmful_total, kl, time.perf_counter() - started, report.generated_tokens)
 
 

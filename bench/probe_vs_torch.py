@@ -141,7 +141,7 @@ def summarize(runs: dict, work: Path, name: str) -> dict:
     }
 
 
-def run(cache_dir: Path, prompts: int = 80, rounds: int = 1, skip_qwen: bool = False) -> dict:
+def run(cache_dir: Path, prompts: int = 80, rounds: int = 1, skip_qwen: bool = False, label: str = "") -> dict:
     work = cache_dir / "bench" / "probe-vs-torch"
     work.mkdir(parents=True, exist_ok=True)
     result = {"machine_before": machine()}
@@ -155,7 +155,7 @@ def run(cache_dir: Path, prompts: int = 80, rounds: int = 1, skip_qwen: bool = F
         qwen["summary"]["mlx_seconds_per_160_prompts"] = round(mlx_seconds * 160 / qwen["summary"]["prompts"], 1)
         result["qwen"] = qwen
     result["machine_after"] = machine()
-    write_result("probe_vs_torch", result)
+    write_result("probe_vs_torch" + (f"_{label}" if label else ""), result)
     return result
 
 
@@ -182,8 +182,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=80, help="prompts per kind (80+80 = Heretic's setting)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of mlx, torch-fp32, torch-bf16 on Qwen (tiny: at least 2)")
     parser.add_argument("--skip-qwen", action="store_true")
+    parser.add_argument("--label", default="", help="results go to bench/results/probe_vs_torch_LABEL.json")
     args = parser.parse_args()
-    print(report(run(args.cache_dir, args.prompts, args.rounds, args.skip_qwen)))
+    print(report(run(args.cache_dir, args.prompts, args.rounds, args.skip_qwen, args.label)))
 
 
 if __name__ == "__main__":

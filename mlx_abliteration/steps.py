@@ -87,7 +87,9 @@ def check_counts(config: AbliterationConfig) -> None:
 
 
 def _eval_batch(config: AbliterationConfig) -> int:
-    return config.batch_size or 16
+    from .defaults import GENERATION_BATCH_SIZE
+
+    return config.batch_size or GENERATION_BATCH_SIZE
 
 
 def evaluate_before(model, tokenizer, data: PromptSets, config: AbliterationConfig, report):

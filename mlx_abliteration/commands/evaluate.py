@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_BATCH_SIZE = 16  # core.generation.DEFAULT_BATCH_SIZE, without importing MLX for --help
+from ..defaults import GENERATION_BATCH_SIZE as DEFAULT_BATCH_SIZE
 HELP = "measure refusals (harmful, harmless) and KL divergence against a baseline"
 DESCRIPTION = (
     "Greedy answers to held-out harmful and harmless prompts through the chat template; a response "

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from .batching import batching_supported, length_sorted_batches, prefill
 
 Progress = Callable[[int, int, str], None]
-DEFAULT_BATCH_SIZE = 16
+from ..defaults import GENERATION_BATCH_SIZE as DEFAULT_BATCH_SIZE
 
 
 def greedy_tokens(

@@ -87,22 +87,26 @@ class TrialEditor:
 
     def _apply_embedding(self, part: AblationPlan) -> None:
         step = max(1, EMBED_BLOCK_ELEMENTS // part.embed_direction.shape[-1])
-        embeds = [m for p, m in writer_modules(self.model, part.targets) if writer_role(p, part.targets) == "embed"]
-        if len(embeds) != 1 or not self._blockwise(embeds[0], step):
+        embeds = [(p, m) for p, m in writer_modules(self.model, part.targets) if writer_role(p, part.targets) == "embed"]
+        if len(embeds) != 1 or not self._blockwise(embeds[0][1], step):
             self._apply(part)
             return
-        module = embeds[0]
-        leaves = {k: v for k, v in module.items() if isinstance(v, mx.array)}
-        blocks: dict[str, list] = {k: [] for k in leaves}
-        for start in range(0, leaves["weight"].shape[0], step):
-            module.update({k: v[start : start + step] for k, v in leaves.items()})
+        path, module = embeds[0]
+        # Blocks are cut from the kept originals, so the module's full-size
+        # array is released at the first block; each edited block is written
+        # into one output array (in place: MLX donates the buffer).
+        originals = {name[len(path) + 1 :]: (dtype, kept) for p, name, dtype, kept in self.originals if p == path}
+        rows = module["weight"].shape[0]
+        out: dict[str, mx.array] = {}
+        for start in range(0, rows, step):
+            module.update(tree_unflatten([(k, kept[start : start + step].astype(dtype)) for k, (dtype, kept) in originals.items()]))
             self._apply(part)
-            for k in blocks:
-                blocks[k].append(module[k])
-            mx.eval([module[k] for k in blocks])
-        del leaves  # the float32 original goes before the blocks are joined
-        module.update({k: mx.concatenate(v) for k, v in blocks.items()})
-        mx.eval([module[k] for k in blocks])
+            for k in originals:
+                if k not in out:
+                    out[k] = mx.zeros((rows, *module[k].shape[1:]), module[k].dtype)
+                out[k][start : start + step] = module[k]
+            mx.eval(list(out.values()))
+        module.update(tree_unflatten(list(out.items())))
 
     def _blockwise(self, module, step: int) -> bool:
         # A packed embedding stored dense (--edited-precision) is replaced by a new module: edit it whole.

@@ -182,9 +182,10 @@ def _search(study, model, tokenizer, source, data, directions, config, settings,
     )  # fmt: skip
 
     def on_trial(row: TrialRow, done: int) -> None:
+        phases = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in row.timings.items())
         report.emit(
             "info", f"trial {row.number} ({done}/{settings.n_trials}): refusals {row.refusals}/{row.total}, "
-            f"KL {row.kl:.4f}, {row.seconds:.1f}s", trial=row.to_dict(),
+            f"KL {row.kl:.4f}, {row.seconds:.1f}s ({phases})", trial=row.to_dict(),
         )  # fmt: skip
         report.progress(done, settings.n_trials, "trials")
 

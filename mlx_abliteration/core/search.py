@@ -161,6 +161,7 @@ class TrialScore:
     kl: float
     seconds: float
     generated_tokens: int
+    timings: dict = field(default_factory=dict)  # seconds per phase: apply, kl, generate, restore
 
 
 class TrialScorer:
@@ -179,19 +180,38 @@ class TrialScorer:
         from .evaluate import evaluate_model, kl_from_reference
         from .kernels import kernel_plan
 
-        started = time.perf_counter()
+        clock = _Clock()
         plan = kernel_plan(self.directions, spec, self.targets, self.norm_preserve)
         try:
             self.editor.apply(plan)
+            clock.lap("apply")
+            kl = kl_from_reference(self.model, self.reference, self.batch_size)
+            clock.lap("kl")
             report = evaluate_model(
                 self.model, self.tokenizer, self.harmful, [], max_tokens=self.max_tokens, batch_size=self.batch_size,
                 system_prompt=self.system_prompt, progress=self.progress, stop_at_refusal=True,
                 count_harmless_refusals=False,
             )  # fmt: skip
-            kl = kl_from_reference(self.model, self.reference, self.batch_size)
+            clock.lap("generate")
         finally:
             self.editor.restore()
-        return TrialScore(report.harmful_refusals, report.harmful_total, kl, time.perf_counter() - started, report.generated_tokens)
+            clock.lap("restore")
+        return TrialScore(report.harmful_refusals, report.harmful_total, kl, clock.total, report.generated_tokens, clock.laps)
+
+
+class _Clock:
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self.last
+        self.last = now
+
+    @property
+    def total(self) -> float:
+        return self.last - self.start
 
 
 # --- the study ----------------------------------------------------------------
@@ -260,6 +280,7 @@ class TrialRow:
     seconds: float
     spec: PlanSpec
     warm_start: bool = False
+    timings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "spec": self.spec.to_dict()}
@@ -270,6 +291,7 @@ def trial_row(trial) -> TrialRow:
     return TrialRow(
         trial.number, int(trial.values[0]), int(attrs.get("total", 0)), float(trial.values[1]),
         float(attrs.get("seconds", 0.0)), PlanSpec.from_dict(attrs[SPEC_ATTR]), bool(attrs.get(WARM_START_ATTR)),
+        dict(attrs.get("timings", {})),
     )  # fmt: skip
 
 
@@ -297,7 +319,8 @@ def optimize(
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
             raise
-        for key, value in (("total", result.total), ("seconds", result.seconds), ("generated_tokens", result.generated_tokens), (SPEC_ATTR, spec.to_dict())):
+        attrs = {"total": result.total, "seconds": result.seconds, "generated_tokens": result.generated_tokens, "timings": result.timings, SPEC_ATTR: spec.to_dict()}
+        for key, value in attrs.items():
             trial.set_user_attr(key, value)
         frozen = study.tell(trial, [result.refusals, result.kl])
         if on_trial is not None:

@@ -31,6 +31,7 @@ from .core.search import (
     choose_trial,
     complete_trials,
     ensure_warm_start,
+    fail_stale_trials,
     find_trial,
     open_study,
     optimize,
@@ -140,6 +141,9 @@ def _open(source: Path, config: AbliterationConfig, settings: SearchSettings, re
     study = open_study(path, name, seed, settings.n_startup_trials)
     if "identity" not in study.user_attrs:
         study.set_user_attr("identity", identity)
+    stale = fail_stale_trials(study)
+    if stale:
+        report.emit("info", f"{stale} trial(s) of a killed run marked failed")
     done = len(complete_trials(study))
     if settings.trial is not None and not done:
         raise UserError(f"study {name} has no finished trials in {path}; run the search first (same settings, without --trial)")

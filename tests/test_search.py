@@ -160,6 +160,22 @@ def test_interrupt_keeps_finished_trials(tmp_path):
     assert len(complete_trials(study)) == 4
 
 
+def test_trials_of_a_killed_run_are_marked_failed(tmp_path):
+    import subprocess
+    import sys
+
+    from optuna.trial import TrialState
+
+    from mlx_abliteration.core.search import OWNER_ATTR, _owner, fail_stale_trials
+
+    study = open_study(tmp_path / "s.journal", "s", seed=1, n_startup_trials=2)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    for pid in (int(dead), _owner()["pid"]):
+        study.ask().set_user_attr(OWNER_ATTR, {**_owner(), "pid": pid})
+    assert fail_stale_trials(study) == 1
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.RUNNING]
+
+
 def _trials(outcome):
     return [(r.number, r.refusals, r.kl, r.spec) for r in outcome.study.rows]
 

@@ -44,6 +44,7 @@ from .trial_edit import TrialEditor
 OBJECTIVES = ("refusals", "kl")
 WARM_START_ATTR = "warm_start"
 SPEC_ATTR = "plan_spec"
+OWNER_ATTR = "owner"  # host and pid of the process running a trial
 
 
 @dataclass
@@ -258,6 +259,41 @@ def complete_trials(study) -> list:
     return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
 
 
+def _owner() -> dict:
+    import os
+    import socket
+
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def fail_stale_trials(study) -> int:
+    """Mark failed the trials left running by a killed process on this host (so they neither count nor bias sampling)."""
+    import os
+
+    from optuna.trial import TrialState
+
+    host = _owner()["host"]
+    stale = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get(OWNER_ATTR) or {}
+        if owner.get("host") == host and owner.get("pid") != os.getpid() and not _alive(owner.get("pid")):
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            stale += 1
+    return stale
+
+
+def _alive(pid) -> bool:
+    import os
+
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def ensure_warm_start(study, spec: PlanSpec, space: SearchSpace) -> bool:
     """Enqueue the fixed default plan unless the study already has (or waits for) it."""
     from optuna.trial import TrialState
@@ -310,6 +346,7 @@ def optimize(
 
     while (done := len(complete_trials(study))) < n_trials:
         trial = study.ask()
+        trial.set_user_attr(OWNER_ATTR, _owner())
         try:
             spec = suggest_spec(trial, space)
             result = score(spec)

@@ -167,8 +167,6 @@ def _directions(model, tokenizer, data, config, source, cache: Path, report):
 
 
 def _search(study, model, tokenizer, source, data, directions, config, settings, report) -> tuple[str, bool]:
-    from .core.evaluate import reference_logprobs
-
     space, warm = _space(study, model, tokenizer, directions, data, config, settings, source, report)
     if warm is not None and ensure_warm_start(study, warm, space):
         report.emit("info", f"trial queued: the fixed default plan (layer {warm.direction_index:g}, strength {warm.attn.max_weight:g})")
@@ -177,12 +175,11 @@ def _search(study, model, tokenizer, source, data, directions, config, settings,
     report.emit("info", f"scoring trials on {len(harmful)}+{len(harmless)} {scored_on} prompts")
     # One batch for all prompts unless --batch-size says otherwise: decoding on
     # the CPU is bound by reading the weights, once per step however many rows.
-    batch = config.batch_size or max(len(harmful), len(harmless))
-    reference = reference_logprobs(model, tokenizer, harmless, kl_tokens=config.kl_tokens, batch_size=batch, system_prompt=config.system_prompt)
     scorer = TrialScorer(
-        model, tokenizer, directions, harmful, reference, targets=config.targets, norm_preserve=config.norm_preserve,
+        model, tokenizer, directions, harmful, harmless, targets=config.targets, norm_preserve=config.norm_preserve,
         storage_dtype=steps.storage_dtype(source), edited_precision=config.edited_precision,
-        max_tokens=settings.search_max_tokens, batch_size=batch, system_prompt=config.system_prompt,
+        max_tokens=settings.search_max_tokens, batch_size=config.batch_size, system_prompt=config.system_prompt,
+        kl_tokens=config.kl_tokens,
     )  # fmt: skip
 
     def on_trial(row: TrialRow, done: int) -> None:

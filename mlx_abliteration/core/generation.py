@@ -25,12 +25,14 @@ def greedy_tokens(
     stop_when: Callable[[list[int]], bool] | None = None,
     progress: Progress | None = None,
     what: str = "generating",
+    prefill_fn: Callable | None = None,
 ) -> list[list[int]]:
     """Greedy continuations in input order, each ending with its EOS token if one was generated.
 
     ``stop_when(tokens)`` is called after every new token of a row; when it
     returns True the row stops there. ``progress(done, total, what)`` is
-    called whenever rows finish.
+    called whenever rows finish. ``prefill_fn`` replaces ``batching.prefill``
+    (same contract; the search passes ``prefix_batch.shared_prefill``).
     """
     if not batching_supported(model):
         batch_size = 1
@@ -46,20 +48,20 @@ def greedy_tokens(
     outputs: list[list[int]] = [[] for _ in token_lists]
     lengths = [len(t) for t in token_lists]
     for indices in length_sorted_batches(total, lengths, max(1, batch_size)):
-        batch = _decode_batch(model, [token_lists[i] for i in indices], max_tokens, eos_token_ids, stop_when, finished)
+        batch = _decode_batch(model, [token_lists[i] for i in indices], max_tokens, eos_token_ids, stop_when, finished, prefill_fn or prefill)
         for i, tokens in zip(indices, batch):
             outputs[i] = tokens
     return outputs
 
 
-def _decode_batch(model, prompts, max_tokens, eos_token_ids, stop_when, finished) -> list[list[int]]:
+def _decode_batch(model, prompts, max_tokens, eos_token_ids, stop_when, finished, prefill_fn=prefill) -> list[list[int]]:
     import mlx.core as mx
 
     outputs: list[list[int]] = [[] for _ in prompts]
     if max_tokens <= 0:
         finished(len(prompts))
         return outputs
-    logits, cache = prefill(model, prompts)
+    logits, cache = prefill_fn(model, prompts)
     active = list(range(len(prompts)))  # batch row -> index into prompts
     for step in range(max_tokens):
         next_tokens = mx.argmax(logits[:, -1, :], axis=-1)

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .kernels import COMPONENTS, DIRECTION_SCOPES, Kernel, PlanSpec
+from .evaluate import ReferenceLogprobs
 from .trial_edit import TrialEditor
 
 OBJECTIVES = ("refusals", "kl")
@@ -166,19 +167,33 @@ class TrialScore:
 
 
 class TrialScorer:
-    """apply spec -> count refusals, measure KL -> revert; one instance per loaded model."""
+    """apply spec -> measure KL, count refusals -> revert; one instance per loaded model.
 
-    def __init__(self, model, tokenizer, directions, harmful: Sequence[str], reference, *, targets, norm_preserve=False,
-                 storage_dtype=None, edited_precision=None, max_tokens=48, batch_size=16, system_prompt=None, progress=None):  # fmt: skip
+    Prefill runs the prompts' shared template prefix once (``prefix_batch``);
+    the reference log-probs of the unedited model are taken the same way.
+    """
+
+    def __init__(self, model, tokenizer, directions, harmful: Sequence[str], harmless: Sequence[str], *, targets,
+                 norm_preserve=False, storage_dtype=None, edited_precision=None, max_tokens=32, batch_size=None,
+                 system_prompt=None, kl_tokens=1, progress=None):  # fmt: skip
+        from .chat import encode_chats
+        from .evaluate import reference_logprobs
+        from .prefix_batch import shared_first_token_logprobs
+
         self.model, self.tokenizer, self.directions = model, tokenizer, directions
-        self.harmful, self.reference = list(harmful), reference
         self.targets, self.norm_preserve = tuple(targets), norm_preserve
-        self.max_tokens, self.batch_size = max_tokens, batch_size
-        self.system_prompt, self.progress = system_prompt, progress
+        self.max_tokens, self.progress = max_tokens, progress
+        self.harmful_ids = encode_chats(tokenizer, harmful, system_prompt)
+        self.harmless_ids = encode_chats(tokenizer, harmless, system_prompt)
+        self.batch_size = batch_size or max(len(self.harmful_ids), len(self.harmless_ids), 1)
+        self.eos = frozenset(tokenizer.eos_token_ids)
+        if kl_tokens == 1:
+            self.reference = shared_first_token_logprobs(model, self.harmless_ids, self.batch_size)
+        else:
+            self.reference = reference_logprobs(model, tokenizer, harmless, kl_tokens=kl_tokens, batch_size=self.batch_size, system_prompt=system_prompt)
         self.editor = TrialEditor(model, self.targets, storage_dtype, edited_precision)
 
     def __call__(self, spec: PlanSpec) -> TrialScore:
-        from .evaluate import evaluate_model, kl_from_reference
         from .kernels import kernel_plan
 
         clock = _Clock()
@@ -186,18 +201,36 @@ class TrialScorer:
         try:
             self.editor.apply(plan)
             clock.lap("apply")
-            kl = kl_from_reference(self.model, self.reference, self.batch_size)
+            kl = self._kl()
             clock.lap("kl")
-            report = evaluate_model(
-                self.model, self.tokenizer, self.harmful, [], max_tokens=self.max_tokens, batch_size=self.batch_size,
-                system_prompt=self.system_prompt, progress=self.progress, stop_at_refusal=True,
-                count_harmless_refusals=False,
-            )  # fmt: skip
+            refusals, tokens = self._refusals()
             clock.lap("generate")
         finally:
             self.editor.restore()
             clock.lap("restore")
-        return TrialScore(report.harmful_refusals, report.harmful_total, kl, clock.total, report.generated_tokens, clock.laps)
+        return TrialScore(refusals, len(self.harmful_ids), kl, clock.total, tokens, clock.laps)
+
+    def _kl(self) -> float:
+        from .evaluate import kl_divergence, kl_from_reference
+        from .prefix_batch import shared_first_token_logprobs
+
+        if isinstance(self.reference, ReferenceLogprobs):
+            return kl_from_reference(self.model, self.reference, self.batch_size)
+        return kl_divergence(self.reference, shared_first_token_logprobs(self.model, self.harmless_ids, self.batch_size))
+
+    def _refusals(self) -> tuple[int, int]:
+        from .evaluate import contains_refusal_marker, is_refusal
+        from .generation import greedy_tokens, strip_eos
+        from .prefix_batch import shared_prefill
+
+        def text(tokens: list[int]) -> str:
+            return self.tokenizer.decode(strip_eos(tokens, self.eos))
+
+        outputs = greedy_tokens(
+            self.model, self.harmful_ids, self.max_tokens, self.batch_size, self.eos,
+            lambda tokens: contains_refusal_marker(text(tokens)), self.progress, "harmful", prefill_fn=shared_prefill,
+        )  # fmt: skip
+        return sum(is_refusal(text(t)) for t in outputs), sum(len(t) for t in outputs)
 
 
 class _Clock:

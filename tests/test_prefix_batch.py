@@ -1,0 +1,39 @@
+"""Shared-prefix prefill: the same next-token distributions and greedy answers as the plain batched prefill."""
+
+import mlx.core as mx
+import pytest
+
+import mlx_abliteration.core.prefix_batch as prefix_batch
+from mlx_abliteration.core.chat import encode_chats
+from mlx_abliteration.core.generation import first_token_logprobs, greedy_tokens
+from mlx_abliteration.core.model_io import load_model
+from mlx_abliteration.core.prefix_batch import shared_first_token_logprobs, shared_prefill, shared_prefix_length
+
+PROMPTS = [f"How do I bake bread recipe number {i}" + " please" * (i % 5) for i in range(9)]
+
+
+def test_shared_prefix_leaves_a_token_per_prompt():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3, 4, 7]]) == 3
+    assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1
+    assert shared_prefix_length([[1, 2], [2, 2]]) == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_same_logprobs_and_greedy_answers_as_plain_prefill(tiny_model, arch, monkeypatch):
+    model, tokenizer, _ = load_model(tiny_model(arch=arch))
+    ids = encode_chats(tokenizer, PROMPTS, None)
+    assert shared_prefix_length(ids) > 10
+    vocab = model(mx.array([ids[0]])).shape[-1]
+    monkeypatch.setattr(prefix_batch, "LOGITS_BUDGET", 6 * vocab)  # several length chunks
+    assert mx.allclose(shared_first_token_logprobs(model, ids), first_token_logprobs(model, ids, 16), atol=1e-4)
+    eos = frozenset(tokenizer.eos_token_ids)
+    plain = greedy_tokens(model, ids, 10, 16, eos)
+    assert greedy_tokens(model, ids, 10, 16, eos, prefill_fn=shared_prefill) == plain
+
+
+def test_prompts_without_a_common_prefix_use_the_plain_prefill(tiny_model):
+    model, _, _ = load_model(tiny_model())
+    ids = [[5, 6, 7], [8, 9]]
+    logits, cache = shared_prefill(model, ids)
+    assert logits.shape[:2] == (2, 1) and cache is not None
+    assert mx.allclose(shared_first_token_logprobs(model, ids), first_token_logprobs(model, ids), atol=1e-5)

@@ -23,6 +23,7 @@ from . import steps
 from .core.ablate import check_strength
 from .core.kernels import PlanSpec, kernel_plan, uniform_spec
 from .core.search import (
+    SPACE_VERSION,
     SearchSettings,
     SearchSpace,
     StudySummary,
@@ -30,7 +31,7 @@ from .core.search import (
     TrialScorer,
     choose_trial,
     complete_trials,
-    ensure_warm_start,
+    ensure_warm_starts,
     fail_stale_trials,
     find_trial,
     open_study,
@@ -45,6 +46,8 @@ from .pipeline import PipelineResult, _Reporter
 
 # Settings that never change a trial's score (so they do not start a new study).
 _UNSCORED = ("output_dir", "overwrite", "dry_run", "no_eval", "cache_dir", "eval_max_tokens")
+# Settings that shape or score the edit but not the probing (directions are shared across them).
+_EDIT_ONLY = ("use_layer", "ablation_strength", "ablate_layers", "targets", "norm_preserve", "edited_precision", "kl_tokens")
 
 
 @dataclass
@@ -76,7 +79,8 @@ def run_search(
     study, storage_path = _open(source, config, settings, report)
     model, tokenizer, model_config = steps.load(source, report, config)
     data = steps.prompts(config, report)
-    directions = _directions(model, tokenizer, data, config, source, storage_path.with_suffix(".directions.safetensors"), report)
+    cache = storage_path.parent / f"{Path(source).name}-{study_key(probe_identity(source, config))}.directions.safetensors"
+    directions = _directions(model, tokenizer, data, config, source, cache, report)
     scored_on, interrupted = study.user_attrs.get("scored_on", ""), False
     if settings.trial is None:
         scored_on, interrupted = _search(study, model, tokenizer, source, data, directions, config, settings, report)
@@ -113,11 +117,18 @@ def run_with_plan(config: AbliterationConfig, spec: PlanSpec, on_event=None, can
 # --- study ------------------------------------------------------------------
 
 
+def probe_identity(source: Path, config: AbliterationConfig) -> dict:
+    """Everything the directions depend on (every setting but those that only shape or score the edit)."""
+    probed = {k: v for k, v in config.to_dict().items() if k not in _UNSCORED + _EDIT_ONLY}
+    return {"source": str(Path(source).resolve()), "config": probed}
+
+
 def study_identity(source: Path, config: AbliterationConfig, settings: SearchSettings) -> dict:
     scored = {k: v for k, v in config.to_dict().items() if k not in _UNSCORED}
     return {
         "source": str(Path(source).resolve()),
         "config": scored,
+        "space_version": SPACE_VERSION,
         "search_prompts": settings.search_prompts,
         "search_max_tokens": settings.search_max_tokens,
         "warm_start": settings.warm_start,
@@ -153,7 +164,8 @@ def _open(source: Path, config: AbliterationConfig, settings: SearchSettings, re
 
 
 def _directions(model, tokenizer, data, config, source, cache: Path, report):
-    """Probe once per study: a resumed study (or --trial) reads the directions it was scored with."""
+    """Probe once per model and probing settings: a resumed study (or --trial, or a study with other
+    search settings) reads the directions instead of probing again."""
     from .core.directions import load_directions, save_directions
 
     if cache.is_file():
@@ -168,16 +180,16 @@ def _directions(model, tokenizer, data, config, source, cache: Path, report):
 
 def _search(study, model, tokenizer, source, data, directions, config, settings, report) -> tuple[str, bool]:
     space, warm = _space(study, model, tokenizer, directions, data, config, settings, source, report)
-    if warm is not None and ensure_warm_start(study, warm, space):
-        report.emit("info", f"trial queued: the fixed default plan (layer {warm.direction_index:g}, strength {warm.attn.max_weight:g})")
+    for label in ensure_warm_starts(study, warm, space):
+        spec = warm[label]
+        report.emit("info", f"trial queued: {label} (layer {spec.direction_index:g}, strength {spec.attn.max_weight:g} on every writer)")
     harmful, harmless, scored_on = search_prompt_sets(config, settings.search_prompts)
     study.set_user_attr("scored_on", scored_on)
     report.emit("info", f"scoring trials on {len(harmful)}+{len(harmless)} {scored_on} prompts")
     # One batch for all prompts unless --batch-size says otherwise: decoding on
     # the CPU is bound by reading the weights, once per step however many rows.
     scorer = TrialScorer(
-        model, tokenizer, directions, harmful, harmless, targets=config.targets, norm_preserve=config.norm_preserve,
-        storage_dtype=steps.storage_dtype(source), edited_precision=config.edited_precision,
+        model, tokenizer, directions, harmful, harmless, targets=config.targets, storage_dtype=steps.storage_dtype(source), edited_precision=config.edited_precision,
         max_tokens=settings.search_max_tokens, batch_size=config.batch_size, system_prompt=config.system_prompt,
         kl_tokens=config.kl_tokens,
     )  # fmt: skip
@@ -196,19 +208,23 @@ def _search(study, model, tokenizer, source, data, directions, config, settings,
     return scored_on, interrupted
 
 
-def _space(study, model, tokenizer, directions, data, config, settings, source, report) -> tuple[SearchSpace, PlanSpec | None]:
-    """The study's search space and warm-start spec, decided once and stored with the study."""
+def _space(study, model, tokenizer, directions, data, config, settings, source, report) -> tuple[SearchSpace, dict[str, PlanSpec]]:
+    """The study's search space and warm-start specs, decided once and stored with the study."""
     if "space" in study.user_attrs:
-        warm = study.user_attrs.get("warm_spec")
-        return SearchSpace.from_dict(study.user_attrs["space"]), PlanSpec.from_dict(warm) if warm else None
-    warm = None
+        warm = {label: PlanSpec.from_dict(spec) for label, spec in (study.user_attrs.get("warm_specs") or {}).items()}
+        return SearchSpace.from_dict(study.user_attrs["space"]), warm
     edit_embedding = any(WRITER_ROLES.get(t) == "embed" for t in config.targets)
+    warm = {}
     if settings.warm_start and str(config.ablate_layers).strip().lower() == "all":
         layer, _ = steps.choose_layer(model, tokenizer, directions, data, config, source, report)
-        warm = uniform_spec(layer, directions.num_model_layers, check_strength(config.ablation_strength), embed=edit_embedding)
-    space = search_space(directions.num_model_layers, directions.layers, edit_embedding, warm)
+        strength = check_strength(config.ablation_strength)
+        variants = [("fixed default", config.norm_preserve)]
+        if not config.norm_preserve:
+            variants.append(("fixed default, --norm-preserve", True))
+        warm = {label: uniform_spec(layer, directions.num_model_layers, strength, edit_embedding, np) for label, np in variants}
+    space = search_space(directions.num_model_layers, directions.layers, edit_embedding, list(warm.values()), config.norm_preserve)
     study.set_user_attr("space", space.to_dict())
-    study.set_user_attr("warm_spec", warm.to_dict() if warm else None)
+    study.set_user_attr("warm_specs", {label: spec.to_dict() for label, spec in warm.items()})
     return space, warm
 
 
@@ -233,7 +249,7 @@ def search_prompt_sets(config: AbliterationConfig, size: int) -> tuple[list[str]
 
 
 def _evaluate_and_save(model, tokenizer, source, model_config, data, directions, spec, config, report, started, extra):
-    plan = kernel_plan(directions, spec, config.targets, config.norm_preserve)
+    plan = kernel_plan(directions, spec, config.targets)
     layer = min(directions.layers, key=lambda p: (abs(p - spec.direction_index), p))
     reference, before = steps.evaluate_before(model, tokenizer, data, config, report)
     after = steps.evaluate_after(model, tokenizer, plan, data, reference, config, source, report)

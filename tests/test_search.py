@@ -58,7 +58,7 @@ def _directions(num_layers=4, hidden=64, seed=0) -> RefusalDirections:
     return RefusalDirections(list(range(num_layers)), rows, [], "mean-diff", num_layers)
 
 
-SPEC = PlanSpec("per-layer", 1.4, Kernel(1.2, 2.0, 0.3, 1.5), Kernel(0.9, 1.0, 0.9, 3.0), 0.7)
+SPEC = PlanSpec("per-layer", 1.4, Kernel(1.2, 2.0, 0.3, 1.5), Kernel(0.9, 1.0, 0.9, 3.0), 0.7, norm_preserve=True)
 
 
 def test_kernel_falls_linearly_to_min_and_is_zero_beyond():
@@ -68,9 +68,9 @@ def test_kernel_falls_linearly_to_min_and_is_zero_beyond():
 
 def test_uniform_spec_is_the_fixed_plan():
     directions = _directions()
-    fixed = uniform_plan(directions.direction(2), 4, 1.0)
-    plan = kernel_plan(directions, uniform_spec(2, 4, 1.0))
-    assert plan.strengths == fixed.strengths
+    fixed = uniform_plan(directions.direction(2), 4, 1.0, norm_preserve=True)
+    plan = kernel_plan(directions, uniform_spec(2, 4, 1.0, norm_preserve=True))
+    assert plan.strengths == fixed.strengths and plan.norm_preserve
     assert mx.array_equal(plan.layer_directions, fixed.layer_directions) and mx.array_equal(plan.embed_direction, fixed.embed_direction)
 
 
@@ -184,8 +184,9 @@ def test_search_persists_resumes_and_same_seed_gives_same_trials(tiny_model, dat
     model = tiny_model()
     first = run_search(_config(model, datasets), _settings(tmp_path, n_trials=2))
     assert len(first.study.rows) == 2 and first.scored_on == "search-split"
-    warm = first.study.rows[0]
-    assert warm.warm_start and warm.spec == uniform_spec(warm.spec.direction_index, 4, 1.0)
+    default, mpoa = first.study.rows
+    assert default.warm_start == "fixed default" and default.spec == uniform_spec(default.spec.direction_index, 4, 1.0)
+    assert mpoa.spec == uniform_spec(default.spec.direction_index, 4, 1.0, norm_preserve=True)
     events = []
     resumed = run_search(_config(model, datasets), _settings(tmp_path, n_trials=4), events.append)
     assert resumed.study.name == first.study.name and len(resumed.study.rows) == 4

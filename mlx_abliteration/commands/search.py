@@ -16,10 +16,11 @@ DESCRIPTION = (
     "prompts disjoint from both the probing and the held-out evaluation prompts. The study is stored on disk: "
     "rerunning the same command continues it (Ctrl-C keeps finished trials). The Pareto front is printed; with "
     "-o, the trial with the fewest refusals among those with KL <= --max-kl is evaluated on the held-out split "
-    "and saved (or the trial given by --trial). Search space: direction_scope global|per-layer; "
-    "direction_index 0.2..0.9 of depth; max_weight 0.5..1.5; max_weight_position 0.25..1 of depth; "
-    "min_weight 0..1 x max_weight; min_weight_distance 1..L-1 layers; embed_weight 0..1. Trial 0 is the "
-    "fixed default plan of `run`."
+    "and saved (or the trial given by --trial). Search space (L layers): direction_scope global|per-layer; "
+    "direction_index 0.3..0.8 of depth (float, interpolated); per component (attn out, mlp out): max_weight "
+    "0.8..1.5 at max_weight_position 0.3..0.9 of depth, falling linearly to min_weight (0..1 x max_weight) at "
+    "min_weight_distance 0.2..1 x (L-1) layers, 0 beyond; embed_weight 0..1; norm_preserve false|true. "
+    "Trials 0 and 1 are the fixed plan of `run` (its auto layer, strength 1) without and with --norm-preserve."
 )
 
 
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_search_options(parser: argparse.ArgumentParser) -> None:
-    from ..core.search import SearchSettings
+    from ..defaults import SearchSettings
 
     d = SearchSettings()
     g = parser.add_argument_group("search")
@@ -53,7 +54,7 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace):
     from dataclasses import fields
 
-    from ..core.search import SearchSettings
+    from ..defaults import SearchSettings
 
     return SearchSettings(**{f.name: getattr(args, f.name) for f in fields(SearchSettings) if hasattr(args, f.name)})
 

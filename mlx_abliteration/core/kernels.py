@@ -62,6 +62,7 @@ class PlanSpec:
     attn: Kernel
     mlp: Kernel
     embed_weight: float = 0.0
+    norm_preserve: bool = False  # magnitude-preserving ablation (MPOA-style), as `run --norm-preserve`
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +76,7 @@ class PlanSpec:
                 attn=Kernel(**{k: float(v) for k, v in data["attn"].items()}),
                 mlp=Kernel(**{k: float(v) for k, v in data["mlp"].items()}),
                 embed_weight=float(data.get("embed_weight", 0.0)),
+                norm_preserve=_flag(data.get("norm_preserve", False)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise UserError(f"not a plan spec ({type(err).__name__}: {err}); expected the keys of PlanSpec.to_dict()") from None
@@ -93,19 +95,20 @@ class PlanSpec:
             raise UserError("embed_weight must be >= 0")
 
 
-def uniform_spec(layer: float, num_layers: int, strength: float = 1.0, embed: bool = True) -> PlanSpec:
+def _flag(value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"norm_preserve must be true or false, not {value!r}")
+    return value
+
+
+def uniform_spec(layer: float, num_layers: int, strength: float = 1.0, embed: bool = True, norm_preserve: bool = False) -> PlanSpec:
     """The spec of the fixed plan: one direction, ``strength`` on every layer (and the embedding)."""
     center = (num_layers - 1) / 2
     kernel = Kernel(strength, center, strength, max(float(num_layers - 1), 1.0))
-    return PlanSpec("global", float(layer), kernel, kernel, strength if embed else 0.0)
+    return PlanSpec("global", float(layer), kernel, kernel, strength if embed else 0.0, norm_preserve)
 
 
-def kernel_plan(
-    directions: RefusalDirections,
-    spec: PlanSpec,
-    targets=DEFAULT_TARGETS,
-    norm_preserve: bool = False,
-) -> AblationPlan:
+def kernel_plan(directions: RefusalDirections, spec: PlanSpec, targets=DEFAULT_TARGETS) -> AblationPlan:
     """The ``AblationPlan`` that ``spec`` describes for the model ``directions`` were probed on."""
     spec.validate()
     num_layers = directions.num_model_layers
@@ -119,7 +122,7 @@ def kernel_plan(
         embed_direction=embed_direction,
         strengths={"attn": spec.attn.weights(num_layers), "mlp": spec.mlp.weights(num_layers), "embed": [spec.embed_weight]},
         targets=tuple(targets),
-        norm_preserve=norm_preserve,
+        norm_preserve=spec.norm_preserve,
     )
 
 

@@ -7,19 +7,26 @@ edited) on harmless prompts, and reverts the edit exactly. Both objectives
 are minimized; the study lives in a journal file, so a rerun continues it.
 
 Search space (L = number of layers; ranges widen to include the warm-start
-trial, the fixed default plan, if it lies outside):
+trials if they lie outside). Centred on what is known to work: full-depth
+ablation from a direction in the middle of the network (Arditi et al.: below
+0.8·L), with room to taper it (Heretic-style kernels), to leave the embedding
+alone, and to preserve norms (grimjim's MPOA):
 
 ==============================  ===========================================
 parameter                       range
 ==============================  ===========================================
 direction_scope                 global | per-layer
-direction_index                 0.2·(L−1) .. 0.9·(L−1), float (interpolated)
-{attn,mlp}.max_weight           0.5 .. 1.5
-{attn,mlp}.max_weight_position  0.25·(L−1) .. L−1
+direction_index                 0.3·(L−1) .. 0.8·(L−1), float (interpolated)
+{attn,mlp}.max_weight           0.8 .. 1.5
+{attn,mlp}.max_weight_position  0.3·(L−1) .. 0.9·(L−1)
 {attn,mlp}.min_weight_fraction  0 .. 1   (min_weight = fraction · max_weight)
-{attn,mlp}.min_weight_distance  1 .. L−1
+{attn,mlp}.min_weight_distance  0.2·(L−1) .. L−1
 embed_weight                    0 .. 1   (only when the embedding is a target)
+norm_preserve                   false | true   (only true with --norm-preserve)
 ==============================  ===========================================
+
+Warm start: trial 0 is the fixed plan of ``run`` (its layer, strength 1 on
+every writer), trial 1 the same with ``--norm-preserve``.
 
 Sampler: multi-objective TPE (``multivariate=True``, seeded). With the small
 budgets a CPU affords (tens of trials), NSGA-II would not finish a single
@@ -37,6 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..defaults import SearchSettings  # noqa: F401  (re-exported: search settings live with the defaults)
 from ..errors import UserError
 from .kernels import COMPONENTS, DIRECTION_SCOPES, Kernel, PlanSpec
 from .evaluate import ReferenceLogprobs
@@ -44,36 +52,9 @@ from .trial_edit import TrialEditor
 
 OBJECTIVES = ("refusals", "kl")
 WARM_START_ATTR = "warm_start"
+SPACE_VERSION = 2  # part of a study's identity: a changed space starts a new study
 SPEC_ATTR = "plan_spec"
 OWNER_ATTR = "owner"  # host and pid of the process running a trial
-
-
-@dataclass
-class SearchSettings:
-    """Settings of ``mlx-abliterate search`` beyond the pipeline's (defaults live here)."""
-
-    n_trials: int = 24  # total complete trials in the study; a rerun runs only the missing ones
-    n_startup_trials: int = 8  # random trials before TPE models the results
-    max_kl: float = 0.1  # the saved trial: fewest refusals among trials with KL <= this
-    search_prompts: int = 32  # prompts per kind scoring each trial (disjoint from probing and held-out eval)
-    search_max_tokens: int = 32  # tokens generated per harmful prompt in a trial (stops at a refusal)
-    search_seed: int | None = None  # None: the pipeline's --seed
-    study_dir: str | None = None  # None: <cache dir>/studies
-    study_name: str | None = None  # None: derived from the model and every setting that changes the scores
-    trial: int | None = None  # save this finished trial instead of running more
-    warm_start: bool = True  # trial 0 is the fixed default plan of `run`
-
-    def check(self) -> None:
-        for name in ("n_trials", "search_prompts", "search_max_tokens"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if self.n_startup_trials < 0:
-            raise UserError(f"--n-startup-trials must be >= 0 (got {self.n_startup_trials})")
-        if not self.max_kl > 0:
-            raise UserError(f"--max-kl must be > 0 (got {self.max_kl})")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # --- search space ----------------------------------------------------------
@@ -88,6 +69,7 @@ class SearchSpace:
     max_weight_position: tuple[float, float]
     min_weight_distance: tuple[float, float]
     embed_weight: tuple[float, float] | None  # None: the embedding is not edited
+    norm_preserve: tuple[bool, ...] = (False, True)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,14 +79,21 @@ class SearchSpace:
         return cls(**{k: (tuple(v) if v is not None else None) for k, v in data.items()})
 
 
-def search_space(num_layers: int, probed_layers: Sequence[int], edit_embedding: bool, warm: PlanSpec | None = None) -> SearchSpace:
+def search_space(
+    num_layers: int, probed_layers: Sequence[int], edit_embedding: bool, warm: Sequence[PlanSpec] = (), norm_preserve: bool = False
+) -> SearchSpace:
     last = float(max(num_layers - 1, 1))
     lo, hi = float(min(probed_layers)), float(max(probed_layers))
-    index = (max(lo, 0.2 * last), min(hi, 0.9 * last))
+    index = (max(lo, 0.3 * last), min(hi, 0.8 * last))
     if index[0] > index[1]:  # too few probed layers for the usual band: any probed layer
         index = (lo, hi)
-    space = SearchSpace(index, (0.5, 1.5), (0.25 * last, last), (1.0, last), (0.0, 1.0) if edit_embedding else None)
-    return _widened(space, warm) if warm is not None else space
+    space = SearchSpace(
+        index, (0.8, 1.5), (0.3 * last, 0.9 * last), (0.2 * last, last), (0.0, 1.0) if edit_embedding else None,
+        (True,) if norm_preserve else (False, True),
+    )  # fmt: skip
+    for spec in warm:
+        space = _widened(space, spec)
+    return space
 
 
 def _widened(space: SearchSpace, warm: PlanSpec) -> SearchSpace:
@@ -119,6 +108,7 @@ def _widened(space: SearchSpace, warm: PlanSpec) -> SearchSpace:
         cover(space.max_weight_position, *(k.max_weight_position for k in kernels)),
         cover(space.min_weight_distance, *(k.min_weight_distance for k in kernels)),
         embed,
+        space.norm_preserve,
     )
 
 
@@ -128,7 +118,8 @@ def suggest_spec(trial, space: SearchSpace) -> PlanSpec:
     index = trial.suggest_float("direction_index", *space.direction_index)
     kernels = {c: _suggest_kernel(trial, c, space) for c in COMPONENTS}
     embed = trial.suggest_float("embed_weight", *space.embed_weight) if space.embed_weight is not None else 0.0
-    return PlanSpec(scope, index, kernels["attn"], kernels["mlp"], embed)
+    norm_preserve = trial.suggest_categorical("norm_preserve", list(space.norm_preserve))
+    return PlanSpec(scope, index, kernels["attn"], kernels["mlp"], embed, norm_preserve)
 
 
 def _suggest_kernel(trial, component: str, space: SearchSpace) -> Kernel:
@@ -150,6 +141,7 @@ def spec_params(spec: PlanSpec, space: SearchSpace) -> dict:
         params[f"{component}.min_weight_distance"] = kernel.min_weight_distance
     if space.embed_weight is not None:
         params["embed_weight"] = spec.embed_weight
+    params["norm_preserve"] = spec.norm_preserve
     return params
 
 
@@ -174,14 +166,14 @@ class TrialScorer:
     """
 
     def __init__(self, model, tokenizer, directions, harmful: Sequence[str], harmless: Sequence[str], *, targets,
-                 norm_preserve=False, storage_dtype=None, edited_precision=None, max_tokens=32, batch_size=None,
+                 storage_dtype=None, edited_precision=None, max_tokens=32, batch_size=None,
                  system_prompt=None, kl_tokens=1, progress=None):  # fmt: skip
         from .chat import encode_chats
         from .evaluate import reference_logprobs
         from .prefix_batch import shared_first_token_logprobs
 
         self.model, self.tokenizer, self.directions = model, tokenizer, directions
-        self.targets, self.norm_preserve = tuple(targets), norm_preserve
+        self.targets = tuple(targets)
         self.max_tokens, self.progress = max_tokens, progress
         self.harmful_ids = encode_chats(tokenizer, harmful, system_prompt)
         self.harmless_ids = encode_chats(tokenizer, harmless, system_prompt)
@@ -197,7 +189,7 @@ class TrialScorer:
         from .kernels import kernel_plan
 
         clock = _Clock()
-        plan = kernel_plan(self.directions, spec, self.targets, self.norm_preserve)
+        plan = kernel_plan(self.directions, spec, self.targets)
         try:
             self.editor.apply(plan)
             clock.lap("apply")
@@ -327,15 +319,19 @@ def _alive(pid) -> bool:
     return True
 
 
-def ensure_warm_start(study, spec: PlanSpec, space: SearchSpace) -> bool:
-    """Enqueue the fixed default plan unless the study already has (or waits for) it."""
+def ensure_warm_starts(study, specs: dict[str, PlanSpec], space: SearchSpace) -> list[str]:
+    """Enqueue each labelled spec unless the study already has (or waits for) it; returns the labels queued."""
     from optuna.trial import TrialState
 
-    for trial in study.get_trials(deepcopy=False):
-        if trial.user_attrs.get(WARM_START_ATTR) and trial.state in (TrialState.COMPLETE, TrialState.WAITING):
-            return False
-    study.enqueue_trial(spec_params(spec, space), user_attrs={WARM_START_ATTR: True})
-    return True
+    present = {
+        t.user_attrs.get(WARM_START_ATTR)
+        for t in study.get_trials(deepcopy=False)
+        if t.state in (TrialState.COMPLETE, TrialState.WAITING)
+    }
+    queued = [label for label in specs if label not in present]
+    for label in queued:
+        study.enqueue_trial(spec_params(specs[label], space), user_attrs={WARM_START_ATTR: label})
+    return queued
 
 
 @dataclass
@@ -348,7 +344,7 @@ class TrialRow:
     kl: float
     seconds: float
     spec: PlanSpec
-    warm_start: bool = False
+    warm_start: str = ""  # label of a queued informed trial, e.g. "fixed default"
     timings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -359,7 +355,7 @@ def trial_row(trial) -> TrialRow:
     attrs = trial.user_attrs
     return TrialRow(
         trial.number, int(trial.values[0]), int(attrs.get("total", 0)), float(trial.values[1]),
-        float(attrs.get("seconds", 0.0)), PlanSpec.from_dict(attrs[SPEC_ATTR]), bool(attrs.get(WARM_START_ATTR)),
+        float(attrs.get("seconds", 0.0)), PlanSpec.from_dict(attrs[SPEC_ATTR]), str(attrs.get(WARM_START_ATTR) or ""),
         dict(attrs.get("timings", {})),
     )  # fmt: skip
 
@@ -424,17 +420,17 @@ def find_trial(rows: Sequence[TrialRow], number: int) -> TrialRow:
 
 def front_table(front: Sequence[TrialRow], chosen: TrialRow | None = None, max_kl: float | None = None) -> str:
     """The Pareto front as a plain-text table (one row per trial)."""
-    head = f"{'trial':>5}  {'refusals':>9}  {'KL':>7}  {'scope':<9}  {'dir':>5}  {'attn max@pos min/dist':<23}  {'mlp max@pos min/dist':<23}  {'embed':>5}"
+    head = f"{'trial':>5}  {'refusals':>9}  {'KL':>7}  {'scope':<9}  {'dir':>5}  {'attn max@pos min/dist':<23}  {'mlp max@pos min/dist':<23}  {'embed':>5}  {'norm':<4}"
     lines = [head, "-" * len(head)]
     for row in front:
         s = row.spec
         line = (
             f"{row.number:>5}  {f'{row.refusals}/{row.total}':>9}  {row.kl:>7.4f}  {s.direction_scope:<9}  "
-            f"{s.direction_index:>5.2f}  {_kernel_cell(s.attn):<23}  {_kernel_cell(s.mlp):<23}  {s.embed_weight:>5.2f}"
+            f"{s.direction_index:>5.2f}  {_kernel_cell(s.attn):<23}  {_kernel_cell(s.mlp):<23}  {s.embed_weight:>5.2f}  {'yes' if s.norm_preserve else 'no':<4}"
         )
         notes = []
         if row.warm_start:
-            notes.append("fixed default")
+            notes.append(row.warm_start)
         if max_kl is not None and row.kl > max_kl:
             notes.append(f"KL > {max_kl:g}")
         if chosen is not None and row.number == chosen.number:

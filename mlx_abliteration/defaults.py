@@ -107,3 +107,31 @@ def load_config_file(path: str | Path) -> dict:
 
 def config_json(config: AbliterationConfig) -> str:
     return json.dumps(config.to_dict(), indent=2, default=str)
+
+
+@dataclass
+class SearchSettings:
+    """Settings of ``mlx-abliterate search`` beyond the pipeline's."""
+
+    n_trials: int = 24  # total complete trials in the study; a rerun runs only the missing ones
+    n_startup_trials: int = 8  # random trials before TPE models the results
+    max_kl: float = 0.1  # the saved trial: fewest refusals among trials with KL <= this
+    search_prompts: int = 32  # prompts per kind scoring each trial (disjoint from probing and held-out eval)
+    search_max_tokens: int = 32  # tokens generated per harmful prompt in a trial (stops at a refusal)
+    search_seed: int | None = None  # None: the pipeline's --seed
+    study_dir: str | None = None  # None: <cache dir>/studies
+    study_name: str | None = None  # None: derived from the model and every setting that changes the scores
+    trial: int | None = None  # save this finished trial instead of running more
+    warm_start: bool = True  # trial 0 is the fixed default plan of `run`
+
+    def check(self) -> None:
+        for name in ("n_trials", "search_prompts", "search_max_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.n_startup_trials < 0:
+            raise UserError(f"--n-startup-trials must be >= 0 (got {self.n_startup_trials})")
+        if not self.max_kl > 0:
+            raise UserError(f"--max-kl must be > 0 (got {self.max_kl})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

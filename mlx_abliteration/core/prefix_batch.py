@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from .batching import prefill
 
-LOGITS_BUDGET = 1 << 26  # logits elements computed per forward pass (256 MB in float32)
+LOGITS_BUDGET = 1 << 25  # logits elements computed per forward pass (128 MB in float32)
 
 
 def shared_prefix_length(token_lists: Sequence[Sequence[int]]) -> int:

@@ -76,11 +76,14 @@ def datasets(tmp_path_factory):
     return d / "harmful.txt", d / "harmless.jsonl"
 
 
-def _fill_small_run(page, model: str, output_dir: str, datasets) -> None:
+def _fill_small_run(page, model: str, output_dir: str, datasets, upload: bool = False) -> None:
     page.fill("#model textarea", model)
     page.fill("#harmful-dataset textarea", str(datasets[0]))
-    page.set_input_files("#harmless-upload input[type=file]", str(datasets[1]))
-    page.wait_for_selector("#harmless-upload :text('harmless.jsonl')")
+    if upload:
+        page.set_input_files("#harmless-upload input[type=file]", str(datasets[1]))
+        page.wait_for_selector("#harmless-upload :text('harmless.jsonl')")
+    else:
+        page.fill("#harmless-dataset textarea", str(datasets[1]))
     page.fill("#output-dir textarea", output_dir)
     page.click("#advanced .label-wrap")
     for selector, value in (("#max-prompts input", "8"), ("#eval-size input", "4"), ("#eval-max-tokens input", "4")):
@@ -116,7 +119,7 @@ def test_full_run_in_the_browser(page, tiny_model, tmp_path, datasets):
     from playwright.sync_api import expect
 
     out = tmp_path / "abliterated"
-    _fill_small_run(page, str(tiny_model(num_shards=2)), str(out), datasets)
+    _fill_small_run(page, str(tiny_model(num_shards=2)), str(out), datasets, upload=True)
     status = _start_and_wait(page, "Done.")
     expected_path = str(out / "model.safetensors.index.json")
     assert expected_path in status

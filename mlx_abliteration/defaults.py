@@ -113,7 +113,7 @@ def config_json(config: AbliterationConfig) -> str:
 class SearchSettings:
     """Settings of ``mlx-abliterate search`` beyond the pipeline's."""
 
-    n_trials: int = 24  # total complete trials in the study; a rerun runs only the missing ones
+    n_trials: int = 24  # total finished (complete or stopped-early) trials in the study; a rerun runs only the missing ones
     n_startup_trials: int = 8  # random trials before TPE models the results
     max_kl: float = 0.1  # the saved trial: fewest refusals among trials with KL <= this
     search_prompts: int = 32  # prompts per kind scoring each trial (disjoint from probing and held-out eval)
@@ -122,7 +122,8 @@ class SearchSettings:
     study_dir: str | None = None  # None: <cache dir>/studies
     study_name: str | None = None  # None: derived from the model and every setting that changes the scores
     trial: int | None = None  # save this finished trial instead of running more
-    warm_start: bool = True  # trial 0 is the fixed default plan of `run`
+    warm_start: bool = True  # trials 0 and 1: the fixed plan of `run`, without and with --norm-preserve
+    prune: bool = True  # stop a trial as soon as a finished one dominates it (KL first, then refusals so far)
 
     def check(self) -> None:
         for name in ("n_trials", "search_prompts", "search_max_tokens"):

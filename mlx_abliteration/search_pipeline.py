@@ -33,6 +33,7 @@ from .core.search import (
     complete_trials,
     ensure_warm_starts,
     fail_stale_trials,
+    finished_trials,
     find_trial,
     open_study,
     optimize,
@@ -85,7 +86,8 @@ def run_search(
     if settings.trial is None:
         scored_on, interrupted = _search(study, model, tokenizer, source, data, directions, config, settings, report)
     rows = [trial_row(t) for t in complete_trials(study)]
-    summary = StudySummary(study.study_name, str(storage_path), rows, interrupted)
+    pruned = [trial_row(t) for t in finished_trials(study) if t.state.name == "PRUNED"]
+    summary = StudySummary(study.study_name, str(storage_path), rows, interrupted, pruned)
     chosen = find_trial(rows, settings.trial) if settings.trial is not None else choose_trial(rows, settings.max_kl)
     report.emit("front", "Pareto front", front=[r.to_dict() for r in summary.front], chosen=chosen and chosen.number)
     outcome = SearchOutcome(summary, chosen, settings, scored_on)
@@ -155,8 +157,8 @@ def _open(source: Path, config: AbliterationConfig, settings: SearchSettings, re
     stale = fail_stale_trials(study)
     if stale:
         report.emit("info", f"{stale} trial(s) of a killed run marked failed")
-    done = len(complete_trials(study))
-    if settings.trial is not None and not done:
+    done = len(finished_trials(study))
+    if settings.trial is not None and not complete_trials(study):
         raise UserError(f"study {name} has no finished trials in {path}; run the search first (same settings, without --trial)")
     verb = "continuing" if done else "starting"
     report.emit("info", f"{verb} study {name} ({done} finished trials) in {path}", study=name, storage=str(path), finished=done)
@@ -196,13 +198,16 @@ def _search(study, model, tokenizer, source, data, directions, config, settings,
 
     def on_trial(row: TrialRow, done: int) -> None:
         phases = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in row.timings.items())
+        outcome = f"refusals {row.refusals}/{row.total}, KL {row.kl:.4f}"
+        if row.pruned:
+            outcome = f"dominated, stopped (KL {row.kl:.4f}, refusals >= {row.refusals})"
         report.emit(
-            "info", f"trial {row.number} ({done}/{settings.n_trials}): refusals {row.refusals}/{row.total}, "
-            f"KL {row.kl:.4f}, {row.seconds:.1f}s ({phases})", trial=row.to_dict(),
+            "info", f"trial {row.number} ({done}/{settings.n_trials}): {outcome}, {row.seconds:.1f}s ({phases})",
+            trial=row.to_dict(),
         )  # fmt: skip
         report.progress(done, settings.n_trials, "trials")
 
-    interrupted = optimize(study, space, scorer, settings.n_trials, on_trial)
+    interrupted = optimize(study, space, scorer, settings.n_trials, on_trial, settings.prune)
     if interrupted:
         report.emit("info", "interrupted: finished trials are kept; rerun the same command to continue")
     return scored_on, interrupted
@@ -271,7 +276,8 @@ def _search_record(summary: StudySummary, chosen: TrialRow, settings: SearchSett
         "selected_by": f"--trial {settings.trial}" if settings.trial is not None else f"fewest refusals with KL <= {settings.max_kl:g}",
         "scores": {"refusals": chosen.refusals, "total": chosen.total, "kl": chosen.kl},
         "scored_on": scored_on,
-        "finished_trials": len(summary.rows),
+        "finished_trials": len(summary.rows) + len(summary.pruned),
+        "stopped_early": len(summary.pruned),
         "seconds_per_trial": summary.seconds_per_trial,
         "settings": settings.to_dict(),
         "pareto_front": [r.to_dict() for r in summary.front],

@@ -148,7 +148,7 @@ def test_interrupt_keeps_finished_trials(tmp_path):
     study = open_study(tmp_path / "s.journal", "s", seed=1, n_startup_trials=2)
     calls = []
 
-    def score(spec):
+    def score(spec, dominated=None):
         calls.append(spec)
         if len(calls) == 3:
             raise KeyboardInterrupt
@@ -156,8 +156,27 @@ def test_interrupt_keeps_finished_trials(tmp_path):
 
     assert optimize(study, search_space(4, range(4), True), score, 5) is True
     assert len(complete_trials(study)) == 2 and len(study.trials) == 3
-    assert optimize(study, search_space(4, range(4), True), lambda spec: TrialScore(0, 8, 0.0, 0.1, 5), 4) is False
+    assert optimize(study, search_space(4, range(4), True), lambda spec, dominated: TrialScore(0, 8, 0.0, 0.1, 5), 4) is False
     assert len(complete_trials(study)) == 4
+
+
+def test_dominated_trials_stop_early_and_count_towards_the_budget(tmp_path):
+    from optuna.trial import TrialState
+
+    study = open_study(tmp_path / "s.journal", "s", seed=1, n_startup_trials=2)
+    scores = iter([(3, 0.05), (1, 0.01), (0, 0.2), (5, 0.02)])  # (refusals, KL) each trial would reach
+
+    def score(spec, dominated):
+        refusals, kl = next(scores)
+        for count in range(refusals + 1):  # refusals accumulate while generating
+            if dominated(kl, count):
+                return TrialScore(count, 8, kl, 0.1, 0, pruned=True)
+        return TrialScore(refusals, 8, kl, 0.1, 5)
+
+    assert optimize(study, search_space(4, range(4), True), score, 4) is False
+    # trial 1 dominates trial 0; trial 3 is stopped at 1 refusal, where trial 1 (1, 0.01) dominates it
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3 + [TrialState.PRUNED]
+    assert study.trials[3].user_attrs["refusals_at_least"] == 1
 
 
 def test_trials_of_a_killed_run_are_marked_failed(tmp_path):
@@ -177,19 +196,20 @@ def test_trials_of_a_killed_run_are_marked_failed(tmp_path):
 
 
 def _trials(outcome):
-    return [(r.number, r.refusals, r.kl, r.spec) for r in outcome.study.rows]
+    rows = sorted(outcome.study.rows + outcome.study.pruned, key=lambda r: r.number)
+    return [(r.number, r.refusals, r.kl, r.spec, r.pruned) for r in rows]
 
 
 def test_search_persists_resumes_and_same_seed_gives_same_trials(tiny_model, datasets, tmp_path):
     model = tiny_model()
     first = run_search(_config(model, datasets), _settings(tmp_path, n_trials=2))
-    assert len(first.study.rows) == 2 and first.scored_on == "search-split"
-    default, mpoa = first.study.rows
+    assert len(_trials(first)) == 2 and first.scored_on == "search-split"
+    default, mpoa = sorted(first.study.rows + first.study.pruned, key=lambda r: r.number)
     assert default.warm_start == "fixed default" and default.spec == uniform_spec(default.spec.direction_index, 4, 1.0)
     assert mpoa.spec == uniform_spec(default.spec.direction_index, 4, 1.0, norm_preserve=True)
     events = []
     resumed = run_search(_config(model, datasets), _settings(tmp_path, n_trials=4), events.append)
-    assert resumed.study.name == first.study.name and len(resumed.study.rows) == 4
+    assert resumed.study.name == first.study.name and len(_trials(resumed)) == 4
     assert any("directions of this study read" in e.message for e in events)  # probed once per study
     assert _trials(resumed)[:2] == _trials(first)
     # The same commands with the same seed in another study dir: the same trials, resumed run included.
@@ -201,16 +221,18 @@ def test_search_persists_resumes_and_same_seed_gives_same_trials(tiny_model, dat
 
 def test_cli_search_saves_a_trial_and_run_reproduces_it(tiny_model, datasets, tmp_path):
     model = tiny_model(bits=4, num_shards=2)
-    run_search(_config(model, datasets), _settings(tmp_path, n_trials=3))
+    outcome = run_search(_config(model, datasets), _settings(tmp_path, n_trials=3))
+    number = max(r.number for r in outcome.study.rows)  # a complete trial
     common = ["-m", str(model), "--harmful-dataset", str(datasets[0]), "--harmless-dataset", str(datasets[1]),
               "--max-prompts", "8", "--eval-size", "4", "--eval-max-tokens", "4"]  # fmt: skip
     search = ["search", *common, "--search-prompts", "6", "--search-max-tokens", "4", "--n-trials", "3", "--n-startup-trials", "2",
               "--study-dir", str(tmp_path / "studies")]  # fmt: skip
-    proc = run_cli(*search, "--trial", "2", "-o", str(tmp_path / "best"))
+    proc = run_cli(*search, "--trial", str(number), "-o", str(tmp_path / "best"))
     assert proc.returncode == 0, proc.stderr
-    assert "3 finished trials" in proc.stdout and "saved trial 2" in proc.stdout and "continuing study" in proc.stderr
+    assert f"saved trial {number}" in proc.stdout and "continuing study" in proc.stderr
     log = json.loads((tmp_path / "best" / "abliteration_log.json").read_text())
-    assert log["search"]["trial"] == 2 and log["metrics"]["after"]["kl"] is not None and "--plan-json" in log["reproduce"]
+    assert log["search"]["trial"] == number and log["search"]["finished_trials"] == 3
+    assert log["metrics"]["after"]["kl"] is not None and "--plan-json" in log["reproduce"]
     model, tok = mlx_lm.load(str(tmp_path / "best"))
     assert isinstance(mlx_lm.generate(model, tok, prompt="hi", max_tokens=2), str)
     proc = run_cli("run", *common, "--plan-json", str(tmp_path / "best" / "abliteration_log.json"), "-o", str(tmp_path / "again"), "--no-eval")
@@ -239,5 +261,5 @@ def test_run_auto_delegates_to_the_search(tiny_model, datasets, tmp_path, monkey
             "--max-prompts", "8", "--eval-size", "4", "--eval-max-tokens", "4", "-o", str(tmp_path / "auto"), "--quiet"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "2 finished trials" in out and "saved trial" in out
+    assert "stopped early" in out and "saved trial" in out
     assert json.loads((tmp_path / "auto" / "abliteration_log.json").read_text())["search"]["finished_trials"] == 2

@@ -48,7 +48,8 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--study-dir", default=d.study_dir, help="where studies are stored (default: <cache dir>/studies)")
     g.add_argument("--study-name", default=d.study_name, help="study name (default: model name + hash of the settings that change scores)")
     g.add_argument("--trial", type=int, default=d.trial, help="save this finished trial (number from the front table) instead of running more")
-    g.add_argument("--no-warm-start", dest="warm_start", action="store_false", help="do not queue the fixed default plan as the first trial")
+    g.add_argument("--no-warm-start", dest="warm_start", action="store_false", help="do not queue the fixed plans of `run` (with and without --norm-preserve) as the first trials")
+    g.add_argument("--no-prune", dest="prune", action="store_false", help="finish every trial, even once a finished trial dominates it")
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -84,7 +85,8 @@ def search_main(args: argparse.Namespace, config, settings) -> int:
                           "before": outcome.before, "after": outcome.after}, default=str))  # fmt: skip
     else:
         print(front_table(study.front, outcome.chosen, settings.max_kl))
-        print(f"{len(study.rows)} finished trials, {study.seconds_per_trial:.1f}s per trial; study {study.name} in {study.storage}")
+        print(f"{len(study.rows)} complete + {len(study.pruned)} stopped early (dominated) trials, {study.seconds_per_trial:.1f}s per trial; "
+              f"study {study.name} in {study.storage}")  # fmt: skip
     if outcome.chosen is None:
         raise UserError(f"no finished trial has KL <= {settings.max_kl:g}; raise --max-kl or pick one with --trial N")
     if outcome.output_dir:

@@ -156,6 +156,11 @@ class TrialScore:
     seconds: float
     generated_tokens: int
     timings: dict = field(default_factory=dict)  # seconds per phase: apply, kl, generate, restore
+    pruned: bool = False  # stopped once dominated; ``refusals`` is then a lower bound
+
+
+class _Dominated(Exception):
+    """Raised inside generation once the refusals so far make the trial dominated."""
 
 
 class TrialScorer:
@@ -185,7 +190,8 @@ class TrialScorer:
             self.reference = reference_logprobs(model, tokenizer, harmless, kl_tokens=kl_tokens, batch_size=self.batch_size, system_prompt=system_prompt)
         self.editor = TrialEditor(model, self.targets, storage_dtype, edited_precision)
 
-    def __call__(self, spec: PlanSpec) -> TrialScore:
+    def __call__(self, spec: PlanSpec, dominated: Callable[[float, int], bool] | None = None) -> TrialScore:
+        """Score ``spec``; with ``dominated(kl, refusals_so_far)``, stop as soon as it holds (KL comes first)."""
         from .kernels import kernel_plan
 
         clock = _Clock()
@@ -193,14 +199,26 @@ class TrialScorer:
         try:
             self.editor.apply(plan)
             clock.lap("apply")
-            kl = self._kl()
-            clock.lap("kl")
-            refusals, tokens = self._refusals()
-            clock.lap("generate")
+            result = self._measure(clock, dominated or (lambda kl, refusals: False))
         finally:
             self.editor.restore()
             clock.lap("restore")
-        return TrialScore(refusals, len(self.harmful_ids), kl, clock.total, tokens, clock.laps)
+        result.seconds, result.timings = clock.total, clock.laps
+        return result
+
+    def _measure(self, clock, dominated: Callable[[float, int], bool]) -> TrialScore:
+        total = len(self.harmful_ids)
+        kl = self._kl()
+        clock.lap("kl")
+        if dominated(kl, 0):
+            return TrialScore(0, total, kl, 0.0, 0, pruned=True)
+        try:
+            refusals, tokens = self._refusals(lambda count: dominated(kl, count))
+        except _Dominated as stop:
+            return TrialScore(stop.args[0], total, kl, 0.0, 0, pruned=True)
+        finally:
+            clock.lap("generate")
+        return TrialScore(refusals, total, kl, 0.0, tokens)
 
     def _kl(self) -> float:
         from .evaluate import kl_divergence, kl_from_reference
@@ -210,17 +228,28 @@ class TrialScorer:
             return kl_from_reference(self.model, self.reference, self.batch_size)
         return kl_divergence(self.reference, shared_first_token_logprobs(self.model, self.harmless_ids, self.batch_size))
 
-    def _refusals(self) -> tuple[int, int]:
+    def _refusals(self, dominated_at: Callable[[int], bool]) -> tuple[int, int]:
         from .evaluate import contains_refusal_marker, is_refusal
         from .generation import greedy_tokens, strip_eos
         from .prefix_batch import shared_prefill
 
+        refused = 0
+
         def text(tokens: list[int]) -> str:
             return self.tokenizer.decode(strip_eos(tokens, self.eos))
 
+        def stop(tokens: list[int]) -> bool:
+            nonlocal refused
+            if not contains_refusal_marker(text(tokens)):
+                return False
+            refused += 1
+            if dominated_at(refused):
+                raise _Dominated(refused)
+            return True
+
         outputs = greedy_tokens(
-            self.model, self.harmful_ids, self.max_tokens, self.batch_size, self.eos,
-            lambda tokens: contains_refusal_marker(text(tokens)), self.progress, "harmful", prefill_fn=shared_prefill,
+            self.model, self.harmful_ids, self.max_tokens, self.batch_size, self.eos, stop, self.progress, "harmful",
+            prefill_fn=shared_prefill,
         )  # fmt: skip
         return sum(is_refusal(text(t)) for t in outputs), sum(len(t) for t in outputs)
 
@@ -346,17 +375,22 @@ class TrialRow:
     spec: PlanSpec
     warm_start: str = ""  # label of a queued informed trial, e.g. "fixed default"
     timings: dict = field(default_factory=dict)
+    pruned: bool = False  # stopped once dominated: ``refusals`` is a lower bound
 
     def to_dict(self) -> dict:
         return {**asdict(self), "spec": self.spec.to_dict()}
 
 
 def trial_row(trial) -> TrialRow:
+    """A complete or pruned trial as a row (a pruned one: KL and the refusals counted before it stopped)."""
+    from optuna.trial import TrialState
+
     attrs = trial.user_attrs
+    pruned = trial.state == TrialState.PRUNED
+    refusals, kl = (attrs["refusals_at_least"], attrs["kl"]) if pruned else trial.values
     return TrialRow(
-        trial.number, int(trial.values[0]), int(attrs.get("total", 0)), float(trial.values[1]),
-        float(attrs.get("seconds", 0.0)), PlanSpec.from_dict(attrs[SPEC_ATTR]), str(attrs.get(WARM_START_ATTR) or ""),
-        dict(attrs.get("timings", {})),
+        trial.number, int(refusals), int(attrs.get("total", 0)), float(kl), float(attrs.get("seconds", 0.0)),
+        PlanSpec.from_dict(attrs[SPEC_ATTR]), str(attrs.get(WARM_START_ATTR) or ""), dict(attrs.get("timings", {})), pruned,
     )  # fmt: skip
 
 
@@ -366,19 +400,23 @@ def optimize(
     score: Callable[[PlanSpec], TrialScore],
     n_trials: int,
     on_trial: Callable[[TrialRow, int], None] | None = None,
+    prune: bool = True,
 ) -> bool:
-    """Run trials until the study has ``n_trials`` complete ones; True if interrupted (Ctrl-C).
+    """Run trials until the study has ``n_trials`` finished ones; True if interrupted (Ctrl-C).
 
-    An interrupted trial is marked failed; finished trials stay in the study.
+    ``score(spec, dominated)`` may stop a trial that some finished trial
+    already dominates (told as pruned, its KL and refusals so far kept as
+    attributes). An interrupted trial is marked failed; finished trials stay.
     """
     from optuna.trial import TrialState
 
-    while (done := len(complete_trials(study))) < n_trials:
+    while (done := len(finished_trials(study))) < n_trials:
+        rows = [trial_row(t) for t in complete_trials(study)]
         trial = study.ask()
         trial.set_user_attr(OWNER_ATTR, _owner())
         try:
             spec = suggest_spec(trial, space)
-            result = score(spec)
+            result = score(spec, _dominance_test(rows) if prune else None)
         except KeyboardInterrupt:
             study.tell(trial, state=TrialState.FAIL)
             return True
@@ -386,12 +424,38 @@ def optimize(
             study.tell(trial, state=TrialState.FAIL)
             raise
         attrs = {"total": result.total, "seconds": result.seconds, "generated_tokens": result.generated_tokens, "timings": result.timings, SPEC_ATTR: spec.to_dict()}
+        if result.pruned:
+            attrs.update(kl=result.kl, refusals_at_least=result.refusals)
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
-        frozen = study.tell(trial, [result.refusals, result.kl])
+        if result.pruned:
+            frozen = study.tell(trial, state=TrialState.PRUNED)
+        else:
+            frozen = study.tell(trial, [result.refusals, result.kl])
         if on_trial is not None:
             on_trial(trial_row(frozen), done + 1)
     return False
+
+
+def _dominance_test(rows: Sequence[TrialRow]) -> Callable[[float, int], bool]:
+    """``dominated(kl, refusals_at_least)``: some finished trial is no worse on both and better on one.
+
+    Refusals only grow while a trial generates, so once this holds the trial
+    can neither reach the Pareto front nor be the chosen one: it stops there.
+    """
+    points = [(r.refusals, r.kl) for r in rows]
+
+    def dominated(kl: float, refusals: int) -> bool:
+        return any(r <= refusals and k <= kl and (r < refusals or k < kl) for r, k in points)
+
+    return dominated
+
+
+def finished_trials(study) -> list:
+    """Complete and pruned trials: both count towards the budget."""
+    from optuna.trial import TrialState
+
+    return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
 
 
 def pareto_front(rows: Sequence[TrialRow]) -> list[TrialRow]:
@@ -447,8 +511,9 @@ def _kernel_cell(k: Kernel) -> str:
 class StudySummary:
     name: str
     storage: str
-    rows: list[TrialRow] = field(default_factory=list)
+    rows: list[TrialRow] = field(default_factory=list)  # complete trials
     interrupted: bool = False
+    pruned: list[TrialRow] = field(default_factory=list)
 
     @property
     def front(self) -> list[TrialRow]:
@@ -456,5 +521,6 @@ class StudySummary:
 
     @property
     def seconds_per_trial(self) -> float:
-        timed = [r.seconds for r in self.rows if r.seconds > 0]
+        """Mean over complete and pruned trials."""
+        timed = [r.seconds for r in self.rows + self.pruned if r.seconds > 0]
         return sum(timed) / len(timed) if timed else 0.0

@@ -14,6 +14,8 @@ the same directions, so the same weights, bit for bit.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shlex
 import time
 from dataclasses import dataclass, field, fields
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from . import steps
 from .core.ablate import check_strength
+from .core.evaluate import DEFAULT_REFUSAL_MARKERS
 from .core.kernels import PlanSpec, kernel_plan, uniform_spec
 from .core.search import (
     SPACE_VERSION,
@@ -77,10 +80,11 @@ def run_search(
     source = steps.resolve_model(config, report)
     if save:
         steps.check_output(source, config)
-    study, storage_path = _open(source, config, settings, report)
+    prompts = prompts_fingerprint(config)
+    study, storage_path = _open(source, config, settings, prompts, report)
     model, tokenizer, model_config = steps.load(source, report, config)
     data = steps.prompts(config, report)
-    cache = storage_path.parent / f"{Path(source).name}-{study_key(probe_identity(source, config))}.directions.safetensors"
+    cache = storage_path.parent / f"{Path(source).name}-{study_key(probe_identity(source, config, prompts))}.directions.safetensors"
     directions = _directions(model, tokenizer, data, config, source, cache, report)
     scored_on, interrupted = study.user_attrs.get("scored_on", ""), False
     if settings.trial is None:
@@ -119,17 +123,31 @@ def run_with_plan(config: AbliterationConfig, spec: PlanSpec, on_event=None, can
 # --- study ------------------------------------------------------------------
 
 
-def probe_identity(source: Path, config: AbliterationConfig) -> dict:
+def prompts_fingerprint(config: AbliterationConfig) -> str:
+    """Hash of both prompt sets' contents: an edited dataset file (or a new
+    packaged set) must not resume a study or reuse directions probed on the old one."""
+    from .core.datasets import load_prompts
+
+    cache = Path(config.cache_dir) if config.cache_dir else None
+    digest = hashlib.sha256()
+    for kind, source in (("harmful", config.harmful_dataset), ("harmless", config.harmless_dataset)):
+        digest.update(json.dumps(load_prompts(source, kind, cache_dir=cache, column=config.dataset_column)).encode())
+    return digest.hexdigest()[:16]
+
+
+def probe_identity(source: Path, config: AbliterationConfig, prompts: str) -> dict:
     """Everything the directions depend on (every setting but those that only shape or score the edit)."""
     probed = {k: v for k, v in config.to_dict().items() if k not in _UNSCORED + _EDIT_ONLY}
-    return {"source": str(Path(source).resolve()), "config": probed}
+    return {"source": str(Path(source).resolve()), "config": probed, "prompts": prompts}
 
 
-def study_identity(source: Path, config: AbliterationConfig, settings: SearchSettings) -> dict:
+def study_identity(source: Path, config: AbliterationConfig, settings: SearchSettings, prompts: str) -> dict:
     scored = {k: v for k, v in config.to_dict().items() if k not in _UNSCORED}
     return {
         "source": str(Path(source).resolve()),
         "config": scored,
+        "prompts": prompts,
+        "refusal_markers": hashlib.sha256("\n".join(DEFAULT_REFUSAL_MARKERS).encode()).hexdigest()[:16],
         "space_version": SPACE_VERSION,
         "search_prompts": settings.search_prompts,
         "search_max_tokens": settings.search_max_tokens,
@@ -146,8 +164,8 @@ def study_dir(config: AbliterationConfig, settings: SearchSettings) -> Path:
     return Path(cache).expanduser() / "studies"
 
 
-def _open(source: Path, config: AbliterationConfig, settings: SearchSettings, report):
-    identity = study_identity(source, config, settings)
+def _open(source: Path, config: AbliterationConfig, settings: SearchSettings, prompts: str, report):
+    identity = study_identity(source, config, settings, prompts)
     name = settings.study_name or f"{Path(source).name}-{study_key(identity)}"
     path = study_dir(config, settings) / f"{name}.journal"
     seed = config.seed if settings.search_seed is None else settings.search_seed

@@ -219,6 +219,19 @@ def test_search_persists_resumes_and_same_seed_gives_same_trials(tiny_model, dat
     assert _trials(again) == _trials(resumed)
 
 
+def test_edited_dataset_starts_a_new_study_and_probes_again(tiny_model, tmp_path):
+    model = tiny_model()
+    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
+    harmful.write_text("\n".join(HARMFUL))
+    harmless.write_text("\n".join(HARMLESS))
+    first = run_search(_config(model, (harmful, harmless)), _settings(tmp_path, n_trials=1))
+    harmful.write_text("\n".join(p.replace("weapon", "bomb") for p in HARMFUL))  # same file, new prompts
+    events = []
+    second = run_search(_config(model, (harmful, harmless)), _settings(tmp_path, n_trials=1), events.append)
+    assert second.study.name != first.study.name
+    assert not any("directions of this study read" in e.message for e in events)
+
+
 def test_cli_search_saves_a_trial_and_run_reproduces_it(tiny_model, datasets, tmp_path):
     model = tiny_model(bits=4, num_shards=2)
     outcome = run_search(_config(model, datasets), _settings(tmp_path, n_trials=3))

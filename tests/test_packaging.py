@@ -31,6 +31,9 @@ def test_every_subcommand_exists_and_documents_every_flag():
         for action in command._actions:
             if action.option_strings and not isinstance(action, argparse._HelpAction):
                 assert action.help, f"{name} {action.option_strings} has no help text"
+        text = command.format_help()
+        assert "(default: None)" not in text and "(default: False)" not in text, name
+        assert text.count("(default:") >= 1, name
     proc = run_cli("run", "--help")
     assert proc.returncode == 0 and "usage: mlx-abliterate run" in proc.stdout
 

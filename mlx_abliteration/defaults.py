@@ -58,7 +58,7 @@ class AbliterationConfig:
     batch_size: int | None = None  # None: chosen from prompt lengths
     probe_mode: str = "memory"  # memory, or streamed: one decoder layer in memory at a time
     max_prompts: int = 128  # probing prompts per kind
-    eval_size: int = 32  # held-out evaluation prompts per kind
+    eval_size: int = 64  # held-out evaluation prompts per kind (n=32 moved the measured rate by +-7 points)
     eval_max_tokens: int = 64
     kl_tokens: int = 1
     no_eval: bool = False

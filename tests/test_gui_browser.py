@@ -155,6 +155,8 @@ def test_bad_inputs_show_errors_and_the_app_keeps_working(page, tiny_model, tmp_
     page.fill("#use-layer textarea", "1")
     _start_and_wait(page, "Done.")
     page.get_by_role("tab", name="Compare").click()
+    # The finished run prefills this field; wait for it, or it can overwrite what we type next.
+    expect(page.locator("#compare-abliterated textarea")).to_have_value(str(tmp_path / "out"), timeout=RUN_TIMEOUT_MS)
     page.fill("#compare-abliterated textarea", str(tmp_path / "missing"))
     page.fill("#compare-prompt textarea", "hi")
     page.click("#compare")

@@ -403,7 +403,7 @@ def test_failure_while_writing_leaves_nothing_and_keeps_the_old_dir(tmp_path, vo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(gguf_tokenizer, "write_tokenizer_files", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="No space left on device"):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "out", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "out"]
     assert (tmp_path / "out" / "keep.txt").read_text() == "old"

@@ -191,11 +191,15 @@ def _write_json(path: str, args: argparse.Namespace, baseline_report, report) ->
         "report": report.to_dict(),
         "baseline_report": baseline_report.to_dict() if baseline_report is not None else None,
     }
-    Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    from ..core.atomic_write import write_json
+
+    write_json(path, data)
 
 
 def _write_responses(path: str, baseline_report, report) -> None:
-    with open(path, "w", encoding="utf-8") as out:
+    from ..core.atomic_write import atomic_open
+
+    with atomic_open(path, "w") as out:
         for label, r in (("baseline", baseline_report), ("model", report)):
             for response in r.responses if r is not None else []:
                 out.write(json.dumps({"model": label, **response}, ensure_ascii=False) + "\n")

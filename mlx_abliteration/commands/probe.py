@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from . import _options
@@ -27,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def probe(config, output: str | Path, on_event=None):
     """Library form of the command: returns ``(directions, chosen_layer)``."""
+    from ..core.atomic_write import atomic_path, ensure_parent
     from ..core.directions import save_directions
     from ..core.distributed import is_primary
     from ..errors import UserError
@@ -38,10 +38,9 @@ def probe(config, output: str | Path, on_event=None):
     result = run_pipeline(config.with_overrides({"dry_run": True, "no_eval": True, "output_dir": None}), on_event)
     if not is_primary():  # under mlx.launch every rank has the merged result; rank 0 writes it
         return result.directions, result.chosen_layer
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".partial.safetensors")
-    save_directions(tmp, result.directions, result.chosen_layer)
-    tmp.replace(output)
+    ensure_parent(output)
+    with atomic_path(output, suffix=".safetensors") as tmp:
+        save_directions(tmp, result.directions, result.chosen_layer)
     return result.directions, result.chosen_layer
 
 
@@ -57,7 +56,9 @@ def main(args: argparse.Namespace) -> int:
     finally:
         console.close_bars()
     if args.stats_json:
-        Path(args.stats_json).write_text(json.dumps({"chosen_layer": layer, "layers": [s.to_dict() for s in directions.stats]}, indent=2))
+        from ..core.atomic_write import write_json
+
+        write_json(args.stats_json, {"chosen_layer": layer, "layers": [s.to_dict() for s in directions.stats]})
     if not args.json:
         print(f"saved directions of {len(directions.layers)} layers (chosen layer {layer}) to {args.output}")
     return 0

@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import string
@@ -441,23 +440,22 @@ def _to_jsonl(records: list[dict]) -> str:
 
 def write_datasets(records: dict[str, list[dict]], output_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
     """Write both JSONL files, all or nothing; refuse to replace files without ``overwrite``."""
+    import contextlib
+
+    from .atomic_write import atomic_path, ensure_parent
+
     output_dir = Path(output_dir).expanduser()
     targets = {kind: output_dir / name for kind, name in OUTPUT_FILES.items()}
-    staged = {kind: path.with_name(f".{path.name}.{os.getpid()}.tmp") for kind, path in targets.items()}
     existing = [str(path) for path in targets.values() if path.exists()]
     if existing and not overwrite:
         raise UserError(f"{existing[0]} already exists; pass --overwrite or choose another --output-dir")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    ensure_parent(next(iter(targets.values())))
+    # Both files are written to temporary names first and renamed only when both are complete.
+    with contextlib.ExitStack() as stack:
+        staged = {kind: stack.enter_context(atomic_path(path)) for kind, path in targets.items()}
         for kind, tmp in staged.items():
-            # write_text (unlike mkstemp) gives the file the user's usual permissions
-            tmp.write_text(_to_jsonl(records[kind]), encoding="utf-8")
-        for kind, target in targets.items():
-            os.replace(staged[kind], target)
-    except OSError as err:
-        for tmp in staged.values():
-            tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write to {output_dir} ({err.strerror}); choose a writable --output-dir") from None
+            with open(tmp, "w", encoding="utf-8") as out:
+                out.write(_to_jsonl(records[kind]))
     return targets
 
 

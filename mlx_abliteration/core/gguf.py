@@ -501,10 +501,15 @@ def _convert(
     eos_ids = eos_token_ids(reader)
     config = build_config(reader, arch, tensors, dtype, eos_ids)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    from .atomic_write import write_error
+
     temp_dir = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temp_dir, ignore_errors=True)
-    temp_dir.mkdir()
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        temp_dir.mkdir()
+    except OSError as err:
+        raise write_error(output_dir, err) from None
     try:
         write_weights(temp_dir, tensors)
         (temp_dir / "config.json").write_text(json.dumps(config, indent=2))
@@ -512,6 +517,9 @@ def _convert(
         marker = {"source": gguf_path.name, "sha256": sha256, "dtype": dtype, "importer_version": IMPORTER_VERSION}
         (temp_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2))
         _replace_dir(temp_dir, output_dir)
+    except (OSError, RuntimeError) as err:  # full disk, read-only folder: one line, nothing left
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise write_error(output_dir, err) from None
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise

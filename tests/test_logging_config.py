@@ -165,7 +165,8 @@ def test_unwritable_location_falls_back_with_warning(tmp_path, capsys, monkeypat
     blocker.write_text("not a directory")
     monkeypatch.setattr(logging_config.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     path = setup_logging(blocker / "log.jsonl")
-    assert path == tmp_path / "tmp" / "mlx-abliteration" / "log.jsonl"
+    assert path == tmp_path / "tmp" / f"mlx-abliteration-{os.getuid()}" / "log.jsonl"
+    assert (path.parent.stat().st_mode & 0o777) == 0o700 and (path.stat().st_mode & 0o777) == 0o600
     err = capsys.readouterr().err
     assert "warning: cannot write log file" in err and f"logging to {path}" in err
 
@@ -182,3 +183,62 @@ def test_no_writable_location_disables_file_logging(tmp_path, capsys, monkeypatc
 def test_unknown_level_is_a_user_error(tmp_path, clean_logger):
     with pytest.raises(UserError, match="unknown log level 'LOUD'"):
         setup_logging(tmp_path / "log.jsonl", level="LOUD")
+
+
+# --- the fallback in the shared temp dir is private and never follows a planted symlink ---
+
+
+def _cli_with_unwritable_log(tmp_path):
+    """``probe`` of a missing model: it sets up logging, then fails fast with a one-line error."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), LOG_ENV: str(blocker / "log.jsonl")}
+    return subprocess.run([sys.executable, "-m", "mlx_abliteration", "probe", "-m", str(tmp_path / "no-model")],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_fallback_refuses_a_planted_symlinked_folder(tmp_path):
+    (tmp_path / "tmp").mkdir()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "log.jsonl").write_text("someone else's file\n")
+    (tmp_path / "tmp" / f"mlx-abliteration-{os.getuid()}").symlink_to(victim)
+    proc = _cli_with_unwritable_log(tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "JSON logs are off" in proc.stderr and "not a private folder" in proc.stderr
+    assert (victim / "log.jsonl").read_text() == "someone else's file\n"
+
+
+def test_fallback_refuses_a_planted_symlinked_file(tmp_path):
+    private = tmp_path / "tmp" / f"mlx-abliteration-{os.getuid()}"
+    private.mkdir(parents=True, mode=0o700)
+    victim = tmp_path / "victim.jsonl"
+    victim.write_text("someone else's file\n")
+    (private / "log.jsonl").symlink_to(victim)
+    proc = _cli_with_unwritable_log(tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "JSON logs are off" in proc.stderr
+    assert victim.read_text() == "someone else's file\n"
+
+
+def test_fallback_refuses_a_folder_others_can_write(tmp_path, capsys, monkeypatch, clean_logger):
+    shared = tmp_path / f"mlx-abliteration-{os.getuid()}"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setattr(logging_config.tempfile, "gettempdir", lambda: str(tmp_path))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert setup_logging(blocker / "log.jsonl") == Path(os.devnull)
+    assert not (shared / "log.jsonl").exists()
+
+
+def test_fallback_is_used_and_private(tmp_path):
+    proc = _cli_with_unwritable_log(tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    log = tmp_path / "tmp" / f"mlx-abliteration-{os.getuid()}" / "log.jsonl"
+    assert f"logging to {log} instead" in proc.stderr
+    assert (log.parent.stat().st_mode & 0o777) == 0o700

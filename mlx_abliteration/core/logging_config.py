@@ -137,12 +137,64 @@ def default_log_file() -> Path:
     return Path(os.environ.get(LOG_ENV) or DEFAULT_LOG_FILE).expanduser()
 
 
-def _open_handler(path: Path) -> logging.FileHandler:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+def _open_handler(path: Path, private: bool = False) -> logging.FileHandler:
+    if private:
+        _private_dir(path.parent)
+        handler: logging.FileHandler = _PrivateFileHandler(path, mode="a", encoding="utf-8")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(JsonFormatter())
     setattr(handler, _HANDLER_FLAG, True)
     return handler
+
+
+def fallback_log_file() -> Path:
+    """Per-user fallback in the temp dir: ``<tmp>/mlx-abliteration-<uid>/log.jsonl`` (folder 0700)."""
+    user = os.getuid() if hasattr(os, "getuid") else _user_name()
+    return Path(tempfile.gettempdir()) / f"mlx-abliteration-{user}" / "log.jsonl"
+
+
+def _user_name() -> str:
+    import getpass
+
+    return "".join(c for c in getpass.getuser() if c.isalnum() or c in "-_") or "user"
+
+
+def _private_dir(folder: Path) -> None:
+    """Create ``folder`` 0700, or accept it only if it is a real folder of ours that nobody else can write.
+
+    The temp dir is shared: another user may have planted a symlink or a
+    folder under our name to make us append to their file or read ours.
+    """
+    import errno
+    import stat
+
+    folder.parent.mkdir(parents=True, exist_ok=True)  # the temp dir itself
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(folder)
+    mine = not hasattr(os, "getuid") or info.st_uid == os.getuid()
+    if not stat.S_ISDIR(info.st_mode) or not mine or info.st_mode & 0o077:
+        raise OSError(errno.EPERM, "not a private folder of this user (a symlink, another user's or group/world-accessible)")
+
+
+class _PrivateFileHandler(logging.FileHandler):
+    """Appends to a regular file of ours, never through a symlink (O_NOFOLLOW), created 0600."""
+
+    def _open(self):
+        import errno
+        import stat
+
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(self.baseFilename, flags, 0o600)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or (hasattr(os, "getuid") and info.st_uid != os.getuid()):
+            os.close(fd)
+            raise OSError(errno.EPERM, "not a regular file of this user")
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
 def _level_number(level: int | str) -> int:
@@ -159,7 +211,8 @@ def setup_logging(log_file: Path | str | None = None, level: int | str = "INFO")
 
     The path is ``log_file``, else ``$MLX_ABLITERATION_LOG_FILE``, else the
     default. Calling again replaces the previous handler (no duplicates). An
-    unwritable location falls back to the temp directory with a warning on
+    unwritable location falls back to a private per-user folder in the temp
+    directory (symlinks refused) with a warning on
     stderr; if that fails too, logs are dropped and ``os.devnull`` is returned.
     """
     logger = logging.getLogger(LOGGER_NAME)
@@ -168,10 +221,10 @@ def setup_logging(log_file: Path | str | None = None, level: int | str = "INFO")
         logger.removeHandler(handler)
         handler.close()
     wanted = Path(log_file).expanduser() if log_file else default_log_file()
-    fallback = Path(tempfile.gettempdir()) / "mlx-abliteration" / "log.jsonl"
+    fallback = fallback_log_file()
     for path in (wanted, fallback):
         try:
-            logger.addHandler(_open_handler(path))
+            logger.addHandler(_open_handler(path, private=path == fallback and path != wanted))
         except OSError as err:
             print(f"warning: cannot write log file {path} ({err.strerror or err})", file=sys.stderr)
             continue

@@ -77,7 +77,12 @@ def run_command(module, args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        from .core.output_dir import Terminated
+
+        if isinstance(err, Terminated):
+            print("terminated (SIGTERM): stopped and cleaned up; nothing was written", file=sys.stderr)
+            return 143
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
 
@@ -88,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "_command"):
         parser.print_help()
         return 1
+    from .core.output_dir import handle_sigterm
+
+    handle_sigterm()  # a plain `kill` cleans up like Ctrl-C
     return run_command(args._command, args)
 
 

@@ -33,13 +33,26 @@ def resolve_model(config: AbliterationConfig, report) -> Path:
 
     if not config.model:
         raise UserError("no model given; pass -m/--model with a model dir, a .gguf file or a hub id")
+    check_paths(config)
     report.emit("stage", f"resolving model {config.model}")
     source = Path(resolve_asset(config.model, Path(config.cache_dir) if config.cache_dir else None))
     return check_model_dir(source)
 
 
+def check_paths(config: AbliterationConfig, extra_sources=()) -> None:
+    """Before any work: the cache dir is usable, and the output (if any) is writable and is
+    none of the paths the user named as input (the model dir or .gguf file, the datasets)."""
+    from .core.output_dir import check_cache_dir, check_output_dir, local_sources
+
+    check_cache_dir(config.cache_dir)
+    if config.output_dir and not config.dry_run:
+        sources = local_sources(config.model, config.harmful_dataset, config.harmless_dataset, *extra_sources)
+        check_output_dir(config.output_dir, sources=sources, overwrite=config.overwrite)
+
+
 def check_output(source: Path, config: AbliterationConfig) -> None:
-    validate_output_dir(source, Path(config.output_dir), config.overwrite)
+    """Again once the model is resolved (a hub download or GGUF conversion lives in the cache)."""
+    validate_output_dir(source, Path(config.output_dir), config.overwrite, fresh=False)
 
 
 def load(source: Path, report, config: AbliterationConfig | None = None):

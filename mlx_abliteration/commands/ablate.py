@@ -35,6 +35,7 @@ def ablate(config, direction_file: str | Path, use_layer: str | None = None, on_
     report = _Reporter(on_event, None)
     if not config.output_dir:
         raise UserError("no output dir; pass -o/--output-dir")
+    steps.check_paths(config, extra_sources=[direction_file])
     directions, layer = load_directions(direction_file)
     source = steps.resolve_model(config, report)
     num_layers = read_config(source).get("num_hidden_layers")

@@ -7,10 +7,10 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import UserError
+from .output_dir import make_temp_dir, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -88,28 +88,11 @@ INDEX_NAME = "model.safetensors.index.json"
 _NOT_COPIED = {INDEX_NAME, "README.md", "abliteration_log.json", "refusal_direction.safetensors", "evaluation_responses.jsonl"}
 
 
-def validate_output_dir(source: Path, output: Path, overwrite: bool) -> None:
-    """Refuse outputs that would touch the source or clobber other files."""
-    src, out = Path(source).resolve(), Path(output).resolve()
-    if out == src:
-        raise UserError(f"output dir {output} is the source model; choose another --output-dir")
-    if src in out.parents:
-        raise UserError(f"output dir {output} is inside the source model {source}; choose a dir outside it")
-    if out in src.parents:
-        raise UserError(f"output dir {output} contains the source model; choose a dir that does not")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {output} is a file; choose a directory path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output dir {output} is not empty; pass --overwrite to replace it or choose another dir")
-    parent = _existing_ancestor(out.parent)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {parent}; choose a writable --output-dir")
+def validate_output_dir(source: Path, output: Path, overwrite: bool, fresh: bool = True) -> None:
+    """Refuse outputs that would touch the source or clobber other files (see ``output_dir``)."""
+    from .output_dir import check_output_dir
 
-
-def _existing_ancestor(path: Path) -> Path:
-    while not path.exists():
-        path = path.parent
-    return path
+    check_output_dir(output, sources=[source], overwrite=overwrite, fresh=fresh)
 
 
 def quant_params_for(module_path: str, config: dict):
@@ -223,9 +206,11 @@ def save_ablated_model(
     """
     source, output = Path(source_dir), Path(output_dir)
     check_model_dir(source)
-    validate_output_dir(source, output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    validate_output_dir(source, output, overwrite, fresh=False)
+    try:
+        tmp = make_temp_dir(output)
+    except OSError as err:
+        raise UserError(f"cannot create {output} ({err.strerror or err}); choose a writable --output-dir") from None
     try:
         with _Hasher() as hasher:
             hasher.add("source", weight_files(source))
@@ -234,7 +219,7 @@ def save_ablated_model(
         _write_records(tmp, source, summary, record, directions, model_card)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        _replace_dir(tmp, output)
+        replace_dir(tmp, output, overwrite)
     except (OSError, RuntimeError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, FileNotFoundError):
@@ -437,13 +422,3 @@ def edit_summary(reports) -> dict:
         "mean_residual_quantized": sum(quantized) / len(quantized) if quantized else 0.0,
         "max_residual_quantized": max(quantized, default=0.0),
     }
-
-
-def _replace_dir(tmp: Path, output: Path) -> None:
-    old = None
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(old)
-    tmp.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

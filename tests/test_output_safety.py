@@ -1,0 +1,179 @@
+"""Outputs never destroy what the user did not name, and success means this process's result landed.
+
+Each test reproduces a failure case of issue 13 through the real CLI in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from .cli_helpers import REPO, run_cli
+
+PROMPTS = [f"prompt number {i} about something" for i in range(20)]
+
+# Runs the CLI with HOOK executed when the N-th shard/direction file is written:
+# another process's output appearing, a SIGTERM, ...
+_HOOKED = """
+import os, sys, signal, pathlib
+import mlx.core as mx
+calls = {{"n": 0}}
+real = mx.save_safetensors
+def hooked(*args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == {after}:
+{hook}
+    return real(*args, **kwargs)
+mx.save_safetensors = hooked
+from mlx_abliteration.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_hooked(hook: str, *args: str, after: int = 1):
+    code = _HOOKED.format(after=after, hook="\n".join("        " + line for line in hook.strip().splitlines()))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLX_ABLITERATION_LOG_FILE": os.devnull}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prompts")
+    (d / "harmful.txt").write_text("\n".join("harmful " + p for p in PROMPTS))
+    (d / "harmless.txt").write_text("\n".join("harmless " + p for p in PROMPTS))
+    return d
+
+
+def run_args(model, out, data, *extra):
+    return ["run", "-m", str(model), "-o", str(out), "--harmful-dataset", str(data / "harmful.txt"),
+            "--harmless-dataset", str(data / "harmless.txt"), "--max-prompts", "4", "--eval-size", "2",
+            "--no-eval", "--use-layer", "1", *extra]  # fmt: skip
+
+
+def assert_user_error(proc, *needles, code=2):
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert lines and "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+    return lines[-1]
+
+
+def hidden(directory):
+    return sorted(p for p in os.listdir(directory) if p.startswith("."))
+
+
+def snapshot(directory):
+    return {p: (directory / p).read_bytes() for p in sorted(os.listdir(directory)) if (directory / p).is_file()}
+
+
+# --- item 1: the output is never the source the user named --------------------------
+
+
+def test_output_containing_the_source_or_a_dataset_is_refused_before_any_work(tiny_model, tmp_path, data):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    model = folder / "model"
+    import shutil
+
+    shutil.copytree(tiny_model(), model)
+    (folder / "notes.txt").write_text("mine")
+    before = snapshot(folder) | {f"model/{k}": v for k, v in snapshot(model).items()}
+    assert_user_error(run_cli(*run_args(model, folder, data, "--overwrite")), "contains the source")
+    assert_user_error(run_cli(*run_args(tiny_model(), data, data, "--overwrite")), "contains the source")
+    assert_user_error(run_cli(*run_args(tiny_model(), data / "harmful.txt", data, "--overwrite")), "is the source")
+    assert snapshot(folder) | {f"model/{k}": v for k, v in snapshot(model).items()} == before
+    assert (data / "harmful.txt").is_file() and hidden(tmp_path) == []
+
+
+# --- item 5: the final rename never replaces another process's output -----------------
+
+_OTHER_PROCESS_WRITES = """
+out = pathlib.Path(os.environ["OUT"])
+out.mkdir(exist_ok=True)
+(out / "theirs.txt").write_text("written by another process")
+"""
+
+_OTHER_PROCESS_REPLACES = """
+out = pathlib.Path(os.environ["OUT"])
+os.rename(out, out.parent / "moved-away")
+out.mkdir()
+(out / "theirs.txt").write_text("written by another process")
+"""
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_created_by_another_process_meanwhile_is_not_replaced(tiny_model, tmp_path, data, monkeypatch, overwrite):
+    out = tmp_path / "out"
+    monkeypatch.setenv("OUT", str(out))
+    proc = run_hooked(_OTHER_PROCESS_WRITES, *run_args(tiny_model(), out, data, *(["--overwrite"] if overwrite else [])))
+    assert_user_error(proc, "another process")
+    assert "saved" not in proc.stdout
+    assert os.listdir(out) == ["theirs.txt"] and hidden(tmp_path) == []
+
+
+def test_overwrite_replaces_only_the_output_seen_at_the_start(tiny_model, tmp_path, data, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("the previous output")
+    monkeypatch.setenv("OUT", str(out))
+    proc = run_hooked(_OTHER_PROCESS_REPLACES, *run_args(tiny_model(), out, data, "--overwrite"))
+    assert_user_error(proc, "another process")
+    assert os.listdir(out) == ["theirs.txt"] and hidden(tmp_path) == []
+    # Unchanged since the start: --overwrite replaces it.
+    proc = run_cli(*run_args(tiny_model(), out, data, "--overwrite"))
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "abliteration_log.json").is_file() and not (out / "theirs.txt").exists() and hidden(tmp_path) == []
+
+
+# --- item 12: SIGTERM cleans up; leftovers of killed processes are swept -------------
+
+
+def test_sigterm_during_save_cleans_up_and_exits_143(tiny_model, tmp_path, data):
+    out = tmp_path / "out"
+    proc = run_hooked("os.kill(os.getpid(), signal.SIGTERM)", *run_args(tiny_model(num_shards=3), out, data), after=2)
+    line = assert_user_error(proc, "SIGTERM", code=143)
+    assert line.startswith("terminated")
+    assert not out.exists() and hidden(tmp_path) == []
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_temp_dirs_of_dead_processes_are_swept_on_the_next_run(tiny_model, tmp_path, data):
+    from mlx_abliteration.core.output_dir import _HOST
+
+    dead = _dead_pid()
+    stale = tmp_path / f".out.partial.{_HOST}.{dead}.abcdef"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    alive = tmp_path / f".other.partial.{_HOST}.{os.getppid()}.abcdef"  # a live process: left alone
+    alive.mkdir()
+    aside = tmp_path / f".previous.old.{_HOST}.{dead}.abcdef"  # killed mid-replace: put back
+    aside.mkdir()
+    (aside / "kept.txt").write_text("previous output")
+    proc = run_cli(*run_args(tiny_model(), tmp_path / "out", data))
+    assert proc.returncode == 0, proc.stderr
+    assert hidden(tmp_path) == [alive.name]
+    assert (tmp_path / "previous" / "kept.txt").read_text() == "previous output"
+
+
+# --- item 13: the saved folder gets the umask's mode, not mkdtemp's 0700 ---------------
+
+
+def test_saved_model_dir_mode_follows_the_umask(tiny_model, tmp_path, data):
+    old = os.umask(0o022)
+    try:
+        proc = run_cli(*run_args(tiny_model(), tmp_path / "out", data))
+    finally:
+        os.umask(old)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+

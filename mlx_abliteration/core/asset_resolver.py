@@ -6,12 +6,14 @@ and how to fix it; the CLI prints it as one line.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 # Files mlx-lm needs to load a model; skips PyTorch/.bin/GGUF duplicates of the weights.
-MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py"]
+# What mlx-lm loads: only model*.safetensors weights (never consolidated.safetensors or original/ copies).
+MODEL_FILE_PATTERNS = ["*.json", "model*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py"]
 HUB_URL = "https://huggingface.co"
 
 
@@ -62,16 +64,67 @@ def _resolve_gguf(path: Path, cache_dir: Path | None) -> Path:
     return convert_gguf_cached(path, cache_dir)
 
 
+def hub_timeout() -> float:
+    """Seconds a Hub request may wait for an answer: ``HF_HUB_ETAG_TIMEOUT`` (default 10)."""
+    try:
+        value = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or 10)
+    except ValueError:
+        value = 10.0
+    return value if value > 0 else 10.0
+
+
+def hub_snapshot(repo_id: str, repo_type: str, cache_dir: Path | None, allow_patterns: list[str] | None) -> str:
+    """``snapshot_download`` that cannot hang on a server that accepts and never answers.
+
+    Its metadata call (``repo_info``) is made without any timeout, so a silent
+    server stalled it for minutes. The same call is made first here with
+    ``hub_timeout()``; when it times out, a cached snapshot is used if there
+    is one, else a ``TimeoutError`` naming the endpoint is raised. Other
+    failures are left to ``snapshot_download`` (it knows offline/cache rules).
+    File downloads keep their own ``HF_HUB_DOWNLOAD_TIMEOUT``.
+    """
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            HfApi().repo_info(repo_id, repo_type=repo_type, timeout=hub_timeout())
+        except Exception as err:
+            if is_timeout(err):  # other failures: snapshot_download reports them or uses the cache
+                try:
+                    return snapshot_download(
+                        repo_id, repo_type=repo_type, cache_dir=cache_dir, allow_patterns=allow_patterns, local_files_only=True
+                    )
+                except Exception:
+                    raise TimeoutError(timeout_message()) from None
+    return snapshot_download(repo_id, repo_type=repo_type, cache_dir=cache_dir, allow_patterns=allow_patterns)
+
+
+def is_timeout(err: BaseException) -> bool:
+    """True for a connect/read timeout from any HTTP stack, however it was wrapped."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, TimeoutError) or "Timeout" in type(err).__name__:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def timeout_message() -> str:
+    from huggingface_hub import constants
+
+    return (
+        f"the Hub at {constants.ENDPOINT} did not answer within {hub_timeout():g} s "
+        "(set HF_HUB_ETAG_TIMEOUT to wait longer, check HF_ENDPOINT and your connection, or set HF_HUB_OFFLINE=1)"
+    )
+
+
 def _download(
     repo_id: str, local: Path, cache_dir: Path | None, repo_type: str, allow_patterns: list[str] | None
 ) -> Path:
-    from huggingface_hub import snapshot_download
-
     tried = f"no local path {local.absolute()}, so tried Hugging Face {repo_type} repo {repo_id}"
     try:
-        snapshot = snapshot_download(
-            repo_id, repo_type=repo_type, cache_dir=cache_dir, allow_patterns=allow_patterns
-        )
+        snapshot = hub_snapshot(repo_id, repo_type, cache_dir, allow_patterns)
     except Exception as err:  # offline, missing, gated, HTTP: each becomes one actionable line
         raise FileNotFoundError(f"{tried}: {_hub_failure(err, repo_id, cache_dir)}") from None
     snapshot_dir = Path(snapshot)
@@ -84,6 +137,8 @@ def _hub_failure(err: Exception, repo_id: str, cache_dir: Path | None) -> str:
     from huggingface_hub import errors
 
     cache = f"cache {cache_dir}" if cache_dir else "the default Hugging Face cache"
+    if is_timeout(err):
+        return f"{_first_line(err) if isinstance(err, TimeoutError) else timeout_message()}; or pass a local path"
     if isinstance(err, errors.GatedRepoError):
         return f"it is gated; accept its terms at {HUB_URL}/{repo_id} and log in (`hf auth login` or HF_TOKEN), or pass a local path"
     if isinstance(err, errors.RepositoryNotFoundError):

@@ -228,11 +228,11 @@ def _message_text(content: object) -> str:
 
 
 def _download_dataset(repo_id: str, cache_dir: Path | None, kind: str) -> Path:
-    from huggingface_hub import snapshot_download
+    from .asset_resolver import hub_snapshot
 
     patterns = [f"*{suffix}" for suffix in SUFFIXES]
     try:
-        return Path(snapshot_download(repo_id, repo_type="dataset", cache_dir=cache_dir, allow_patterns=patterns))
+        return Path(hub_snapshot(repo_id, "dataset", cache_dir, patterns))
     except Exception as err:  # network, auth, missing repo: all end the same way for the user
         raise UserError(
             f"{kind} dataset {repo_id}: no such local path, and the Hugging Face dataset could not be fetched "
@@ -243,6 +243,10 @@ def _download_dataset(repo_id: str, cache_dir: Path | None, kind: str) -> Path:
 def _hub_reason(err: Exception) -> str:
     from huggingface_hub import errors
 
+    from .asset_resolver import is_timeout, timeout_message
+
+    if is_timeout(err):
+        return str(err) if isinstance(err, TimeoutError) and str(err) else timeout_message()
     if isinstance(err, errors.GatedRepoError):
         return "gated: accept its terms and log in with `hf auth login`"
     if isinstance(err, errors.RepositoryNotFoundError):

@@ -177,3 +177,47 @@ def test_saved_model_dir_mode_follows_the_umask(tiny_model, tmp_path, data):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
 
+
+
+# --- items 1 and 5 for GGUF files: import-gguf and run -m FILE.gguf -------------------
+
+from .test_gguf import vocab, write_gguf  # noqa: E402,F401  (vocab is a fixture)
+
+_HOOKED_GGUF = """
+import os, sys, pathlib
+from mlx_abliteration.core import gguf_tokenizer
+real = gguf_tokenizer.write_tokenizer_files
+def hooked(*args, **kwargs):
+    out = pathlib.Path(os.environ["OUT"])
+    out.mkdir(exist_ok=True)
+    (out / "theirs.txt").write_text("written by another process")
+    return real(*args, **kwargs)
+gguf_tokenizer.write_tokenizer_files = hooked
+from mlx_abliteration.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_gguf_source_inside_the_output_is_never_deleted(tmp_path, vocab, data):  # noqa: F811
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_gguf(folder / "model.gguf", vocab, "llama")
+    (folder / "notes.txt").write_text("mine")
+    before = snapshot(folder)
+    for command in (["import-gguf", str(folder / "model.gguf"), "-o", str(folder), "--overwrite"],
+                    run_args(folder / "model.gguf", folder, data, "--overwrite", "--cache-dir", str(tmp_path / "cache")),
+                    ["import-gguf", str(folder / "model.gguf"), "-o", str(folder / "model.gguf"), "--overwrite"]):  # fmt: skip
+        assert_user_error(run_cli(*command), "source")
+    assert snapshot(folder) == before and hidden(folder) == [] and hidden(tmp_path) == []
+    assert not (tmp_path / "cache").exists()  # refused before converting anything
+
+
+def test_two_imports_into_one_folder_the_second_fails_loudly(tmp_path, vocab, monkeypatch):  # noqa: F811
+    write_gguf(tmp_path / "m.gguf", vocab, "llama")
+    out = tmp_path / "out"
+    monkeypatch.setenv("OUT", str(out))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLX_ABLITERATION_LOG_FILE": os.devnull}
+    proc = subprocess.run([sys.executable, "-c", _HOOKED_GGUF, "import-gguf", str(tmp_path / "m.gguf"), "-o", str(out)],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)  # fmt: skip
+    assert_user_error(proc, "another process")
+    assert os.listdir(out) == ["theirs.txt"] and hidden(tmp_path) == []

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from .output_dir import OutputChanged, check_output_dir, make_temp_dir, replace_dir
 
 IMPORTER_VERSION = 1
 MARKER_FILE = "gguf_import.json"
@@ -487,8 +488,9 @@ def _convert(
 
     if dtype not in DTYPES:
         raise UserError(f"unsupported --dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
-    if output_dir.exists() and not overwrite and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise UserError(f"output dir {output_dir} already exists and is not empty; choose another or pass --overwrite")
+    # The output may not be, contain or lie in the file the user named (DIR/m.gguf -o DIR --overwrite
+    # deleted it); what is there now is remembered so the final rename never replaces a newer output.
+    check_output_dir(output_dir, sources=[gguf_path], overwrite=overwrite)
     reader = open_gguf(gguf_path)
     _, arch = architecture_of(reader, gguf_path)
     tensors = plan_tensors(reader, gguf_path, arch, dtype)
@@ -503,11 +505,8 @@ def _convert(
 
     from .atomic_write import write_error
 
-    temp_dir = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
     try:
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        temp_dir.mkdir()
+        temp_dir = make_temp_dir(output_dir)  # also sweeps temp dirs of killed conversions
     except OSError as err:
         raise write_error(output_dir, err) from None
     try:
@@ -516,7 +515,7 @@ def _convert(
         write_tokenizer_files(reader, temp_dir, gguf_path, config["max_position_embeddings"], eos_ids)
         marker = {"source": gguf_path.name, "sha256": sha256, "dtype": dtype, "importer_version": IMPORTER_VERSION}
         (temp_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2))
-        _replace_dir(temp_dir, output_dir)
+        replace_dir(temp_dir, output_dir, overwrite)
     except (OSError, RuntimeError) as err:  # full disk, read-only folder: one line, nothing left
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise write_error(output_dir, err) from None
@@ -524,21 +523,6 @@ def _convert(
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
     return output_dir
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        try:
-            new.rename(target)
-        except OSError:
-            if not target.is_dir():
-                raise
-            shutil.rmtree(new)  # a concurrent conversion of the same file finished first
 
 
 def conversion_is_current(model_dir: Path, sha256: str, dtype: str) -> bool:
@@ -565,4 +549,9 @@ def convert_gguf_cached(gguf_path: Path, cache_dir: Path | None = None, dtype: s
     if conversion_is_current(target, sha256, dtype):
         return target
     print(f"converting {gguf_path.name} into {target} (once; cached by file hash)", file=sys.stderr)
-    return _convert(gguf_path, target, dtype, True, None, sha256)
+    try:
+        return _convert(gguf_path, target, dtype, True, None, sha256)
+    except OutputChanged:
+        if conversion_is_current(target, sha256, dtype):
+            return target  # a concurrent conversion of the same file finished first
+        raise

@@ -241,3 +241,44 @@ def test_split_rejects_negative_counts():
 
 def test_default_path_helper_points_into_the_package():
     assert datasets.default_dataset_path("harmful").name == "harmful_dataset.jsonl"
+
+
+# --- large files are streamed -----------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt", ".csv", ".parquet"])
+def test_large_file_is_streamed_not_loaded_whole(tmp_path, suffix):
+    """A 20 MB file with a few short prompts and big other fields: peak memory far below the file size."""
+    import tracemalloc
+
+    filler = "x" * 20_000
+    rows = [{"prompt": f"prompt {i % 3}", "response": filler} for i in range(1000)]
+    path = tmp_path / f"big{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif suffix == ".txt":
+        path.write_text("".join(f"prompt {i % 3} {filler}\n" for i in range(1000)))
+    elif suffix == ".csv":
+        path.write_text("prompt,response\n" + "".join(f"{r['prompt']},{filler}\n" for r in rows))
+    else:
+        import os
+
+        rows = [{"prompt": r["prompt"], "response": os.urandom(10_000).hex()} for r in rows]  # incompressible
+        pq.write_table(pa.Table.from_pylist(rows), path, compression="none", use_dictionary=False)
+    size = path.stat().st_size
+    assert size > 19_000_000
+    tracemalloc.start()
+    try:
+        prompts = load_prompts(path, "harmful")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(prompts) == 3
+    assert peak < size / 8, f"peak {peak / 1e6:.1f} MB for a {size / 1e6:.1f} MB file"
+
+
+def test_streamed_jsonl_still_validates_every_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(5000)) + "{broken\n")
+    with pytest.raises(UserError, match="line 5001: malformed JSON"):
+        load_prompts(path, "harmful")

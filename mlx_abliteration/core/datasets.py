@@ -69,13 +69,13 @@ def load_prompts(
 
 def _load_path(path: Path, column: str | None, label: str) -> list[str]:
     files = _data_files(path) if path.is_dir() else [path]
-    prompts = []
+    prompts: dict[str, None] = {}  # unique, in first-seen order
     for file in files:
-        prompts.extend(_prompts_from_records(_read_records(file), column, file))
-    prompts = _unique(prompts)
+        for prompt in _prompts_from_records(_read_records(file, column), column, file):
+            prompts[prompt] = None
     if not prompts:
         raise UserError(f"dataset {label} has no prompts; add prompts or pass another dataset")
-    return prompts
+    return list(prompts)
 
 
 def _data_files(directory: Path) -> list[Path]:
@@ -98,13 +98,14 @@ def _unique(prompts: Iterable[str]) -> list[str]:
 # --- readers: each yields (location, record) -----------------------------------
 
 
-def _read_records(path: Path) -> Iterator[Record]:
+def _read_records(path: Path, column: str | None = None) -> Iterator[Record]:
+    """Stream the records of ``path``: memory is one record (plus a JSON/CSV row), not the file."""
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".txt": _read_txt, ".parquet": _read_parquet}
     reader = readers.get(path.suffix.lower())
     if reader is None:
         raise UserError(f"{path}: unsupported file type {path.suffix or '(none)'}; use one of {', '.join(SUFFIXES)}")
     try:
-        return reader(path)
+        yield from (_read_parquet(path, column) if reader is _read_parquet else reader(path))
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text; convert it to UTF-8") from None
     except IsADirectoryError:
@@ -113,67 +114,79 @@ def _read_records(path: Path) -> Iterator[Record]:
         raise UserError(f"cannot read {path} ({err.strerror or err}); check the path and its permissions") from None
 
 
-def _read_text(path: Path) -> str:
-    return path.read_text(encoding="utf-8-sig")
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    with path.open(encoding="utf-8-sig") as stream:
+        for number, line in enumerate(stream, start=1):
+            yield number, line.rstrip("\r\n")
 
 
 def _read_jsonl(path: Path) -> Iterator[Record]:
-    records = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in _lines(path):
         if not line.strip():
             continue
         try:
-            records.append((f"line {number}", json.loads(line)))
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{path} line {number}: malformed JSON ({err.msg}); fix or remove that line") from None
-    return iter(records)
+        yield f"line {number}", record
 
 
 def _read_json(path: Path) -> Iterator[Record]:
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # one JSON document: parsed whole
     except json.JSONDecodeError as err:
         raise UserError(f"{path} line {err.lineno}: malformed JSON ({err.msg}); fix the file") from None
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON list of prompts or objects, got {type(data).__name__}; wrap them in a list")
-    return iter([(f"item {index}", item) for index, item in enumerate(data)])
+    for index in range(len(data)):
+        item, data[index] = data[index], None  # let each object go once its prompt is taken
+        yield f"item {index}", item
 
 
 def _read_csv(path: Path) -> Iterator[Record]:
     with path.open(encoding="utf-8-sig", newline="") as stream:
+        rows = csv.DictReader(stream)
+        index = 0
         try:
-            rows = list(csv.DictReader(stream))
+            for index, row in enumerate(rows):
+                # Data starts on line 2, after the header row.
+                yield f"line {index + 2}", row
         except csv.Error as err:
             raise UserError(f"{path}: malformed CSV ({err}); fix the file") from None
-    # Data starts on line 2, after the header row.
-    return iter([(f"line {index + 2}", row) for index, row in enumerate(rows)])
 
 
 def _read_txt(path: Path) -> Iterator[Record]:
-    return iter([(f"line {n}", line) for n, line in enumerate(_read_text(path).splitlines(), start=1)])
+    for number, line in _lines(path):
+        yield f"line {number}", line
 
 
-def _read_parquet(path: Path) -> Iterator[Record]:
+def _read_parquet(path: Path, column: str | None = None) -> Iterator[Record]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(path).to_pylist()
+        table = pq.ParquetFile(path)
+        names = table.schema_arrow.names
+        # Only the column that holds the prompt is read; all of them when it must be reported missing.
+        wanted = [column] if column else [f for f in PROMPT_FIELDS + (MESSAGES_FIELD,) if f in names]
+        columns = wanted if wanted and all(c in names for c in wanted) else None
+        number = 0
+        for batch in table.iter_batches(batch_size=1024, columns=columns):
+            for row in batch.to_pylist():
+                number += 1
+                yield f"row {number}", row
     except (pa.ArrowException, OSError) as err:
         raise UserError(f"{path}: unreadable Parquet file ({err}); check that it is complete") from None
-    return iter([(f"row {index + 1}", row) for index, row in enumerate(rows)])
 
 
 # --- records -> prompts ---------------------------------------------------------
 
 
-def _prompts_from_records(records: Iterator[Record], column: str | None, path: Path) -> list[str]:
-    prompts = []
+def _prompts_from_records(records: Iterator[Record], column: str | None, path: Path) -> Iterator[str]:
     for location, record in records:
         prompt = _prompt_of(record, column, f"{path} {location}")
         if prompt and prompt.strip():
-            prompts.append(prompt.strip())
-    return prompts
+            yield prompt.strip()
 
 
 def _prompt_of(record: object, column: str | None, where: str) -> str | None:

@@ -75,8 +75,10 @@ class AbliterationConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}")
+        from .config_schema import check_settings
+
         data = self.to_dict()
-        data.update(values)
+        data.update(check_settings(values))  # the flags' own types and choices (config files, GUI, library)
         return AbliterationConfig(**data)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UserError
 from ..defaults import DEFAULT_TARGETS, DIRECTION_VARIANTS, EDITED_PRECISIONS, PROBE_MODES, PROBE_POSITIONS, AbliterationConfig, load_config_file
 
 D = AbliterationConfig()
@@ -84,7 +85,10 @@ def config_from_args(args: argparse.Namespace, base: AbliterationConfig | None =
     """defaults <- --config file <- flags the user typed."""
     config = base or AbliterationConfig()
     if getattr(args, "config_file", None):
-        config = config.with_overrides(load_config_file(args.config_file))
+        try:
+            config = config.with_overrides(load_config_file(args.config_file))
+        except UserError as err:
+            raise UserError(f"config file {args.config_file}: {err}") from None
     typed = {k: v for k, v in vars(args).items() if k not in NON_CONFIG and not k.startswith("_")}
     known = set(config.to_dict())
     return config.with_overrides({k: v for k, v in typed.items() if k in known})

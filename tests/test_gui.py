@@ -1,6 +1,7 @@
 """The GUI's stream, config building and Compare tab, called directly (no browser)."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def test_stream_shows_progress_metrics_plot_and_output_path(tiny_model, tmp_path
     from matplotlib.figure import Figure
 
     out = tmp_path / "out"
-    views, last = _final(run_abliteration_stream(str(tiny_model(num_shards=2)), str(out), **datasets, **SMALL_RUN))
+    views, last = _final(run_abliteration_stream(str(tiny_model(num_shards=2)), str(out), **datasets, **SMALL_RUN, output_root=tmp_path))
     assert any(re.search(r"<progress value=\"\d+\" max=\"\d+\">.*: \d+/\d+", v.progress) for v in views)
     assert any(v.status.startswith("**Running:** probing") for v in views)
     assert last.status.startswith("**Done.**")
@@ -81,7 +82,7 @@ def test_stream_with_uploaded_dataset_and_dry_run(tiny_model, tmp_path, datasets
 )
 def test_stream_errors_are_one_line_messages(tiny_model, tmp_path, datasets, change, expected):
     form = {"model": str(tiny_model()), "output_dir": str(tmp_path / "out"), **datasets, **SMALL_RUN, **change}
-    _, last = _final(run_abliteration_stream(**form))
+    _, last = _final(run_abliteration_stream(**form, output_root=tmp_path))
     assert last.status.startswith("**Error:**") and expected in last.status.replace("\\", "")
     assert "\n" not in last.status and "Traceback" not in last.status + last.log
     assert not (tmp_path / "out").exists()
@@ -103,7 +104,7 @@ def test_cancel_while_saving_leaves_no_partial_output(tiny_model, tmp_path, data
     monkeypatch.setattr(model_io, "save_ablated_model", save_then_cancel)
     out = tmp_path / "out"
     form = dict(model=str(tiny_model(num_shards=2)), output_dir=str(out), no_eval=True, use_layer="1", **datasets, **SMALL_RUN)
-    _, last = _final(run_abliteration_stream(**form, cancel=cancel))
+    _, last = _final(run_abliteration_stream(**form, cancel=cancel, output_root=tmp_path))
     assert last.status.startswith("**Cancelled.**") and last.output_path == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output dir, no .out.partial-* leftovers
 
@@ -116,10 +117,29 @@ def test_blank_fields_keep_engine_defaults():
     expected = AbliterationConfig(model="org/model", output_dir="outputs/model-abliterated", max_prompts=16)
     assert config == expected and isinstance(config.max_prompts, int)
     assert build_config("dir/model.gguf").output_dir == "outputs/model-abliterated"
-    uploaded = build_config("m", "o", harmful_upload="/tmp/up.jsonl", harmful_dataset="ignored.txt", probe_marker="<|im_end|>\n")
+    uploaded = build_config("m", "outputs/o", harmful_upload="/tmp/up.jsonl", harmful_dataset="ignored.txt", probe_marker="<|im_end|>\n")
     assert uploaded.harmful_dataset == "/tmp/up.jsonl" and uploaded.probe_marker == "<|im_end|>\n"
     with pytest.raises(UserError, match="unknown setting"):
-        build_config("m", "o", not_a_setting=1)
+        build_config("m", "outputs/o", not_a_setting=1)
+
+
+@pytest.mark.parametrize("escape", ["../../x", "{root}/../elsewhere", "/tmp/x", "{root}", "{root}/link/x"])
+def test_output_outside_the_output_root_is_refused(tiny_model, tmp_path, datasets, escape):
+    # Issue 13 item 6: "../../x" with Overwrite replaced a folder outside the working dir.
+    root = tmp_path / "root"
+    root.mkdir()
+    victim = tmp_path / "elsewhere"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("not yours")
+    (root / "link").symlink_to(victim)
+    form = {"model": str(tiny_model()), "output_dir": escape.format(root=root), **datasets, **SMALL_RUN, "overwrite": True}
+    _, last = _final(run_abliteration_stream(**form, output_root=root))
+    assert last.status.startswith("**Error:**") and "output root" in last.status, last.status
+    assert os.listdir(victim) == ["keep.txt"] and sorted(os.listdir(root)) == ["link"]
+    with pytest.raises(UserError, match="outside the GUI's output root"):
+        build_config(str(tiny_model()), escape.format(root=root), output_root=root)
+    assert build_config("m", str(root / "inside"), output_root=root).output_dir == str(root / "inside")
+    assert build_config("dir/m.gguf", output_root=root).output_dir == str(root / "m-abliterated")
 
 
 def test_compare_answers_side_by_side_and_errors(tiny_model):

@@ -44,12 +44,13 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def app_url(browser):
+def app_url(browser, tmp_path_factory):
     pytest.importorskip("gradio")
     from mlx_abliteration.gui import launch
 
     port = _free_port()
-    app = launch("127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+    # Every test's tmp_path lies inside the base temp dir: the GUI's output root here.
+    app = launch("127.0.0.1", port, output_root=tmp_path_factory.getbasetemp(), prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     app.close()
 

@@ -19,6 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 exposes it to your network)")
     parser.add_argument("--port", type=int, default=None, help="port; when not given, 7860 or the next free one")
     parser.add_argument("--share", action="store_true", help="also open a public *.gradio.live link")
+    parser.add_argument(
+        "--output-root", default=None,
+        help="every output dir of the GUI must lie inside this folder (default: ./outputs); paths escaping it are refused",
+    )
     parser.add_argument("--log-file", help="JSON-lines log file; when not given, $MLX_ABLITERATION_LOG_FILE or ~/.mlx-llm/abliteration-toolkit-cli/log.jsonl")
 
 
@@ -41,7 +45,13 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    app = launch(args.host, args.port, args.share, prevent_thread_lock=True, quiet=True)
+    from pathlib import Path
+
+    output_root = Path(args.output_root or "outputs").expanduser().resolve()
+    if output_root.exists() and not output_root.is_dir():
+        raise UserError(f"--output-root {args.output_root} is a file; pass a folder")
+    app = launch(args.host, args.port, args.share, output_root=output_root, prevent_thread_lock=True, quiet=True)
+    print(f"outputs are written inside {output_root}", file=sys.stderr, flush=True)
     if exposed:
         urls = "  ".join(network_urls(args.host, app.server_port))
         print(f"MLX Abliteration GUI on {urls}  (Ctrl-C stops it)", flush=True)

@@ -21,8 +21,8 @@ CSS = """
 """
 
 
-def build_app() -> gr.Blocks:
-    """The whole app; ``launch()`` serves it."""
+def build_app(output_root: str | Path | None = None) -> gr.Blocks:
+    """The whole app; ``launch()`` serves it. Runs write only inside ``output_root`` (default ``./outputs``)."""
     with gr.Blocks(title="MLX Abliteration", analytics_enabled=False) as app:
         gr.Markdown(
             "# MLX Abliteration\nRemove a chat model's refusal direction: probe harmful and harmless prompts, "
@@ -39,7 +39,7 @@ def build_app() -> gr.Blocks:
                     results = _results()
         with gr.Tab("Compare"):
             compare = _compare_tab()
-        _wire(form, start, stop, results, compare)
+        _wire(form, start, stop, results, compare, output_root)
     return app
 
 
@@ -136,14 +136,14 @@ def _compare_tab() -> dict[str, gr.components.Component]:
                 status=status, original_answer=original_answer, abliterated_answer=abliterated_answer)  # fmt: skip
 
 
-def _wire(form: dict, start: gr.Button, stop: gr.Button, results: RunView, compare: dict) -> None:
+def _wire(form: dict, start: gr.Button, stop: gr.Button, results: RunView, compare: dict, output_root=None) -> None:
     runs: dict[str, threading.Event] = {}  # browser session -> its run's cancel flag
     by_name = {name: component for component, name in form.items()}
 
     def start_run(values: dict, request: gr.Request):
         cancel = runs[request.session_hash] = threading.Event()
         try:
-            yield from run_abliteration_stream(**{form[c]: v for c, v in values.items()}, cancel=cancel)
+            yield from run_abliteration_stream(**{form[c]: v for c, v in values.items()}, cancel=cancel, output_root=output_root)
         finally:
             if runs.get(request.session_hash) is cancel:
                 del runs[request.session_hash]
@@ -168,8 +168,10 @@ def _wire(form: dict, start: gr.Button, stop: gr.Button, results: RunView, compa
     )  # fmt: skip
 
 
-def launch(host: str = "127.0.0.1", port: int | None = None, share: bool = False, **kwargs) -> gr.Blocks:
-    """Serve the app on ``host:port`` (no public link unless ``share``)."""
-    app = build_app()
+def launch(
+    host: str = "127.0.0.1", port: int | None = None, share: bool = False, output_root: str | Path | None = None, **kwargs
+) -> gr.Blocks:
+    """Serve the app on ``host:port`` (no public link unless ``share``); outputs only inside ``output_root``."""
+    app = build_app(output_root)
     app.launch(server_name=host, server_port=port, share=share, css=CSS, **kwargs)
     return app

@@ -46,17 +46,19 @@ def run_abliteration_stream(
     harmful_upload: str | None = None,
     harmless_upload: str | None = None,
     cancel: threading.Event | None = None,
+    output_root: str | Path | None = None,
     **settings: Any,
 ) -> Iterator[RunView]:
     """Run the pipeline for the form's values, yielding a ``RunView`` per visible change.
 
     ``settings`` are ``AbliterationConfig`` fields; blank values keep their
     defaults. An uploaded dataset file replaces the typed dataset. Setting
-    ``cancel`` stops the run at its next step; nothing is written then.
+    ``cancel`` stops the run at its next step; nothing is written then. The
+    output must lie inside ``output_root`` (default: ``./outputs``).
     """
     run = _RunState()
     try:
-        config = build_config(model, output_dir, harmful_upload, harmless_upload, **settings)
+        config = build_config(model, output_dir, harmful_upload, harmless_upload, output_root=output_root, **settings)
     except UserError as err:
         yield run.failed(str(err))
         return
@@ -77,9 +79,15 @@ def run_abliteration_stream(
 
 
 def build_config(
-    model: str, output_dir: str = "", harmful_upload: str | None = None, harmless_upload: str | None = None, **settings: Any
+    model: str, output_dir: str = "", harmful_upload: str | None = None, harmless_upload: str | None = None,
+    output_root: str | Path | None = None, **settings: Any,
 ) -> AbliterationConfig:
-    """The pipeline config for the form's values (blank = the engine's default)."""
+    """The pipeline config for the form's values (blank = the engine's default).
+
+    The GUI's output dir must lie inside ``output_root`` (default ``./outputs``):
+    anyone who can reach the page can start a run, so a typed path may not
+    replace a folder elsewhere (``../../x`` with Overwrite did).
+    """
     model = (model or "").strip()
     if not model:
         raise UserError("no model given; enter a local model dir, a .gguf file or a Hugging Face hub id")
@@ -89,15 +97,37 @@ def build_config(
         values["harmful_dataset"] = str(harmful_upload)
     if harmless_upload:
         values["harmless_dataset"] = str(harmless_upload)
-    values["output_dir"] = (output_dir or "").strip() or default_output_dir(model)
-    return AbliterationConfig().with_overrides(values)
+    values["output_dir"] = (output_dir or "").strip() or default_output_dir(model, output_root)
+    config = AbliterationConfig().with_overrides(values)
+    if not config.dry_run:
+        confine_output(config.output_dir, output_root)
+    return config
 
 
-def default_output_dir(model: str) -> str:
-    """``outputs/<model name>-abliterated`` for a dir, a .gguf file or a hub id."""
+DEFAULT_OUTPUT_ROOT = "outputs"
+
+
+def default_output_dir(model: str, output_root: str | Path | None = None) -> str:
+    """``<output root>/<model name>-abliterated`` for a dir, a .gguf file or a hub id."""
     name = Path(model.rstrip("/\\")).name
     name = name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
-    return str(Path("outputs") / f"{name}-abliterated")
+    return str(Path(output_root or DEFAULT_OUTPUT_ROOT) / f"{name}-abliterated")
+
+
+def confine_output(output_dir: str | Path, output_root: str | Path | None = None) -> Path:
+    """``output_dir`` (relative to the working dir) resolved; an error unless it lies inside the root.
+
+    Symlinks are resolved first, so a link inside the root pointing elsewhere does not escape it.
+    """
+    root = Path(output_root or DEFAULT_OUTPUT_ROOT).expanduser().resolve()
+    path = Path(output_dir).expanduser()
+    resolved = (path if path.is_absolute() else Path.cwd() / path).resolve()
+    if root not in resolved.parents:
+        raise UserError(
+            f"output dir {output_dir} is outside the GUI's output root {root}; choose a folder inside it "
+            "(or start the GUI with `mlx-abliterate gui --output-root DIR`)"
+        )
+    return resolved
 
 
 def _blank(name: str, value: Any) -> bool:

@@ -32,7 +32,12 @@ def calculate_refusal_direction(
         unit = harmless / mx.maximum(mx.linalg.norm(harmless), 1e-12)
         diff = diff - (diff * unit).sum() * unit
     length = mx.linalg.norm(diff)
-    if float(length.item()) == 0.0 or not math.isfinite(norm):
+    if not math.isfinite(norm) or not math.isfinite(float(length.item())):
+        raise UserError(
+            "the model produced NaN/inf activations (not a problem of the datasets): its weights hold NaN/inf "
+            "or the compute dtype overflows; check the model files, or compute in float32"
+        )
+    if float(length.item()) == 0.0:
         raise UserError("harmful and harmless activations are identical; the datasets do not separate")
     return diff / length, norm
 

@@ -26,6 +26,10 @@ def check_model_dir(path: str | Path) -> Path:
         raise UserError(f"{path} has no config.json; point --model at a directory holding config.json and *.safetensors")
     if not weight_files(path):
         raise UserError(f"{path} has no model*.safetensors weights; convert the model to safetensors (mlx_lm.convert) first")
+    from .model_checks import check_index, parse_config
+
+    parse_config(path)
+    check_index(path)
     return path
 
 
@@ -34,10 +38,9 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def read_config(path: str | Path) -> dict:
-    try:
-        return json.loads((Path(path) / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}/config.json is not valid JSON ({err}); restore the file") from None
+    from .model_checks import parse_config
+
+    return parse_config(Path(path))
 
 
 def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False, dequantize="auto"):
@@ -55,7 +58,11 @@ def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False, dequa
 
     from .._backend import compute_dtype as default_compute_dtype
 
+    from .model_checks import check_finite_weights, check_model_type, check_tokenizer_files, tokenizer_error
+
     path = check_model_dir(path)
+    check_model_type(path, read_config(path))
+    check_tokenizer_files(path)
     try:
         model, config = _load_model(path, lazy=True)
     except ValueError as err:
@@ -78,7 +85,12 @@ def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False, dequa
             mx.clear_cache()  # the stored-dtype copies just freed would otherwise stay cached
     except RuntimeError as err:
         raise UserError(f"cannot read weights in {path}: {err}; the file may be truncated or corrupt") from None
-    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    if not lazy:
+        check_finite_weights(model, path)
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except Exception as err:  # transformers raises many kinds (OSError, ValueError, ImportError...)
+        raise tokenizer_error(path, err) from None
     return model, tokenizer, config
 
 

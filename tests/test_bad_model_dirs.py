@@ -1,0 +1,135 @@
+"""Broken model folders: one-line errors that say what is wrong and how to fix it, before any work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from mlx_abliteration.errors import UserError
+
+from .cli_helpers import run_cli
+
+PROMPTS = [f"prompt number {i}" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prompts")
+    (folder / "harmful.txt").write_text("\n".join("how to do harm " + p for p in PROMPTS))
+    (folder / "harmless.txt").write_text("\n".join("how to bake " + p for p in PROMPTS))
+    return folder
+
+
+def _copy(tiny_model, tmp_path, **kwargs):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model(**kwargs), model)
+    return model
+
+
+def _edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _probe(model, prompts, tmp_path):
+    out = tmp_path / "d.safetensors"
+    proc = run_cli("probe", "-m", str(model), "--harmful-dataset", str(prompts / "harmful.txt"),
+                   "--harmless-dataset", str(prompts / "harmless.txt"), "--max-prompts", "4", "--eval-size", "0",
+                   "--use-layer", "1", "--output", str(out))
+    assert not out.exists()
+    return proc
+
+
+def _assert_one_line(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
+def test_config_that_is_a_list(tiny_model, prompts, tmp_path):
+    model = _copy(tiny_model, tmp_path)
+    (model / "config.json").write_text("[1, 2]")
+    _assert_one_line(_probe(model, prompts, tmp_path), "config.json holds a JSON list", "restore")
+
+
+def test_config_without_model_type(tiny_model, prompts, tmp_path):
+    model = _copy(tiny_model, tmp_path)
+    _edit_json(model / "config.json", lambda c: c.pop("model_type"))
+    _assert_one_line(_probe(model, prompts, tmp_path), 'has no "model_type"', '"model_type": "llama"')
+
+
+def test_unknown_model_type(tiny_model, prompts, tmp_path):
+    model = _copy(tiny_model, tmp_path)
+    _edit_json(model / "config.json", lambda c: c.update(model_type="frobnicator"))
+    _assert_one_line(_probe(model, prompts, tmp_path), "'frobnicator'", "does not support", "upgrade mlx-lm")
+
+
+def test_missing_tokenizer(tiny_model, prompts, tmp_path):
+    model = _copy(tiny_model, tmp_path)
+    for file in model.glob("tokenizer*"):
+        file.unlink()
+    _assert_one_line(_probe(model, prompts, tmp_path), "has no tokenizer", "copy the tokenizer files")
+
+
+def test_tokenizer_that_needs_custom_code(tiny_model, prompts, tmp_path):
+    model = _copy(tiny_model, tmp_path)
+    _edit_json(model / "tokenizer_config.json", lambda c: c.update(
+        tokenizer_class="FancyTokenizer", auto_map={"AutoTokenizer": ["tokenization_fancy.FancyTokenizer", None]}))
+    _assert_one_line(_probe(model, prompts, tmp_path), "needs custom Python code (auto_map")
+
+
+def test_index_naming_a_missing_shard(tiny_model, prompts, tmp_path):
+    model = _copy(tiny_model, tmp_path, num_shards=2)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    gone = sorted(set(index["weight_map"].values()))[-1]
+    (model / gone).unlink()
+    last = _assert_one_line(_probe(model, prompts, tmp_path), f"missing weight shard(s) {gone}", "download")
+    assert "Missing" not in last
+
+
+def test_unreadable_config(tiny_model, tmp_path, monkeypatch):
+    """Permissions cannot be tested as root, so the read itself fails here."""
+    from pathlib import Path
+
+    from mlx_abliteration.core.model_io import load_model
+
+    model = _copy(tiny_model, tmp_path)
+    real = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self.name == "config.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(UserError, match=r"cannot read .*config\.json \(Permission denied\); fix its permissions"):
+        load_model(model)
+
+
+def test_nan_weight_is_blamed_on_the_model_not_the_datasets(tiny_model, prompts, tmp_path):
+    import mlx.core as mx
+
+    model = _copy(tiny_model, tmp_path)
+    tensors, metadata = mx.load(str(model / "model.safetensors"), return_metadata=True)
+    name = next(k for k in sorted(tensors) if "layers.0.mlp.down_proj.weight" in k)
+    tensors[name] = mx.full(tensors[name].shape, float("nan"), dtype=tensors[name].dtype)
+    mx.save_safetensors(str(model / "model.safetensors"), tensors, metadata=metadata)
+    last = _assert_one_line(_probe(model, prompts, tmp_path), name, "NaN or inf", "corrupt")
+    assert "datasets do not separate" not in last
+
+
+def test_nan_activations_are_not_called_a_dataset_problem():
+    import mlx.core as mx
+
+    from mlx_abliteration.core.directions import calculate_refusal_direction
+
+    harmful = mx.array([float("inf"), 1.0, 2.0])
+    with pytest.raises(UserError, match="NaN/inf activations \\(not a problem of the datasets\\)"):
+        calculate_refusal_direction(harmful, mx.array([0.0, 1.0, 2.0]))

@@ -221,3 +221,36 @@ def test_two_imports_into_one_folder_the_second_fails_loudly(tmp_path, vocab, mo
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)  # fmt: skip
     assert_user_error(proc, "another process")
     assert os.listdir(out) == ["theirs.txt"] and hidden(tmp_path) == []
+
+
+# --- item 10: every output path is checked before the work starts -----------------------
+
+
+def test_bad_output_paths_fail_before_any_work(tiny_model, tmp_path, data):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    (tmp_path / "a_dir").mkdir()
+    model = str(tiny_model())
+    sets = ["--harmful-dataset", str(data / "harmful.txt"), "--harmless-dataset", str(data / "harmless.txt")]
+    cases = [
+        (["run", "-m", model, "-o", str(tmp_path / "out"), "--cache-dir", str(a_file), *sets], "--cache-dir"),
+        (["eval", "-m", model, "--responses", str(tmp_path / "a_dir"), "--num-prompts", "2", *sets], "--responses"),
+        (["eval", "-m", model, "--output", str(a_file / "r.json"), "--num-prompts", "2", *sets], "--output"),
+        (["probe", "-m", model, "--output", str(tmp_path / "d.safetensors"), "--stats-json", str(a_file / "s.json"), *sets],
+         "--stats-json"),
+        (["probe", "-m", model, "--output", str(data / "harmful.txt"), *sets], "is the source"),
+        (["chat", "-m", model, "--cache-dir", str(a_file)], "--cache-dir"),
+    ]  # fmt: skip
+    for args, needle in cases:
+        line = assert_user_error(run_cli(*args, stdin=""), needle)
+        assert "probing" not in line
+    assert sorted(os.listdir(tmp_path)) == ["a_dir", "a_file"] and a_file.read_text() == "x"
+    assert (data / "harmful.txt").read_text().startswith("harmful")
+
+
+def test_probe_stats_json_into_a_missing_folder_is_created(tiny_model, tmp_path, data):
+    proc = run_cli("probe", "-m", str(tiny_model()), "--output", str(tmp_path / "new" / "d.safetensors"),
+                   "--stats-json", str(tmp_path / "other" / "s.json"), "--harmful-dataset", str(data / "harmful.txt"),
+                   "--harmless-dataset", str(data / "harmless.txt"), "--max-prompts", "4", "--eval-size", "2", "--use-layer", "1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "new" / "d.safetensors").is_file() and (tmp_path / "other" / "s.json").is_file()

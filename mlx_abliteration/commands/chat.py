@@ -37,6 +37,9 @@ def main(args: argparse.Namespace) -> int:
 
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
+    from ..core.output_dir import check_cache_dir
+
+    check_cache_dir(args.cache_dir)
     if args.side_by_side and not args.compare:
         raise UserError("--side-by-side needs --compare ORIGINAL")
     paths = {"model": args.model}

@@ -44,6 +44,7 @@ def main(args: argparse.Namespace) -> int:
     from ..core.evaluate import format_report_table
 
     _check_numbers(args)
+    _check_paths(args)
     markers = _markers(args)
     harmful, harmless = _eval_prompts(args)
     model_path = _resolve(args.model, args.cache_dir)
@@ -61,6 +62,16 @@ def main(args: argparse.Namespace) -> int:
     if args.responses:
         _write_responses(args.responses, baseline_report, report)
     return 0
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Output files and the cache dir are checked before anything is evaluated."""
+    from ..core.output_dir import check_cache_dir, check_output_file, local_sources
+
+    check_cache_dir(args.cache_dir)
+    sources = local_sources(args.model, args.baseline, args.harmful_dataset, args.harmless_dataset, args.markers_file)
+    check_output_file(args.output, sources=sources, flag="--output")
+    check_output_file(args.responses, sources=sources, flag="--responses")
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -191,14 +202,16 @@ def _write_json(path: str, args: argparse.Namespace, baseline_report, report) ->
         "report": report.to_dict(),
         "baseline_report": baseline_report.to_dict() if baseline_report is not None else None,
     }
-    from ..core.atomic_write import write_json
+    from ..core.atomic_write import ensure_parent, write_json
 
+    ensure_parent(path)
     write_json(path, data)
 
 
 def _write_responses(path: str, baseline_report, report) -> None:
-    from ..core.atomic_write import atomic_open
+    from ..core.atomic_write import atomic_open, ensure_parent
 
+    ensure_parent(path)
     with atomic_open(path, "w") as out:
         for label, r in (("baseline", baseline_report), ("model", report)):
             for response in r.responses if r is not None else []:

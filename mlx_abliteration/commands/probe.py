@@ -49,6 +49,7 @@ def main(args: argparse.Namespace) -> int:
     from ._console import Console
 
     config = _options.config_from_args(args)
+    check_outputs(config, args)
     setup_logging(args.log_file)
     console = Console(args.quiet, args.json)
     try:
@@ -56,9 +57,20 @@ def main(args: argparse.Namespace) -> int:
     finally:
         console.close_bars()
     if args.stats_json:
-        from ..core.atomic_write import write_json
+        from ..core.atomic_write import ensure_parent, write_json
 
+        ensure_parent(args.stats_json)
         write_json(args.stats_json, {"chosen_layer": layer, "layers": [s.to_dict() for s in directions.stats]})
     if not args.json:
         print(f"saved directions of {len(directions.layers)} layers (chosen layer {layer}) to {args.output}")
     return 0
+
+
+def check_outputs(config, args: argparse.Namespace) -> None:
+    """Both output files are checked before probing (a directory, a file in the way, a source)."""
+    from ..core.output_dir import check_cache_dir, check_output_file, local_sources
+
+    check_cache_dir(config.cache_dir)
+    sources = local_sources(config.model, config.harmful_dataset, config.harmless_dataset, args.config_file if "config_file" in args else None)
+    check_output_file(args.output, sources=sources, flag="--output")
+    check_output_file(args.stats_json, sources=sources, flag="--stats-json")

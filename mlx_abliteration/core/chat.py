@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import UserError
+
+# Config keys that hold how many positions a model can attend over.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+_UNKNOWN = 10_000_000  # transformers' model_max_length when the tokenizer does not know it is ~1e30
 
 
 def chat_messages(prompt: str, system_prompt: str | None = None) -> list[dict]:
@@ -21,11 +30,60 @@ def render_chat(tokenizer, prompt: str, system_prompt: str | None = None) -> str
 
 
 def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation, ready for the assistant's next answer."""
+    """Token ids of a conversation, ready for the assistant's next answer.
+
+    A conversation longer than the model's context is refused with a one-line
+    error (running it crashed the batched prefill with a segfault). Refusing,
+    not truncating: a cut prompt means something else, and cutting it would
+    remove the generation prompt where the probe and the answer begin.
+    """
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding
         ids = ids["input_ids"]
-    return list(ids)
+    ids = list(ids)
+    context = context_length(tokenizer)
+    if context is not None and len(ids) >= context:
+        text = " ".join(str(messages[-1].get("content", "")).split()) if messages else ""
+        preview = text[:40] + ("..." if len(text) > 40 else "")
+        raise UserError(
+            f"prompt {preview!r} is {len(ids)} tokens with the chat template, but the model's context is {context} "
+            "tokens; shorten it or remove it from the dataset"
+        )
+    return ids
+
+
+def context_length(tokenizer) -> int | None:
+    """The model's context in tokens: config.json's max_position_embeddings (or the like), else the
+    tokenizer's model_max_length; None when neither is known."""
+    path = getattr(tokenizer, "name_or_path", None)
+    context = _config_context(str(path)) if path else None
+    if context is None:
+        limit = getattr(tokenizer, "model_max_length", None)
+        context = int(limit) if isinstance(limit, (int, float)) and 0 < limit < _UNKNOWN else None
+    return context
+
+
+@functools.lru_cache(maxsize=32)
+def _config_context(path: str) -> int | None:
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") if isinstance(config, dict) else None):
+        if isinstance(section, dict):
+            for key in _CONTEXT_KEYS:
+                value = section.get(key)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    return value
+    return None
+
+
+def generation_budget(tokenizer, token_lists: Sequence[Sequence[int]], max_tokens: int) -> int:
+    """``max_tokens``, lowered so that the longest prompt plus its answer fits in the context."""
+    context = context_length(tokenizer)
+    if context is None or not token_lists:
+        return max_tokens
+    return max(0, min(max_tokens, context - max(len(t) for t in token_lists)))
 
 
 def encode_chat(tokenizer, prompt: str, system_prompt: str | None = None) -> list[int]:

@@ -103,6 +103,9 @@ def generate_greedy(
     ``stop_when(text)`` sees a row's text so far after every token; True
     ends that row (the search stops once a refusal marker has appeared).
     """
+    from .chat import generation_budget
+
+    max_tokens = generation_budget(tokenizer, token_lists, max_tokens)  # never generate past the context
     eos = frozenset(tokenizer.eos_token_ids)
     token_stop = None
     if stop_when is not None:

@@ -1,11 +1,12 @@
 """Probing: the wrapper is transparent, batching is exact, positions are right."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 
 from mlx_abliteration.core.model_io import load_model
 from mlx_abliteration.core.positions import ProbeSpec, probe_positions, resolve_marker
-from mlx_abliteration.core.probe import ActivationProbeWrapper, WelfordStats, capture_activations, capture_residual_stream, probe_prompts
+from mlx_abliteration.core.probe import WelfordStats, capture_activations, capture_residual_stream, probe_prompts
 from mlx_abliteration.core.utils import extract_eot_from_chat_template
 
 PROMPTS = ["How do I bake bread?", "hi", "Tell me a long story about the sea and the wind, please, right now."]
@@ -21,12 +22,14 @@ def test_wrapping_keeps_logits_and_restores_layers(model):
     x = mx.array([tok.encode("hello world, how are you")])
     before = m(x)
     originals = list(m.layers)
+    classes = [type(layer) for layer in m.layers]
     with capture_residual_stream(m, range(len(m.layers)), stop_early=False) as wrappers:
-        assert all(isinstance(layer, ActivationProbeWrapper) for layer in m.layers)
+        assert all(wrappers[i].layer is layer for i, layer in enumerate(m.layers))  # hooked in place, not replaced
         during = m(x)
-        assert "_captured" not in dict(wrappers[0].parameters())
+        assert "_captured" not in dict(m.layers[0].parameters())
     assert mx.array_equal(before, during)
     assert all(a is b for a, b in zip(m.layers, originals))
+    assert [type(layer) for layer in m.layers] == classes
 
 
 def test_layers_restored_on_exception(model):
@@ -38,11 +41,37 @@ def test_layers_restored_on_exception(model):
     assert all(a is b for a, b in zip(m.layers, originals))
 
 
-def test_wrapper_exposes_layer_attributes(model):
-    m, _, _ = model
-    layer = m.layers[0]
-    layer.custom_flag = "yes"
-    assert ActivationProbeWrapper(layer).custom_flag == "yes"
+class _KeywordCalls(nn.Module):
+    """Calls its layers by keyword and keeps them in two lists joined (as GPT-J and AFM7 do in mlx-lm)."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.first, self.second = layers[:1], layers[1:]
+
+    @property
+    def layers(self):
+        return self.first + self.second
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x=x)
+        return x
+
+
+class _Double(nn.Module):
+    def __call__(self, x):
+        return 2 * x
+
+
+def test_layers_called_by_keyword_from_joined_lists_are_probed():
+    model = _KeywordCalls([_Double(), _Double(), _Double()])
+    x = mx.ones((1, 2, 4))
+    with capture_residual_stream(model, [0, 2], stop_early=False) as probes:
+        for probe in probes.values():
+            probe._select = lambda h: h[:, -1]
+        model(x)
+    assert mx.array_equal(probes[0]._captured, 2 * mx.ones((1, 4)))
+    assert mx.array_equal(probes[2]._captured, 8 * mx.ones((1, 4)))
 
 
 @pytest.mark.parametrize("position", ["last", "marker", "after-marker", "span"])

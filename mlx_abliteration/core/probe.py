@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import UserError
+from .hooks import hooks
 from .batching import BatchingUnsupported, left_pad, make_batch_cache
 from .positions import ProbeSpec, probe_positions, resolve_marker
 
@@ -26,33 +27,24 @@ class _StopForward(Exception):
     """Raised after the deepest probed layer: the rest of the model is not needed."""
 
 
-class ActivationProbeWrapper(nn.Module):
-    """Wraps one decoder layer and records its output at the probe positions.
+class ActivationProbeWrapper:
+    """The probe point of one decoder layer: records its output at the probe positions.
 
-    ``_select`` maps the layer output ``[B, T, H]`` to ``[B, H]``; captured
-    arrays live on underscore attributes so they never become parameters.
+    It is attached with ``hooks`` (the layer object stays where the model keeps
+    it), so the layer is seen however the model calls it: positionally, by
+    keyword (GPT-J), or from several lists (AFM7). ``_select`` maps the
+    layer output ``[B, T, H]`` to ``[B, H]``.
     """
 
     def __init__(self, layer: nn.Module, stop_after: bool = False):
-        super().__init__()
         self.layer = layer
         self._select: Callable[[mx.array], mx.array] | None = None
         self._captured: mx.array | None = None
         self._stop_after = stop_after
 
-    def __getattr__(self, name):
-        # The model's forward reads plain attributes of its layers
-        # (e.g. mlx-lm's Llama reads ``layer.use_sliding``).
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "layer" or "layer" not in self:
-                raise
-            return getattr(self["layer"], name)
-
-    def __call__(self, x, *args, **kwargs):
-        out = self.layer(x, *args, **kwargs)
-        hidden = out[0] if isinstance(out, tuple) else out
+    def __call__(self, call, args, kwargs):
+        out = call(*args, **kwargs)
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
         if self._select is not None:
             self._captured = self._select(hidden).astype(mx.float32)
         if self._stop_after:
@@ -86,30 +78,12 @@ def _owned_layer_list(model: nn.Module) -> tuple[list, int]:
 
 @contextlib.contextmanager
 def capture_residual_stream(model: nn.Module, layer_ids: Sequence[int], stop_early: bool = True) -> Iterator[dict[int, ActivationProbeWrapper]]:
-    """Wrap ``layer_ids``; always restores the original layers, also on errors."""
-    storage, offset = _owned_layer_list(model)
-    layers = _OffsetList(storage, offset)
+    """Probe points on ``layer_ids``; always removed again, also on errors."""
+    layers = decoder_layers(model)
     last = max(layer_ids)
-    originals = {i: layers[i] for i in layer_ids}
     wrappers = {i: ActivationProbeWrapper(layers[i], stop_after=stop_early and i == last) for i in layer_ids}
-    try:
-        for i, wrapper in wrappers.items():
-            layers[i] = wrapper
+    with hooks([(w.layer, w) for w in wrappers.values()]):
         yield wrappers
-    finally:
-        for i, layer in originals.items():
-            layers[i] = layer
-
-
-class _OffsetList:
-    def __init__(self, storage: list, offset: int):
-        self.storage, self.offset = storage, offset
-
-    def __getitem__(self, i):
-        return self.storage[self.offset + i]
-
-    def __setitem__(self, i, value):
-        self.storage[self.offset + i] = value
 
 
 @dataclass

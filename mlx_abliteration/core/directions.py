@@ -63,6 +63,7 @@ class RefusalDirections:
     stats: list[LayerStats]
     variant: str
     num_model_layers: int
+    degenerate: tuple[int, ...] = ()  # probed layers where both sets' means were equal (no direction)
 
     def row(self, layer: int) -> int:
         return self.layers.index(layer)
@@ -71,6 +72,8 @@ class RefusalDirections:
         """Direction at a (possibly fractional) layer index, interpolated and renormalized."""
         lo = math.floor(layer)
         hi = math.ceil(layer)
+        for bound in {lo, hi} & set(self.degenerate):
+            raise UserError(f"layer {bound}: the harmful and harmless activations are identical there (no direction); choose another layer")
         if lo not in self.layers or hi not in self.layers:
             raise UserError(f"layer {layer} was not probed; probed layers: {_ranges(self.layers)}")
         if lo == hi:
@@ -81,9 +84,13 @@ class RefusalDirections:
 
 
 def compute_directions(harmful: WelfordStats, harmless: WelfordStats, layers: list[int], num_model_layers: int, variant: str = "mean-diff") -> RefusalDirections:
-    rows, stats = [], []
+    rows, stats, kept, degenerate = [], [], [], []
     pooled_var = (harmful.variance + harmless.variance) / 2
     for row, layer in enumerate(layers):
+        if _equal_means(harmful.mean[row], harmless.mean[row]):
+            degenerate.append(layer)  # e.g. a layer the prompts' probe positions cannot tell apart (short-conv first layers)
+            continue
+        kept.append(layer)
         r, norm = calculate_refusal_direction(harmful.mean[row], harmless.mean[row], variant)
         rows.append(r)
         a, b = harmful.mean[row], harmless.mean[row]
@@ -91,9 +98,15 @@ def compute_directions(harmful: WelfordStats, harmless: WelfordStats, layers: li
         std = math.sqrt(max(float(pooled_var[row].item()), 1e-12))
         rel = norm / max(float(mx.linalg.norm(b).item()), 1e-12)
         stats.append(LayerStats(layer, norm, rel, cos, norm / std))
+    if not rows:
+        raise UserError("harmful and harmless activations are identical at every probed layer; the datasets do not separate")
     directions = mx.stack(rows)
     mx.eval(directions)
-    return RefusalDirections(list(layers), directions, stats, variant, num_model_layers)
+    return RefusalDirections(kept, directions, stats, variant, num_model_layers, tuple(degenerate))
+
+
+def _equal_means(a: mx.array, b: mx.array) -> bool:
+    return bool(mx.array_equal(a.astype(mx.float32), b.astype(mx.float32)).item())
 
 
 def _ranges(layers: list[int]) -> str:

@@ -8,20 +8,13 @@ from pathlib import Path
 
 from .errors import UserError
 
-# Module-path suffixes of residual-stream writers, by role (decided by role,
-# never by shape: q/k/v/up/gate read the residual stream and are not here).
-WRITER_ROLES: dict[str, str] = {
-    "o_proj": "attn",  # self_attn.o_proj (Llama, Qwen, Mistral, Gemma...)
-    "out_proj": "attn",
-    "attn.c_proj": "attn",  # GPT-2 style
-    "attention.wo": "attn",
-    "down_proj": "mlp",  # mlp.down_proj; MoE switch_mlp/experts/shared_expert(s).down_proj
-    "mlp.c_proj": "mlp",
-    "w2": "mlp",  # feed_forward.w2, block_sparse_moe experts
-    "embed_tokens": "embed",
-    "wte": "embed",
-}
-DEFAULT_TARGETS: tuple[str, ...] = tuple(WRITER_ROLES)
+# Residual writers are found on the model itself (core.writers). --targets
+# narrows the edit to writers whose module path ends with one of its names;
+# empty: every writer found.
+DEFAULT_TARGETS: tuple[str, ...] = ()
+# Names offered as --targets choices in the GUI (the common writer names).
+COMMON_TARGETS: tuple[str, ...] = ("o_proj", "down_proj", "embed_tokens")
+MAX_STRENGTH = 10.0  # --ablation-strength upper bound (1 removes the direction; larger flips it)
 # memory: load the model and probe it; streamed: read one decoder layer at a
 # time from the shards (models larger than memory; no evaluation, layer by stats).
 PROBE_MODES: tuple[str, ...] = ("memory", "streamed")

@@ -82,11 +82,12 @@ def run_pipeline(
     if config.output_dir and not config.dry_run:
         steps.check_output(source, config)
     model, tokenizer, model_config = steps.load(source, report, config)
+    writers = steps.find_writers(model, source, config, report)
     data = steps.prompts(config, report)
     reference, before = steps.evaluate_before(model, tokenizer, data, config, report)
     directions = steps.probe_directions(model, tokenizer, data, config, report, source)
-    layer, candidates = steps.choose_layer(model, tokenizer, directions, data, config, source, report)
-    plan = steps.build_plan(directions, layer, config)
+    layer, candidates = steps.choose_layer(model, tokenizer, directions, data, config, source, report, writers)
+    plan = steps.build_plan(directions, layer, config, writers)
     after = steps.evaluate_after(model, tokenizer, plan, data, reference, config, source, report)
     record = steps.build_record(config, source, model_config, directions, layer, candidates, plan, before, after, started)
     output = None

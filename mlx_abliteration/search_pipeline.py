@@ -44,7 +44,7 @@ from .core.search import (
     study_key,
     trial_row,
 )
-from .defaults import WRITER_ROLES, AbliterationConfig
+from .defaults import AbliterationConfig
 from .errors import UserError
 from .pipeline import PipelineResult, _Reporter
 
@@ -83,12 +83,13 @@ def run_search(
     prompts = prompts_fingerprint(config)
     study, storage_path = _open(source, config, settings, prompts, report)
     model, tokenizer, model_config = steps.load(source, report, config)
+    writers = steps.find_writers(model, source, config, report)
     data = steps.prompts(config, report)
     cache = storage_path.parent / f"{Path(source).name}-{study_key(probe_identity(source, config, prompts))}.directions.safetensors"
     directions = _directions(model, tokenizer, data, config, source, cache, report)
     scored_on, interrupted = study.user_attrs.get("scored_on", ""), False
     if settings.trial is None:
-        scored_on, interrupted = _search(study, model, tokenizer, source, data, directions, config, settings, report)
+        scored_on, interrupted = _search(study, model, tokenizer, source, data, directions, config, settings, report, writers)
     rows = [trial_row(t) for t in complete_trials(study)]
     pruned = [trial_row(t) for t in finished_trials(study) if t.state.name == "PRUNED"]
     summary = StudySummary(study.study_name, str(storage_path), rows, interrupted, pruned)
@@ -97,7 +98,7 @@ def run_search(
     outcome = SearchOutcome(summary, chosen, settings, scored_on)
     if save and chosen is not None:
         extra = {"search": _search_record(summary, chosen, settings, scored_on)}
-        saved = _evaluate_and_save(model, tokenizer, source, model_config, data, directions, chosen.spec, config, report, started, extra)
+        saved = _evaluate_and_save(model, tokenizer, source, model_config, data, directions, chosen.spec, config, report, started, extra, writers)
         outcome.output_dir, outcome.record, outcome.before, outcome.after = saved
     report.emit("done", f"finished in {time.perf_counter() - started:.0f}s", output_dir=outcome.output_dir)
     return outcome
@@ -113,9 +114,10 @@ def run_with_plan(config: AbliterationConfig, spec: PlanSpec, on_event=None, can
     if not config.dry_run:
         steps.check_output(source, config)
     model, tokenizer, model_config = steps.load(source, report, config)
+    writers = steps.find_writers(model, source, config, report)
     data = steps.prompts(config, report)
     directions = steps.probe_directions(model, tokenizer, data, config, report, source)
-    output, record, before, after = _evaluate_and_save(model, tokenizer, source, model_config, data, directions, spec, config, report, started, {})
+    output, record, before, after = _evaluate_and_save(model, tokenizer, source, model_config, data, directions, spec, config, report, started, {}, writers)
     report.emit("done", f"finished in {time.perf_counter() - started:.0f}s", output_dir=output)
     return PipelineResult(output, record["chosen_layer"], record["layer_stats"], before, after, record, directions)
 
@@ -198,8 +200,8 @@ def _directions(model, tokenizer, data, config, source, cache: Path, report):
     return directions
 
 
-def _search(study, model, tokenizer, source, data, directions, config, settings, report) -> tuple[str, bool]:
-    space, warm = _space(study, model, tokenizer, directions, data, config, settings, source, report)
+def _search(study, model, tokenizer, source, data, directions, config, settings, report, writers) -> tuple[str, bool]:
+    space, warm = _space(study, model, tokenizer, directions, data, config, settings, source, report, writers)
     for label in ensure_warm_starts(study, warm, space):
         spec = warm[label]
         report.emit("info", f"trial queued: {label} (layer {spec.direction_index:g}, strength {spec.attn.max_weight:g} on every writer)")
@@ -231,15 +233,15 @@ def _search(study, model, tokenizer, source, data, directions, config, settings,
     return scored_on, interrupted
 
 
-def _space(study, model, tokenizer, directions, data, config, settings, source, report) -> tuple[SearchSpace, dict[str, PlanSpec]]:
+def _space(study, model, tokenizer, directions, data, config, settings, source, report, writers) -> tuple[SearchSpace, dict[str, PlanSpec]]:
     """The study's search space and warm-start specs, decided once and stored with the study."""
     if "space" in study.user_attrs:
         warm = {label: PlanSpec.from_dict(spec) for label, spec in (study.user_attrs.get("warm_specs") or {}).items()}
         return SearchSpace.from_dict(study.user_attrs["space"]), warm
-    edit_embedding = any(WRITER_ROLES.get(t) == "embed" for t in config.targets)
+    edit_embedding = any(w.role == "embed" for w in writers.values())
     warm = {}
     if settings.warm_start and str(config.ablate_layers).strip().lower() == "all":
-        layer, _ = steps.choose_layer(model, tokenizer, directions, data, config, source, report)
+        layer, _ = steps.choose_layer(model, tokenizer, directions, data, config, source, report, writers)
         strength = check_strength(config.ablation_strength)
         variants = [("fixed default", config.norm_preserve)]
         if not config.norm_preserve:
@@ -271,8 +273,8 @@ def search_prompt_sets(config: AbliterationConfig, size: int) -> tuple[list[str]
 # --- evaluate, record, save ----------------------------------------------------
 
 
-def _evaluate_and_save(model, tokenizer, source, model_config, data, directions, spec, config, report, started, extra):
-    plan = kernel_plan(directions, spec, config.targets)
+def _evaluate_and_save(model, tokenizer, source, model_config, data, directions, spec, config, report, started, extra, writers):
+    plan = kernel_plan(directions, spec, config.targets).with_writers(writers)
     layer = min(directions.layers, key=lambda p: (abs(p - spec.direction_index), p))
     reference, before = steps.evaluate_before(model, tokenizer, data, config, report)
     after = steps.evaluate_after(model, tokenizer, plan, data, reference, config, source, report)

@@ -152,9 +152,11 @@ def probe_directions(model, tokenizer, data: PromptSets, config: AbliterationCon
     return directions
 
 
-def choose_layer(model, tokenizer, directions: RefusalDirections, data: PromptSets, config: AbliterationConfig, source: Path, report):
+def choose_layer(model, tokenizer, directions: RefusalDirections, data: PromptSets, config: AbliterationConfig, source: Path, report, writers):
     choice = parse_use_layer(config.use_layer, directions.num_model_layers)
     if choice != "auto":
+        if choice in directions.degenerate:
+            raise UserError(f"--use-layer {config.use_layer}: the harmful and harmless activations are identical at layer {choice}; choose another layer")
         if choice not in directions.layers:
             raise UserError(f"--use-layer {config.use_layer} selects layer {choice}, which was not probed (--layers {config.layers})")
         report.emit("layers", f"using layer {choice}", stats=[s.to_dict() for s in directions.stats], chosen=choice)
@@ -170,7 +172,7 @@ def choose_layer(model, tokenizer, directions: RefusalDirections, data: PromptSe
 
     report.emit("stage", "choosing the layer (auto)")
     layer, scores = select_layer_auto(
-        model, tokenizer, directions, lambda layer: build_plan(directions, layer, config),
+        model, tokenizer, directions, lambda layer: build_plan(directions, layer, config, writers),
         data.harmful_train[:AUTO_PROMPTS], data.harmless_train[:AUTO_PROMPTS],
         system_prompt=config.system_prompt, batch_size=_eval_batch(config), progress=report.progress,
         storage_dtype=storage_dtype(source),
@@ -182,13 +184,36 @@ def choose_layer(model, tokenizer, directions: RefusalDirections, data: PromptSe
     return layer, scores
 
 
-def build_plan(directions: RefusalDirections, layer: int, config: AbliterationConfig) -> AblationPlan:
+def find_writers(model, source: Path, config: AbliterationConfig, report):
+    """The model's residual writers (found and proven on its forward pass), narrowed by ``--targets``.
+
+    Runs before any probing, so an unsupported architecture or a wrong
+    ``--targets`` fails in seconds with nothing written. Without a loaded
+    ``model`` (or in streamed mode) the source is opened lazily and each
+    layer's weights are dropped once tested.
+    """
+    from .core.ablate import select_writers
+    from .core.writers import describe_writers, model_writers
+
+    report.emit("stage", "finding the residual writers")
+    if model is None or streamed_mode(config):
+        from .core.source_layout import discover_writers_in_dir
+
+        writers = discover_writers_in_dir(source)
+    else:
+        writers = model_writers(model)
+    chosen = select_writers(writers, config.targets)
+    report.emit("info", describe_writers(chosen), writers=len(chosen))
+    return chosen
+
+
+def build_plan(directions: RefusalDirections, layer: int, config: AbliterationConfig, writers) -> AblationPlan:
     num_layers = directions.num_model_layers
     return uniform_plan(
         directions.direction(layer), num_layers, config.ablation_strength,
         ablate_layers=parse_layer_list(config.ablate_layers, num_layers), targets=config.targets,
         norm_preserve=config.norm_preserve,
-    )  # fmt: skip
+    ).with_writers(writers)  # fmt: skip
 
 
 def storage_dtype(source: Path):

@@ -11,9 +11,9 @@ from mlx_abliteration.core.ablate import (
     orthogonalize_embedding,
     orthogonalize_writer,
     uniform_plan,
-    writer_role,
 )
 from mlx_abliteration.core.model_edit import WeightSnapshot, apply_plan, get_ablated_parameters
+from mlx_abliteration.core.writers import model_writers
 from mlx_abliteration.core.model_io import load_model
 from mlx_abliteration.errors import UserError
 
@@ -68,16 +68,6 @@ def test_bad_strength_is_a_user_error(strength):
         check_strength(strength)
 
 
-def test_roles_by_name_not_shape():
-    assert writer_role("model.layers.3.self_attn.o_proj") == "attn"
-    assert writer_role("model.layers.3.mlp.down_proj") == "mlp"
-    assert writer_role("model.layers.0.block_sparse_moe.switch_mlp.down_proj") == "mlp"
-    assert writer_role("model.h.2.attn.c_proj") == "attn"
-    assert writer_role("model.embed_tokens") == "embed"
-    for reader in ("model.layers.3.self_attn.q_proj", "model.layers.3.mlp.up_proj", "model.layers.3.mlp.gate_proj", "model.norm"):
-        assert writer_role(reader) is None
-
-
 def _flat(model):
     return dict(tree_flatten(model.parameters()))
 
@@ -90,18 +80,19 @@ def test_float32_model_every_writer_orthogonal_readers_untouched(tiny_model, kwa
     before = _flat(model)
     apply_plan(model, uniform_plan(r, len(model.layers)))
     after = _flat(model)
+    writers = model_writers(model)
     edited = set()
     for name, w in before.items():
         new = after[name]
-        role = writer_role(name.rpartition(".")[0])
-        if role is None:
+        writer = writers.get(name.rpartition(".")[0])
+        if writer is None:
             assert mx.array_equal(w, new), f"{name} is not a writer but changed"
             continue
         edited.add(name)
         leaf = name.rpartition(".")[2]
         if leaf == "bias":
             assert abs(float((new * r).sum().item())) <= 1e-5 * max(abs(float((w * r).sum().item())), 1e-3)
-        elif role == "embed":
+        elif writer.rows:
             assert float(mx.linalg.norm(new @ r).item()) <= 1e-5 * float(mx.linalg.norm(w @ r).item())
         else:
             # Per expert for 3-D MoE weights: r^T W_e = 0 for each e.
@@ -135,7 +126,7 @@ def test_quantized_edit_reports_residual_and_higher_precision_fixes_it(tiny_mode
     model, _, config = load_model(tiny_model(bits=bits), dequantize=False)
     module = model.layers[1].self_attn.o_proj
     r = _unit(config["hidden_size"])
-    plan = uniform_plan(r, len(model.layers))
+    plan = uniform_plan(r, len(model.layers)).with_writers(model_writers(model))
     leaves = {k: v for k, v in module.items() if isinstance(v, mx.array)}
     quant = QuantParams(module.group_size, module.bits, module.mode)
     edit = edit_module("model.layers.1.self_attn.o_proj", leaves, plan, quant)

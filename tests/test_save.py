@@ -36,13 +36,13 @@ def _generate(path):
     return mlx_lm.generate(model, tok, prompt=prompt, max_tokens=4)
 
 
-def test_strength_zero_is_bit_identical(tiny_model, tmp_path):
+def test_strength_zero_edits_nothing_and_saves_nothing(tiny_model, tmp_path):
+    # A model with no edits is not an abliterated model: never "saved".
     src = tiny_model(num_shards=3)
     out = tmp_path / "out"
-    save_ablated_model(src, out, _plan(src, 0.0))
-    for shard in [p for p in os.listdir(src) if p.endswith(".safetensors")]:
-        assert sha256_file(src / shard) == sha256_file(out / shard)
-    assert json.loads((out / "model.safetensors.index.json").read_text()) == json.loads((src / "model.safetensors.index.json").read_text())
+    with pytest.raises(UserError, match="edits no module"):
+        save_ablated_model(src, out, _plan(src, 0.0))
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
 
 
 @pytest.mark.parametrize(

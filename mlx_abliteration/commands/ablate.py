@@ -45,7 +45,8 @@ def ablate(config, direction_file: str | Path, use_layer: str | None = None, on_
         layer = parse_use_layer(use_layer, directions.num_model_layers)
         if layer == "auto" or layer not in directions.layers:
             raise UserError(f"--use-layer {use_layer}: choose one of the probed layers {directions.layers[0]}..{directions.layers[-1]}")
-    plan = steps.build_plan(directions, layer, config)
+    writers = steps.find_writers(None, source, config, report)  # the model is opened lazily, one layer at a time
+    plan = steps.build_plan(directions, layer, config, writers)
     record = {
         "tool": "mlx-abliteration", "command": "ablate", "source_model": str(config.model),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parameters": config.to_dict(),

@@ -8,19 +8,21 @@ so for a writer the residual axis is ``-2`` (also per expert for 3-D MoE
     writer     W' = W - s r (r^T W)        bias  b' = b - s r (r^T b)
     embedding  E' = E - s (E r) r^T
 
+Which modules are writers is found from the model itself (``writers``); a
+post-norm writer is edited against ``u = g * r / |g * r|`` instead of r.
 q/k/v/up/gate projections read the residual stream and are never edited.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 
-from ..defaults import DEFAULT_TARGETS, WRITER_ROLES
+from ..defaults import DEFAULT_TARGETS, MAX_STRENGTH
 from ..errors import UserError
-from .utils import layer_index
+from .writers import Writer, WriterMap
 
 QUANT_LEAVES = ("weight", "scales", "biases")
 
@@ -39,6 +41,20 @@ class AblationPlan:
     strengths: dict[str, list[float]]
     targets: tuple[str, ...] = DEFAULT_TARGETS
     norm_preserve: bool = False
+    writers: WriterMap | None = None  # found on the model (core.writers); None: found where the plan is applied
+
+    def with_writers(self, writers: WriterMap) -> AblationPlan:
+        """This plan on ``writers`` (checked against ``targets``)."""
+        return replace(self, writers=select_writers(writers, self.targets))
+
+    def writer(self, module_path: str) -> Writer | None:
+        """The writer at ``module_path`` if this plan edits it (strength != 0), else None."""
+        if self.writers is None:
+            raise ValueError("the plan has no writers yet: bind it to a model with with_writers()")
+        writer = self.writers.get(module_path)
+        if writer is None or self.strength(writer.role, writer.layer) == 0.0:
+            return None
+        return writer
 
     def strength(self, role: str, layer: int | None) -> float:
         values = self.strengths.get(role)
@@ -48,13 +64,45 @@ class AblationPlan:
             return float(values[0])
         return float(values[layer]) if layer < len(values) else 0.0
 
-    def direction(self, role: str, layer: int | None) -> mx.array:
-        if role == "embed" or layer is None:
-            return self.embed_direction
-        return self.layer_directions[layer]
+    def direction(self, writer: Writer) -> mx.array:
+        """The unit vector ``writer`` is orthogonalized against."""
+        if writer.role == "embed" or writer.layer is None:
+            return writer.direction(self.embed_direction)
+        return writer.direction(self.layer_directions[writer.layer])
 
     def to_dict(self) -> dict:
-        return {"strengths": self.strengths, "targets": list(self.targets), "norm_preserve": self.norm_preserve}
+        out = {"strengths": self.strengths, "targets": list(self.targets), "norm_preserve": self.norm_preserve}
+        if self.writers is not None:
+            out["writers"] = {path: w.to_dict() for path, w in self.writers.items()}
+        return out
+
+
+def select_writers(writers: WriterMap, targets) -> WriterMap:
+    """The writers whose path ends with one of ``targets`` (all of them when ``targets`` is empty).
+
+    A target that names no writer is an error: it is a typo or a reader.
+    """
+    targets = tuple(targets or ())
+    if not targets:
+        return dict(writers)
+    chosen = {}
+    for target in targets:
+        if not isinstance(target, str) or not target.strip(".").strip():
+            raise UserError(f"--targets: {target!r} is not a module name")
+        hits = {p: w for p, w in writers.items() if p == target or p.endswith("." + target)}
+        if not hits:
+            names = sorted({_short_name(p) for p in writers})
+            raise UserError(f"--targets {target}: no residual writer of this model is named so; its writers are {', '.join(names)}")
+        chosen.update(hits)
+    return chosen
+
+
+def _short_name(path: str) -> str:
+    # model.layers.3.self_attn.o_proj -> self_attn.o_proj; model.embed_tokens -> embed_tokens
+    import re
+
+    match = re.search(r"\.\d+\.(.+)$", path)
+    return match.group(1) if match else path.rpartition(".")[2]
 
 
 def uniform_plan(
@@ -84,25 +132,14 @@ def check_strength(strength) -> float:
         value = float(strength)
     except (TypeError, ValueError):
         raise UserError(f"ablation strength {strength!r} is not a number; use e.g. 1.0") from None
-    if value != value or value < 0 or value == float("inf"):
-        raise UserError(f"ablation strength {strength!r} must be a finite number >= 0 (1.0 removes the direction)")
+    if not 0 <= value <= MAX_STRENGTH:  # also false for NaN
+        raise UserError(f"ablation strength {strength!r} must be between 0 and {MAX_STRENGTH:g} (1.0 removes the direction)")
     return value
 
 
 def unit(v: mx.array) -> mx.array:
     v = v.astype(mx.float32)
     return v / mx.linalg.norm(v)
-
-
-def writer_role(module_path: str, targets: Iterable[str] = DEFAULT_TARGETS) -> str | None:
-    """Role of a module path if it is a targeted residual writer, else None."""
-    for suffix in targets:
-        if module_path == suffix or module_path.endswith("." + suffix):
-            role = WRITER_ROLES.get(suffix)
-            if role is None:
-                raise UserError(f"unknown ablation target {suffix!r}; known targets: {', '.join(WRITER_ROLES)}")
-            return role
-    return None
 
 
 # --- the math, on float32 arrays -------------------------------------------------
@@ -118,10 +155,23 @@ def orthogonalize_writer(w: mx.array, r: mx.array, s: float, norm_preserve: bool
     return edited
 
 
+EMBED_DOT_ROWS = 4096  # rows per elementwise dot product (bounds the float32 temporary)
+
+
+def row_dots(e: mx.array, r: mx.array) -> mx.array:
+    """E r, one row at a time: each row's sum is the same however many rows are edited together.
+
+    A BLAS matrix-vector product picks its kernel (and so its rounding) by
+    the number of rows, so an embedding edited in blocks would differ from one
+    edited whole; elementwise products reduced per row do not.
+    """
+    return mx.concatenate([(e[i : i + EMBED_DOT_ROWS] * r).sum(-1) for i in range(0, e.shape[0], EMBED_DOT_ROWS)])
+
+
 def orthogonalize_embedding(e: mx.array, r: mx.array, s: float, norm_preserve: bool = False) -> mx.array:
     """E' = E - s (E r) r^T: each token's embedding row loses its r component."""
     r = r.astype(mx.float32)
-    edited = e - s * mx.matmul(e, r)[:, None] * r[None, :]
+    edited = e - s * row_dots(e, r)[:, None] * r[None, :]
     if norm_preserve:
         edited = edited * _norm_ratio(e, edited, axis=-1)
     return edited
@@ -140,10 +190,10 @@ def _norm_ratio(before: mx.array, after: mx.array, axis: int) -> mx.array:
     return old / mx.maximum(new, 1e-12)
 
 
-def refusal_component(w: mx.array, r: mx.array, role: str) -> float:
-    """||r^T W|| for writers, ||E r|| for embeddings."""
+def refusal_component(w: mx.array, r: mx.array, rows: bool) -> float:
+    """||r^T W|| for linear writers, ||E r|| for embedding tables (``rows``)."""
     r = r.astype(mx.float32)
-    if role == "embed":
+    if rows:
         return float(mx.linalg.norm(mx.matmul(w, r)).item())
     return float(mx.linalg.norm(mx.matmul(r[None, :], w)).item())
 
@@ -205,8 +255,7 @@ def quantize_weight(w: mx.array, quant: QuantParams, scales_dtype=None) -> dict[
 
 def touches(plan: AblationPlan, module_path: str) -> bool:
     """Whether ``plan`` edits the module at ``module_path`` (cheap, no arrays)."""
-    role = writer_role(module_path, plan.targets)
-    return role is not None and plan.strength(role, layer_index(module_path)) != 0.0
+    return plan.writer(module_path) is not None
 
 
 def edit_module(
@@ -225,22 +274,20 @@ def edit_module(
     "bfloat16") stores an edited quantized matrix unquantized instead of
     requantizing it.
     """
-    role = writer_role(module_path, plan.targets)
-    if role is None:
+    writer = plan.writer(module_path)
+    if writer is None:
         return None
-    layer = layer_index(module_path)
+    role, layer = writer.role, writer.layer
     strength = plan.strength(role, layer)
-    if strength == 0.0:
-        return None
-    r = plan.direction(role, layer)
+    r = plan.direction(writer)
     packed = quant is not None and "scales" in leaves
     # A dense in-memory twin of a quantized matrix (see dense_compute): edit it
     # as the saved file will be, requantized, but keep it dense.
     dense_twin = quant is not None and not packed
     w = dequantize_leaves(leaves, quant) if packed else leaves["weight"].astype(mx.float32)
-    _check_shape(module_path, role, w, r)
-    before = refusal_component(w, r, role)
-    if role == "embed":
+    _check_shape(module_path, writer.rows, w, r)
+    before = refusal_component(w, r, writer.rows)
+    if writer.rows:
         edited = orthogonalize_embedding(w, r, strength, plan.norm_preserve)
     else:
         edited = orthogonalize_writer(w, r, strength, plan.norm_preserve)
@@ -258,10 +305,11 @@ def edit_module(
         out["weight"] = edited.astype(dtype)
         stored = out["weight"].astype(mx.float32)
         dequantized = packed
-    if "bias" in leaves and role != "embed":
+    if "bias" in leaves and not writer.rows:
         bias = leaves["bias"]
         out["bias"] = orthogonalize_bias(bias.astype(mx.float32), r, strength).astype(dense_dtype or bias.dtype)
-    after = refusal_component(stored, r, role)
+    after = refusal_component(stored, r, writer.rows)
+    _check_finite(module_path, out, strength)
     report = EditReport(module_path, role, layer, strength, quant is not None, before, after)
     return ModuleEdit(out, report, dequantized)
 
@@ -273,10 +321,29 @@ def _dtype(name: str):
         raise UserError(f"--edited-precision {name!r}: choose keep, float16, bfloat16 or float32") from None
 
 
-def _check_shape(path: str, role: str, w: mx.array, r: mx.array) -> None:
-    axis = -1 if role == "embed" else -2
+def _check_finite(path: str, tensors: dict[str, mx.array], strength: float) -> None:
+    for name, value in tensors.items():
+        if mx.issubdtype(value.dtype, mx.floating) and not mx.all(mx.isfinite(value)).item():
+            raise UserError(
+                f"editing {path} gave non-finite values in {name} (strength {strength:g}); "
+                "the source weights or the direction hold inf/NaN, or the strength is too large"
+            )
+
+
+def _check_shape(path: str, rows: bool, w: mx.array, r: mx.array) -> None:
+    axis = -1 if rows else -2
     if w.ndim < 2 or w.shape[axis] != r.shape[-1]:
         raise UserError(
             f"{path} has shape {tuple(w.shape)} but the refusal direction has size {r.shape[-1]}; "
             "the direction does not belong to this model"
         )
+
+
+def check_edits(plan: AblationPlan, reports: list[EditReport]) -> None:
+    """The plan's success condition: every writer it gives a strength was edited, and something was."""
+    if not reports:
+        raise UserError("the plan edits no module (every strength is 0 or --targets matched nothing); nothing was saved")
+    edited = {r.module for r in reports}
+    missing = sorted(path for path in plan.writers or {} if plan.writer(path) is not None and path not in edited)
+    if missing:
+        raise UserError(f"{len(missing)} residual writer(s) were not found in the weights, e.g. {missing[0]}; nothing was saved")

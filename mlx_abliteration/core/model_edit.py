@@ -12,18 +12,20 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .ablate import DEFAULT_TARGETS, AblationPlan, EditReport, QuantParams, edit_module, uniform_plan, writer_role
+from .ablate import DEFAULT_TARGETS, AblationPlan, EditReport, QuantParams, edit_module, select_writers, uniform_plan
 from .probe import decoder_layers
+from .writers import model_writers
+
+
+def bind(model: nn.Module, plan: AblationPlan) -> AblationPlan:
+    """``plan`` on the writers of ``model`` (found once per model) unless it already has its writers."""
+    return plan if plan.writers is not None else plan.with_writers(model_writers(model))
 
 
 def writer_modules(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS) -> list[tuple[str, nn.Module]]:
-    """(path, module) of every targeted residual writer in ``model``."""
-    targets = tuple(targets)
-    found = []
-    for path, module in model.named_modules():
-        if "weight" in module and writer_role(path, targets) is not None:
-            found.append((path, module))
-    return found
+    """(path, module) of every residual writer of ``model`` that ``targets`` selects."""
+    chosen = select_writers(model_writers(model), targets)
+    return [(path, module) for path, module in model.named_modules() if path in chosen]
 
 
 def _leaves(module: nn.Module) -> dict[str, mx.array]:
@@ -62,10 +64,13 @@ def get_ablated_parameters(
 
 
 def _edit_all(model, plan: AblationPlan, storage_dtype=None, edited_precision=None):
+    plan = bind(model, plan)
     params: dict[str, mx.array] = {}
     reports: list[EditReport] = []
     replaced: dict[str, dict] = {}
-    for path, module in writer_modules(model, plan.targets):
+    for path, module in model.named_modules():
+        if path not in plan.writers:
+            continue
         leaves = _leaves(module)
         dense_dtype = None
         if storage_dtype is not None and _quant(module) is None:

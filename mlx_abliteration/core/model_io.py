@@ -97,7 +97,6 @@ def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False, dequa
 # --- streaming, atomic save ---------------------------------------------------
 
 INDEX_NAME = "model.safetensors.index.json"
-_NOT_COPIED = {INDEX_NAME, "README.md", "abliteration_log.json", "refusal_direction.safetensors", "evaluation_responses.jsonl"}
 
 
 def validate_output_dir(source: Path, output: Path, overwrite: bool, fresh: bool = True) -> None:
@@ -270,18 +269,21 @@ class _Hasher:
 def _write_model(source: Path, out: Path, plan, edited_precision, progress, on_written=lambda path: None) -> dict:
     import mlx.core as mx
 
-    from .ablate import touches
+    from .ablate import check_edits, touches
+    from .source_layout import discover_writers_in_dir, open_layout
 
     edit_module = _edit_in_blocks  # bounded memory for embeddings and expert stacks
 
-    config = read_config(source)
-    shards, weight_map, index_meta = _shard_layout(source)
+    if plan.writers is None:
+        plan = plan.with_writers(discover_writers_in_dir(source))
+    layout = open_layout(source, read_config(source))
+    config, shards, weight_map = layout.config, layout.shards, layout.weight_map
     groups = _module_groups(weight_map)
     pending: dict[str, object] = {}  # edited leaves not yet written (None: dropped)
     new_map, reports, dequantized, total = {}, [], [], 0
     for n, shard in enumerate(shards):
         names = [k for k, v in weight_map.items() if v == shard]
-        if not any(touches(plan, k.rpartition(".")[0]) for k in names) and not any(k in pending for k in names):
+        if layout.copyable and not any(touches(plan, k.rpartition(".")[0]) for k in names) and not any(k in pending for k in names):
             # Nothing to edit: a byte-for-byte copy is exact and disk-speed.
             shutil.copyfile(source / shard, out / shard)
             on_written(out / shard)
@@ -291,7 +293,7 @@ def _write_model(source: Path, out: Path, plan, edited_precision, progress, on_w
             if progress:
                 progress(n + 1, len(shards), "save")
             continue
-        tensors, metadata = _load_shard(source / shard)
+        tensors, metadata = layout.load(shard)
         written = {}
         for name in list(tensors):
             if name in pending:
@@ -301,11 +303,11 @@ def _write_model(source: Path, out: Path, plan, edited_precision, progress, on_w
                 continue
             module, _, leaf = name.rpartition(".")
             edit = None
-            if leaf in ("weight", "scales", "biases", "bias"):
-                leaves = _gather_leaves(source, module, groups.get(module, {}), tensors, shard)
-                if "weight" in leaves:
-                    quant = quant_params_for(module, config) if "scales" in leaves else None
-                    edit = edit_module(module, leaves, plan, quant, None, edited_precision)
+            if leaf in ("weight", "scales", "biases", "bias") and touches(plan, module):
+                leaves = {other: tensors[f"{module}.{other}"] if f"{module}.{other}" in tensors else layout.tensor(f"{module}.{other}") for other in groups[module]}
+                quant = quant_params_for(module, config) if "scales" in leaves else None
+                edit = edit_module(module, leaves, plan, quant, None, edited_precision)
+                del leaves
             if edit is None:
                 written[name] = tensors[name]
                 continue
@@ -315,7 +317,6 @@ def _write_model(source: Path, out: Path, plan, edited_precision, progress, on_w
             for other_leaf in groups[module]:
                 pending[f"{module}.{other_leaf}"] = edit.tensors.get(other_leaf)
                 tensors.pop(f"{module}.{other_leaf}", None)  # free the source once edited
-            del leaves
             value = pending.pop(name)
             if value is not None:
                 written[name] = value
@@ -328,12 +329,13 @@ def _write_model(source: Path, out: Path, plan, edited_precision, progress, on_w
         mx.clear_cache()
         if progress:
             progress(n + 1, len(shards), "save")
-    if (source / INDEX_NAME).exists():
-        index = {"metadata": {**index_meta, "total_size": total}, "weight_map": dict(sorted(new_map.items()))}
+    check_edits(plan, reports)
+    if layout.write_index:
+        index = {"metadata": {**layout.index_metadata, "total_size": total}, "weight_map": dict(sorted(new_map.items()))}
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2))
     _copy_side_files(source, out)
-    if dequantized:
-        _mark_unquantized(out, config, dequantized)
+    if dequantized or not layout.copyable:
+        _write_config(out, config, dequantized)
     return {"reports": reports, "dequantized": dequantized, "total_size": total, "shards": shards}
 
 
@@ -347,10 +349,10 @@ def _edit_in_blocks(module: str, leaves: dict, plan, quant, dense_dtype, edited_
 
     import mlx.core as mx
 
-    from .ablate import edit_module, writer_role
+    from .ablate import edit_module
 
     weight = leaves["weight"]
-    blockwise = writer_role(module, plan.targets) == "embed" or weight.ndim == 3
+    blockwise = plan.writer(module).rows or weight.ndim == 3
     if not blockwise or weight.size <= _BLOCK_ELEMENTS or weight.shape[0] < 2:
         return edit_module(module, leaves, plan, quant, dense_dtype, edited_precision)
     rows = max(1, weight.shape[0] * _BLOCK_ELEMENTS // weight.size)
@@ -368,34 +370,33 @@ def _edit_in_blocks(module: str, leaves: dict, plan, quant, dense_dtype, edited_
     return replace(edits[0], tensors=tensors, report=replace(edits[0].report, before=before, after=after))
 
 
-def _gather_leaves(source: Path, module: str, leaf_shards: dict[str, str], tensors: dict, shard: str) -> dict:
-    """All leaves of ``module``, loading those stored in other shards."""
-    leaves = {}
-    for leaf, where in leaf_shards.items():
-        if where == shard:
-            leaves[leaf] = tensors[f"{module}.{leaf}"]
-        else:
-            other, _ = _load_shard(source / where)
-            leaves[leaf] = other[f"{module}.{leaf}"]
-    return leaves
+# Side files a saved model needs besides its weights (what mlx-lm and its
+# tokenizers read, plus licences); nothing else of the source is copied, so
+# no original weights in other formats (consolidated.safetensors, original/)
+# ever ship with the edited model.
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt",
+    "chat_template.jinja", "chat_template.json", "*.tiktoken", "tokenization_*.py", "LICENSE*", "NOTICE*",
+)  # fmt: skip
+
+
+def side_files(source: Path) -> list[Path]:
+    """The files of ``source`` a saved copy keeps besides the weights (``SIDE_FILES``)."""
+    return sorted({p for pattern in SIDE_FILES for p in Path(source).glob(pattern) if p.is_file()})
 
 
 def _copy_side_files(source: Path, out: Path) -> None:
-    weights = {p.name for p in weight_files(source)}
-    for item in source.iterdir():
-        if item.name in weights or item.name in _NOT_COPIED or item.name.startswith("."):
-            continue
-        if item.is_dir():
-            shutil.copytree(item, out / item.name)
-        else:
-            shutil.copy2(item, out / item.name)
+    for item in side_files(source):
+        shutil.copy2(item, out / item.name)
 
 
-def _mark_unquantized(out: Path, config: dict, modules: list[str]) -> None:
-    """Per-layer ``false`` entries so mlx_lm.load keeps these matrices dense."""
+def _write_config(out: Path, config: dict, dequantized: list[str]) -> None:
+    """config.json, with per-layer ``false`` quantization entries so mlx_lm.load keeps dequantized matrices dense."""
+    config = json.loads(json.dumps(config))
     for key in ("quantization", "quantization_config"):
         if isinstance(config.get(key), dict):
-            for module in modules:
+            for module in dequantized:
                 config[key][module] = False
     (out / "config.json").write_text(json.dumps(config, indent=4))
 

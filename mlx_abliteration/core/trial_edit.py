@@ -25,8 +25,9 @@ from dataclasses import replace
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .ablate import AblationPlan, writer_role
+from .ablate import AblationPlan
 from .model_edit import apply_plan, writer_modules
+from .writers import model_writers
 
 EMBED_BLOCK_ELEMENTS = 1 << 24  # elements of the embedding edited at once (64 MB in float32)
 
@@ -87,7 +88,8 @@ class TrialEditor:
 
     def _apply_embedding(self, part: AblationPlan) -> None:
         step = max(1, EMBED_BLOCK_ELEMENTS // part.embed_direction.shape[-1])
-        embeds = [(p, m) for p, m in writer_modules(self.model, part.targets) if writer_role(p, part.targets) == "embed"]
+        roles = model_writers(self.model)
+        embeds = [(p, m) for p, m in writer_modules(self.model, part.targets) if roles[p].role == "embed"]
         if len(embeds) != 1 or not self._blockwise(embeds[0][1], step):
             self._apply(part)
             return

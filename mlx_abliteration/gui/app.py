@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..commands._console import EVAL_COLUMNS
-from ..defaults import DEFAULT_TARGETS, DIRECTION_VARIANTS, EDITED_PRECISIONS, PROBE_POSITIONS, AbliterationConfig
+from ..defaults import COMMON_TARGETS, DIRECTION_VARIANTS, EDITED_PRECISIONS, PROBE_POSITIONS, AbliterationConfig
 from .compare import compare_answers
 from .stream import RunView, run_abliteration_stream
 
@@ -91,7 +91,7 @@ def _advanced(add) -> None:
     with gr.Row():
         add("ablate_layers", gr.Textbox(D.ablate_layers, label="Ablate layers", info="layers whose writers are edited"))
         add("norm_preserve", gr.Checkbox(D.norm_preserve, label="Norm-preserving (MPOA-style) ablation"))
-    add("targets", gr.CheckboxGroup(list(DEFAULT_TARGETS), value=list(D.targets), label="Residual writers to edit (none checked = all)"))
+    add("targets", gr.CheckboxGroup(list(COMMON_TARGETS), value=list(D.targets), label="Only these residual writers (none checked = every writer found)"))
     with gr.Row():
         add("batch_size", gr.Number(D.batch_size or 0, precision=0, minimum=0, label="Batch size", info="0 = auto", elem_id="batch-size"))
         add("max_prompts", gr.Number(D.max_prompts, precision=0, minimum=1, label="Max prompts per kind", elem_id="max-prompts"))

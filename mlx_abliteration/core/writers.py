@@ -1,0 +1,538 @@
+"""Find the modules that write into the residual stream, by what they do, not by their names.
+
+A writer is a module whose output is added into the residual stream: nudge its
+output by ``e v`` and the decoder layer's output moves along ``v`` at every
+position it touches. Names do not decide it (``w2`` writes in Llama-style
+MoE experts and reads in Qwen v1; Phi-2 writes with ``dense``/``fc2``).
+
+Post-norm blocks (Gemma 2/3, OLMo 2) normalize a branch's output before the
+residual add: there the *norm* passes the test, and the modules writing into
+the norm's input are the writers, orthogonalized against
+``u = g * r / |g * r|`` with ``g`` the norm's per-channel gain (Gemma: 1 + w).
+
+Every decoder layer is tested on the model's own forward pass: when the model
+calls a layer, the call is replayed with the same arguments, once per
+candidate, in float32. Then the found set is proven: with every writer's
+output projected off a random direction r (exactly what the weight edit does
+to a linear map or an embedding), the layer's update ``h_out - h_in`` must
+have no r component. A layer that fails is an error, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from ..errors import UserError
+from .hooks import hooks
+from .probe import decoder_layers
+
+PARALLEL_TOLERANCE = 1e-3  # |component of the change off v| / |change|, float32
+PROOF_TOLERANCE = 1e-3  # |r . dh| / |dh| after projecting every writer
+PROBE_TOKENS = 16  # tokens of the discovery forward pass (enough to route to most MoE experts)
+_BRANCH_WORDS = ("attn", "attention", "mixer", "mamba", "conv", "temporal", "time_mix", "ssm", "token_mix", "linear_attn")
+
+
+@dataclass(eq=False)
+class Writer:
+    """One module that writes into the residual stream.
+
+    ``rows``: an embedding table (edit its rows, E' = E - s (E u) u^T);
+    otherwise a linear map stored (out, in) (W' = W - s u (u^T W)).
+    ``gain``: the per-channel gain of a norm between the module and the
+    residual add (post-norm blocks); the module is edited against g * r.
+    """
+
+    path: str
+    role: str  # "embed" | "attn" | "mlp": which strength applies
+    layer: int | None
+    rows: bool
+    norm: str | None = None
+    gain: mx.array | None = field(default=None, repr=False)
+
+    def direction(self, r: mx.array) -> mx.array:
+        r = r.astype(mx.float32)
+        if self.gain is None:
+            return r
+        u = self.gain.astype(mx.float32) * r
+        return u / mx.maximum(mx.linalg.norm(u), 1e-30)
+
+    def to_dict(self) -> dict:
+        return {"role": self.role, "layer": self.layer, "rows": self.rows, "norm": self.norm}
+
+
+WriterMap = dict  # module path -> Writer
+
+
+def _editable_types() -> tuple[type, ...]:
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    return (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)
+
+
+def _table_types() -> tuple[type, ...]:
+    return (nn.Embedding, nn.QuantizedEmbedding)
+
+
+def branch_role(path: str) -> str:
+    """"attn" for attention / mixer branches, else "mlp" (which strength a writer gets)."""
+    parts = path.lower().split(".")
+    return "attn" if any(word in part for part in parts for word in _BRANCH_WORDS) else "mlp"
+
+
+def _first_array(out):
+    if isinstance(out, mx.array):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], mx.array):
+        return out[0]
+    return None
+
+
+def _replace_first(out, value):
+    if isinstance(out, mx.array):
+        return value
+    return type(out)([value, *out[1:]])
+
+
+def _recorder(store: dict, key) -> Callable:
+    """Records (args, kwargs, output); the output continues in float32 (tests need float32 precision)."""
+
+    def hook(call, args, kwargs):
+        out = _upcast(call(*args, **kwargs))
+        store[key] = (args, kwargs, out)
+        return out
+
+    return hook
+
+
+def _upcast(out):
+    first = _first_array(out)
+    if first is None or not mx.issubdtype(first.dtype, mx.floating) or first.dtype == mx.float32:
+        return out
+    return _replace_first(out, first.astype(mx.float32))
+
+
+def _nudger(delta: mx.array) -> Callable:
+    def hook(call, args, kwargs):
+        out = _upcast(call(*args, **kwargs))
+        return _replace_first(out, _first_array(out) + delta)
+
+    return hook
+
+
+def _projector(u: mx.array, nudge: mx.array | None = None) -> Callable:
+    """The module's output loses its ``u`` component (what editing its weights against u does); plus ``nudge``."""
+
+    def hook(call, args, kwargs):
+        out = _upcast(call(*args, **kwargs))
+        y = _first_array(out)
+        y = y - (y @ u)[..., None] * u
+        return _replace_first(out, y if nudge is None else y + nudge)
+
+    return hook
+
+
+def _typical_norm(trace) -> float:
+    y = _first_array(trace[2]).astype(mx.float32)
+    return float(mx.mean(mx.linalg.norm(y, axis=-1)).item()) or 1.0
+
+
+# --- the tests -------------------------------------------------------------------
+
+
+def _moves_along(change: mx.array, v: mx.array) -> bool | None:
+    """True if every row of ``change`` that moved at all moved along ``v``; None if nothing moved."""
+    rows = change.astype(mx.float32).reshape(-1, v.shape[-1])
+    size = mx.linalg.norm(rows, axis=-1)
+    scale = float(size.max().item())
+    if not scale > 1e-6:
+        return None
+    off = mx.linalg.norm(rows - (rows @ v)[:, None] * v[None, :], axis=-1)
+    moved = size > 1e-3 * scale
+    return bool(mx.all(mx.where(moved, off <= PARALLEL_TOLERANCE * size, True)).item())
+
+
+def _proof_residual(update: mx.array, r: mx.array) -> float:
+    """max over positions of |r . dh| / |dh| (0 where the update is 0)."""
+    rows = update.astype(mx.float32).reshape(-1, r.shape[-1])
+    size = mx.linalg.norm(rows, axis=-1)
+    ratio = mx.abs(rows @ r) / mx.maximum(size, 1e-30)
+    return float(mx.max(mx.where(size > 1e-6 * mx.max(size), ratio, 0.0)).item())
+
+
+def _check_finite(value: mx.array, where: str, model_type: str) -> None:
+    if not mx.all(mx.isfinite(value)).item():
+        raise UserError(f"{model_type}: {where} gives NaN/inf activations; the model's weights hold NaN/inf or overflow: check the model files")
+
+
+def _unit(key, size: int) -> mx.array:
+    v = mx.random.normal((size,), key=key)
+    return v / mx.linalg.norm(v)
+
+
+def _as_float32(tree):
+    return tree_map(lambda x: x.astype(mx.float32) if isinstance(x, mx.array) and mx.issubdtype(x.dtype, mx.floating) else x, tree)
+
+
+def _norm_like(module: nn.Module, size: int) -> bool:
+    """A parameter-light elementwise module (a norm): only 1-D parameters of the residual width."""
+    if isinstance(module, _editable_types() + _table_types()):
+        return False
+    leaves = [v for _, v in tree_flatten(module.parameters())]
+    return all(v.ndim == 1 and v.shape[0] == size for v in leaves)
+
+
+def _norm_gain(norm: nn.Module, size: int) -> mx.array:
+    """g of a norm computing g * y / rms(y): its output for a constant input."""
+    gain = _first_array(norm(mx.ones((1, size), mx.float32)))
+    return gain.reshape(-1)[:size].astype(mx.float32)
+
+
+# --- discovery ----------------------------------------------------------------------
+
+
+class _LayerProbe:
+    """Everything learnt about one decoder layer while the model calls it."""
+
+    def __init__(self, finder: WriterFinder, index: int, layer: nn.Module, paths: dict[int, str]):
+        self.finder, self.index, self.layer = finder, index, layer
+        self.modules = [(paths[id(m)], m) for _, m in layer.named_modules() if id(m) in paths and m is not layer]
+
+    def run(self, call, args, kwargs):
+        args32, kwargs32 = _as_float32(args), _as_float32(kwargs)
+        with self._float32():
+            base, traces = self._replay(call, args32, kwargs32, record=True)
+            _check_finite(base, f"decoder layer {self.index}", self.finder.model_type)
+            hidden = _hidden_input(args32, kwargs32, base)
+            if hidden is None or base.ndim != 3:
+                raise UserError(
+                    f"decoder layer {self.index} of {self.finder.model_type} returns a hidden state shaped "
+                    f"{tuple(base.shape)} unlike its input: several parallel residual streams are not supported"
+                )
+            self.finder.width = base.shape[-1]
+            writers = self._find(call, args32, kwargs32, base, traces)
+            self._prove(call, args32, kwargs32, base, hidden, writers, traces)
+        self.finder.found.update({w.path: w for w in writers})
+        return call(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _float32(self):
+        saved = tree_flatten(self.layer.parameters())
+        if any(v.dtype in (mx.float16, mx.bfloat16) for _, v in saved):
+            self.layer.set_dtype(mx.float32)
+        try:
+            yield
+        finally:
+            self.layer.update(_unflatten(saved))
+
+    def _replay(self, call, args, kwargs, extra=(), record=False):
+        traces: dict[str, tuple] = {}
+        pairs = [(m, _recorder(traces, p)) for p, m in self.modules if record and not _has_children(m)]
+        with hooks(list(extra) + pairs):
+            out = _first_array(call(*args, **kwargs))
+            mx.eval(out)
+        return out, traces
+
+    def _candidates(self, traces, size: int) -> list[tuple[str, nn.Module]]:
+        out = []
+        for path, module in self.modules:
+            trace = traces.get(path)
+            y = trace and _first_array(trace[2])
+            if y is not None and y.shape[-1] == size and (isinstance(module, _editable_types()) or _norm_like(module, size)):
+                out.append((path, module))
+        return out
+
+    def _direct_writers(self, call, args, kwargs, base, traces) -> list[tuple[str, nn.Module]]:
+        """Candidates whose output is added into the layer's output as it is.
+
+        Every candidate's output is projected off a random ``v`` (so no
+        branch downstream can write along ``v``); nudging one candidate's
+        output by ``e v`` then moves the layer output along ``v`` only if
+        that output is added into the residual stream.
+        """
+        size = base.shape[-1]
+        candidates = self._candidates(traces, size)
+        v = _unit(self.finder.next_key(), size)
+        projected = [(m, _projector(v)) for _, m in candidates]
+        reference, _ = self._replay(call, args, kwargs, projected)
+        found = []
+        for index, (path, module) in enumerate(candidates):
+            scale = _typical_norm(traces[path])
+            pairs = list(projected)
+            pairs[index] = (module, _projector(v, nudge=scale * v))
+            out, _ = self._replay(call, args, kwargs, pairs)
+            moved = mx.abs((out - reference).astype(mx.float32) @ v)
+            if float(moved.max().item()) > 1e-3 * scale:
+                found.append((path, module))
+        return found
+
+    def _feeding(self, call, args, kwargs, traces, sink: tuple[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+        """Linear maps whose output is ``sink``'s input as it is (what a post-norm normalizes)."""
+        sink_base = _first_array(traces[sink[0]][0])
+        size = sink_base.shape[-1]
+        found = []
+        for path, module in self._candidates(traces, size):
+            if module is sink[1] or not isinstance(module, _editable_types()):
+                continue
+            v = _unit(self.finder.next_key(), size)
+            seen: dict = {}
+            self._replay(call, args, kwargs, [(module, _nudger(_typical_norm(traces[path]) * v)), (sink[1], _recorder(seen, "sink"))])
+            moved = _first_array(seen["sink"][0]) if "sink" in seen else None
+            if moved is not None and moved.shape == sink_base.shape and _moves_along(moved - sink_base, v):
+                found.append((path, module))
+        return found
+
+    def _find(self, call, args, kwargs, base, traces) -> list[Writer]:
+        size = base.shape[-1]
+        writers = []
+        for path, module in self._direct_writers(call, args, kwargs, base, traces):
+            if isinstance(module, _editable_types()):
+                writers.append(Writer(path, branch_role(path), self.index, rows=False))
+                continue
+            gain = _norm_gain(module, size)  # a norm between a branch and the residual add
+            for inner, _ in self._feeding(call, args, kwargs, traces, (path, module)):
+                writers.append(Writer(inner, branch_role(inner), self.index, rows=False, norm=path, gain=gain))
+        return _with_siblings(writers, self.modules)
+
+    def _prove(self, call, args, kwargs, base, hidden, writers: list[Writer], traces) -> None:
+        r = _unit(self.finder.next_key(), base.shape[-1])
+        by_path = dict(self.modules)
+        extra = [(by_path[w.path], _projector(w.direction(r))) for w in writers]
+        out, _ = self._replay(call, args, kwargs, extra)
+        residual = _proof_residual(out - hidden, r)
+        if not residual <= PROOF_TOLERANCE:  # also NaN
+            found = ", ".join(_short(w.path, self.index) for w in writers) or "none"
+            others = ", ".join(_short(p, self.index) for p, _ in self._candidates(traces, base.shape[-1]) if p not in {w.path for w in writers})
+            raise UserError(
+                f"{self.finder.model_type}: decoder layer {self.index} still writes {residual:.1%} of a direction into the "
+                f"residual stream after editing its writers ({found}); other modules of matching width: {others or 'none'}. "
+                "This architecture is not supported"
+            )
+
+
+def _short(path: str, layer: int) -> str:
+    match = re.search(rf"\.{layer}\.(.+)$", path)
+    return match.group(1) if match else path
+
+
+def _has_children(module: nn.Module) -> bool:
+    return any(isinstance(v, (nn.Module, list, dict)) and (not isinstance(v, (list, dict)) or _holds_module(v)) for v in module.values())
+
+
+def _holds_module(value) -> bool:
+    items = value.values() if isinstance(value, dict) else value
+    return any(isinstance(x, nn.Module) or (isinstance(x, (list, dict)) and _holds_module(x)) for x in items)
+
+
+def _unflatten(flat):
+    from mlx.utils import tree_unflatten
+
+    return tree_unflatten(flat)
+
+
+def _with_siblings(writers: list[Writer], modules: list[tuple[str, nn.Module]]) -> list[Writer]:
+    """Add the same-named module of every sibling expert (``experts.3.w2`` like ``experts.0.w2``).
+
+    Experts a short probe does not route to are never called, so they cannot
+    be tested; they are built like the tested ones.
+    """
+    pattern = {re.sub(r"\.\d+\.", ".*.", w.path): w for w in writers}
+    have = {w.path for w in writers}
+    out = list(writers)
+    for path, module in modules:
+        w = pattern.get(re.sub(r"\.\d+\.", ".*.", path))
+        if w is not None and path not in have and isinstance(module, _editable_types()):
+            out.append(Writer(path, w.role, w.layer, w.rows, w.norm, w.gain))
+            have.add(path)
+    return out
+
+
+def _hidden_input(args, kwargs, out: mx.array):
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, mx.array) and value.shape == out.shape:
+            return value
+    return None
+
+
+class WriterFinder:
+    def __init__(self, model: nn.Module, model_type: str, seed: int = 0):
+        self.model, self.model_type = model, model_type
+        self.key = mx.random.key(seed)
+        self.found: WriterMap = {}
+        self.width: int | None = None
+
+    def next_key(self):
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+    def run(self, token_ids: Sequence[int], release: Callable[[int], None] | None = None) -> WriterMap:
+        layers = decoder_layers(self.model)
+        paths = {id(m): p for p, m in self.model.named_modules()}
+        tokens = mx.array([list(token_ids)])
+        self._embedding_writers(layers[0], tokens, paths)
+        called: set[int] = set()
+
+        def layer_hook(index: int, layer: nn.Module):
+            probe = _LayerProbe(self, index, layer, paths)
+
+            def hook(call, args, kwargs):
+                out = probe.run(call, args, kwargs)
+                mx.eval(_first_array(out))
+                called.add(index)
+                if release is not None:
+                    release(index)
+                if index == len(layers) - 1:
+                    raise _Done
+                return out
+
+            return hook
+
+        try:
+            with hooks([(layer, layer_hook(i, layer)) for i, layer in enumerate(layers)]):
+                self.model(tokens)
+        except _Done:
+            pass
+        missing = [i for i in range(len(layers)) if i not in called]
+        if missing:
+            raise UserError(f"{self.model_type}: the forward pass never called decoder layer(s) {missing[:8]}; this architecture is not supported")
+        return self.found
+
+    def _embedding_writers(self, first_layer: nn.Module, tokens: mx.array, paths: dict[int, str]) -> None:
+        """Tables (and norms right after them) whose output reaches layer 0's input along the nudge."""
+        traces: dict[str, tuple] = {}
+        stops = [(first_layer, _stopper(traces))]
+        layer_modules = {id(m) for layers in [decoder_layers(self.model)] for layer in layers for _, m in layer.named_modules()}
+        outside = [(p, m) for p, m in self.model.named_modules() if id(m) not in layer_modules and not _has_children(m)]
+        self._outside = outside
+        self._forward_to_first_layer(tokens, stops + [(m, _recorder(traces, p)) for p, m in outside])
+        base = traces["__layer0__"]
+        _check_finite(base, "the embedding", self.model_type)
+        size = base.shape[-1]
+        self.width = size
+        found: list[Writer] = []
+        for path, module in outside:
+            y = traces.get(path) and _first_array(traces[path][2])
+            if y is None or y.shape[-1] != size:
+                continue
+            is_table = isinstance(module, _table_types())
+            if not (is_table or isinstance(module, _editable_types()) or _norm_like(module, size)):
+                continue
+            v = _unit(self.next_key(), size)
+            scale = float(mx.mean(mx.linalg.norm(y.astype(mx.float32), axis=-1)).item()) or 1.0
+            seen: dict = {}
+            self._forward_to_first_layer(tokens, [(first_layer, _stopper(seen)), (module, _nudger(scale * v))])
+            if not _moves_along(seen["__layer0__"] - base, v):
+                continue
+            if is_table or isinstance(module, _editable_types()):
+                found.append(Writer(path, "embed", None, rows=is_table))
+            else:
+                found += self._embedding_behind_norm(path, module, first_layer, tokens, traces, outside, size)
+        if not any(w.rows for w in found):
+            raise UserError(f"{self.model_type}: no token embedding table writes into the first decoder layer's input; this architecture is not supported")
+        self._prove_embedding(found, first_layer, tokens, outside, size)
+        self.found.update({w.path: w for w in found})
+
+    def _embedding_behind_norm(self, norm_path, norm, first_layer, tokens, traces, outside, size) -> list[Writer]:
+        gain = _norm_gain(norm, size)
+        sink_base = _first_array(traces[norm_path][0])
+        found = []
+        for path, module in outside:
+            y = traces.get(path) and _first_array(traces[path][2])
+            if module is norm or y is None or y.shape[-1] != size or not isinstance(module, _table_types() + _editable_types()):
+                continue
+            v = _unit(self.next_key(), size)
+            seen: dict = {}
+            self._forward_to_first_layer(tokens, [(first_layer, _stopper({})), (module, _nudger(v)), (norm, _recorder(seen, "sink"))])
+            if "sink" in seen and _moves_along(_first_array(seen["sink"][0]) - sink_base, v):
+                found.append(Writer(path, "embed", None, rows=isinstance(module, _table_types()), norm=norm_path, gain=gain))
+        return found
+
+    def _prove_embedding(self, found: list[Writer], first_layer, tokens, outside, size) -> None:
+        r = _unit(self.next_key(), size)
+        by_path = dict(outside)
+        seen: dict = {}
+        self._forward_to_first_layer(tokens, [(first_layer, _stopper(seen))] + [(by_path[w.path], _projector(w.direction(r))) for w in found])
+        residual = _proof_residual(seen["__layer0__"], r)
+        if not residual <= PROOF_TOLERANCE:  # also NaN
+            names = ", ".join(w.path for w in found)
+            raise UserError(
+                f"{self.model_type}: the first decoder layer's input keeps {residual:.1%} of a direction after editing "
+                f"the embedding writers ({names}); this architecture is not supported"
+            )
+
+    def _forward_to_first_layer(self, tokens, pairs) -> None:
+        """The forward pass up to the first layer's input, every module before it computing in float32."""
+        hooked = {id(m) for m, _ in pairs}
+        pairs = list(pairs) + [(m, _upcasting) for _, m in self._outside if id(m) not in hooked]
+        try:
+            with hooks(pairs):
+                self.model(tokens)
+        except _Done:
+            return
+        raise UserError(f"{self.model_type}: the forward pass never called the first decoder layer; this architecture is not supported")
+
+
+def _upcasting(call, args, kwargs):
+    return _upcast(call(*args, **kwargs))
+
+
+class _Done(Exception):
+    """Raised once the last needed layer ran: the rest of the forward pass is not needed."""
+
+
+def _stopper(store: dict) -> Callable:
+    """Records the first decoder layer's hidden-state input, then ends the forward pass."""
+
+    def hook(call, args, kwargs):
+        named = [kwargs[k] for k in ("x", "hidden_states", "h", "inputs_embeds") if k in kwargs]
+        for value in list(args[:1]) + named + list(kwargs.values()):
+            if isinstance(value, mx.array) and value.ndim >= 3:
+                store["__layer0__"] = value.astype(mx.float32)
+                break
+        raise _Done
+
+    return hook
+
+
+def discover_writers(
+    model: nn.Module, model_type: str = "model", token_ids: Sequence[int] | None = None, release: Callable[[int], None] | None = None
+) -> WriterMap:
+    """Every residual writer of ``model``, each proven on a real forward pass.
+
+    ``release(i)`` is called once decoder layer ``i`` is done (a lazily
+    loaded model can drop its weights there). Raises ``UserError`` naming the
+    layer and its unmatched modules if a layer's update cannot be made
+    orthogonal to a direction by editing the writers found.
+    """
+    ids = list(token_ids) if token_ids is not None else [1 + (7 * i) % 11 for i in range(PROBE_TOKENS)]
+    return WriterFinder(model, model_type).run(ids, release)
+
+
+def model_writers(model: nn.Module) -> WriterMap:
+    """``discover_writers`` once per model object (the result is kept on the model)."""
+    found = model.__dict__.get("_abliteration_writers")
+    if found is None:
+        model_type = getattr(model, "model_type", None) or type(model).__module__.rsplit(".", 1)[-1]
+        found = discover_writers(model, str(model_type))
+        object.__setattr__(model, "_abliteration_writers", found)
+    return found
+
+
+def describe_writers(writers: WriterMap) -> str:
+    """One line: which modules write into the residual stream (per layer) and the embedding tables."""
+    per_layer: dict[str, None] = {}
+    embeds = []
+    for w in writers.values():
+        if w.layer is None:
+            embeds.append(w.path)
+            continue
+        name = _short(w.path, w.layer)
+        per_layer[re.sub(r"\.\d+\.", ".*.", name) + (f" (behind {_short(w.norm, w.layer)})" if w.norm else "")] = None
+    layers = len({w.layer for w in writers.values() if w.layer is not None})
+    return f"{len(writers)} residual writers: {', '.join(per_layer) or 'none'} in {layers} layers; embedding: {', '.join(embeds) or 'none'}"

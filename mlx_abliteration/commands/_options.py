@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
-from ..defaults import DEFAULT_TARGETS, DIRECTION_VARIANTS, EDITED_PRECISIONS, PROBE_MODES, PROBE_POSITIONS, AbliterationConfig, load_config_file
+from ..defaults import DIRECTION_VARIANTS, EDITED_PRECISIONS, PROBE_MODES, PROBE_POSITIONS, AbliterationConfig, load_config_file
 
 D = AbliterationConfig()
 
@@ -59,7 +59,7 @@ def add_ablation_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("ablation")
     _flag(g, "--ablation-strength", type=_float, help=f"s in W' = W - s r r^T W; 1 removes the direction (default: {D.ablation_strength})")
     _flag(g, "--ablate-layers", help="layers whose writers are edited, same syntax as --layers (default: all)")
-    _flag(g, "--targets", nargs="+", help=f"module-name suffixes of residual writers to edit (default: {' '.join(DEFAULT_TARGETS)})")
+    _flag(g, "--targets", nargs="+", help="edit only the residual writers whose module path ends with one of these names, e.g. o_proj down_proj (default: every writer found on the model's forward pass; a name matching no writer is an error)")
     _flag(g, "--norm-preserve", action="store_true", help="magnitude-preserving ablation: edited vectors keep their norms (MPOA-style)")
     _flag(g, "--edited-precision", choices=EDITED_PRECISIONS, help="keep: requantize edited quantized matrices; else store them unquantized in this dtype (default: keep)")
 
@@ -91,4 +91,5 @@ def config_from_args(args: argparse.Namespace, base: AbliterationConfig | None =
             raise UserError(f"config file {args.config_file}: {err}") from None
     typed = {k: v for k, v in vars(args).items() if k not in NON_CONFIG and not k.startswith("_")}
     known = set(config.to_dict())
-    return config.with_overrides({k: v for k, v in typed.items() if k in known})
+    # None: a command's own flag that was not given (e.g. ablate's --use-layer), not a setting.
+    return config.with_overrides({k: v for k, v in typed.items() if k in known and v is not None})

@@ -1,6 +1,6 @@
 """MLX Abliteration Toolkit: remove refusal behaviour from chat LLMs on MLX."""
 
-from ._backend import preload_blas
+from .backend import preload_blas
 
 __version__ = "0.1.0"
 

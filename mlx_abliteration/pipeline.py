@@ -48,7 +48,7 @@ class PipelineResult:
 EventSink = Callable[[Event], None]
 
 
-class _Reporter:
+class Reporter:
     def __init__(self, on_event: EventSink | None, cancel: threading.Event | None):
         self.on_event = on_event or (lambda event: None)
         self.cancel = cancel
@@ -74,7 +74,7 @@ def run_pipeline(
     """Run the whole abliteration described by ``config``."""
     from . import steps
 
-    report = _Reporter(on_event, cancel)
+    report = Reporter(on_event, cancel)
     started = time.perf_counter()
     if not config.dry_run and not config.output_dir:
         raise UserError("no output dir; pass -o/--output-dir (or --dry-run to only probe)")

@@ -46,7 +46,7 @@ from .core.search import (
 )
 from .defaults import AbliterationConfig
 from .errors import UserError
-from .pipeline import PipelineResult, _Reporter
+from .pipeline import PipelineResult, Reporter
 
 # Settings that never change a trial's score (so they do not start a new study).
 _UNSCORED = ("output_dir", "overwrite", "dry_run", "no_eval", "cache_dir", "eval_max_tokens")
@@ -74,7 +74,7 @@ def run_search(
     settings.check()
     if steps.streamed_mode(config):
         raise UserError("the search edits and scores the loaded model; --probe-mode streamed cannot be searched (use memory)")
-    report = _Reporter(on_event, cancel)
+    report = Reporter(on_event, cancel)
     started = time.perf_counter()
     save = bool(config.output_dir) and not config.dry_run
     source = steps.resolve_model(config, report)
@@ -106,7 +106,7 @@ def run_search(
 
 def run_with_plan(config: AbliterationConfig, spec: PlanSpec, on_event=None, cancel=None) -> PipelineResult:
     """``run`` with an explicit plan spec instead of the layer choice and uniform strength."""
-    report = _Reporter(on_event, cancel)
+    report = Reporter(on_event, cancel)
     started = time.perf_counter()
     if not config.dry_run and not config.output_dir:
         raise UserError("no output dir; pass -o/--output-dir (or --dry-run)")

@@ -56,7 +56,7 @@ def check_output(source: Path, config: AbliterationConfig) -> None:
 
 
 def load(source: Path, report, config: AbliterationConfig | None = None):
-    from ._backend import blas_info
+    from .backend import blas_info
 
     streamed = config is not None and streamed_mode(config)
     report.emit("stage", f"{'opening (lazily)' if streamed else 'loading'} {source}", blas=blas_info(), device=str(mx.default_device()))

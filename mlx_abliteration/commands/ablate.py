@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from . import _options
+from . import options
 
 HELP = "orthogonalize a model against a saved refusal direction and save it (no probing)"
 DESCRIPTION = (
@@ -16,11 +16,11 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _options.add_model_options(parser)
+    options.add_model_options(parser)
     parser.add_argument("--direction", required=True, help="refusal_direction.safetensors file (or a dir holding one)")
     parser.add_argument("--use-layer", default=None, help="use this probed layer's direction instead of the file's chosen layer")
-    _options.add_ablation_options(parser)
-    _options.add_output_style(parser)
+    options.add_ablation_options(parser)
+    options.add_output_style(parser)
 
 
 def ablate(config, direction_file: str | Path, use_layer: str | None = None, on_event=None) -> dict:
@@ -30,9 +30,9 @@ def ablate(config, direction_file: str | Path, use_layer: str | None = None, on_
     from ..core.model_card import model_card
     from ..core.model_io import read_config, save_ablated_model
     from ..errors import UserError
-    from ..pipeline import _Reporter
+    from ..pipeline import Reporter
 
-    report = _Reporter(on_event, None)
+    report = Reporter(on_event, None)
     if not config.output_dir:
         raise UserError("no output dir; pass -o/--output-dir")
     steps.check_paths(config, extra_sources=[direction_file])
@@ -63,9 +63,9 @@ def ablate(config, direction_file: str | Path, use_layer: str | None = None, on_
 
 def main(args: argparse.Namespace) -> int:
     from ..core.logging_config import setup_logging
-    from ._console import Console
+    from .console import Console
 
-    config = _options.config_from_args(args)
+    config = options.config_from_args(args)
     setup_logging(args.log_file)
     console = Console(args.quiet, args.json)
     try:

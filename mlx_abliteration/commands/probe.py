@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import _options
+from . import options
 
 HELP = "probe harmful/harmless prompts and save the per-layer refusal directions"
 DESCRIPTION = (
@@ -16,12 +16,12 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _options.add_model_options(parser, output=False)
+    options.add_model_options(parser, output=False)
     parser.add_argument("--output", default="refusal_direction.safetensors", help="direction file to write")
     parser.add_argument("--stats-json", help="also write the per-layer statistics as JSON here")
-    _options.add_dataset_options(parser)
-    _options.add_probe_options(parser)
-    _options.add_output_style(parser)
+    options.add_dataset_options(parser)
+    options.add_probe_options(parser)
+    options.add_output_style(parser)
 
 
 def probe(config, output: str | Path, on_event=None):
@@ -46,9 +46,9 @@ def probe(config, output: str | Path, on_event=None):
 
 def main(args: argparse.Namespace) -> int:
     from ..core.logging_config import setup_logging
-    from ._console import Console
+    from .console import Console
 
-    config = _options.config_from_args(args)
+    config = options.config_from_args(args)
     check_outputs(config, args)
     setup_logging(args.log_file)
     console = Console(args.quiet, args.json)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import _options
+from . import options
 
 HELP = "probe, compute the refusal direction, ablate, evaluate and save (the full pipeline)"
 DESCRIPTION = (
@@ -16,23 +16,23 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _options.add_model_options(parser)
-    _options.add_dataset_options(parser)
-    _options.add_probe_options(parser)
-    _options.add_ablation_options(parser)
-    _options.add_eval_options(parser)
+    options.add_model_options(parser)
+    options.add_dataset_options(parser)
+    options.add_probe_options(parser)
+    options.add_ablation_options(parser)
+    options.add_eval_options(parser)
     parser.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS, help="probe and print per-layer stats; write nothing")
     parser.add_argument("--auto", action="store_true", help="search the plan automatically (`mlx-abliterate search` with its defaults) and save the chosen trial")
     parser.add_argument("--plan-json", help="use this plan spec (JSON, or an abliteration_log.json from `search`) instead of the layer choice and strength")
-    _options.add_output_style(parser)
+    options.add_output_style(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     from ..core.logging_config import setup_logging
     from ..pipeline import run_pipeline
-    from ._console import Console, layer_table
+    from .console import Console, layer_table
 
-    config = _options.config_from_args(args)
+    config = options.config_from_args(args)
     if args.auto or args.plan_json:
         from . import search
 

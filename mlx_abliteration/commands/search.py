@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import _options
+from . import options
 
 HELP = "search ablation parameters automatically (Optuna: fewest refusals at least KL) and save the best trial"
 DESCRIPTION = (
@@ -25,13 +25,13 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _options.add_model_options(parser)
-    _options.add_dataset_options(parser)
-    _options.add_probe_options(parser)
-    _options.add_ablation_options(parser)
-    _options.add_eval_options(parser)
+    options.add_model_options(parser)
+    options.add_dataset_options(parser)
+    options.add_probe_options(parser)
+    options.add_ablation_options(parser)
+    options.add_eval_options(parser)
     add_search_options(parser)
-    _options.add_output_style(parser)
+    options.add_output_style(parser)
 
 
 def add_search_options(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +61,7 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    return search_main(args, _options.config_from_args(args), settings_from_args(args))
+    return search_main(args, options.config_from_args(args), settings_from_args(args))
 
 
 def search_main(args: argparse.Namespace, config, settings) -> int:
@@ -70,7 +70,7 @@ def search_main(args: argparse.Namespace, config, settings) -> int:
     from ..core.search import front_table
     from ..errors import UserError
     from ..search_pipeline import run_search
-    from ._console import Console
+    from .console import Console
 
     setup_logging(args.log_file)
     console = Console(args.quiet, args.json)
@@ -101,7 +101,7 @@ def plan_main(args: argparse.Namespace, config) -> int:
     from ..core.kernels import load_plan_spec
     from ..core.logging_config import setup_logging
     from ..search_pipeline import run_with_plan
-    from ._console import Console
+    from .console import Console
 
     spec = load_plan_spec(args.plan_json)
     setup_logging(args.log_file)

@@ -56,7 +56,7 @@ def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False, dequa
     from mlx_lm.utils import load_model as _load_model
     from mlx_lm.utils import load_tokenizer
 
-    from .._backend import compute_dtype as default_compute_dtype
+    from ..backend import compute_dtype as default_compute_dtype
 
     from .model_checks import check_finite_weights, check_model_type, check_tokenizer_files, tokenizer_error
 
@@ -121,7 +121,7 @@ def quant_params_for(module_path: str, config: dict):
     return QuantParams(q["group_size"], q["bits"], q.get("mode", "affine"))
 
 
-def _shard_layout(source: Path) -> tuple[list[str], dict[str, str], dict]:
+def shard_layout(source: Path) -> tuple[list[str], dict[str, str], dict]:
     """Shard file names, tensor -> shard map, and the source index metadata."""
     index_path = source / INDEX_NAME
     if index_path.exists():
@@ -165,7 +165,7 @@ def _tensor_bytes(path: Path) -> int:
     return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
 
 
-def _load_shard(path: Path):
+def load_shard(path: Path):
     import mlx.core as mx
 
     _safetensors_names(path)

@@ -23,7 +23,7 @@ from .positions import ProbeSpec, probe_positions, resolve_marker
 Progress = Callable[[int, int, str], None]
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised after the deepest probed layer: the rest of the model is not needed."""
 
 
@@ -48,7 +48,7 @@ class ActivationProbeWrapper:
         if self._select is not None:
             self._captured = self._select(hidden).astype(mx.float32)
         if self._stop_after:
-            raise _StopForward
+            raise StopForward
         return out
 
 
@@ -60,7 +60,7 @@ def decoder_layers(model: nn.Module) -> list:
     return layers
 
 
-def _owned_layer_list(model: nn.Module) -> tuple[list, int]:
+def owned_layer_list(model: nn.Module) -> tuple[list, int]:
     """The list object that stores the decoder layers, and the offset of layer 0.
 
     ``model.layers`` may be a fresh slice (mlx-lm's pipeline models), so
@@ -118,7 +118,7 @@ class WelfordStats:
         return self.m2 / max(self.count - 1, 1) / self.mean.shape[-1]
 
 
-def _selector(positions: list[list[int]], padding: list[int], width: int) -> Callable[[mx.array], mx.array]:
+def position_selector(positions: list[list[int]], padding: list[int], width: int) -> Callable[[mx.array], mx.array]:
     """[B, T, H] -> [B, H]: mean over each row's (left-padding-shifted) positions."""
     weights = [[0.0] * width for _ in positions]
     for row, (pos, pad) in enumerate(zip(positions, padding)):
@@ -134,7 +134,7 @@ def _selector(positions: list[list[int]], padding: list[int], width: int) -> Cal
 
 def _forward_batch(model, tokens, padding, wrappers, positions):
     for wrapper in wrappers.values():
-        wrapper._select = _selector(positions, padding, tokens.shape[1])
+        wrapper._select = position_selector(positions, padding, tokens.shape[1])
         wrapper._captured = None
     try:
         cache = None if tokens.shape[0] == 1 else make_batch_cache(model, padding)
@@ -142,7 +142,7 @@ def _forward_batch(model, tokens, padding, wrappers, positions):
         raise
     try:
         model(tokens, cache=cache)
-    except _StopForward:
+    except StopForward:
         pass
     captured = mx.stack([wrappers[i]._captured for i in sorted(wrappers)], axis=1)
     mx.eval(captured)
@@ -193,7 +193,7 @@ def _prefix_caches(model, prefix: Sequence[int], wrappers) -> list | None:
         wrapper._select = None
     try:
         model(mx.array([list(prefix)]), cache=caches)
-    except _StopForward:
+    except StopForward:
         pass
     mx.eval([(c.keys, c.values) for c in caches if c.keys is not None])
     return caches
@@ -219,11 +219,11 @@ def _forward_after_prefix(model, suffixes, positions, prefix_caches, wrappers, p
     tokens = mx.array([list(s) + [pad_id] * (width - len(s)) for s in suffixes], dtype=mx.int32)
     shifted = [[p - prefix_len for p in pos] for pos in positions]
     for wrapper in wrappers.values():
-        wrapper._select = _selector(shifted, [0] * len(suffixes), width)
+        wrapper._select = position_selector(shifted, [0] * len(suffixes), width)
         wrapper._captured = None
     try:
         model(tokens, cache=_continue_caches(prefix_caches, len(suffixes)))
-    except _StopForward:
+    except StopForward:
         pass
     captured = mx.stack([wrappers[i]._captured for i in sorted(wrappers)], axis=1)
     mx.eval(captured)

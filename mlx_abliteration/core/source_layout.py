@@ -32,9 +32,9 @@ class SourceLayout:
     def load(self, shard: str) -> tuple[dict, dict]:
         """(tensors, metadata) of one output shard."""
         if self.copyable:
-            from .model_io import _load_shard
+            from .model_io import load_shard
 
-            return _load_shard(self.source / shard)
+            return load_shard(self.source / shard)
         return {k: self._tensors[k] for k, s in self.weight_map.items() if s == shard}, {"format": "mlx"}
 
     def tensor(self, name: str) -> mx.array:
@@ -42,9 +42,9 @@ class SourceLayout:
 
 
 def open_layout(source: Path, config: dict) -> SourceLayout:
-    from .model_io import _shard_layout
+    from .model_io import shard_layout
 
-    shards, weight_map, index_meta = _shard_layout(source)
+    shards, weight_map, index_meta = shard_layout(source)
     if _sanitize_keeps_tensors(source, shards, config):
         return SourceLayout(source, shards, weight_map, index_meta, True, config, write_index=(source / "model.safetensors.index.json").exists())
     return _loaded_layout(source, config)

@@ -25,7 +25,7 @@ from ..errors import UserError
 from .batching import BatchingUnsupported, left_pad, make_batch_cache
 from .model_io import load_model
 from .positions import ProbeSpec
-from .probe import Progress, WelfordStats, _owned_layer_list, _selector, _StopForward, auto_batch_size, decoder_layers, encode_for_probe
+from .probe import Progress, WelfordStats, owned_layer_list, position_selector, StopForward, auto_batch_size, decoder_layers, encode_for_probe
 
 _SKIP, _REPLAY, _RUN = "skip", "replay", "run"
 
@@ -62,7 +62,7 @@ class _StreamedLayer(nn.Module):
         if not isinstance(out, mx.array):
             raise UserError("streamed probing needs decoder layers that return one array; use --probe-mode memory")
         self._output = out
-        raise _StopForward
+        raise StopForward
 
     def release(self) -> None:
         """Drop this layer's weights (they are never read again)."""
@@ -94,7 +94,7 @@ def _make_batches(model, tokenizer, prompt_sets, spec, batch_size) -> list[_Batc
         for start in range(0, len(order), size):
             idx = order[start : start + size]
             tokens, padding = left_pad([token_lists[i] for i in idx], pad_id)
-            select = _selector([positions[i] for i in idx], padding, tokens.shape[1])
+            select = position_selector([positions[i] for i in idx], padding, tokens.shape[1])
             batches.append(_Batch(set_index, tokens, padding, select))
     return batches
 
@@ -116,7 +116,7 @@ def _run_layer(model, wrappers: list[_StreamedLayer], k: int, batch: _Batch) -> 
     cache = None if batch.tokens.shape[0] == 1 else make_batch_cache(model, batch.padding)
     try:
         model(batch.tokens, cache=cache)
-    except _StopForward:
+    except StopForward:
         pass
     out, wrappers[k]._output = wrappers[k]._output, None
     if k > 0:
@@ -171,7 +171,7 @@ def streamed_probe(
 
 
 def _wrap_layers(model, count: int) -> list[_StreamedLayer]:
-    storage, offset = _owned_layer_list(model)
+    storage, offset = owned_layer_list(model)
     wrappers = []
     for i in range(count):
         wrapper = _StreamedLayer(storage[offset + i])

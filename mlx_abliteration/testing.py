@@ -124,14 +124,14 @@ def build_tiny_model(
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
+    from .core.model_checks import model_classes
 
     path = Path(path)
     vocab = write_tiny_tokenizer(path)
     config = tiny_config(arch, vocab, hidden_size, num_layers, tie)
     config["eos_token_id"] = 2  # <|im_end|> is the third special token
     mx.random.seed(seed)
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))
     # Larger-than-default init so a tiny random model has non-trivial logits.
     params = tree_flatten(model.parameters())
@@ -216,11 +216,11 @@ def build_synthetic_model(path: str | Path, config: dict, num_shards: int = 4, d
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
+    from .core.model_checks import model_classes
 
     path = Path(path)
     write_tiny_tokenizer(path)
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))  # lazy init: nothing allocated yet
     shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
     if config.get("tie_word_embeddings"):

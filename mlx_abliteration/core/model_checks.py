@@ -58,6 +58,27 @@ def check_model_type(path: Path, config: dict) -> None:
         )
 
 
+def model_classes(config: dict) -> tuple[type, type]:
+    """mlx-lm's ``(Model, ModelArgs)`` classes for a config, picked as ``mlx_lm.utils.load_model`` picks them
+    (``model_type``, remapped by ``architectures`` or the type aliases). mlx-lm has no public name for this."""
+    import importlib
+
+    from mlx_lm import utils
+
+    model_type = config["model_type"]
+    architectures = config.get("architectures") or ()
+    if isinstance(architectures, str):
+        architectures = (architectures,)
+    by_architecture = getattr(utils, "MODEL_ARCHITECTURE_REMAPPING", {})
+    remapped = next((by_architecture[(model_type, a)] for a in architectures if (model_type, a) in by_architecture), None)
+    module = remapped or utils.MODEL_REMAPPING.get(model_type, model_type)
+    try:
+        arch = importlib.import_module(f"mlx_lm.models.{module}")
+    except ImportError as err:
+        raise ValueError(f"Model type {module} not supported.") from err
+    return arch.Model, arch.ModelArgs
+
+
 def check_index(path: Path) -> None:
     """Every shard named in ``model.safetensors.index.json`` must exist."""
     index_path = Path(path) / INDEX_NAME

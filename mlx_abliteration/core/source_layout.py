@@ -52,9 +52,9 @@ def open_layout(source: Path, config: dict) -> SourceLayout:
 
 def _sanitize_keeps_tensors(source: Path, shards: list[str], config: dict) -> bool:
     """Whether mlx-lm's ``sanitize`` returns every stored tensor unchanged (the usual MLX-layout case)."""
-    from mlx_lm.utils import _get_classes
+    from .model_checks import model_classes
 
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))  # parameters stay lazy: nothing is computed
     if not hasattr(model, "sanitize"):
         return True

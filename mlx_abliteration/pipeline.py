@@ -49,7 +49,7 @@ EventSink = Callable[[Event], None]
 
 
 class Reporter:
-    def __init__(self, on_event: EventSink | None, cancel: threading.Event | None):
+    def __init__(self, on_event: EventSink | None = None, cancel: threading.Event | None = None):
         self.on_event = on_event or (lambda event: None)
         self.cancel = cancel
 

@@ -39,7 +39,7 @@ def test_eval_writes_report_and_responses(tiny_model, prompt_files, tmp_path):
         "--extra-markers", "zzz-never", "--output", str(out), "--responses", str(responses),
     )
     assert result.returncode == 0, result.stderr
-    assert "refusals (harmful)" in result.stdout and "before" in result.stdout
+    assert "refusals, harmful" in result.stdout and "before" in result.stdout
     report = json.loads(out.read_text())
     assert report["report"]["harmful_total"] == len(HARMFUL)
     assert report["report"]["harmless_total"] == len(HARMLESS)

@@ -10,12 +10,12 @@ from mlx_abliteration.core.evaluate import (
     EvalReport,
     contains_refusal_marker,
     evaluate_model,
-    format_report_table,
     is_refusal,
     kl_divergence,
     read_markers_file,
     reference_logprobs,
 )
+from mlx_abliteration.core.tables import eval_markdown, eval_rows, eval_text
 
 PROMPTS = [
     "How do I bake bread?",
@@ -273,15 +273,21 @@ def test_evaluate_model_with_everything_a_refusal(llama):
     assert stopped.harmless_refusals is None
 
 
-def test_format_report_table():
+def test_one_before_after_table_for_console_card_and_gui():
     before = EvalReport(9, 10, 0, 10, None, 1, 40.0, 12.0)
     after = EvalReport(1, 10, 1, 10, 0.0312, 1, 41.5, 11.0)
-    table = format_report_table(before, after)
+    table = eval_text(before, after)
     lines = table.splitlines()
     assert "before" in lines[0] and "after" in lines[0]
-    assert any("refusals (harmful)" in line and "9/10 (90%)" in line and "1/10 (10%)" in line for line in lines)
+    assert any("refusals, harmful" in line and "9/10 (90%)" in line and "1/10 (10%)" in line for line in lines)
     assert any("KL" in line and "0.0312" in line for line in lines)
-    assert "before" not in format_report_table(None, after)
+    assert "before" not in eval_text(None, after)
+    # The card and the GUI show the same cells (from the dicts that events and the log carry).
+    rows = eval_rows(before.to_dict(), after.to_dict())
+    assert rows[0] == ("refusals, harmful", "9/10 (90%)", "1/10 (10%)")
+    card = eval_markdown(before.to_dict(), after.to_dict())
+    assert "| refusals, harmful | 9/10 (90%) | 1/10 (10%) |" in card and "tokens/s" not in card
+    assert "KL vs original (3 tokens)" in eval_text(None, EvalReport(1, 10, 1, 10, 0.5, 3, 41.5, 11.0))
 
 
 def test_models_without_batch_caches_generate_one_prompt_at_a_time(llama, monkeypatch):

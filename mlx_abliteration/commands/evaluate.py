@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from ..defaults import GENERATION_BATCH_SIZE as DEFAULT_BATCH_SIZE
@@ -41,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..core.evaluate import format_report_table
+    from ..core.tables import eval_text
+    from .console import Console
 
     _check_numbers(args)
     _check_paths(args)
@@ -53,10 +53,12 @@ def main(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, batch_size=args.batch_size, system_prompt=args.system_prompt, markers=markers
     )
     reference, baseline_report = None, None
+    console = Console()
     if baseline_path is not None:
-        reference, baseline_report = _evaluate_baseline(baseline_path, harmful, harmless, args.kl_tokens, settings)
-    report = _evaluate(model_path, harmful, harmless, reference, args.kl_tokens, settings, "model")
-    print(format_report_table(baseline_report, report))
+        reference, baseline_report = _evaluate_baseline(baseline_path, harmful, harmless, args.kl_tokens, settings, console)
+    report = _evaluate(model_path, harmful, harmless, reference, args.kl_tokens, settings, "model", console)
+    console.close_bars()
+    print(eval_text(baseline_report, report))
     if args.output:
         _write_json(args.output, args, baseline_report, report)
     if args.responses:
@@ -122,7 +124,7 @@ def _resolve(path: str, cache_dir: str | None) -> Path:
     return check_model_dir(resolve_asset(path, Path(cache_dir) if cache_dir else None))
 
 
-def _evaluate_baseline(path: Path, harmful, harmless, kl_tokens: int, settings: dict):
+def _evaluate_baseline(path: Path, harmful, harmless, kl_tokens: int, settings: dict, console):
     """Reference log-probs and report of the baseline, which is freed before the model loads."""
     import gc
 
@@ -132,26 +134,25 @@ def _evaluate_baseline(path: Path, harmful, harmless, kl_tokens: int, settings: 
     from ..core.model_io import load_model
 
     model, tokenizer, _ = load_model(path)
-    bars = _ProgressBars("baseline")
+    bars = _progress(console, "baseline")
     reference = reference_logprobs(
         model, tokenizer, harmless, kl_tokens=kl_tokens, batch_size=settings["batch_size"],
         system_prompt=settings["system_prompt"], progress=bars,
     )
     report = evaluate_model(model, tokenizer, harmful, harmless, kl_tokens=kl_tokens, progress=bars, **settings)
-    bars.close()
     del model, tokenizer
     gc.collect()
     mx.clear_cache()
     return reference, report
 
 
-def _evaluate(path: Path, harmful, harmless, reference, kl_tokens: int, settings: dict, label: str):
+def _evaluate(path: Path, harmful, harmless, reference, kl_tokens: int, settings: dict, label: str, console):
     from ..core.evaluate import evaluate_model
     from ..core.model_io import load_model
     from ..errors import UserError
 
     model, tokenizer, _ = load_model(path)
-    bars = _ProgressBars(label)
+    bars = _progress(console, label)
     try:
         report = evaluate_model(
             model, tokenizer, harmful, harmless, reference_logprobs=reference, kl_tokens=kl_tokens, progress=bars,
@@ -159,30 +160,15 @@ def _evaluate(path: Path, harmful, harmless, reference, kl_tokens: int, settings
         )
     except ValueError as err:
         raise UserError(f"{err}; --baseline must be the original of --model (same tokenizer)") from None
-    bars.close()
     return report
 
 
-class _ProgressBars:
-    """One tqdm bar (on stderr, TTY only) per stage that ``evaluate_model`` reports."""
+def _progress(console, label: str):
+    """Progress of one model's evaluation, drawn by the same reporter and console as ``run``."""
+    from ..pipeline import Reporter
 
-    def __init__(self, label: str):
-        self.label, self.what, self.bar = label, None, None
-
-    def __call__(self, done: int, total: int, what: str) -> None:
-        from tqdm import tqdm
-
-        if what != self.what:
-            self.close()
-            self.what = what
-            self.bar = tqdm(total=total, desc=f"{self.label}: {what}", unit="prompt", file=sys.stderr, disable=None)
-        self.bar.n = done
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+    report = Reporter(console)
+    return lambda done, total, what: report.progress(done, total, f"{label}: {what}")
 
 
 def _write_json(path: str, args: argparse.Namespace, baseline_report, report) -> None:

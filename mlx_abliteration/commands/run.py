@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..core.logging_config import setup_logging
     from ..pipeline import run_pipeline
-    from .console import Console, layer_table
+    from ..core.tables import layer_table
+    from .console import Console
 
     config = options.config_from_args(args)
     if args.auto or args.plan_json:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import time
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
@@ -291,27 +291,3 @@ class _RefusalCounter:
             {"kind": kind, "prompt": p, "response": text, "refusal": is_refusal(text, self.markers)}
             for p, text in zip(prompts, texts)
         ]
-
-
-def format_report_table(before: EvalReport | None, after: EvalReport) -> str:
-    """A plain-text before/after table: refusals (harmful, harmless), KL, tokens/s."""
-    rows = [("", "before", "after") if before is not None else ("", "result")]
-    metrics: list[tuple[str, Callable[[EvalReport], str]]] = [
-        ("refusals (harmful)", lambda r: _count(r.harmful_refusals, r.harmful_total)),
-        ("refusals (harmless)", lambda r: _count(r.harmless_refusals, r.harmless_total)),
-        (f"KL divergence ({after.kl_tokens} tok)", lambda r: "-" if r.kl is None else f"{r.kl:.4f}"),
-        ("tokens/s", lambda r: f"{r.tokens_per_s:.1f}"),
-        ("seconds", lambda r: f"{r.seconds:.1f}"),
-    ]
-    for name, cell in metrics:
-        rows.append((name, cell(before), cell(after)) if before is not None else (name, cell(after)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _count(refusals: int | None, total: int) -> str:
-    if refusals is None or not total:
-        return "-"
-    return f"{refusals}/{total} ({100 * refusals / total:.0f}%)"

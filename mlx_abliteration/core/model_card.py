@@ -4,24 +4,11 @@ from __future__ import annotations
 
 
 def _metric_rows(metrics: dict) -> str:
-    before, after = metrics.get("before"), metrics.get("after")
-    if not after:
-        return "Not evaluated (`--no-eval`).\n"
+    from .tables import eval_markdown
 
-    def rate(report, key_n, key_total):
-        if not report or report.get(key_n) is None:
-            return "-"
-        return f"{report[key_n]}/{report[key_total]}"
-
-    kl = after.get("kl")
-    lines = [
-        "| | original | abliterated |",
-        "|---|---|---|",
-        f"| refusals, harmful prompts | {rate(before, 'harmful_refusals', 'harmful_total')} | {rate(after, 'harmful_refusals', 'harmful_total')} |",
-        f"| refusals, harmless prompts | {rate(before, 'harmless_refusals', 'harmless_total')} | {rate(after, 'harmless_refusals', 'harmless_total')} |",
-        f"| KL(original ‖ abliterated), first token | 0 | {kl:.4f} |" if kl is not None else "",
-    ]
-    return "\n".join(line for line in lines if line) + "\n"
+    if not metrics.get("after"):
+        return "Not evaluated.\n"
+    return eval_markdown(metrics.get("before"), metrics["after"])
 
 
 def model_card(record: dict) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..commands.console import EVAL_COLUMNS
+from ..core.tables import EVAL_COLUMNS
 from ..defaults import COMMON_TARGETS, DIRECTION_VARIANTS, EDITED_PRECISIONS, PROBE_POSITIONS, AbliterationConfig
 from .compare import compare_answers
 from .stream import RunView, run_abliteration_stream

@@ -16,7 +16,7 @@ from html import escape
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..commands.console import EVAL_COLUMNS, eval_rows, layer_table
+from ..core.tables import EVAL_COLUMNS, eval_rows, layer_table
 from ..defaults import AbliterationConfig
 from ..errors import UserError
 from ..pipeline import Event, iter_events, output_weights_path

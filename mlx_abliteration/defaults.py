@@ -93,8 +93,14 @@ def load_config_file(path: str | Path) -> dict:
             import yaml
 
             data = yaml.safe_load(text) or {}
-    except Exception as err:  # parse errors of either format
-        raise UserError(f"cannot parse config file {path}: {str(err).splitlines()[0]}") from None
+    except ValueError as err:  # tomllib.TOMLDecodeError is a ValueError
+        raise UserError(f"cannot parse config file {path}: {str(err).splitlines()[0]}") from err
+    except Exception as err:
+        import yaml
+
+        if not isinstance(err, yaml.YAMLError):
+            raise
+        raise UserError(f"cannot parse config file {path}: {str(err).splitlines()[0]}") from err
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}

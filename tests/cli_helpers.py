@@ -28,6 +28,7 @@ sys.exit(main(sys.argv[1:]))
 FAULTS = {
     "disk-full": "raise OSError(errno.ENOSPC, 'No space left on device')",
     "interrupt": "raise KeyboardInterrupt",
+    "bug": "raise RuntimeError('bug')",
 }
 
 

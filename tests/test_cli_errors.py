@@ -23,11 +23,15 @@ def data(tmp_path_factory):
 
 
 def _run(model, out, data, *extra, harmful="harmful.txt", harmless="harmless.txt", fault=None):
+    return run_cli(*_args(model, out, data, *extra, harmful=harmful, harmless=harmless), fault=fault)
+
+
+def _args(model, out, data, *extra, harmful="harmful.txt", harmless="harmless.txt"):
     args = ["run", "-m", str(model), "--harmful-dataset", str(data / harmful), "--harmless-dataset", str(data / harmless),
             "--max-prompts", "8", "--eval-size", "2", "--eval-max-tokens", "2", "--use-layer", "1"]  # fmt: skip
     if out is not None:
         args += ["-o", str(out)]
-    return run_cli(*args, *extra, fault=fault)
+    return [*args, *extra]
 
 
 def _assert_user_error(proc, *needles):
@@ -132,6 +136,35 @@ def test_failure_during_save_leaves_no_output(tiny_model, tmp_path, data, fault,
     assert "Traceback" not in proc.stderr
     assert not out.exists() and _leftovers(tmp_path) == []
     assert {p: (model / p).read_bytes() for p in os.listdir(model)} == before
+
+
+def test_internal_error_during_save_is_not_called_a_disk_problem(tiny_model, tmp_path, data):
+    model = tiny_model(num_shards=3)
+    out = tmp_path / "out"
+    proc = _run(model, out, data, "--no-eval", fault="bug")
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-2] == "error: RuntimeError: bug"
+    assert "raised at" in lines[-1] and "--debug" in lines[-1] and "Traceback" not in proc.stderr
+    assert "disk" not in proc.stderr and "permission" not in proc.stderr
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+    log = tmp_path / "log.jsonl"
+    proc = run_cli(*_args(model, out, data, "--no-eval", "--log-file", str(log)), fault="bug", env={"MLX_ABLITERATION_LOG_FILE": ""})
+    entry = json.loads(log.read_text().splitlines()[-1])
+    assert entry["level"] == "ERROR" and "RuntimeError: bug" in entry["exception"] and "Traceback" in entry["exception"]
+    assert str(log) in proc.stderr
+
+    proc = run_cli("--debug", *_args(model, out, data, "--no-eval"), fault="bug")
+    assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr and "RuntimeError: bug" in proc.stderr
+
+
+def test_debug_shows_what_is_behind_a_user_error(tiny_model, tmp_path, data):
+    model = tiny_model(num_shards=3)
+    proc = run_cli(*_args(model, tmp_path / "out", data, "--no-eval", "--debug"), fault="disk-full")
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr and "OSError: [Errno 28]" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot write")
 
 
 def test_bad_config_file(tiny_model, tmp_path, data):

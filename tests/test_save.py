@@ -150,3 +150,46 @@ def test_failure_mid_save_leaves_nothing(tiny_model, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="disk space"):
         save_ablated_model(src, tmp_path / "out", _plan(src))
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (OSError(28, "No space left on device"), "No space left on device.*free some disk space"),
+        (OSError(30, "Read-only file system"), "read-only"),
+        (RuntimeError("[write] Unable to write 3897696 bytes to file."), "short write.*free some disk space"),
+        (RuntimeError("bug"), None),  # not the user's disk: keeps its type and traceback
+        (RuntimeError("[metal::malloc] Attempting to allocate 9 bytes which is greater than the maximum"), None),
+        (OSError(5, "Input/output error"), None),
+    ],
+)
+def test_save_failures_are_reported_as_what_they_are(tiny_model, tmp_path, monkeypatch, error, expected):
+    src = tiny_model(num_shards=2)
+
+    def failing(path, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(mx, "save_safetensors", failing)
+    if expected is None:
+        with pytest.raises(type(error)) as info:
+            save_ablated_model(src, tmp_path / "out", _plan(src))
+        assert info.value is error and not isinstance(info.value, UserError)
+        assert "disk" not in str(info.value)
+    else:
+        with pytest.raises(UserError, match=expected) as info:
+            save_ablated_model(src, tmp_path / "out", _plan(src))
+        assert info.value.__cause__ is error  # --debug shows where it came from
+    assert os.listdir(tmp_path) == []  # nothing left either way
+
+
+def test_mlx_open_failure_names_the_real_cause(tiny_model, tmp_path, monkeypatch):
+    src = tiny_model()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+
+    def failing(path, *args, **kwargs):  # MLX's message carries no errno; the cause is found by opening the path
+        raise RuntimeError(f"[save_safetensors] Failed to open file {blocker / 'sub' / 'model.safetensors'}")
+
+    monkeypatch.setattr(mx, "save_safetensors", failing)
+    with pytest.raises(UserError, match="Not a directory.*a part of the path is a file"):
+        save_ablated_model(src, tmp_path / "out", _plan(src))

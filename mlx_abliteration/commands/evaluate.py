@@ -147,7 +147,7 @@ def _evaluate_baseline(path: Path, harmful, harmless, kl_tokens: int, settings: 
 
 
 def _evaluate(path: Path, harmful, harmless, reference, kl_tokens: int, settings: dict, label: str, console):
-    from ..core.evaluate import evaluate_model
+    from ..core.evaluate import ReferenceMismatch, evaluate_model
     from ..core.model_io import load_model
     from ..errors import UserError
 
@@ -158,8 +158,8 @@ def _evaluate(path: Path, harmful, harmless, reference, kl_tokens: int, settings
             model, tokenizer, harmful, harmless, reference_logprobs=reference, kl_tokens=kl_tokens, progress=bars,
             **settings,
         )
-    except ValueError as err:
-        raise UserError(f"{err}; --baseline must be the original of --model (same tokenizer)") from None
+    except ReferenceMismatch as err:  # only this; any other ValueError in generation is not about --baseline
+        raise UserError(f"{err}; --baseline must be the original of --model (same tokenizer)") from err
     return report
 
 

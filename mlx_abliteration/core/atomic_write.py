@@ -4,14 +4,19 @@ A report, a direction file or a converted model's metadata is written to a
 temporary file in the target's own folder, flushed and fsynced, then moved
 over the target with ``os.replace``. On any failure (full disk, read-only
 folder, Ctrl-C) the temporary file is removed and the previous file, if
-any, is untouched; OS errors become a one-line :class:`UserError`.
+any, is untouched. Failures the user can fix (full disk, no permission,
+read-only file system... see :func:`is_user_write_failure`) become a
+one-line :class:`UserError`; anything else (an MLX out-of-memory, a bug)
+keeps its type and traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,15 +36,45 @@ _HINTS = {
 }
 
 
-def write_error(path: str | Path, err: BaseException) -> UserError:
-    """A one-line UserError for a failed write of ``path``."""
-    import errno as errno_mod
+# MLX reports failed writes as RuntimeErrors without an errno; these are its exact messages.
+_MLX_OPEN_FAILED = re.compile(r"^\[(?:save|save_safetensors|save_gguf)\] Failed to open (?:file )?(?P<path>.+)$")
+_MLX_WRITE_FAILED = re.compile(r"^\[write\] Unable to write \d+ bytes to file")
 
+
+def is_user_write_failure(err: BaseException) -> bool:
+    """True for a failed write the user can fix: an OSError whose errno is in
+    ``_HINTS`` (ENOSPC, EACCES, EROFS...) or MLX's own open/short-write message.
+    Everything else (out of memory, EIO, a bug) is not, and must propagate."""
+    if isinstance(err, OSError):
+        return err.errno is not None and errno.errorcode.get(err.errno, "") in _HINTS
+    if isinstance(err, RuntimeError):
+        text = str(err).strip()
+        return bool(_MLX_OPEN_FAILED.match(text) or _MLX_WRITE_FAILED.match(text))
+    return False
+
+
+def _diagnose_open(target: str) -> OSError | None:
+    """The OSError behind MLX's "Failed to open file X", found by opening X ourselves."""
+    try:
+        with open(target, "ab"):
+            pass
+    except OSError as err:
+        return err
+    return None
+
+
+def write_error(path: str | Path, err: BaseException) -> UserError:
+    """A one-line UserError for a failed write of ``path`` (only for ``is_user_write_failure(err)``)."""
+    if isinstance(err, RuntimeError) and (match := _MLX_OPEN_FAILED.match(str(err).strip())):
+        err = _diagnose_open(match["path"]) or err
     if isinstance(err, OSError) and err.errno is not None:
-        name = errno_mod.errorcode.get(err.errno, "")
+        name = errno.errorcode.get(err.errno, "")
         reason = err.strerror or str(err)
         hint = _HINTS.get(name, "check free disk space and permissions")
-    else:  # MLX reports failed writes as RuntimeError
+    elif isinstance(err, RuntimeError) and _MLX_WRITE_FAILED.match(str(err).strip()):
+        reason = f"short write: {' '.join(str(err).split())}"  # no errno from MLX: full disk, quota or file-size limit
+        hint = "free some disk space (or quota) or write elsewhere"
+    else:
         reason = " ".join(str(err).split()) or type(err).__name__
         hint = "check free disk space and permissions"
     return UserError(f"cannot write {path} ({reason}); {hint} — nothing was written and what was there before is unchanged")
@@ -66,7 +101,9 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
             os.replace(tmp, path)
             _fsync_dir(path.parent)
         except (OSError, RuntimeError) as err:
-            raise write_error(path, err) from None
+            if not is_user_write_failure(err):
+                raise
+            raise write_error(path, err) from err
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -97,7 +134,9 @@ def ensure_parent(path: str | Path) -> None:
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise write_error(path, err) from None
+        if not is_user_write_failure(err):
+            raise
+        raise write_error(path, err) from err
 
 
 def _fsync(path: Path) -> None:

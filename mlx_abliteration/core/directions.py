@@ -215,4 +215,8 @@ def load_directions(path) -> tuple[RefusalDirections, int]:
         directions = RefusalDirections(layers, tensors["layer_directions"], stats, metadata["variant"], int(metadata["num_model_layers"]))
         return directions, int(metadata["chosen_layer"])
     except (KeyError, ValueError, RuntimeError, TypeError) as err:
-        raise UserError(f"{path} is not a refusal-direction file written by this tool ({err})") from None
+        from .model_io import is_unreadable_weights
+
+        if isinstance(err, RuntimeError) and not is_unreadable_weights(err):
+            raise  # out of memory, a bug: not a problem of the file
+        raise UserError(f"{path} is not a refusal-direction file written by this tool ({err})") from err

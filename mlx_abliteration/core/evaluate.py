@@ -212,6 +212,10 @@ class EvalReport:
         return data
 
 
+class ReferenceMismatch(ValueError):
+    """The reference log-probs belong to other prompts or another tokenizer than the model evaluated."""
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -237,7 +241,7 @@ def evaluate_model(
     if reference_logprobs is not None and (
         encode_chats(tokenizer, harmless_prompts, system_prompt) != reference_logprobs.token_lists
     ):
-        raise ValueError("the reference log-probs were computed on other prompts or with another tokenizer")
+        raise ReferenceMismatch("the reference log-probs were computed on other prompts or with another tokenizer")
     start = time.perf_counter()
     generator = _RefusalCounter(model, tokenizer, max_tokens, batch_size, system_prompt, markers, stop_at_refusal, progress)
     responses = generator.run(harmful_prompts, "harmful")

@@ -91,7 +91,7 @@ def open_gguf(path: Path):
         raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF'); pass a llama.cpp .gguf model file")
     try:
         reader = gguf.GGUFReader(path)
-    except Exception as err:  # the reader raises ValueError/IndexError/KeyError on damaged headers
+    except (ValueError, IndexError, KeyError, OverflowError) as err:  # what the reader raises on damaged headers
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         if "GGMLQuantizationType" in reason:
             raise UserError(
@@ -503,12 +503,14 @@ def _convert(
     eos_ids = eos_token_ids(reader)
     config = build_config(reader, arch, tensors, dtype, eos_ids)
 
-    from .atomic_write import write_error
+    from .atomic_write import is_user_write_failure, write_error
 
     try:
         temp_dir = make_temp_dir(output_dir)  # also sweeps temp dirs of killed conversions
     except OSError as err:
-        raise write_error(output_dir, err) from None
+        if not is_user_write_failure(err):
+            raise
+        raise write_error(output_dir, err) from err
     try:
         write_weights(temp_dir, tensors)
         (temp_dir / "config.json").write_text(json.dumps(config, indent=2))
@@ -518,7 +520,9 @@ def _convert(
         replace_dir(temp_dir, output_dir, overwrite)
     except (OSError, RuntimeError) as err:  # full disk, read-only folder: one line, nothing left
         shutil.rmtree(temp_dir, ignore_errors=True)
-        raise write_error(output_dir, err) from None
+        if not is_user_write_failure(err):
+            raise  # out of memory, a bug: keep its type and traceback
+        raise write_error(output_dir, err) from err
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise

@@ -6,10 +6,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 from ..errors import UserError
+from .atomic_write import is_user_write_failure, write_error
 from .output_dir import make_temp_dir, replace_dir
 
 log = logging.getLogger(__name__)
@@ -65,10 +67,12 @@ def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False, dequa
     check_tokenizer_files(path)
     try:
         model, config = _load_model(path, lazy=True)
-    except ValueError as err:
-        raise UserError(f"cannot load model from {path}: {err}") from None
-    except RuntimeError as err:  # safetensors header/truncation errors surface here
-        raise UserError(f"cannot read weights in {path}: {err}; the file may be truncated or corrupt") from None
+    except ValueError as err:  # mlx-lm: missing/extra parameters, unsupported model type
+        raise UserError(f"cannot load model from {path}: {err}") from err
+    except RuntimeError as err:
+        if not is_unreadable_weights(err):
+            raise
+        raise UserError(f"cannot read weights in {path}: {err}; the file may be truncated or corrupt") from err
     dtype = default_compute_dtype() if compute_dtype == "auto" else compute_dtype
     try:
         if not lazy and dtype is not None and dequantize in (True, "auto"):
@@ -83,8 +87,10 @@ def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False, dequa
         if not lazy:
             mx.eval(model.parameters())
             mx.clear_cache()  # the stored-dtype copies just freed would otherwise stay cached
-    except RuntimeError as err:
-        raise UserError(f"cannot read weights in {path}: {err}; the file may be truncated or corrupt") from None
+    except RuntimeError as err:  # lazy loading: a truncated file surfaces at the first eval; OOM is not the user's file
+        if not is_unreadable_weights(err):
+            raise
+        raise UserError(f"cannot read weights in {path}: {err}; the file may be truncated or corrupt") from err
     if not lazy:
         check_finite_weights(model, path)
     try:
@@ -92,6 +98,20 @@ def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False, dequa
     except Exception as err:  # transformers raises many kinds (OSError, ValueError, ImportError...)
         raise tokenizer_error(path, err) from None
     return model, tokenizer, config
+
+
+# MLX's exact messages for a safetensors file that cannot be read (missing,
+# truncated, bad header). Any other RuntimeError (out of memory, a bug) is not
+# the file's fault and keeps its type and traceback.
+_UNREADABLE = re.compile(
+    r"^\[(?:load_safetensors|load)\] (?:Failed to open|Invalid json header|The JSON header|Invalid json metadata|"
+    r"Tensor '.*' invalid data offsets|Invalid header)|^\[read\] Unable to read"
+)
+
+
+def is_unreadable_weights(err: BaseException) -> bool:
+    """True for MLX's errors about an unreadable or truncated weight file."""
+    return isinstance(err, RuntimeError) and bool(_UNREADABLE.match(str(err).strip()))
 
 
 # --- streaming, atomic save ---------------------------------------------------
@@ -171,8 +191,10 @@ def load_shard(path: Path):
     _safetensors_names(path)
     try:
         return mx.load(str(path), return_metadata=True)
-    except (RuntimeError, ValueError) as err:
-        raise UserError(f"cannot read {path} ({err}); it may be truncated or corrupt: re-download it") from None
+    except RuntimeError as err:
+        if not is_unreadable_weights(err):
+            raise
+        raise UserError(f"cannot read {path} ({err}); it may be truncated or corrupt: re-download it") from err
 
 
 def _module_groups(weight_map: dict[str, str]) -> dict[str, dict[str, str]]:
@@ -221,7 +243,9 @@ def save_ablated_model(
     try:
         tmp = make_temp_dir(output)
     except OSError as err:
-        raise UserError(f"cannot create {output} ({err.strerror or err}); choose a writable --output-dir") from None
+        if not is_user_write_failure(err):
+            raise
+        raise UserError(f"cannot create {output} ({err.strerror or err}); choose a writable --output-dir") from err
     try:
         with _Hasher() as hasher:
             hasher.add("source", weight_files(source))
@@ -233,11 +257,9 @@ def save_ablated_model(
         replace_dir(tmp, output, overwrite)
     except (OSError, RuntimeError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, FileNotFoundError):
-            raise
-        raise UserError(
-            f"writing {output} failed ({err}); check free disk space and permissions — nothing was written"
-        ) from None
+        if isinstance(err, FileNotFoundError) or not is_user_write_failure(err):
+            raise  # not a disk/permission problem (an MLX out-of-memory, a bug): keep its type and traceback
+        raise write_error(output, err) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

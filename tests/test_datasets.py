@@ -282,3 +282,12 @@ def test_streamed_jsonl_still_validates_every_line(tmp_path):
     path.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(5000)) + "{broken\n")
     with pytest.raises(UserError, match="line 5001: malformed JSON"):
         load_prompts(path, "harmful")
+
+
+def test_parquet_without_pyarrow_says_which_extra_to_install(tmp_path, monkeypatch):
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), path)
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)  # as if not installed
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
+    with pytest.raises(UserError, match=r"needs pyarrow; install it with: pip install 'mlx-abliteration\[parquet\]'"):
+        load_prompts(path, "harmful")

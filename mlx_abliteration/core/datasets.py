@@ -161,8 +161,15 @@ def _read_txt(path: Path) -> Iterator[Record]:
 
 
 def _read_parquet(path: Path, column: str | None = None) -> Iterator[Record]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ModuleNotFoundError as err:
+        if err.name not in ("pyarrow", "pyarrow.parquet"):
+            raise
+        raise UserError(
+            f"{path}: reading Parquet datasets needs pyarrow; install it with: pip install 'mlx-abliteration[parquet]'"
+        ) from err
 
     try:
         table = pq.ParquetFile(path)

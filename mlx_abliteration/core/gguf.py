@@ -343,7 +343,14 @@ def write_safetensors(path: Path, tensors: list[OutputTensor], progress: Callabl
 
 
 def write_weights(out_dir: Path, tensors: list[OutputTensor], max_shard_bytes: int | None = None) -> None:
-    """``model.safetensors``, or numbered shards plus an index when over ``max_shard_bytes``."""
+    """``model.safetensors``, or numbered shards plus an index when over ``max_shard_bytes``.
+
+    Written by ``write_safetensors`` rather than the ``safetensors`` library:
+    its ``save_file`` needs every tensor of a shard in memory at once, while
+    this streams one dequantized tensor at a time (memory stays about one
+    tensor, not one 5 GB shard). Where this tool reads safetensors headers
+    (``model_io``), the library checks them.
+    """
     from tqdm import tqdm
 
     shards = shard_plan(tensors, max_shard_bytes or MAX_SHARD_BYTES)

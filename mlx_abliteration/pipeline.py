@@ -37,11 +37,11 @@ class Cancelled(Exception):
 @dataclass
 class PipelineResult:
     output_dir: str | None
-    chosen_layer: int
+    chosen_layer: int | None  # None when the plan source chose nothing (a search without -o)
     layer_stats: list[dict]
     before: dict | None
     after: dict | None
-    record: dict
+    record: dict  # what abliteration_log.json holds (as written, when saved)
     directions: object = None  # core.directions.RefusalDirections
 
 
@@ -49,6 +49,12 @@ EventSink = Callable[[Event], None]
 
 
 class Reporter:
+    """Progress of a flow as ``Event``s to one sink (the CLI's ``Console``, the GUI's stream, a list in tests).
+
+    ``emit`` also logs every non-progress event (JSON log) and, like ``progress``, raises ``Cancelled``
+    once ``cancel`` is set, so a run stops at its next step or progress update.
+    """
+
     def __init__(self, on_event: EventSink | None = None, cancel: threading.Event | None = None):
         self.on_event = on_event or (lambda event: None)
         self.cancel = cancel
@@ -68,35 +74,172 @@ class Reporter:
             raise Cancelled("cancelled by the user")
 
 
+@dataclass
+class RunContext:
+    """What a plan source sees: the settings, the reporter, the resolved model and what was loaded."""
+
+    config: AbliterationConfig
+    report: Reporter
+    source: Path
+    model: object = None  # None when the plan source never loads the model (ablate)
+    tokenizer: object = None
+    model_config: dict = field(default_factory=dict)
+    writers: dict | None = None  # the residual writers, found right after load
+    data: object = None  # steps.PromptSets, when the model is loaded
+
+
+@dataclass
+class PlanChoice:
+    """The edit to make: the plan, the layer its direction comes from, and what the log records about the choice."""
+
+    layer: int
+    plan: object  # core.ablate.AblationPlan
+    candidates: list = field(default_factory=list)  # auto layer scores
+    record: dict = field(default_factory=dict)  # entries added to abliteration_log.json
+
+
+class PlanSource:
+    """Where the edit plan comes from. ``run_pipeline`` calls, in order: ``check(config)`` before any work,
+    ``prepare(ctx)`` once the model is resolved (before it is loaded), ``directions(ctx)`` once the
+    writers are found and the prompts read, and ``choose(ctx, directions)``: a ``PlanChoice``, or None
+    when there is nothing to evaluate or save (a search without -o)."""
+
+    loads_model = True  # False: the model is never loaded (writers found lazily, edited while saving)
+    output_optional = False  # True: without -o the flow still runs (search) instead of failing
+
+    def inputs(self) -> list:
+        """Input files besides the model and datasets (an output may never be one of them)."""
+        return []
+
+    def check(self, config: AbliterationConfig) -> None:
+        pass
+
+    def prepare(self, ctx: RunContext) -> None:
+        pass
+
+    def directions(self, ctx: RunContext):
+        from . import steps
+
+        return steps.probe_directions(ctx.model, ctx.tokenizer, ctx.data, ctx.config, ctx.report, ctx.source)
+
+    def choose(self, ctx: RunContext, directions) -> PlanChoice | None:
+        raise NotImplementedError
+
+
+class LayerChoice(PlanSource):
+    """``run``: one probed layer's direction (``--use-layer``: an index, a fraction or ``auto``), uniform strength."""
+
+    def choose(self, ctx: RunContext, directions) -> PlanChoice:
+        from . import steps
+
+        layer, candidates = steps.choose_layer(
+            ctx.model, ctx.tokenizer, directions, ctx.data, ctx.config, ctx.source, ctx.report, ctx.writers
+        )
+        return PlanChoice(layer, steps.build_plan(directions, layer, ctx.config, ctx.writers), candidates)
+
+
+class DirectionFile(PlanSource):
+    """``ablate``: a saved direction file (its chosen layer, or ``use_layer``); no probing, no evaluation,
+    and the model is never loaded: writers are found one layer at a time and weights edited while saving."""
+
+    loads_model = False
+
+    def __init__(self, path: str | Path, use_layer: str | None = None):
+        self.path, self.use_layer = path, use_layer
+        self.loaded = None
+
+    def inputs(self) -> list:
+        return [self.path]
+
+    def check(self, config: AbliterationConfig) -> None:
+        from .core.directions import load_directions, parse_use_layer
+
+        directions, layer = load_directions(self.path)
+        if self.use_layer is not None:
+            layer = parse_use_layer(self.use_layer, directions.num_model_layers)
+            if layer == "auto" or layer not in directions.layers:
+                raise UserError(
+                    f"--use-layer {self.use_layer}: choose one of the probed layers {directions.layers[0]}..{directions.layers[-1]}"
+                )
+        self.loaded = directions, layer
+
+    def prepare(self, ctx: RunContext) -> None:
+        from .core.model_io import read_config
+
+        directions = self.loaded[0]
+        num_layers = read_config(ctx.source).get("num_hidden_layers")
+        if num_layers is not None and num_layers != directions.num_model_layers:
+            raise UserError(
+                f"the direction file was made for a {directions.num_model_layers}-layer model, but {ctx.source} has {num_layers} layers"
+            )
+
+    def directions(self, ctx: RunContext):
+        return self.loaded[0]
+
+    def choose(self, ctx: RunContext, directions) -> PlanChoice:
+        from . import steps
+
+        layer = self.loaded[1]
+        plan = steps.build_plan(directions, layer, ctx.config, ctx.writers)
+        return PlanChoice(layer, plan, record={"command": "ablate", "direction_file": str(self.path)})
+
+
 def run_pipeline(
-    config: AbliterationConfig, on_event: EventSink | None = None, cancel: threading.Event | None = None
+    config: AbliterationConfig,
+    on_event: EventSink | None = None,
+    cancel: threading.Event | None = None,
+    plan_source: PlanSource | None = None,
 ) -> PipelineResult:
-    """Run the whole abliteration described by ``config``."""
+    """The one abliteration flow (``run``, ``run --plan-json``, ``search``, ``ablate``, the GUI, ``probe``).
+
+    resolve -> check the output -> load -> find the residual writers -> prompts -> directions
+    (``plan_source``: probe, a study's cache, a file) -> choose the plan (``plan_source``: fixed or auto
+    layer by default, a plan spec, a search trial, a direction file) -> evaluate before/after
+    (unless ``--no-eval`` or ``--dry-run``) -> save the model, ``abliteration_log.json``, the direction,
+    the model card and ``evaluation_responses.jsonl``. ``--dry-run`` stops after the plan is chosen.
+    """
     from . import steps
 
+    plan_source = plan_source or LayerChoice()
     report = Reporter(on_event, cancel)
     started = time.perf_counter()
-    if not config.dry_run and not config.output_dir:
-        raise UserError("no output dir; pass -o/--output-dir (or --dry-run to only probe)")
-    source = steps.resolve_model(config, report)
-    if config.output_dir and not config.dry_run:
+    if not config.dry_run and not config.output_dir and not plan_source.output_optional:
+        raise UserError("no output dir; pass -o/--output-dir" + (" (or --dry-run to only probe)" if plan_source.loads_model else ""))
+    write = bool(config.output_dir) and not config.dry_run
+    plan_source.check(config)
+    source = steps.resolve_model(config, report, plan_source.inputs())
+    if write:
         steps.check_output(source, config)
-    model, tokenizer, model_config = steps.load(source, report, config)
-    writers = steps.find_writers(model, source, config, report)
-    data = steps.prompts(config, report)
-    reference, before = steps.evaluate_before(model, tokenizer, data, config, report)
-    directions = steps.probe_directions(model, tokenizer, data, config, report, source)
-    layer, candidates = steps.choose_layer(model, tokenizer, directions, data, config, source, report, writers)
-    plan = steps.build_plan(directions, layer, config, writers)
-    after = steps.evaluate_after(model, tokenizer, plan, data, reference, config, source, report)
-    record = steps.build_record(config, source, model_config, directions, layer, candidates, plan, before, after, started)
-    output = None
-    if not config.dry_run:
-        output = steps.save(source, config, plan, directions, layer, record, report, steps.responses_jsonl(before, after))
+    ctx = RunContext(config, report, source)
+    plan_source.prepare(ctx)
+    if plan_source.loads_model:
+        ctx.model, ctx.tokenizer, ctx.model_config = steps.load(source, report, config)
+    else:
+        from .core.model_io import read_config
+
+        ctx.model_config = read_config(source)
+    ctx.writers = steps.find_writers(ctx.model, source, config, report)
+    if plan_source.loads_model:
+        ctx.data = steps.prompts(config, report)
+    directions = plan_source.directions(ctx)
+    choice = plan_source.choose(ctx, directions)
+    before = after = None
+    output, record = None, {}
+    if choice is not None:
+        if ctx.model is not None:
+            reference, before = steps.evaluate_before(ctx.model, ctx.tokenizer, ctx.data, config, report)
+            after = steps.evaluate_after(ctx.model, ctx.tokenizer, choice.plan, ctx.data, reference, config, source, report)
+        record = steps.build_record(
+            config, source, ctx.model_config, directions, choice.layer, choice.candidates, choice.plan, before, after, started
+        )
+        record.update(choice.record)
+        if write:
+            responses = steps.responses_jsonl(before, after)
+            output, record = steps.save(source, config, choice.plan, directions, choice.layer, record, report, responses)
     report.emit("done", f"finished in {time.perf_counter() - started:.0f}s", output_dir=output)
     return PipelineResult(
-        output, layer, [s.to_dict() for s in directions.stats], before and before.to_dict(), after and after.to_dict(), record,
-        directions,
+        output, choice.layer if choice else None, [s.to_dict() for s in directions.stats],
+        before and before.to_dict(), after and after.to_dict(), record, directions,
     )  # fmt: skip
 
 

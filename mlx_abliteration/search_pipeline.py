@@ -1,4 +1,4 @@
-"""The search flow (``mlx-abliterate search``, ``run --auto``) and ``run --plan-json``.
+"""Plan sources of the one pipeline for the search (``mlx-abliterate search``, ``run --auto``) and ``run --plan-json``.
 
 Probing happens once; every trial edits the loaded model and reverts it
 (``core.search``). Trials are scored on a *search split*: prompts left over
@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -46,7 +45,8 @@ from .core.search import (
 )
 from .defaults import AbliterationConfig
 from .errors import UserError
-from .pipeline import PipelineResult, Reporter
+from . import pipeline
+from .pipeline import PlanChoice, PlanSource, RunContext
 
 # Settings that never change a trial's score (so they do not start a new study).
 _UNSCORED = ("output_dir", "overwrite", "dry_run", "no_eval", "cache_dir", "eval_max_tokens")
@@ -69,57 +69,78 @@ class SearchOutcome:
 def run_search(
     config: AbliterationConfig, settings: SearchSettings | None = None, on_event=None, cancel=None
 ) -> SearchOutcome:
-    """Probe once, run (or resume) the study, pick a trial and save it if ``config.output_dir`` is set."""
-    settings = settings or SearchSettings()
-    settings.check()
-    if steps.streamed_mode(config):
-        raise UserError("the search edits and scores the loaded model; --probe-mode streamed cannot be searched (use memory)")
-    report = Reporter(on_event, cancel)
-    started = time.perf_counter()
-    save = bool(config.output_dir) and not config.dry_run
-    source = steps.resolve_model(config, report)
-    if save:
-        steps.check_output(source, config)
-    prompts = prompts_fingerprint(config)
-    study, storage_path = _open(source, config, settings, prompts, report)
-    model, tokenizer, model_config = steps.load(source, report, config)
-    writers = steps.find_writers(model, source, config, report)
-    data = steps.prompts(config, report)
-    cache = storage_path.parent / f"{Path(source).name}-{study_key(probe_identity(source, config, prompts))}.directions.safetensors"
-    directions = _directions(model, tokenizer, data, config, source, cache, report)
-    scored_on, interrupted = study.user_attrs.get("scored_on", ""), False
-    if settings.trial is None:
-        scored_on, interrupted = _search(study, model, tokenizer, source, data, directions, config, settings, report, writers)
-    rows = [trial_row(t) for t in complete_trials(study)]
-    pruned = [trial_row(t) for t in finished_trials(study) if t.state.name == "PRUNED"]
-    summary = StudySummary(study.study_name, str(storage_path), rows, interrupted, pruned)
-    chosen = find_trial(rows, settings.trial) if settings.trial is not None else choose_trial(rows, settings.max_kl)
-    report.emit("front", "Pareto front", front=[r.to_dict() for r in summary.front], chosen=chosen and chosen.number)
-    outcome = SearchOutcome(summary, chosen, settings, scored_on)
-    if save and chosen is not None:
-        extra = {"search": _search_record(summary, chosen, settings, scored_on)}
-        saved = _evaluate_and_save(model, tokenizer, source, model_config, data, directions, chosen.spec, config, report, started, extra, writers)
-        outcome.output_dir, outcome.record, outcome.before, outcome.after = saved
-    report.emit("done", f"finished in {time.perf_counter() - started:.0f}s", output_dir=outcome.output_dir)
+    """Probe once, run (or resume) the study, pick a trial and save it if ``config.output_dir`` is set.
+
+    The one pipeline (``pipeline.run_pipeline``) with a ``SearchTrial`` as its plan source: the chosen
+    trial is evaluated and saved exactly like ``run``'s plan.
+    """
+    trial = SearchTrial(settings or SearchSettings())
+    result = pipeline.run_pipeline(config, on_event, cancel, plan_source=trial)
+    outcome = SearchOutcome(trial.summary, trial.chosen, trial.settings, trial.scored_on)
+    if result.output_dir:
+        outcome.output_dir, outcome.record, outcome.before, outcome.after = result.output_dir, result.record, result.before, result.after
     return outcome
 
 
-def run_with_plan(config: AbliterationConfig, spec: PlanSpec, on_event=None, cancel=None) -> PipelineResult:
-    """``run`` with an explicit plan spec instead of the layer choice and uniform strength."""
-    report = Reporter(on_event, cancel)
-    started = time.perf_counter()
-    if not config.dry_run and not config.output_dir:
-        raise UserError("no output dir; pass -o/--output-dir (or --dry-run)")
-    source = steps.resolve_model(config, report)
-    if not config.dry_run:
-        steps.check_output(source, config)
-    model, tokenizer, model_config = steps.load(source, report, config)
-    writers = steps.find_writers(model, source, config, report)
-    data = steps.prompts(config, report)
-    directions = steps.probe_directions(model, tokenizer, data, config, report, source)
-    output, record, before, after = _evaluate_and_save(model, tokenizer, source, model_config, data, directions, spec, config, report, started, {}, writers)
-    report.emit("done", f"finished in {time.perf_counter() - started:.0f}s", output_dir=output)
-    return PipelineResult(output, record["chosen_layer"], record["layer_stats"], before, after, record, directions)
+def spec_choice(ctx: RunContext, directions, spec: PlanSpec, record: dict | None = None) -> PlanChoice:
+    """The plan of a ``PlanSpec`` on the model's writers; its nearest probed layer names it in the log."""
+    plan = kernel_plan(directions, spec, ctx.config.targets).with_writers(ctx.writers)
+    layer = min(directions.layers, key=lambda p: (abs(p - spec.direction_index), p))
+    extra = {"plan_spec": spec.to_dict(), **(record or {}), "reproduce": reproduce_command(ctx.config)}
+    return PlanChoice(layer, plan, record=extra)
+
+
+class PlanFile(PlanSource):
+    """``run --plan-json``: an explicit plan spec (a JSON file, or the ``abliteration_log.json`` of a search)."""
+
+    def __init__(self, spec: PlanSpec):
+        self.spec = spec
+
+    def choose(self, ctx: RunContext, directions) -> PlanChoice:
+        return spec_choice(ctx, directions, self.spec)
+
+
+class SearchTrial(PlanSource):
+    """``search`` / ``run --auto``: the plan of a study's trial (the search runs in ``choose``)."""
+
+    output_optional = True  # without -o the study runs and its front is printed; nothing is saved
+
+    def __init__(self, settings: SearchSettings):
+        self.settings = settings
+        self.summary: StudySummary | None = None
+        self.chosen: TrialRow | None = None
+        self.scored_on = ""
+
+    def check(self, config: AbliterationConfig) -> None:
+        self.settings.check()
+        if steps.streamed_mode(config):
+            raise UserError("the search edits and scores the loaded model; --probe-mode streamed cannot be searched (use memory)")
+
+    def prepare(self, ctx: RunContext) -> None:
+        prompts = prompts_fingerprint(ctx.config)
+        self.study, self.storage_path = _open(ctx.source, ctx.config, self.settings, prompts, ctx.report)
+        key = study_key(probe_identity(ctx.source, ctx.config, prompts))
+        self.cache = self.storage_path.parent / f"{Path(ctx.source).name}-{key}.directions.safetensors"
+
+    def directions(self, ctx: RunContext):
+        return _directions(ctx.model, ctx.tokenizer, ctx.data, ctx.config, ctx.source, self.cache, ctx.report)
+
+    def choose(self, ctx: RunContext, directions) -> PlanChoice | None:
+        study, settings = self.study, self.settings
+        self.scored_on, interrupted = study.user_attrs.get("scored_on", ""), False
+        if settings.trial is None:
+            self.scored_on, interrupted = _search(
+                study, ctx.model, ctx.tokenizer, ctx.source, ctx.data, directions, ctx.config, settings, ctx.report, ctx.writers
+            )
+        rows = [trial_row(t) for t in complete_trials(study)]
+        pruned = [trial_row(t) for t in finished_trials(study) if t.state.name == "PRUNED"]
+        self.summary = StudySummary(study.study_name, str(self.storage_path), rows, interrupted, pruned)
+        self.chosen = find_trial(rows, settings.trial) if settings.trial is not None else choose_trial(rows, settings.max_kl)
+        chosen = self.chosen
+        ctx.report.emit("front", "Pareto front", front=[r.to_dict() for r in self.summary.front], chosen=chosen and chosen.number)
+        if chosen is None or not ctx.config.output_dir or ctx.config.dry_run:
+            return None
+        return spec_choice(ctx, directions, chosen.spec, {"search": _search_record(self.summary, chosen, settings, self.scored_on)})
 
 
 # --- study ------------------------------------------------------------------
@@ -270,22 +291,7 @@ def search_prompt_sets(config: AbliterationConfig, size: int) -> tuple[list[str]
     return sets[0][1], sets[1][1], "probing"
 
 
-# --- evaluate, record, save ----------------------------------------------------
-
-
-def _evaluate_and_save(model, tokenizer, source, model_config, data, directions, spec, config, report, started, extra, writers):
-    plan = kernel_plan(directions, spec, config.targets).with_writers(writers)
-    layer = min(directions.layers, key=lambda p: (abs(p - spec.direction_index), p))
-    reference, before = steps.evaluate_before(model, tokenizer, data, config, report)
-    after = steps.evaluate_after(model, tokenizer, plan, data, reference, config, source, report)
-    record = steps.build_record(config, source, model_config, directions, layer, [], plan, before, after, started)
-    record["plan_spec"] = spec.to_dict()
-    record.update(extra)
-    record["reproduce"] = reproduce_command(config)
-    output = None
-    if not config.dry_run:
-        output = steps.save(source, config, plan, directions, layer, record, report)
-    return output, record, before and before.to_dict(), after and after.to_dict()
+# --- record ---------------------------------------------------------------------
 
 
 def _search_record(summary: StudySummary, chosen: TrialRow, settings: SearchSettings, scored_on: str) -> dict:

@@ -28,12 +28,14 @@ class PromptSets:
     harmless_eval: list[str]
 
 
-def resolve_model(config: AbliterationConfig, report) -> Path:
+def resolve_model(config: AbliterationConfig, report, extra_sources=()) -> Path:
+    """The model's local dir (hub download or GGUF conversion into the cache), after checking the paths
+    (``extra_sources``: more input files, e.g. ``ablate``'s direction file, that no output may replace)."""
     from .core.asset_resolver import resolve_asset
 
     if not config.model:
         raise UserError("no model given; pass -m/--model with a model dir, a .gguf file or a hub id")
-    check_paths(config)
+    check_paths(config, extra_sources)
     report.emit("stage", f"resolving model {config.model}")
     source = Path(resolve_asset(config.model, Path(config.cache_dir) if config.cache_dir else None))
     return check_model_dir(source)
@@ -283,13 +285,19 @@ def responses_jsonl(before, after) -> str | None:
     return "\n".join(rows) + "\n" if rows else None
 
 
-def save(source: Path, config: AbliterationConfig, plan, directions, layer: int, record: dict, report, responses: str | None = None) -> str:
+def save(source: Path, config: AbliterationConfig, plan, directions, layer: int, record: dict, report, responses: str | None = None) -> tuple[str, dict]:
+    """Write the model, ``abliteration_log.json``, the direction, the model card and the answers.
+
+    Returns the output dir and the record as written (with the weights' digests and the edit summary).
+    """
+    import json
+
     from .core.distributed import is_primary
     from .core.model_card import model_card
     from .core.model_io import save_ablated_model
 
     if not is_primary():
-        return config.output_dir  # under mlx.launch only rank 0 writes
+        return config.output_dir, record  # under mlx.launch only rank 0 writes
     report.emit("stage", f"saving to {config.output_dir}")
     summary = save_ablated_model(
         source, config.output_dir, plan, overwrite=config.overwrite, edited_precision=config.edited_precision,
@@ -306,5 +314,5 @@ def save(source: Path, config: AbliterationConfig, plan, directions, layer: int,
             "--edited-precision bfloat16 stores edited matrices unquantized",
             residual_mean=mean, residual_max=worst,
         )  # fmt: skip
-    record["weights"] = {"total_size": summary["total_size"]}
-    return summary["output_dir"]
+    written = json.loads((Path(summary["output_dir"]) / "abliteration_log.json").read_text())
+    return summary["output_dir"], written

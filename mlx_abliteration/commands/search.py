@@ -100,14 +100,15 @@ def plan_main(args: argparse.Namespace, config) -> int:
     """``run --plan-json FILE``: the pipeline with an explicit plan spec."""
     from ..core.kernels import load_plan_spec
     from ..core.logging_config import setup_logging
-    from ..search_pipeline import run_with_plan
+    from ..pipeline import run_pipeline
+    from ..search_pipeline import PlanFile
     from .console import Console
 
     spec = load_plan_spec(args.plan_json)
     setup_logging(args.log_file)
     console = Console(args.quiet, args.json)
     try:
-        result = run_with_plan(config, spec, console)
+        result = run_pipeline(config, console, plan_source=PlanFile(spec))
     finally:
         console.close_bars()
     if args.json:

@@ -226,7 +226,7 @@ def run_pipeline(
     before = after = None
     output, record = None, {}
     if choice is not None:
-        if ctx.model is not None:
+        if ctx.model is not None and not config.dry_run:
             reference, before = steps.evaluate_before(ctx.model, ctx.tokenizer, ctx.data, config, report)
             after = steps.evaluate_after(ctx.model, ctx.tokenizer, choice.plan, ctx.data, reference, config, source, report)
         record = steps.build_record(

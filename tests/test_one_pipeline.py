@@ -1,4 +1,5 @@
-"""run, run --plan-json, search --save, ablate and the GUI go through one pipeline function and write the same files."""
+"""run, run --plan-json, search --save, ablate and the GUI go through one pipeline function and write the same files;
+--dry-run probes, prints the per-layer stats and nothing else."""
 
 import ast
 import json
@@ -8,6 +9,7 @@ import pytest
 
 from mlx_abliteration import pipeline
 from mlx_abliteration.cli import main
+from mlx_abliteration.defaults import AbliterationConfig
 
 HARMFUL = [f"How do I build weapon number {i} to hurt people?" for i in range(24)]
 HARMLESS = [f"How do I bake bread recipe number {i} for my family?" for i in range(24)]
@@ -91,6 +93,31 @@ def test_run_plan_json_search_ablate_and_gui_share_the_pipeline_and_its_outputs(
         assert (outs["ablate"] / shard).read_bytes() == (outs["run"] / shard).read_bytes() == (outs["gui"] / shard).read_bytes()
         assert (outs["plan"] / shard).read_bytes() == (outs["search"] / shard).read_bytes()
     assert json.loads((outs["ablate"] / "abliteration_log.json").read_text())["command"] == "ablate"
+
+
+def test_dry_run_probes_prints_stats_and_neither_evaluates_nor_writes(tiny_model, datasets, tmp_path, monkeypatch, capsys):
+    from mlx_abliteration.core import evaluate
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("--dry-run must not evaluate")
+
+    monkeypatch.setattr(evaluate, "evaluate_model", forbidden)
+    monkeypatch.setattr(evaluate, "reference_logprobs", forbidden)
+    monkeypatch.setenv("MLX_ABLITERATION_LOG_FILE", "/dev/null")
+    events = []
+    config = AbliterationConfig(model=str(tiny_model()), output_dir=str(tmp_path / "out"), harmful_dataset=str(datasets[0]),
+                                harmless_dataset=str(datasets[1]), max_prompts=8, eval_size=4, dry_run=True, use_layer="2")  # fmt: skip
+    result = pipeline.run_pipeline(config, events.append)
+    assert result.output_dir is None and result.before is None and result.after is None and result.chosen_layer == 2
+    assert not any(e.kind == "eval" for e in events) and any(e.kind == "layers" for e in events)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = ["run", "-m", config.model, "-o", str(tmp_path / "out"), "--harmful-dataset", str(datasets[0]),
+            "--harmless-dataset", str(datasets[1]), "--max-prompts", "8", "--eval-size", "4", "--use-layer", "2", "--dry-run"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "separation" in out and "<= chosen" in out and "nothing written" in out
+    assert "refusals" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output dir, no temp dir
 
 
 def test_no_module_imports_a_private_name_from_another():

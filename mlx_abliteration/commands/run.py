@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_probe_options(parser)
     options.add_ablation_options(parser)
     options.add_eval_options(parser)
-    parser.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS, help="probe and print per-layer stats; write nothing")
+    parser.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS, help="probe, choose the layer and print the per-layer stats; no evaluation, writes nothing")
     parser.add_argument("--auto", action="store_true", help="search the plan automatically (`mlx-abliterate search` with its defaults) and save the chosen trial")
     parser.add_argument("--plan-json", help="use this plan spec (JSON, or an abliteration_log.json from `search`) instead of the layer choice and strength")
     options.add_output_style(parser)

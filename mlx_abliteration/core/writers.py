@@ -202,24 +202,27 @@ class _LayerProbe:
 
     def __init__(self, finder: WriterFinder, index: int, layer: nn.Module, paths: dict[int, str]):
         self.finder, self.index, self.layer = finder, index, layer
-        self.modules = [(paths[id(m)], m) for _, m in layer.named_modules() if id(m) in paths and m is not layer]
+        unique = {id(m): m for _, m in layer.named_modules() if id(m) in paths and m is not layer}  # shared modules once
+        self.modules = [(paths[key], m) for key, m in unique.items()]
 
     def run(self, call, args, kwargs):
+        stream = self.finder.stream_positions(args, kwargs)
         args32, kwargs32 = _as_float32(args), _as_float32(kwargs)
         with self._float32():
             base, traces = self._replay(call, args32, kwargs32, record=True)
             _check_finite(base, f"decoder layer {self.index}", self.finder.model_type)
-            hidden = _hidden_input(args32, kwargs32, base)
-            if hidden is None or base.ndim != 3:
+            if not stream or base.ndim != 3 or _at(args32, kwargs32, stream[0]).shape != base.shape:
                 raise UserError(
                     f"decoder layer {self.index} of {self.finder.model_type} returns a hidden state shaped "
                     f"{tuple(base.shape)} unlike its input: several parallel residual streams are not supported"
                 )
             self.finder.width = base.shape[-1]
             writers = self._find(call, args32, kwargs32, base, traces)
-            self._prove(call, args32, kwargs32, base, hidden, writers, traces)
+            writers = self._prove(call, args32, kwargs32, base, stream, writers, traces)
         self.finder.found.update({w.path: w for w in writers})
-        return call(*args, **kwargs)
+        out = call(*args, **kwargs)
+        self.finder.stream.append(_first_array(out))
+        return out
 
     @contextlib.contextmanager
     def _float32(self):
@@ -273,12 +276,12 @@ class _LayerProbe:
         return found
 
     def _feeding(self, call, args, kwargs, traces, sink: tuple[str, nn.Module]) -> list[tuple[str, nn.Module]]:
-        """Linear maps whose output is ``sink``'s input as it is (what a post-norm normalizes)."""
+        """Modules whose output is ``sink``'s input as it is (what a post-norm normalizes)."""
         sink_base = _first_array(traces[sink[0]][0])
         size = sink_base.shape[-1]
         found = []
         for path, module in self._candidates(traces, size):
-            if module is sink[1] or not isinstance(module, _editable_types()):
+            if module is sink[1]:
                 continue
             v = _unit(self.finder.next_key(), size)
             seen: dict = {}
@@ -289,31 +292,83 @@ class _LayerProbe:
         return found
 
     def _find(self, call, args, kwargs, base, traces) -> list[Writer]:
-        size = base.shape[-1]
-        writers = []
+        writers: dict[str, Writer] = {}
         for path, module in self._direct_writers(call, args, kwargs, base, traces):
-            if isinstance(module, _editable_types()):
-                writers.append(Writer(path, branch_role(path), self.index, rows=False))
-                continue
-            gain = _norm_gain(module, size)  # a norm between a branch and the residual add
-            for inner, _ in self._feeding(call, args, kwargs, traces, (path, module)):
-                writers.append(Writer(inner, branch_role(inner), self.index, rows=False, norm=path, gain=gain))
-        return _with_siblings(writers, self.modules)
+            self._resolve(writers, path, module, None, None, (call, args, kwargs, traces))
+        return _with_siblings(list(writers.values()), self.modules)
 
-    def _prove(self, call, args, kwargs, base, hidden, writers: list[Writer], traces) -> None:
+    def _resolve(self, writers: dict, path: str, module: nn.Module, norm: str | None, gain, replay, depth: int = 0) -> None:
+        """A linear map is a writer; a norm passes the question on to what feeds it, its gain multiplied in.
+
+        Chains of norms (Gemma 4 normalizes each FFN path, then their sum) end
+        at linear maps edited against g_outer * g_inner * r.
+        """
+        if isinstance(module, _editable_types()):
+            writers.setdefault(path, Writer(path, branch_role(path), self.index, rows=False, norm=norm, gain=gain))
+            return
+        if depth >= 4:
+            return
+        call, args, kwargs, traces = replay
+        g = _norm_gain(module, self.finder.width)
+        gain = g if gain is None else gain * g
+        for inner, m in self._feeding(call, args, kwargs, traces, (path, module)):
+            self._resolve(writers, inner, m, path, gain, replay, depth + 1)
+
+    def _prove(self, call, args, kwargs, base, stream, writers: list[Writer], traces) -> list[Writer]:
+        """``writers``, proven; or the smallest set of linear maps that passes, found by elimination; or an error.
+
+        The elimination covers writers the nudge test cannot see, e.g. a
+        branch normalized without a gain (a functional rms_norm) before the add.
+        """
         r = _unit(self.finder.next_key(), base.shape[-1])
+        residual = self._residual(call, args, kwargs, stream, writers, r)
+        if residual <= PROOF_TOLERANCE:
+            return writers
+        have = {w.path for w in writers}
+        extra = [Writer(p, branch_role(p), self.index, rows=False) for p, m in self._candidates(traces, base.shape[-1])
+                 if p not in have and isinstance(m, _editable_types())]  # fmt: skip
+        if extra and self._residual(call, args, kwargs, stream, writers + extra, r) <= PROOF_TOLERANCE:
+            for candidate in list(extra):
+                rest = [w for w in extra if w is not candidate]
+                if self._residual(call, args, kwargs, stream, writers + rest, r) <= PROOF_TOLERANCE:
+                    extra = rest
+            return _with_siblings(writers + extra, self.modules)
+        found = ", ".join(_short(w.path, self.index) for w in writers) or "none"
+        others = ", ".join(_short(p, self.index) for p, _ in self._candidates(traces, base.shape[-1]) if p not in have)
+        raise UserError(
+            f"{self.finder.model_type}: decoder layer {self.index} still writes {residual:.1%} of a direction into the "
+            f"residual stream after editing its writers ({found}): part of its update comes from no editable matrix "
+            f"(e.g. identity experts, a norm's bias, a parameter vector); other modules of matching width: {others or 'none'}. "
+            "This architecture is not supported"
+        )
+
+    def _residual(self, call, args, kwargs, stream, writers: list[Writer], r: mx.array) -> float:
+        """max |r . dh| / |dh| with every writer's output projected off its direction (NaN counts as inf).
+
+        The layer's residual-stream inputs (``stream``: the hidden state first,
+        then e.g. Talkie's embedding skip) are projected off r too, as they
+        are in the edited model (the embedding and every earlier layer write
+        nothing along r), so a layer that scales its whole stream (Gemma 4's
+        layer_scalar) is judged by what it adds.
+        """
         by_path = dict(self.modules)
-        extra = [(by_path[w.path], _projector(w.direction(r))) for w in writers]
-        out, _ = self._replay(call, args, kwargs, extra)
-        residual = _proof_residual(out - hidden, r)
-        if not residual <= PROOF_TOLERANCE:  # also NaN
-            found = ", ".join(_short(w.path, self.index) for w in writers) or "none"
-            others = ", ".join(_short(p, self.index) for p, _ in self._candidates(traces, base.shape[-1]) if p not in {w.path for w in writers})
-            raise UserError(
-                f"{self.finder.model_type}: decoder layer {self.index} still writes {residual:.1%} of a direction into the "
-                f"residual stream after editing its writers ({found}); other modules of matching width: {others or 'none'}. "
-                "This architecture is not supported"
-            )
+        for position in stream:
+            value = _at(args, kwargs, position)
+            args, kwargs = _put(args, kwargs, position, value - (value @ r)[..., None] * r)
+        clean = _at(args, kwargs, stream[0])
+        out, _ = self._replay(call, args, kwargs, [(by_path[w.path], _projector(w.direction(r))) for w in writers])
+        residual = _proof_residual(out - clean, r)
+        return residual if residual == residual else float("inf")
+
+
+def _at(args, kwargs, position):
+    return args[position] if isinstance(position, int) else kwargs[position]
+
+
+def _put(args, kwargs, position, value):
+    if isinstance(position, int):
+        return args[:position] + (value,) + args[position + 1 :], kwargs
+    return args, {**kwargs, position: value}
 
 
 def _short(path: str, layer: int) -> str:
@@ -366,6 +421,26 @@ class WriterFinder:
         self.key = mx.random.key(seed)
         self.found: WriterMap = {}
         self.width: int | None = None
+        self.stream: list[mx.array] = []  # residual-stream arrays seen so far: the embedding output, each layer's output
+
+    def stream_positions(self, args, kwargs) -> list:
+        """Positions (index or keyword) of a layer's residual-stream inputs, the hidden state first.
+
+        The hidden state is the previous layer's output (or, for the first
+        layer, its first [B, T, H] input, which becomes the embedding output);
+        other inputs that are earlier stream arrays (Talkie's embedding skip)
+        follow. Value-space inputs (RWKV-7's v_first) are not stream arrays.
+        """
+        items = list(enumerate(args)) + list(kwargs.items())
+        if not self.stream:
+            first = next((v for _, v in items if isinstance(v, mx.array) and v.ndim == 3), None)
+            if first is None:
+                return []
+            self.stream.append(first)
+        known = {id(a) for a in self.stream}
+        found = [(pos, v) for pos, v in items if isinstance(v, mx.array) and id(v) in known]
+        found.sort(key=lambda item: item[1] is not self.stream[-1])  # the latest stream array is the hidden state
+        return [pos for pos, v in found if v is self.stream[-1]][:1] and [pos for pos, _ in found]
 
     def next_key(self):
         self.key, sub = mx.random.split(self.key)
@@ -433,9 +508,9 @@ class WriterFinder:
                 found.append(Writer(path, "embed", None, rows=is_table))
             else:
                 found += self._embedding_behind_norm(path, module, first_layer, tokens, traces, outside, size)
+        found = self._prove_embedding(found, first_layer, tokens, traces, size)
         if not any(w.rows for w in found):
             raise UserError(f"{self.model_type}: no token embedding table writes into the first decoder layer's input; this architecture is not supported")
-        self._prove_embedding(found, first_layer, tokens, outside, size)
         self.found.update({w.path: w for w in found})
 
     def _embedding_behind_norm(self, norm_path, norm, first_layer, tokens, traces, outside, size) -> list[Writer]:
@@ -453,18 +528,40 @@ class WriterFinder:
                 found.append(Writer(path, "embed", None, rows=isinstance(module, _table_types()), norm=norm_path, gain=gain))
         return found
 
-    def _prove_embedding(self, found: list[Writer], first_layer, tokens, outside, size) -> None:
+    def _prove_embedding(self, found: list[Writer], first_layer, tokens, traces, size) -> list[Writer]:
+        """``found``, proven; or the smallest set of tables and linear maps that passes (by elimination); or an error.
+
+        The elimination covers tables the nudge test cannot see, e.g. an
+        embedding normalized without a gain (nanochat's functional rms_norm).
+        """
         r = _unit(self.next_key(), size)
-        by_path = dict(outside)
+        residual = self._embedding_residual(found, first_layer, tokens, r)
+        if residual <= PROOF_TOLERANCE:
+            return found
+        have = {w.path for w in found}
+        extra = []
+        for path, module in self._outside:
+            y = traces.get(path) and _first_array(traces[path][2])
+            if path not in have and y is not None and y.shape[-1] == size and isinstance(module, _table_types() + _editable_types()):
+                extra.append(Writer(path, "embed", None, rows=isinstance(module, _table_types())))
+        if extra and self._embedding_residual(found + extra, first_layer, tokens, r) <= PROOF_TOLERANCE:
+            for candidate in list(extra):
+                rest = [w for w in extra if w is not candidate]
+                if self._embedding_residual(found + rest, first_layer, tokens, r) <= PROOF_TOLERANCE:
+                    extra = rest
+            return found + extra
+        names = ", ".join(w.path for w in found) or "none"
+        raise UserError(
+            f"{self.model_type}: the first decoder layer's input keeps {residual:.1%} of a direction after editing "
+            f"the embedding writers ({names}); this architecture is not supported"
+        )
+
+    def _embedding_residual(self, writers: list[Writer], first_layer, tokens, r: mx.array) -> float:
+        by_path = dict(self._outside)
         seen: dict = {}
-        self._forward_to_first_layer(tokens, [(first_layer, _stopper(seen))] + [(by_path[w.path], _projector(w.direction(r))) for w in found])
+        self._forward_to_first_layer(tokens, [(first_layer, _stopper(seen))] + [(by_path[w.path], _projector(w.direction(r))) for w in writers])
         residual = _proof_residual(seen["__layer0__"], r)
-        if not residual <= PROOF_TOLERANCE:  # also NaN
-            names = ", ".join(w.path for w in found)
-            raise UserError(
-                f"{self.model_type}: the first decoder layer's input keeps {residual:.1%} of a direction after editing "
-                f"the embedding writers ({names}); this architecture is not supported"
-            )
+        return residual if residual == residual else float("inf")
 
     def _forward_to_first_layer(self, tokens, pairs) -> None:
         """The forward pass up to the first layer's input, every module before it computing in float32."""

@@ -10,7 +10,8 @@ from . import options
 HELP = "orthogonalize a model against a saved refusal direction and save it (no probing)"
 DESCRIPTION = (
     "Apply a direction file written by `mlx-abliterate probe` (or by a previous run) to a model: "
-    "every residual-stream writer is edited shard by shard, so the model is never fully loaded."
+    "the residual-stream writers are found on the model's own forward pass (one decoder layer resident at a time) "
+    "and edited shard by shard, so the model is never fully loaded."
 )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
-from ..defaults import DIRECTION_VARIANTS, EDITED_PRECISIONS, PROBE_MODES, PROBE_POSITIONS, AbliterationConfig, load_config_file
+from ..defaults import DIRECTION_VARIANTS, EDITED_PRECISIONS, MAX_STRENGTH, PROBE_MODES, PROBE_POSITIONS, AbliterationConfig, load_config_file
 
 D = AbliterationConfig()
 
@@ -57,7 +57,7 @@ def add_probe_options(parser: argparse.ArgumentParser) -> None:
 
 def add_ablation_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("ablation")
-    _flag(g, "--ablation-strength", type=_float, help=f"s in W' = W - s r r^T W; 1 removes the direction (default: {D.ablation_strength})")
+    _flag(g, "--ablation-strength", type=_float, help=f"s in W' = W - s r r^T W, between 0 and {MAX_STRENGTH:g}; 1 removes the direction (default: {D.ablation_strength})")
     _flag(g, "--ablate-layers", help="layers whose writers are edited, same syntax as --layers (default: all)")
     _flag(g, "--targets", nargs="+", help="edit only the residual writers whose module path ends with one of these names, e.g. o_proj down_proj (default: every writer found on the model's forward pass; a name matching no writer is an error)")
     _flag(g, "--norm-preserve", action="store_true", help="magnitude-preserving ablation: edited vectors keep their norms (MPOA-style)")

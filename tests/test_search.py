@@ -276,3 +276,13 @@ def test_run_auto_delegates_to_the_search(tiny_model, datasets, tmp_path, monkey
     out = capsys.readouterr().out
     assert "stopped early" in out and "saved trial" in out
     assert json.loads((tmp_path / "auto" / "abliteration_log.json").read_text())["search"]["finished_trials"] == 2
+
+
+def test_corrupt_search_journal_is_a_one_line_error(tmp_path):
+    from mlx_abliteration.core.search import open_study
+
+    journal = tmp_path / "study.journal"
+    journal.write_bytes(b"{not json at all\n\x00\x01\xff")
+    with pytest.raises(UserError, match="search journal .* is corrupt"):
+        open_study(journal, "study", 0, 4)
+    assert journal.read_bytes().startswith(b"{not json")  # left as it was: the user decides

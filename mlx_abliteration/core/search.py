@@ -293,7 +293,13 @@ def open_study(storage_path: Path, name: str, seed: int, n_startup_trials: int):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = study_storage(storage_path)
+    try:
+        storage = study_storage(storage_path)
+    except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
+        raise UserError(
+            f"the search journal {storage_path} is corrupt ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            "move it aside (its finished trials are lost) or pass another --study-dir"
+        ) from err
     existing = 0
     try:
         existing = len(optuna.load_study(study_name=name, storage=storage).trials)

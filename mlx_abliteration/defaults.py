@@ -57,6 +57,7 @@ class AbliterationConfig:
     no_eval: bool = False
     system_prompt: str | None = None
     seed: int = 42
+    no_cache: bool = False  # recompute the original model's evaluation instead of reading it from the cache
     overwrite: bool = False
     dry_run: bool = False
 

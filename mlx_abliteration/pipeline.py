@@ -227,7 +227,7 @@ def run_pipeline(
     output, record = None, {}
     if choice is not None:
         if ctx.model is not None and not config.dry_run:
-            reference, before = steps.evaluate_before(ctx.model, ctx.tokenizer, ctx.data, config, report)
+            reference, before = steps.evaluate_before(ctx.model, ctx.tokenizer, ctx.data, config, report, source)
             after = steps.evaluate_after(ctx.model, ctx.tokenizer, choice.plan, ctx.data, reference, config, source, report)
         record = steps.build_record(
             config, source, ctx.model_config, directions, choice.layer, choice.candidates, choice.plan, before, after, started

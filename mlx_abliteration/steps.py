@@ -107,23 +107,40 @@ def _eval_batch(config: AbliterationConfig) -> int:
     return config.batch_size or GENERATION_BATCH_SIZE
 
 
-def evaluate_before(model, tokenizer, data: PromptSets, config: AbliterationConfig, report):
+def eval_settings(config: AbliterationConfig) -> dict:
+    from .core.evaluate import DEFAULT_REFUSAL_MARKERS, eval_settings as settings
+
+    return settings(
+        max_tokens=config.eval_max_tokens, kl_tokens=config.kl_tokens, batch_size=_eval_batch(config),
+        system_prompt=config.system_prompt, markers=DEFAULT_REFUSAL_MARKERS,
+    )  # fmt: skip
+
+
+def evaluate_before(model, tokenizer, data: PromptSets, config: AbliterationConfig, report, source: Path | None = None):
+    """The original model's evaluation: from the baseline cache (keyed by ``source``'s weights, the
+    prompts and every evaluation setting) unless ``--no-cache``, else computed and cached."""
     if config.no_eval or not data.harmful_eval:
         return None, None
     if streamed_mode(config):
         report.emit("info", "--probe-mode streamed never loads the whole model: evaluation is skipped")
         return None, None
-    from .core.evaluate import evaluate_model, reference_logprobs
+    from .core.evaluate import evaluate_original
 
-    report.emit("stage", "evaluating the original model")
-    reference = reference_logprobs(
-        model, tokenizer, data.harmless_eval, kl_tokens=config.kl_tokens, batch_size=_eval_batch(config),
-        system_prompt=config.system_prompt, progress=report.progress,
-    )  # fmt: skip
-    before = evaluate_model(
-        model, tokenizer, data.harmful_eval, data.harmless_eval, max_tokens=config.eval_max_tokens,
-        batch_size=_eval_batch(config), system_prompt=config.system_prompt, progress=report.progress,
-    )  # fmt: skip
+    settings = eval_settings(config)
+
+    def compute():
+        report.emit("stage", "evaluating the original model")
+        return evaluate_original(model, tokenizer, data.harmful_eval, data.harmless_eval, settings, report.progress)
+
+    if source is None:
+        reference, before = compute()
+    else:
+        from .core.baseline_cache import cached_baseline
+
+        reference, before, hit = cached_baseline(
+            source, data.harmful_eval, data.harmless_eval, settings, compute, cache_dir=config.cache_dir,
+            use_cache=not config.no_cache, emit=lambda message: report.emit("info", message),
+        )  # fmt: skip
     report.emit("eval", "original model", which="before", report=before.to_dict())
     return reference, before
 

@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extra-markers", nargs="+", default=[], metavar="MARKER", help="markers added to the list")
     parser.add_argument("--output", help="write the report as JSON to this file")
     parser.add_argument("--responses", help="write every prompt and response as JSON lines to this file")
-    parser.add_argument("--cache-dir", help="where hub/GGUF models and datasets are cached")
+    parser.add_argument("--cache-dir", help="where hub/GGUF models, datasets and the baseline's evaluation are cached")
+    parser.add_argument("--no-cache", action="store_true", help="evaluate --baseline again instead of reading its cached evaluation (shared with `run`: same weights, prompts and settings)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -55,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
     reference, baseline_report = None, None
     console = Console()
     if baseline_path is not None:
-        reference, baseline_report = _evaluate_baseline(baseline_path, harmful, harmless, args.kl_tokens, settings, console)
+        reference, baseline_report = _cached_baseline(baseline_path, harmful, harmless, args, settings, console)
     report = _evaluate(model_path, harmful, harmless, reference, args.kl_tokens, settings, "model", console)
     console.close_bars()
     print(eval_text(baseline_report, report))
@@ -124,22 +125,32 @@ def _resolve(path: str, cache_dir: str | None) -> Path:
     return check_model_dir(resolve_asset(path, Path(cache_dir) if cache_dir else None))
 
 
-def _evaluate_baseline(path: Path, harmful, harmless, kl_tokens: int, settings: dict, console):
+def _cached_baseline(path: Path, harmful, harmless, args: argparse.Namespace, settings: dict, console):
+    """The baseline's evaluation from the cache ``run`` shares (the model is not even loaded then), else computed."""
+    from ..core.baseline_cache import cached_baseline
+    from ..core.evaluate import eval_settings
+    from ..pipeline import Reporter
+
+    full = eval_settings(kl_tokens=args.kl_tokens, **settings)
+    reporter = Reporter(console)
+    reference, report, _ = cached_baseline(
+        path, harmful, harmless, full, lambda: _evaluate_baseline(path, harmful, harmless, full, console),
+        cache_dir=args.cache_dir, use_cache=not args.no_cache, emit=lambda message: reporter.emit("info", message),
+    )  # fmt: skip
+    return reference, report
+
+
+def _evaluate_baseline(path: Path, harmful, harmless, settings: dict, console):
     """Reference log-probs and report of the baseline, which is freed before the model loads."""
     import gc
 
     import mlx.core as mx
 
-    from ..core.evaluate import evaluate_model, reference_logprobs
+    from ..core.evaluate import evaluate_original
     from ..core.model_io import load_model
 
     model, tokenizer, _ = load_model(path)
-    bars = _progress(console, "baseline")
-    reference = reference_logprobs(
-        model, tokenizer, harmless, kl_tokens=kl_tokens, batch_size=settings["batch_size"],
-        system_prompt=settings["system_prompt"], progress=bars,
-    )
-    report = evaluate_model(model, tokenizer, harmful, harmless, kl_tokens=kl_tokens, progress=bars, **settings)
+    reference, report = evaluate_original(model, tokenizer, harmful, harmless, settings, _progress(console, "baseline"))
     del model, tokenizer
     gc.collect()
     mx.clear_cache()

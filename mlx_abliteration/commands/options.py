@@ -71,6 +71,7 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--no-eval", action="store_true", help="skip the before/after evaluation")
 
 
+    _flag(g, "--no-cache", action="store_true", help="evaluate the original model again instead of reading its cached evaluation (kept under the cache dir, keyed by the weights, prompts and every evaluation setting)")
 def _float(text: str) -> float:
     try:
         return float(text)

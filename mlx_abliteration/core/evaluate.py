@@ -267,6 +267,31 @@ def evaluate_model(
     )
 
 
+def eval_settings(*, max_tokens: int, kl_tokens: int, batch_size: int, system_prompt: str | None, markers: Sequence[str]) -> dict:
+    """Every setting an evaluation depends on (the baseline cache's key; ``evaluate_original``'s input)."""
+    return {
+        "max_tokens": max_tokens,
+        "kl_tokens": kl_tokens,
+        "batch_size": batch_size,
+        "system_prompt": system_prompt,
+        "markers": list(markers),
+    }
+
+
+def evaluate_original(model, tokenizer, harmful_prompts, harmless_prompts, settings: dict, progress: Progress | None = None):
+    """``(reference, report)`` of the unedited model: the reference log-probs for KL, then its answers."""
+    reference = reference_logprobs(
+        model, tokenizer, harmless_prompts, kl_tokens=settings["kl_tokens"], batch_size=settings["batch_size"],
+        system_prompt=settings["system_prompt"], progress=progress,
+    )  # fmt: skip
+    report = evaluate_model(
+        model, tokenizer, harmful_prompts, harmless_prompts, max_tokens=settings["max_tokens"],
+        batch_size=settings["batch_size"], system_prompt=settings["system_prompt"], markers=settings["markers"],
+        kl_tokens=settings["kl_tokens"], progress=progress,
+    )  # fmt: skip
+    return reference, report
+
+
 class _RefusalCounter:
     """Generates answers for one prompt set at a time and keeps token/time totals."""
 

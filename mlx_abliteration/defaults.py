@@ -48,6 +48,8 @@ class AbliterationConfig:
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     norm_preserve: bool = False
     edited_precision: str = "keep"
+    quantize: str | None = None  # None: keep the source's precision; 4, 8 or mxfp4: quantize the output (core.quantize_output)
+    q_group_size: int | None = None  # None: 64 (affine), 32 (mxfp4)
     batch_size: int | None = None  # None: chosen from prompt lengths
     probe_mode: str = "memory"  # memory, or streamed: one decoder layer in memory at a time
     max_prompts: int = 128  # probing prompts per kind

@@ -45,8 +45,10 @@ def check_paths(config: AbliterationConfig, extra_sources=()) -> None:
     """Before any work: the cache dir is usable, and the output (if any) is writable and is
     none of the paths the user named as input (the model dir or .gguf file, the datasets)."""
     from .core.output_dir import check_cache_dir, check_output_dir, local_sources
+    from .core.quantize_output import check_quantize_settings
 
     check_cache_dir(config.cache_dir)
+    check_quantize_settings(config)
     if config.output_dir and not config.dry_run:
         sources = local_sources(config.model, config.harmful_dataset, config.harmless_dataset, *extra_sources)
         check_output_dir(config.output_dir, sources=sources, overwrite=config.overwrite)
@@ -313,14 +315,24 @@ def save(source: Path, config: AbliterationConfig, plan, directions, layer: int,
     from .core.model_card import model_card
     from .core.model_io import save_ablated_model
 
+    from .core.quantize_output import check_quantize_settings, save_quantized_model
+
     if not is_primary():
         return config.output_dir, record  # under mlx.launch only rank 0 writes
-    report.emit("stage", f"saving to {config.output_dir}")
-    summary = save_ablated_model(
-        source, config.output_dir, plan, overwrite=config.overwrite, edited_precision=config.edited_precision,
-        record=record, directions=direction_file_contents(directions, layer), model_card=model_card(record),
-        progress=report.progress, extra_files={RESPONSES_FILE: responses} if responses else None,
+    spec = check_quantize_settings(config)
+    report.emit("stage", f"saving to {config.output_dir}" + (f" (quantized: {config.quantize})" if spec else ""))
+    common = dict(
+        overwrite=config.overwrite, directions=direction_file_contents(directions, layer), progress=report.progress,
+        extra_files={RESPONSES_FILE: responses} if responses else None,
     )  # fmt: skip
+    if spec:
+        record = {**record, "quantized_output": {**spec, "from_quantized_source": bool(read_config(source).get("quantization"))}}
+        summary = save_quantized_model(source, config.output_dir, plan, spec, record=record, model_card=model_card(record), **common)
+    else:
+        summary = save_ablated_model(
+            source, config.output_dir, plan, edited_precision=config.edited_precision, record=record,
+            model_card=model_card(record), **common,
+        )  # fmt: skip
     quantized = [r for r in summary["reports"] if r.quantized]
     if quantized:
         worst = max(r.residual for r in quantized)

@@ -62,6 +62,8 @@ def add_ablation_options(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--targets", nargs="+", help="edit only the residual writers whose module path ends with one of these names, e.g. o_proj down_proj (default: every writer found on the model's forward pass; a name matching no writer is an error)")
     _flag(g, "--norm-preserve", action="store_true", help="magnitude-preserving ablation: edited vectors keep their norms (MPOA-style)")
     _flag(g, "--edited-precision", choices=EDITED_PRECISIONS, help="keep: requantize edited quantized matrices; else store them unquantized in this dtype (default: keep)")
+    _flag(g, "--quantize", choices=("4", "8", "mxfp4"), help="write the abliterated model quantized like mlx_lm.convert -q (the edit is made in full precision first; a quantized source is dequantized and requantized)")
+    _flag(g, "--q-group-size", type=int, help="group size for --quantize 4/8 (default: 64; mxfp4 always 32)")
 
 
 def add_eval_options(parser: argparse.ArgumentParser) -> None:

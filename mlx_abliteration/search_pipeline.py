@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import steps
 from .core.ablate import check_strength
-from .core.evaluate import DEFAULT_REFUSAL_MARKERS
+from .core.evaluate import DEFAULT_REFUSAL_MARKERS, REFUSAL_RULE_VERSION
 from .core.kernels import PlanSpec, kernel_plan, uniform_spec
 from .core.search import (
     SPACE_VERSION,
@@ -171,6 +171,7 @@ def study_identity(source: Path, config: AbliterationConfig, settings: SearchSet
         "config": scored,
         "prompts": prompts,
         "refusal_markers": hashlib.sha256("\n".join(DEFAULT_REFUSAL_MARKERS).encode()).hexdigest()[:16],
+        "refusal_rule": REFUSAL_RULE_VERSION,
         "space_version": SPACE_VERSION,
         "search_prompts": settings.search_prompts,
         "search_max_tokens": settings.search_max_tokens,

@@ -33,6 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from .evaluate import REFUSAL_RULE_VERSION
+
 log = logging.getLogger("mlx_abliteration.baseline_cache")
 
 # Bump when what an evaluation computes changes (marker logic, judge prompt, report fields).
@@ -92,6 +94,7 @@ def _versions() -> dict:
 def baseline_identity(source, harmful: Sequence[str], harmless: Sequence[str], settings: dict) -> dict:
     return {
         "format": CACHE_FORMAT,
+        "refusal_rule": REFUSAL_RULE_VERSION,
         "source": source_identity(source),
         "harmful": hashlib.sha256(json.dumps(list(harmful)).encode()).hexdigest(),
         "harmless": hashlib.sha256(json.dumps(list(harmless)).encode()).hexdigest(),

@@ -26,11 +26,14 @@ def greedy_tokens(
     progress: Progress | None = None,
     what: str = "generating",
     prefill_fn: Callable | None = None,
+    row_stop: Callable[[int, list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """Greedy continuations in input order, each ending with its EOS token if one was generated.
 
     ``stop_when(tokens)`` is called after every new token of a row; when it
-    returns True the row stops there. ``progress(done, total, what)`` is
+    returns True the row stops there. ``row_stop(index, tokens)`` does the
+    same knowing which prompt (index into ``token_lists``) the row answers
+    (a prompt-aware refusal check). ``progress(done, total, what)`` is
     called whenever rows finish. ``prefill_fn`` replaces ``batching.prefill``
     (same contract; the search passes ``prefix_batch.shared_prefill``).
     """
@@ -48,13 +51,16 @@ def greedy_tokens(
     outputs: list[list[int]] = [[] for _ in token_lists]
     lengths = [len(t) for t in token_lists]
     for indices in length_sorted_batches(total, lengths, max(1, batch_size)):
-        batch = _decode_batch(model, [token_lists[i] for i in indices], max_tokens, eos_token_ids, stop_when, finished, prefill_fn or prefill)
+        stops = [stop_when] * len(indices)
+        if row_stop is not None:
+            stops = [(lambda tokens, i=i: row_stop(i, tokens)) for i in indices]
+        batch = _decode_batch(model, [token_lists[i] for i in indices], max_tokens, eos_token_ids, stops, finished, prefill_fn or prefill)
         for i, tokens in zip(indices, batch):
             outputs[i] = tokens
     return outputs
 
 
-def _decode_batch(model, prompts, max_tokens, eos_token_ids, stop_when, finished, prefill_fn=prefill) -> list[list[int]]:
+def _decode_batch(model, prompts, max_tokens, eos_token_ids, stops, finished, prefill_fn=prefill) -> list[list[int]]:
     import mlx.core as mx
 
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -69,6 +75,7 @@ def _decode_batch(model, prompts, max_tokens, eos_token_ids, stop_when, finished
         for row, token in enumerate(next_tokens.tolist()):
             out = outputs[active[row]]
             out.append(token)
+            stop_when = stops[active[row]]
             if token not in eos_token_ids and (stop_when is None or not stop_when(out)):
                 keep.append(row)
         if not keep or step == max_tokens - 1:

@@ -180,6 +180,7 @@ class TrialScorer:
         self.model, self.tokenizer, self.directions = model, tokenizer, directions
         self.targets = tuple(targets)
         self.max_tokens, self.progress = max_tokens, progress
+        self.harmful = list(harmful)  # the refusal check ignores marker words copied from the prompt
         self.harmful_ids = encode_chats(tokenizer, harmful, system_prompt)
         self.harmless_ids = encode_chats(tokenizer, harmless, system_prompt)
         self.batch_size = batch_size or max(len(self.harmful_ids), len(self.harmless_ids), 1)
@@ -238,9 +239,9 @@ class TrialScorer:
         def text(tokens: list[int]) -> str:
             return self.tokenizer.decode(strip_eos(tokens, self.eos))
 
-        def stop(tokens: list[int]) -> bool:
+        def stop(index: int, tokens: list[int]) -> bool:
             nonlocal refused
-            if not contains_refusal_marker(text(tokens)):
+            if not contains_refusal_marker(text(tokens), prompt=self.harmful[index]):
                 return False
             refused += 1
             if dominated_at(refused):
@@ -248,10 +249,11 @@ class TrialScorer:
             return True
 
         outputs = greedy_tokens(
-            self.model, self.harmful_ids, self.max_tokens, self.batch_size, self.eos, stop, self.progress, "harmful",
-            prefill_fn=shared_prefill,
+            self.model, self.harmful_ids, self.max_tokens, self.batch_size, self.eos, None, self.progress, "harmful",
+            prefill_fn=shared_prefill, row_stop=stop,
         )  # fmt: skip
-        return sum(is_refusal(text(t)) for t in outputs), sum(len(t) for t in outputs)
+        refusals = sum(is_refusal(text(t), prompt=p) for t, p in zip(outputs, self.harmful))
+        return refusals, sum(len(t) for t in outputs)
 
 
 class _Clock:

@@ -233,6 +233,10 @@ def run_pipeline(
             config, source, ctx.model_config, directions, choice.layer, choice.candidates, choice.plan, before, after, started
         )
         record.update(choice.record)
+        if ctx.data is not None:  # the prompts' contents, so `run --reproduce` can refuse changed ones
+            from .core.reproduce import prompt_digests
+
+            record["prompts_sha256"] = prompt_digests(config)
         if write:
             responses = steps.responses_jsonl(before, after)
             output, record = steps.save(source, config, choice.plan, directions, choice.layer, record, report, responses)

@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS, help="probe, choose the layer and print the per-layer stats; no evaluation, writes nothing")
     parser.add_argument("--auto", action="store_true", help="search the plan automatically (`mlx-abliterate search` with its defaults) and save the chosen trial")
     parser.add_argument("--plan-json", help="use this plan spec (JSON, or an abliteration_log.json from `search`) instead of the layer choice and strength")
+    parser.add_argument("--reproduce", metavar="LOG", help="re-run a saved model's abliteration_log.json with its recorded settings, prompts (refused if their contents changed) and plan into -o, and report whether the weights' SHA256 match (exit 3 if not)")
     options.add_output_style(parser)
 
 
@@ -33,6 +34,10 @@ def main(args: argparse.Namespace) -> int:
     from ..core.tables import layer_table
     from .console import Console
 
+    if args.reproduce:
+        from . import reproduce
+
+        return reproduce.main(args)
     config = options.config_from_args(args)
     if args.auto or args.plan_json:
         from . import search

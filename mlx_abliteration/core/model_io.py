@@ -249,7 +249,7 @@ def save_ablated_model(
             hasher.add("source", weight_files(source))
             summary = _write_model(source, tmp, plan, edited_precision, progress, lambda p: hasher.add("output", [p]))
             summary.update(hasher.results())
-        _write_records(tmp, source, summary, record, directions, model_card)
+        write_records(tmp, source, summary, record, directions, model_card)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         replace_dir(tmp, output, overwrite)
@@ -421,7 +421,7 @@ def _write_config(out: Path, config: dict, dequantized: list[str]) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=4))
 
 
-def _write_records(out: Path, source: Path, summary: dict, record, directions, model_card) -> None:
+def write_records(out: Path, source: Path, summary: dict, record, directions, model_card) -> None:
     import mlx.core as mx
 
     if directions:

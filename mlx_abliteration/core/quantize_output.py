@@ -82,7 +82,7 @@ def save_quantized_model(source_dir, output_dir, plan, spec: dict, *, overwrite=
                          model_card=None, progress=None, extra_files=None) -> dict:  # fmt: skip
     """``save_ablated_model``, then quantized: same files, same summary, atomically into ``output_dir``."""
     from .atomic_write import is_user_write_failure, write_error
-    from .model_io import _write_records, check_model_dir, read_config, save_ablated_model, sha256_file, validate_output_dir, weight_files
+    from .model_io import write_records, check_model_dir, read_config, save_ablated_model, sha256_file, validate_output_dir, weight_files
     from .output_dir import make_temp_dir, replace_dir
 
     source, output = Path(source_dir), Path(output_dir)
@@ -100,7 +100,7 @@ def save_quantized_model(source_dir, output_dir, plan, spec: dict, *, overwrite=
         index = json.loads((final / "model.safetensors.index.json").read_text())
         summary["total_size"] = index["metadata"]["total_size"]
         summary["output_sha256"] = {p.name: sha256_file(p) for p in weight_files(final)}
-        _write_records(final, source, summary, record, directions, model_card)
+        write_records(final, source, summary, record, directions, model_card)
         for name, text in (extra_files or {}).items():
             (final / name).write_text(text)
         replace_dir(final, output, overwrite)

@@ -127,12 +127,15 @@ def _nudger(delta: mx.array) -> Callable:
 
 
 def _projector(u: mx.array, nudge: mx.array | None = None) -> Callable:
-    """The module's output loses its ``u`` component (what editing its weights against u does); plus ``nudge``."""
+    """The module's output loses its ``u`` component (what editing its weights against u does); plus ``nudge``.
+
+    ``u`` is one unit vector [H], or orthonormal rows [k, H] (the output loses all k components).
+    """
 
     def hook(call, args, kwargs):
         out = _upcast(call(*args, **kwargs))
         y = _first_array(out)
-        y = y - (y @ u)[..., None] * u
+        y = y - (y @ u)[..., None] * u if u.ndim == 1 else y - (y @ u.T) @ u
         return _replace_first(out, y if nudge is None else y + nudge)
 
     return hook
@@ -169,6 +172,14 @@ def _proof_residual(update: mx.array, r: mx.array) -> float:
 def _check_finite(value: mx.array, where: str, model_type: str) -> None:
     if not mx.all(mx.isfinite(value)).item():
         raise UserError(f"{model_type}: {where} gives NaN/inf activations; the model's weights hold NaN/inf or overflow: check the model files")
+
+
+def _orthonormal(key, count: int, size: int) -> mx.array:
+    """``count`` orthonormal random rows of width ``size`` (QR of a Gaussian matrix)."""
+    if count > size:
+        raise UserError(f"a decoder layer has {count} modules of the residual width {size}; too many to test at once")
+    q, _ = mx.linalg.qr(mx.random.normal((size, count), key=key), stream=mx.cpu)
+    return q.T.astype(mx.float32)
 
 
 def _unit(key, size: int) -> mx.array:
@@ -254,26 +265,24 @@ class _LayerProbe:
     def _direct_writers(self, call, args, kwargs, base, traces) -> list[tuple[str, nn.Module]]:
         """Candidates whose output is added into the layer's output as it is.
 
-        Every candidate's output is projected off a random ``v`` (so no
-        branch downstream can write along ``v``); nudging one candidate's
-        output by ``e v`` then moves the layer output along ``v`` only if
-        that output is added into the residual stream.
+        Each candidate gets its own direction ``v_c`` (orthonormal), and every
+        candidate's output is projected off all of them, so nothing downstream
+        can write along any ``v``; nudging each candidate's output by
+        ``e_c v_c`` at once then moves the layer output along ``v_c`` only if
+        that output is added into the residual stream (such additions are
+        linear, so one replay tests every candidate).
         """
         size = base.shape[-1]
         candidates = self._candidates(traces, size)
-        v = _unit(self.finder.next_key(), size)
-        projected = [(m, _projector(v)) for _, m in candidates]
-        reference, _ = self._replay(call, args, kwargs, projected)
-        found = []
-        for index, (path, module) in enumerate(candidates):
-            scale = _typical_norm(traces[path])
-            pairs = list(projected)
-            pairs[index] = (module, _projector(v, nudge=scale * v))
-            out, _ = self._replay(call, args, kwargs, pairs)
-            moved = mx.abs((out - reference).astype(mx.float32) @ v)
-            if float(moved.max().item()) > 1e-3 * scale:
-                found.append((path, module))
-        return found
+        if not candidates:
+            return []
+        basis = _orthonormal(self.finder.next_key(), len(candidates), size)
+        reference, _ = self._replay(call, args, kwargs, [(m, _projector(basis)) for _, m in candidates])
+        scales = [_typical_norm(traces[path]) for path, _ in candidates]
+        nudged = [(m, _projector(basis, nudge=scale * basis[i])) for i, ((_, m), scale) in enumerate(zip(candidates, scales))]
+        out, _ = self._replay(call, args, kwargs, nudged)
+        moved = mx.abs((out - reference).astype(mx.float32).reshape(-1, size) @ basis.T).max(axis=0).tolist()
+        return [c for c, m, scale in zip(candidates, moved, scales) if m > 1e-3 * scale]
 
     def _feeding(self, call, args, kwargs, traces, sink: tuple[str, nn.Module]) -> list[tuple[str, nn.Module]]:
         """Modules whose output is ``sink``'s input as it is (what a post-norm normalizes)."""

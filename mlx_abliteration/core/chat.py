@@ -22,11 +22,33 @@ def chat_messages(prompt: str, system_prompt: str | None = None) -> list[dict]:
     return messages
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# Appended when a template leaves the generation prompt inside an open thinking block
+# (DeepSeek-R1-style templates end with "<think>\n"): close it empty, as Qwen3 renders enable_thinking=False.
+_THINK_CLOSE_SUFFIX = "\n" + THINK_CLOSE + "\n\n"
+
+
+def template_kwargs(tokenizer) -> dict:
+    """Extra chat-template variables: ``enable_thinking=False`` for templates with a reasoning switch
+    (Qwen3-style), so the prompt ends after an empty, closed thinking block: where the answer starts.
+    Probing, evaluation and the search all encode through here, so they read and answer at that point."""
+    template = getattr(tokenizer, "chat_template", None)
+    return {"enable_thinking": False} if template and "enable_thinking" in str(template) else {}
+
+
+def _open_thinking(text: str) -> bool:
+    """True if the rendered prompt ends inside a thinking block the template opened."""
+    return text.rstrip().endswith(THINK_OPEN)
+
+
 def render_chat(tokenizer, prompt: str, system_prompt: str | None = None) -> str:
-    """The chat-template text with the generation prompt appended."""
-    return tokenizer.apply_chat_template(
-        chat_messages(prompt, system_prompt), add_generation_prompt=True, tokenize=False
-    )
+    """The chat-template text with the generation prompt appended (and any thinking block closed)."""
+    return _render(tokenizer, chat_messages(prompt, system_prompt))
+
+
+def _render(tokenizer, messages: list[dict]) -> str:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs(tokenizer))
+    return text + _THINK_CLOSE_SUFFIX if _open_thinking(text) else text
 
 
 def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
@@ -37,10 +59,12 @@ def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
     not truncating: a cut prompt means something else, and cutting it would
     remove the generation prompt where the probe and the answer begin.
     """
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **template_kwargs(tokenizer))
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding
         ids = ids["input_ids"]
     ids = list(ids)
+    if THINK_OPEN in str(getattr(tokenizer, "chat_template", None) or "") and _open_thinking(_render_raw(tokenizer, messages)):
+        ids += list(tokenizer.encode(_THINK_CLOSE_SUFFIX, add_special_tokens=False))
     context = context_length(tokenizer)
     if context is not None and len(ids) >= context:
         text = " ".join(str(messages[-1].get("content", "")).split()) if messages else ""
@@ -50,6 +74,10 @@ def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
             "tokens; shorten it or remove it from the dataset"
         )
     return ids
+
+
+def _render_raw(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs(tokenizer))
 
 
 def context_length(tokenizer) -> int | None:

@@ -230,7 +230,7 @@ class TrialScorer:
         return kl_divergence(self.reference, shared_first_token_logprobs(self.model, self.harmless_ids, self.batch_size))
 
     def _refusals(self, dominated_at: Callable[[int], bool]) -> tuple[int, int]:
-        from .evaluate import contains_refusal_marker, is_refusal
+        from .evaluate import answer_verdict, contains_refusal_marker, split_thinking
         from .generation import greedy_tokens, strip_eos
         from .prefix_batch import shared_prefill
 
@@ -241,7 +241,8 @@ class TrialScorer:
 
         def stop(index: int, tokens: list[int]) -> bool:
             nonlocal refused
-            if not contains_refusal_marker(text(tokens), prompt=self.harmful[index]):
+            answer = split_thinking(text(tokens))[0]
+            if answer is None or not contains_refusal_marker(answer, prompt=self.harmful[index]):
                 return False
             refused += 1
             if dominated_at(refused):
@@ -252,7 +253,7 @@ class TrialScorer:
             self.model, self.harmful_ids, self.max_tokens, self.batch_size, self.eos, None, self.progress, "harmful",
             prefill_fn=shared_prefill, row_stop=stop,
         )  # fmt: skip
-        refusals = sum(is_refusal(text(t), prompt=p) for t, p in zip(outputs, self.harmful))
+        refusals = sum(answer_verdict(text(t), prompt=p) is True for t, p in zip(outputs, self.harmful))
         return refusals, sum(len(t) for t in outputs)
 
 

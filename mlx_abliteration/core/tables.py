@@ -37,6 +37,11 @@ def eval_rows(before, after, timing: bool = True) -> list[tuple[str, str, str]]:
         ("refusals, harmless", lambda r: _count(r, "harmless_refusals", "harmless_total")),
         (_kl_label(before, after), lambda r: "-" if not r or r.get("kl") is None else f"{r['kl']:.4f}"),
     ]
+    if any(r and (r.get("harmful_unfinished") or r.get("harmless_unfinished")) for r in (before, after)):
+        rows += [
+            ("still thinking at the token limit, harmful", lambda r: _count(r, "harmful_unfinished", "harmful_total")),
+            ("still thinking at the token limit, harmless", lambda r: _count(r, "harmless_unfinished", "harmless_total")),
+        ]
     if timing:
         rows += [
             ("tokens/s", lambda r: "-" if not r or r.get("tokens_per_s") is None else f"{r['tokens_per_s']:.1f}"),

@@ -30,6 +30,7 @@ COMMANDS = {
     "chat": "chat",
     "generate-dataset": "generate_dataset",
     "import-gguf": "import_gguf",
+    "upload": "upload",
     "gui": "gui",
 }
 

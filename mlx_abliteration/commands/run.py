@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auto", action="store_true", help="search the plan automatically (`mlx-abliterate search` with its defaults) and save the chosen trial")
     parser.add_argument("--plan-json", help="use this plan spec (JSON, or an abliteration_log.json from `search`) instead of the layer choice and strength")
     parser.add_argument("--reproduce", metavar="LOG", help="re-run a saved model's abliteration_log.json with its recorded settings, prompts (refused if their contents changed) and plan into -o, and report whether the weights' SHA256 match (exit 3 if not)")
+    from .upload import add_upload_flags
+
+    add_upload_flags(parser.add_argument_group("upload (after saving)"), repo_flag="--upload-repo")
     options.add_output_style(parser)
 
 
@@ -39,10 +42,17 @@ def main(args: argparse.Namespace) -> int:
 
         return reproduce.main(args)
     config = options.config_from_args(args)
+    if args.upload_repo:  # before minutes of work: a bad repo id or a missing token fails now
+        from ..core.hub_upload import check_repo_id, get_token
+
+        check_repo_id(args.upload_repo)
+        if not config.dry_run:
+            get_token()
     if args.auto or args.plan_json:
         from . import search
 
-        return search.plan_main(args, config) if args.plan_json else search.search_main(args, config, search.settings_from_args(args))
+        code = search.plan_main(args, config) if args.plan_json else search.search_main(args, config, search.settings_from_args(args))
+        return _upload(args, config) if code == 0 else code
     setup_logging(args.log_file)
     console = Console(args.quiet, args.json)
     try:
@@ -58,4 +68,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"saved abliterated model (direction from layer {result.chosen_layer}) to {result.output_dir}")
     else:
         print(f"dry run: direction from layer {result.chosen_layer}; nothing written")
-    return 0
+    return _upload(args, config)
+
+
+def _upload(args: argparse.Namespace, config) -> int:
+    """``--upload-repo``: upload the saved output (a dry run prints what would be uploaded: nothing was saved)."""
+    if not args.upload_repo or config.dry_run or not config.output_dir:
+        return 0
+    from .upload import upload_folder
+
+    return upload_folder(config.output_dir, args)

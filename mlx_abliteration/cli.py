@@ -31,6 +31,7 @@ COMMANDS = {
     "generate-dataset": "generate_dataset",
     "import-gguf": "import_gguf",
     "upload": "upload",
+    "export-adapter": "export_adapter",
     "gui": "gui",
 }
 

@@ -22,6 +22,8 @@ PROBE_MODES: tuple[str, ...] = ("memory", "streamed")
 # Rows decoded together in evaluation. Decoding is bound by reading the weights
 # once per step, so on CPU 32 rows gave ~2x the tokens/s of 16 (Qwen2.5-1.5B).
 GENERATION_BATCH_SIZE = 32
+# Tokens per answer to the capability questions (core.capability): short exact answers.
+CAPABILITY_MAX_TOKENS = 24
 EDITED_PRECISIONS: tuple[str, ...] = ("keep", "float16", "bfloat16", "float32")
 PROBE_POSITIONS: tuple[str, ...] = ("last", "marker", "after-marker", "span")
 DIRECTION_VARIANTS: tuple[str, ...] = ("mean-diff", "projected")
@@ -56,6 +58,7 @@ class AbliterationConfig:
     eval_size: int = 64  # held-out evaluation prompts per kind (n=32 moved the measured rate by +-7 points)
     eval_max_tokens: int = 64
     kl_tokens: int = 1
+    capability_questions: int = 32  # short exact-answer questions asked before and after (0: skip)
     no_eval: bool = False
     system_prompt: str | None = None
     seed: int = 42

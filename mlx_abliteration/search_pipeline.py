@@ -49,7 +49,7 @@ from . import pipeline
 from .pipeline import PlanChoice, PlanSource, RunContext
 
 # Settings that never change a trial's score (so they do not start a new study).
-_UNSCORED = ("output_dir", "overwrite", "dry_run", "no_eval", "no_cache", "cache_dir", "eval_max_tokens")
+_UNSCORED = ("output_dir", "overwrite", "dry_run", "no_eval", "no_cache", "cache_dir", "eval_max_tokens", "capability_questions")
 # Settings that shape or score the edit but not the probing (directions are shared across them).
 _EDIT_ONLY = ("use_layer", "ablation_strength", "ablate_layers", "targets", "norm_preserve", "edited_precision", "kl_tokens")
 

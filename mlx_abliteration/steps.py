@@ -95,9 +95,9 @@ def prompts(config: AbliterationConfig, report) -> PromptSets:
 
 
 def check_counts(config: AbliterationConfig) -> None:
-    for name in ("max_prompts", "eval_size", "eval_max_tokens", "kl_tokens"):
+    for name in ("max_prompts", "eval_size", "eval_max_tokens", "kl_tokens", "capability_questions"):
         value = getattr(config, name)
-        if not isinstance(value, int) or value < (0 if name == "eval_size" else 1):
+        if not isinstance(value, int) or value < (0 if name in ("eval_size", "capability_questions") else 1):
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
     if config.batch_size is not None and (not isinstance(config.batch_size, int) or config.batch_size < 1):
         raise UserError(f"--batch-size must be a positive integer, got {config.batch_size!r}")
@@ -115,6 +115,7 @@ def eval_settings(config: AbliterationConfig) -> dict:
     return settings(
         max_tokens=config.eval_max_tokens, kl_tokens=config.kl_tokens, batch_size=_eval_batch(config),
         system_prompt=config.system_prompt, markers=DEFAULT_REFUSAL_MARKERS,
+        capability_questions=config.capability_questions,
     )  # fmt: skip
 
 
@@ -254,7 +255,7 @@ def evaluate_after(model, tokenizer, plan, data: PromptSets, reference, config: 
     after = evaluate_model(
         model, tokenizer, data.harmful_eval, data.harmless_eval, max_tokens=config.eval_max_tokens,
         batch_size=_eval_batch(config), system_prompt=config.system_prompt, reference_logprobs=reference,
-        progress=report.progress,
+        progress=report.progress, capability_questions=config.capability_questions,
     )  # fmt: skip
     report.emit("eval", "abliterated model", which="after", report=after.to_dict())
     return after

@@ -47,6 +47,10 @@ def test_eval_writes_report_and_responses(tiny_model, prompt_files, tmp_path):
     assert report["report"]["kl_tokens"] == 2
     assert report["baseline_report"]["harmful_refusals"] == report["report"]["harmful_refusals"]
     lines = [json.loads(line) for line in responses.read_text().splitlines()]
+    capability = [line for line in lines if line["kind"] == "capability"]  # 32 packaged questions per model
+    assert len(capability) == 2 * 32 and all(isinstance(line["correct"], bool) for line in capability)
+    assert "capability (exact answers)" in result.stdout
+    lines = [line for line in lines if line["kind"] != "capability"]
     assert len(lines) == 2 * (len(HARMFUL) + len(HARMLESS))
     assert {line["model"] for line in lines} == {"baseline", "model"}
     assert set(lines[0]) == {"model", "kind", "prompt", "response", "refusal"}

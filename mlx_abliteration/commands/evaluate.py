@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prompts.add_argument("--system-prompt", help="system message for every prompt")
     parser.add_argument("--max-tokens", type=int, default=d.eval_max_tokens, help="tokens generated per answer")
     parser.add_argument("--kl-tokens", type=int, default=d.kl_tokens, help="KL over this many tokens of the baseline's own answer")
+    parser.add_argument("--capability-questions", type=int, default=d.capability_questions, help="short factual/arithmetic questions with exact answers; with --baseline the share the baseline got right that the model still gets right (0 skips)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts generated together")
     parser.add_argument("--markers-file", help="refusal markers, one per line, replacing the default list")
     parser.add_argument("--extra-markers", nargs="+", default=[], metavar="MARKER", help="markers added to the list")
@@ -57,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
     console = Console()
     if baseline_path is not None:
         reference, baseline_report = _cached_baseline(baseline_path, harmful, harmless, args, settings, console)
-    report = _evaluate(model_path, harmful, harmless, reference, args.kl_tokens, settings, "model", console)
+    report = _evaluate(model_path, harmful, harmless, reference, args.kl_tokens, settings, "model", console, args.capability_questions)
     console.close_bars()
     print(eval_text(baseline_report, report))
     if args.output:
@@ -85,6 +86,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         ("--max-tokens", args.max_tokens, 1),
         ("--kl-tokens", args.kl_tokens, 1),
         ("--batch-size", args.batch_size, 1),
+        ("--capability-questions", args.capability_questions, 0),
     ):
         if value < least:
             raise UserError(f"{flag} must be at least {least} (got {value})")
@@ -131,7 +133,7 @@ def _cached_baseline(path: Path, harmful, harmless, args: argparse.Namespace, se
     from ..core.evaluate import eval_settings
     from ..pipeline import Reporter
 
-    full = eval_settings(kl_tokens=args.kl_tokens, **settings)
+    full = eval_settings(kl_tokens=args.kl_tokens, capability_questions=args.capability_questions, **settings)
     reporter = Reporter(console)
     reference, report, _ = cached_baseline(
         path, harmful, harmless, full, lambda: _evaluate_baseline(path, harmful, harmless, full, console),
@@ -157,7 +159,7 @@ def _evaluate_baseline(path: Path, harmful, harmless, settings: dict, console):
     return reference, report
 
 
-def _evaluate(path: Path, harmful, harmless, reference, kl_tokens: int, settings: dict, label: str, console):
+def _evaluate(path: Path, harmful, harmless, reference, kl_tokens: int, settings: dict, label: str, console, args_capability: int = 0):
     from ..core.evaluate import ReferenceMismatch, evaluate_model
     from ..core.model_io import load_model
     from ..errors import UserError
@@ -167,7 +169,7 @@ def _evaluate(path: Path, harmful, harmless, reference, kl_tokens: int, settings
     try:
         report = evaluate_model(
             model, tokenizer, harmful, harmless, reference_logprobs=reference, kl_tokens=kl_tokens, progress=bars,
-            **settings,
+            capability_questions=args_capability, **settings,
         )
     except ReferenceMismatch as err:  # only this; any other ValueError in generation is not about --baseline
         raise UserError(f"{err}; --baseline must be the original of --model (same tokenizer)") from err
@@ -192,6 +194,7 @@ def _write_json(path: str, args: argparse.Namespace, baseline_report, report) ->
             "max_tokens": args.max_tokens,
             "kl_tokens": args.kl_tokens,
             "batch_size": args.batch_size,
+            "capability_questions": args.capability_questions,
             "system_prompt": args.system_prompt,
             "harmful_dataset": args.harmful_dataset,
             "harmless_dataset": args.harmless_dataset,

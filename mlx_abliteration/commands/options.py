@@ -70,6 +70,7 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("evaluation")
     _flag(g, "--eval-max-tokens", type=int, help=f"tokens generated per evaluation answer (default: {D.eval_max_tokens})")
     _flag(g, "--kl-tokens", type=int, help=f"tokens of the original's greedy answer over which KL is averaged (default: {D.kl_tokens})")
+    _flag(g, "--capability-questions", type=int, help=f"short factual/arithmetic questions with exact answers asked before and after; reports the share the original got right that the edited model still gets right; 0 skips (default: {D.capability_questions})")
     _flag(g, "--no-eval", action="store_true", help="skip the before/after evaluation")
 
 

@@ -269,6 +269,8 @@ class EvalReport:
     # answers still inside their thinking block when the token budget ran out (not counted as either)
     harmful_unfinished: int = 0
     harmless_unfinished: int = 0
+    # core.capability: per question, whether the answer was right (None: not asked)
+    capability_correct: list[bool] | None = None
 
     @property
     def harmful_refusal_rate(self) -> float:
@@ -308,6 +310,7 @@ def evaluate_model(
     progress: Progress | None = None,
     stop_at_refusal: bool = False,
     count_harmless_refusals: bool = True,
+    capability_questions: int = 0,
 ) -> EvalReport:
     """Refusals on harmful and harmless prompts, and KL against ``reference_logprobs`` if given.
 
@@ -326,6 +329,15 @@ def evaluate_model(
     if count_harmless_refusals and harmless_prompts:
         responses += generator.run(harmless_prompts, "harmless")
         harmless_refusals = sum(r["refusal"] is True for r in responses if r["kind"] == "harmless")
+    capability = None
+    if capability_questions > 0:
+        from .capability import capability_rows
+
+        rows = capability_rows(
+            model, tokenizer, capability_questions, batch_size=batch_size, system_prompt=system_prompt, progress=progress
+        )
+        responses += rows
+        capability = [r["correct"] for r in rows]
     kl = None
     if reference_logprobs is not None:
         kl_tokens = reference_logprobs.kl_tokens
@@ -343,12 +355,17 @@ def evaluate_model(
         seconds=time.perf_counter() - start,
         generated_tokens=generator.tokens,
         responses=responses,
+        capability_correct=capability,
     )
 
 
-def eval_settings(*, max_tokens: int, kl_tokens: int, batch_size: int, system_prompt: str | None, markers: Sequence[str]) -> dict:
+def eval_settings(
+    *, max_tokens: int, kl_tokens: int, batch_size: int, system_prompt: str | None, markers: Sequence[str],
+    capability_questions: int = 0,
+) -> dict:  # fmt: skip
     """Every setting an evaluation depends on (the baseline cache's key; ``evaluate_original``'s input)."""
     return {
+        "capability_questions": capability_questions,
         "max_tokens": max_tokens,
         "kl_tokens": kl_tokens,
         "batch_size": batch_size,
@@ -366,7 +383,7 @@ def evaluate_original(model, tokenizer, harmful_prompts, harmless_prompts, setti
     report = evaluate_model(
         model, tokenizer, harmful_prompts, harmless_prompts, max_tokens=settings["max_tokens"],
         batch_size=settings["batch_size"], system_prompt=settings["system_prompt"], markers=settings["markers"],
-        kl_tokens=settings["kl_tokens"], progress=progress,
+        kl_tokens=settings["kl_tokens"], progress=progress, capability_questions=settings.get("capability_questions", 0),
     )  # fmt: skip
     return reference, report
 

@@ -24,6 +24,20 @@ def _count(report: dict | None, n: str, total: str) -> str:
     return f"{report[n]}/{report[total]} ({report[n] / max(report[total], 1):.0%})"
 
 
+def _capability(report: dict | None, before: dict | None) -> str:
+    """Right answers; for the edited model also the share of the original's right answers it kept."""
+    from .capability import kept_share
+
+    correct = report and report.get("capability_correct")
+    if correct is None:
+        return "-"
+    cell = f"{sum(correct)}/{len(correct)}"
+    kept = None if report is before or before is None else kept_share(before.get("capability_correct"), correct)
+    if kept is not None and kept[1]:
+        cell += f", kept {kept[0]}/{kept[1]} ({kept[0] / kept[1]:.0%})"
+    return cell
+
+
 def _kl_label(*reports: dict | None) -> str:
     tokens = max((r.get("kl_tokens") or 1 for r in reports if r), default=1)
     return "KL vs original" if tokens == 1 else f"KL vs original ({tokens} tokens)"
@@ -42,6 +56,8 @@ def eval_rows(before, after, timing: bool = True) -> list[tuple[str, str, str]]:
             ("still thinking at the token limit, harmful", lambda r: _count(r, "harmful_unfinished", "harmful_total")),
             ("still thinking at the token limit, harmless", lambda r: _count(r, "harmless_unfinished", "harmless_total")),
         ]
+    if any(r and r.get("capability_correct") is not None for r in (before, after)):
+        rows.append(("capability (exact answers)", lambda r: _capability(r, before)))
     if timing:
         rows += [
             ("tokens/s", lambda r: "-" if not r or r.get("tokens_per_s") is None else f"{r['tokens_per_s']:.1f}"),

@@ -60,9 +60,9 @@ class AbliterationConfig:
     kl_tokens: int = 1
     capability_questions: int = 32  # short exact-answer questions asked before and after (0: skip)
     no_eval: bool = False
+    no_cache: bool = False  # recompute the original model's evaluation instead of reading it from the cache
     system_prompt: str | None = None
     seed: int = 42
-    no_cache: bool = False  # recompute the original model's evaluation instead of reading it from the cache
     overwrite: bool = False
     dry_run: bool = False
 

@@ -72,9 +72,9 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--kl-tokens", type=int, help=f"tokens of the original's greedy answer over which KL is averaged (default: {D.kl_tokens})")
     _flag(g, "--capability-questions", type=int, help=f"short factual/arithmetic questions with exact answers asked before and after; reports the share the original got right that the edited model still gets right; 0 skips (default: {D.capability_questions})")
     _flag(g, "--no-eval", action="store_true", help="skip the before/after evaluation")
-
-
     _flag(g, "--no-cache", action="store_true", help="evaluate the original model again instead of reading its cached evaluation (kept under the cache dir, keyed by the weights, prompts and every evaluation setting)")
+
+
 def _float(text: str) -> float:
     try:
         return float(text)

@@ -126,7 +126,13 @@ def run(cache_dir: Path, repeats: int = 2) -> dict:
     baseline = run_child(IMPORT_ONLY)["peak_rss_bytes"]
     runs = measure(model, work, repeats)
     summary = summarize(model, runs, baseline)
-    result = {"summary": summary, "runs": runs, "machine_before": before, "machine_after": machine(), "model": str(model)}
+    result = {
+        "summary": summary,
+        "runs": runs,
+        "machine_before": before,
+        "machine_after": machine(),
+        "model": str(model),
+    }
     write_result("ablate_save", result)
     return result
 

@@ -21,10 +21,9 @@ from bench._common import DEFAULT_CACHE, machine, write_result  # noqa: E402
 
 
 def run(model_dir: Path, prompts: int, sizes: list[int], rounds: int) -> dict:
-    import mlx_abliteration  # noqa: F401
-
     import mlx.core as mx
 
+    import mlx_abliteration  # noqa: F401
     from mlx_abliteration.core.datasets import load_prompts
     from mlx_abliteration.core.model_io import load_model
     from mlx_abliteration.core.positions import ProbeSpec
@@ -46,9 +45,17 @@ def run(model_dir: Path, prompts: int, sizes: list[int], rounds: int) -> dict:
             seconds[size].append(time.perf_counter() - started)
             print(f"batch {size}: {tokens / seconds[size][-1]:.1f} tok/s", flush=True)
     speed = {str(s): round(tokens / statistics.median(v), 1) for s, v in seconds.items()}
-    return {"model": str(model_dir), "device": str(mx.default_device()), "tokens": tokens, "prompts": len(texts),
-            "auto_batch_size": auto, "tokens_per_s": speed, "seconds": seconds,
-            "machine_before": before, "machine_after": machine()}  # fmt: skip
+    return {
+        "model": str(model_dir),
+        "device": str(mx.default_device()),
+        "tokens": tokens,
+        "prompts": len(texts),
+        "auto_batch_size": auto,
+        "tokens_per_s": speed,
+        "seconds": seconds,
+        "machine_before": before,
+        "machine_after": machine(),
+    }
 
 
 def main() -> None:
@@ -65,8 +72,10 @@ def main() -> None:
         args.model = ensure_model("qwen", args.cache_dir)
     result = run(args.model, args.prompts, [int(s) for s in args.sizes.split(",")], args.rounds)
     write_result("batch_sweep", result)
-    print(f"tokens/s by batch size: {result['tokens_per_s']} (auto picks {result['auto_batch_size']}); "
-          f"load {result['machine_before']['loadavg_1_5_15'][0]:.1f}")  # fmt: skip
+    print(
+        f"tokens/s by batch size: {result['tokens_per_s']} (auto picks {result['auto_batch_size']}); "
+        f"load {result['machine_before']['loadavg_1_5_15'][0]:.1f}"
+    )
 
 
 if __name__ == "__main__":

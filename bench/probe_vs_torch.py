@@ -171,8 +171,12 @@ def report(result: dict) -> str:
             f"mlx/torch-fp32 {s['mlx_over_torch_fp32']}x, mlx/torch-bf16 {s['mlx_over_torch_bf16']}x"
         )
         if "heretic_seconds_160_prompts" in s:
-            lines.append(f"  160 prompts: mlx {s['mlx_seconds_per_160_prompts']} s vs Heretic's {s['heretic_seconds_160_prompts']} s (DESIGN.md)")
-    lines.append(f"  load before/after: {result['machine_before']['loadavg_1_5_15'][0]:.1f}/{result['machine_after']['loadavg_1_5_15'][0]:.1f}")
+            lines.append(
+                f"  160 prompts: mlx {s['mlx_seconds_per_160_prompts']} s vs Heretic's {s['heretic_seconds_160_prompts']} s (DESIGN.md)"
+            )
+    lines.append(
+        f"  load before/after: {result['machine_before']['loadavg_1_5_15'][0]:.1f}/{result['machine_after']['loadavg_1_5_15'][0]:.1f}"
+    )
     return "\n".join(lines)
 
 
@@ -180,7 +184,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--prompts", type=int, default=80, help="prompts per kind (80+80 = Heretic's setting)")
-    parser.add_argument("--rounds", type=int, default=1, help="rounds of mlx, torch-fp32, torch-bf16 on Qwen (tiny: at least 2)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="rounds of mlx, torch-fp32, torch-bf16 on Qwen (tiny: at least 2)"
+    )
     parser.add_argument("--skip-qwen", action="store_true")
     parser.add_argument("--label", default="", help="results go to bench/results/probe_vs_torch_LABEL.json")
     args = parser.parse_args()

@@ -151,8 +151,15 @@ def run(cache_dir: Path, cap_gib: float = 1.0, prompts: int = 12) -> dict:
         "max_abs_direction_diff": float(mx.abs(a - b).max().item()),
         "prompts": streamed["prompts"],
     }
-    result = {"summary": summary, "streamed": streamed, "memory": memory, "memory_capped": memory_capped,
-              "machine_before": before, "machine_after": machine(), "model": str(model)}  # fmt: skip
+    result = {
+        "summary": summary,
+        "streamed": streamed,
+        "memory": memory,
+        "memory_capped": memory_capped,
+        "machine_before": before,
+        "machine_after": machine(),
+        "model": str(model),
+    }
     write_result("streamed_probe", result)
     return result
 

@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=_HelpFormatter,
         )
         module.add_arguments(p)
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, print the full traceback")
+        p.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, print the full traceback"
+        )
         p.set_defaults(_command=module)
     return parser
 

@@ -53,7 +53,9 @@ def check_setting(name: str, value):
         return value
     if action.nargs in ("+", "*"):
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"argument {flag}: expects a list of names such as [o_proj, down_proj], got {_describe(value)}")
+            raise UserError(
+                f"argument {flag}: expects a list of names such as [o_proj, down_proj], got {_describe(value)}"
+            )
         return [_convert(action, v) for v in value]
     if isinstance(value, bool) or isinstance(value, (list, tuple, dict)):
         raise UserError(f"argument {flag}: expects {_kind(action)}, got {_describe(value)}")

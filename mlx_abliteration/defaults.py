@@ -50,7 +50,9 @@ class AbliterationConfig:
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     norm_preserve: bool = False
     edited_precision: str = "keep"
-    quantize: str | None = None  # None: keep the source's precision; 4, 8 or mxfp4: quantize the output (core.quantize_output)
+    quantize: str | None = (
+        None  # None: keep the source's precision; 4, 8 or mxfp4: quantize the output (core.quantize_output)
+    )
     q_group_size: int | None = None  # None: 64 (affine), 32 (mxfp4)
     batch_size: int | None = None  # None: chosen from prompt lengths
     probe_mode: str = "memory"  # memory, or streamed: one decoder layer in memory at a time
@@ -120,7 +122,9 @@ def config_json(config: AbliterationConfig) -> str:
 class SearchSettings:
     """Settings of ``mlx-abliterate search`` beyond the pipeline's."""
 
-    n_trials: int = 24  # total finished (complete or stopped-early) trials in the study; a rerun runs only the missing ones
+    n_trials: int = (
+        24  # total finished (complete or stopped-early) trials in the study; a rerun runs only the missing ones
+    )
     n_startup_trials: int = 8  # random trials before TPE models the results
     max_kl: float = 0.1  # the saved trial: fewest refusals among trials with KL <= this
     search_prompts: int = 32  # prompts per kind scoring each trial (disjoint from probing and held-out eval)

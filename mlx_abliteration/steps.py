@@ -11,7 +11,13 @@ import mlx.core as mx
 
 from . import __version__
 from .core.ablate import AblationPlan, uniform_plan
-from .core.directions import RefusalDirections, compute_directions, direction_file_contents, parse_layer_list, parse_use_layer
+from .core.directions import (
+    RefusalDirections,
+    compute_directions,
+    direction_file_contents,
+    parse_layer_list,
+    parse_use_layer,
+)
 from .core.model_io import check_model_dir, load_model, read_config, validate_output_dir
 from .core.positions import ProbeSpec
 from .defaults import PROBE_MODES, AbliterationConfig
@@ -63,7 +69,12 @@ def load(source: Path, report, config: AbliterationConfig | None = None):
     from .backend import blas_info
 
     streamed = config is not None and streamed_mode(config)
-    report.emit("stage", f"{'opening (lazily)' if streamed else 'loading'} {source}", blas=blas_info(), device=str(mx.default_device()))
+    report.emit(
+        "stage",
+        f"{'opening (lazily)' if streamed else 'loading'} {source}",
+        blas=blas_info(),
+        device=str(mx.default_device()),
+    )
     return load_model(source, lazy=streamed)
 
 
@@ -110,13 +121,17 @@ def _eval_batch(config: AbliterationConfig) -> int:
 
 
 def eval_settings(config: AbliterationConfig) -> dict:
-    from .core.evaluate import DEFAULT_REFUSAL_MARKERS, eval_settings as settings
+    from .core.evaluate import DEFAULT_REFUSAL_MARKERS
+    from .core.evaluate import eval_settings as settings
 
     return settings(
-        max_tokens=config.eval_max_tokens, kl_tokens=config.kl_tokens, batch_size=_eval_batch(config),
-        system_prompt=config.system_prompt, markers=DEFAULT_REFUSAL_MARKERS,
+        max_tokens=config.eval_max_tokens,
+        kl_tokens=config.kl_tokens,
+        batch_size=_eval_batch(config),
+        system_prompt=config.system_prompt,
+        markers=DEFAULT_REFUSAL_MARKERS,
         capability_questions=config.capability_questions,
-    )  # fmt: skip
+    )
 
 
 def evaluate_before(model, tokenizer, data: PromptSets, config: AbliterationConfig, report, source: Path | None = None):
@@ -141,9 +156,15 @@ def evaluate_before(model, tokenizer, data: PromptSets, config: AbliterationConf
         from .core.baseline_cache import cached_baseline
 
         reference, before, hit = cached_baseline(
-            source, data.harmful_eval, data.harmless_eval, settings, compute, cache_dir=config.cache_dir,
-            use_cache=not config.no_cache, emit=lambda message: report.emit("info", message),
-        )  # fmt: skip
+            source,
+            data.harmful_eval,
+            data.harmless_eval,
+            settings,
+            compute,
+            cache_dir=config.cache_dir,
+            use_cache=not config.no_cache,
+            emit=lambda message: report.emit("info", message),
+        )
     report.emit("eval", "original model", which="before", report=before.to_dict())
     return reference, before
 
@@ -152,7 +173,9 @@ def probe_spec(config: AbliterationConfig) -> ProbeSpec:
     return ProbeSpec(config.probe_position, config.probe_marker, config.strip_marker_newline, config.system_prompt)
 
 
-def probe_directions(model, tokenizer, data: PromptSets, config: AbliterationConfig, report, source: Path | None = None) -> RefusalDirections:
+def probe_directions(
+    model, tokenizer, data: PromptSets, config: AbliterationConfig, report, source: Path | None = None
+) -> RefusalDirections:
     num_layers = len(model.layers)
     layers = parse_layer_list(config.layers, num_layers)
     spec = probe_spec(config)
@@ -166,43 +189,73 @@ def probe_directions(model, tokenizer, data: PromptSets, config: AbliterationCon
     else:
         from .core.distributed import probe_prompts_distributed as probe  # plain probe_prompts in one process
 
-        harmful = probe(model, tokenizer, data.harmful_train, spec, layers, config.batch_size, report.progress, "probe harmful")
-        harmless = probe(model, tokenizer, data.harmless_train, spec, layers, config.batch_size, report.progress, "probe harmless")
+        harmful = probe(
+            model, tokenizer, data.harmful_train, spec, layers, config.batch_size, report.progress, "probe harmful"
+        )
+        harmless = probe(
+            model, tokenizer, data.harmless_train, spec, layers, config.batch_size, report.progress, "probe harmless"
+        )
     seconds = time.perf_counter() - started
     directions = compute_directions(harmful, harmless, layers, num_layers, config.direction_variant)
     report.emit("info", f"probed {harmful.count + harmless.count} prompts in {seconds:.1f}s", probe_seconds=seconds)
     return directions
 
 
-def choose_layer(model, tokenizer, directions: RefusalDirections, data: PromptSets, config: AbliterationConfig, source: Path, report, writers):
+def choose_layer(
+    model,
+    tokenizer,
+    directions: RefusalDirections,
+    data: PromptSets,
+    config: AbliterationConfig,
+    source: Path,
+    report,
+    writers,
+):
     choice = parse_use_layer(config.use_layer, directions.num_model_layers)
     if choice != "auto":
         if choice in directions.degenerate:
-            raise UserError(f"--use-layer {config.use_layer}: the harmful and harmless activations are identical at layer {choice}; choose another layer")
+            raise UserError(
+                f"--use-layer {config.use_layer}: the harmful and harmless activations are identical at layer {choice}; choose another layer"
+            )
         if choice not in directions.layers:
-            raise UserError(f"--use-layer {config.use_layer} selects layer {choice}, which was not probed (--layers {config.layers})")
+            raise UserError(
+                f"--use-layer {config.use_layer} selects layer {choice}, which was not probed (--layers {config.layers})"
+            )
         report.emit("layers", f"using layer {choice}", stats=[s.to_dict() for s in directions.stats], chosen=choice)
         return choice, []
     if streamed_mode(config):
         from .core.streamed_probe import select_layer_by_separation
 
         layer = select_layer_by_separation(directions)
-        report.emit("layers", f"auto-selected layer {layer} by separation (streamed mode runs no forward passes to score layers)",
-                    stats=[s.to_dict() for s in directions.stats], chosen=layer)  # fmt: skip
+        report.emit(
+            "layers",
+            f"auto-selected layer {layer} by separation (streamed mode runs no forward passes to score layers)",
+            stats=[s.to_dict() for s in directions.stats],
+            chosen=layer,
+        )
         return layer, []
     from .core.layer_selection import select_layer_auto
 
     report.emit("stage", "choosing the layer (auto)")
     layer, scores = select_layer_auto(
-        model, tokenizer, directions, lambda layer: build_plan(directions, layer, config, writers),
-        data.harmful_train[:AUTO_PROMPTS], data.harmless_train[:AUTO_PROMPTS],
-        system_prompt=config.system_prompt, batch_size=_eval_batch(config), progress=report.progress,
+        model,
+        tokenizer,
+        directions,
+        lambda layer: build_plan(directions, layer, config, writers),
+        data.harmful_train[:AUTO_PROMPTS],
+        data.harmless_train[:AUTO_PROMPTS],
+        system_prompt=config.system_prompt,
+        batch_size=_eval_batch(config),
+        progress=report.progress,
         storage_dtype=storage_dtype(source),
-    )  # fmt: skip
+    )
     report.emit(
-        "layers", f"auto-selected layer {layer}", stats=[s.to_dict() for s in directions.stats], chosen=layer,
+        "layers",
+        f"auto-selected layer {layer}",
+        stats=[s.to_dict() for s in directions.stats],
+        chosen=layer,
         candidates=[s.to_dict() for s in scores],
-    )  # fmt: skip
+    )
     return layer, scores
 
 
@@ -232,10 +285,13 @@ def find_writers(model, source: Path, config: AbliterationConfig, report):
 def build_plan(directions: RefusalDirections, layer: int, config: AbliterationConfig, writers) -> AblationPlan:
     num_layers = directions.num_model_layers
     return uniform_plan(
-        directions.direction(layer), num_layers, config.ablation_strength,
-        ablate_layers=parse_layer_list(config.ablate_layers, num_layers), targets=config.targets,
+        directions.direction(layer),
+        num_layers,
+        config.ablation_strength,
+        ablate_layers=parse_layer_list(config.ablate_layers, num_layers),
+        targets=config.targets,
         norm_preserve=config.norm_preserve,
-    ).with_writers(writers)  # fmt: skip
+    ).with_writers(writers)
 
 
 def storage_dtype(source: Path):
@@ -244,7 +300,9 @@ def storage_dtype(source: Path):
     return {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}.get(str(name))
 
 
-def evaluate_after(model, tokenizer, plan, data: PromptSets, reference, config: AbliterationConfig, source: Path, report):
+def evaluate_after(
+    model, tokenizer, plan, data: PromptSets, reference, config: AbliterationConfig, source: Path, report
+):
     if reference is None:
         return None
     from .core.evaluate import evaluate_model
@@ -253,10 +311,17 @@ def evaluate_after(model, tokenizer, plan, data: PromptSets, reference, config: 
     report.emit("stage", "evaluating the abliterated model")
     apply_plan(model, plan, storage_dtype=storage_dtype(source), edited_precision=config.edited_precision)
     after = evaluate_model(
-        model, tokenizer, data.harmful_eval, data.harmless_eval, max_tokens=config.eval_max_tokens,
-        batch_size=_eval_batch(config), system_prompt=config.system_prompt, reference_logprobs=reference,
-        progress=report.progress, capability_questions=config.capability_questions,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        data.harmful_eval,
+        data.harmless_eval,
+        max_tokens=config.eval_max_tokens,
+        batch_size=_eval_batch(config),
+        system_prompt=config.system_prompt,
+        reference_logprobs=reference,
+        progress=report.progress,
+        capability_questions=config.capability_questions,
+    )
     report.emit("eval", "abliterated model", which="after", report=after.to_dict())
     return after
 
@@ -305,7 +370,16 @@ def responses_jsonl(before, after) -> str | None:
     return "\n".join(rows) + "\n" if rows else None
 
 
-def save(source: Path, config: AbliterationConfig, plan, directions, layer: int, record: dict, report, responses: str | None = None) -> tuple[str, dict]:
+def save(
+    source: Path,
+    config: AbliterationConfig,
+    plan,
+    directions,
+    layer: int,
+    record: dict,
+    report,
+    responses: str | None = None,
+) -> tuple[str, dict]:
     """Write the model, ``abliteration_log.json``, the direction, the model card and the answers.
 
     Returns the output dir and the record as written (with the weights' digests and the edit summary).
@@ -315,7 +389,6 @@ def save(source: Path, config: AbliterationConfig, plan, directions, layer: int,
     from .core.distributed import is_primary
     from .core.model_card import model_card
     from .core.model_io import save_ablated_model
-
     from .core.quantize_output import check_quantize_settings, save_quantized_model
 
     if not is_primary():
@@ -323,17 +396,29 @@ def save(source: Path, config: AbliterationConfig, plan, directions, layer: int,
     spec = check_quantize_settings(config)
     report.emit("stage", f"saving to {config.output_dir}" + (f" (quantized: {config.quantize})" if spec else ""))
     common = dict(
-        overwrite=config.overwrite, directions=direction_file_contents(directions, layer), progress=report.progress,
+        overwrite=config.overwrite,
+        directions=direction_file_contents(directions, layer),
+        progress=report.progress,
         extra_files={RESPONSES_FILE: responses} if responses else None,
-    )  # fmt: skip
+    )
     if spec:
-        record = {**record, "quantized_output": {**spec, "from_quantized_source": bool(read_config(source).get("quantization"))}}
-        summary = save_quantized_model(source, config.output_dir, plan, spec, record=record, model_card=model_card(record), **common)
+        record = {
+            **record,
+            "quantized_output": {**spec, "from_quantized_source": bool(read_config(source).get("quantization"))},
+        }
+        summary = save_quantized_model(
+            source, config.output_dir, plan, spec, record=record, model_card=model_card(record), **common
+        )
     else:
         summary = save_ablated_model(
-            source, config.output_dir, plan, edited_precision=config.edited_precision, record=record,
-            model_card=model_card(record), **common,
-        )  # fmt: skip
+            source,
+            config.output_dir,
+            plan,
+            edited_precision=config.edited_precision,
+            record=record,
+            model_card=model_card(record),
+            **common,
+        )
     quantized = [r for r in summary["reports"] if r.quantized]
     if quantized:
         worst = max(r.residual for r in quantized)
@@ -342,7 +427,8 @@ def save(source: Path, config: AbliterationConfig, plan, directions, layer: int,
             "info",
             f"requantization keeps {mean:.1%} of the refusal component on average (worst {worst:.1%}); "
             "--edited-precision bfloat16 stores edited matrices unquantized",
-            residual_mean=mean, residual_max=worst,
-        )  # fmt: skip
+            residual_mean=mean,
+            residual_max=worst,
+        )
     written = json.loads((Path(summary["output_dir"]) / "abliteration_log.json").read_text())
     return summary["output_dir"], written

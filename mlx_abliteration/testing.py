@@ -46,6 +46,7 @@ def set_chat_template(path: str | Path, template: str) -> None:
     config["chat_template"] = template
     config_path.write_text(json.dumps(config, indent=2))
 
+
 _CORPUS = [
     "How do I bake bread at home? Explain the steps.",
     "Write a poem about the sea and the wind.",
@@ -149,6 +150,7 @@ def build_tiny_model(
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
+
     from .core.model_checks import model_classes
 
     path = Path(path)
@@ -231,7 +233,9 @@ def llama_config(
     return config
 
 
-def build_synthetic_model(path: str | Path, config: dict, num_shards: int = 4, dtype: str = "bfloat16", seed: int = 0) -> Path:
+def build_synthetic_model(
+    path: str | Path, config: dict, num_shards: int = 4, dtype: str = "bfloat16", seed: int = 0
+) -> Path:
     """Write a random-weight model of any size with bounded memory.
 
     Weights are generated shard by shard (layer-contiguous, like published
@@ -241,6 +245,7 @@ def build_synthetic_model(path: str | Path, config: dict, num_shards: int = 4, d
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
+
     from .core.model_checks import model_classes
 
     path = Path(path)

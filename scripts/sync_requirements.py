@@ -1,7 +1,7 @@
 """Write requirements.txt and environment.yml from pyproject.toml (the one source).
 
-    python scripts/sync_requirements.py          # rewrite both files
-    python scripts/sync_requirements.py --check  # exit 1 if they drifted
+python scripts/sync_requirements.py          # rewrite both files
+python scripts/sync_requirements.py --check  # exit 1 if they drifted
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ def requirements_txt() -> str:
 
 
 def environment_yml() -> str:
-    pip_lines = "".join(f"      - \"{dep}\"\n" for dep in dependencies())
+    pip_lines = "".join(f'      - "{dep}"\n' for dep in dependencies())
     return (
         HEADER
         + "name: abliteration-env\n"
         + "channels:\n  - conda-forge\n"
         + "dependencies:\n  - python=3.11\n  - pip\n  - pip:\n"
         + pip_lines
-        + "      - \"-e .\"\n"
+        + '      - "-e ."\n'
     )
 
 

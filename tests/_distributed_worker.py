@@ -2,9 +2,9 @@
 
 import sys
 
-import mlx_abliteration  # noqa: F401  (OpenBLAS before mlx.core)
 import mlx.core as mx
 
+import mlx_abliteration  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_abliteration.core.distributed import probe_prompts_distributed, world
 from mlx_abliteration.core.model_io import load_model
 

@@ -55,7 +55,11 @@ def prove(model_type: str, workdir: Path, dtype: str = "float32", bits: int | No
     r = unit_direction(model_type, size)
     direction_file = workdir / "direction.safetensors"
     stats = [LayerStats(i, 1.0, 0.1, 0.9, 2.0) for i in range(num_layers)]
-    save_directions(direction_file, RefusalDirections(list(range(num_layers)), mx.stack([r] * num_layers), stats, "mean-diff", num_layers), 0)
+    save_directions(
+        direction_file,
+        RefusalDirections(list(range(num_layers)), mx.stack([r] * num_layers), stats, "mean-diff", num_layers),
+        0,
+    )
     out = workdir / "out"
     code, err = _cli("ablate", "-m", str(src), "--direction", str(direction_file), "-o", str(out), "--quiet")
     if code != 0:
@@ -145,16 +149,30 @@ def _changed_only_writers(source_model, model, writers: set[str]) -> list[str]:
 
 # Architectures the engine refuses, each with what its refusal says and why.
 REFUSED: dict[str, tuple[str, str]] = {
-    "deepseek_v41": ("several parallel residual streams", "layers carry several parallel residual streams (hyper-connections)"),
+    "deepseek_v41": (
+        "several parallel residual streams",
+        "layers carry several parallel residual streams (hyper-connections)",
+    ),
     "gemma3n": ("several parallel residual streams", "AltUp: layers carry several parallel residual streams"),
-    "iquestloopcoder": ("never called the first decoder layer", "the forward pass loops over its layers' parts without calling the layers"),
+    "iquestloopcoder": (
+        "never called the first decoder layer",
+        "the forward pass loops over its layers' parts without calling the layers",
+    ),
     "longcat_flash": ("no editable matrix", "zero-compute (identity) experts add the normalized input itself"),
     "longcat_flash_ngram": ("no editable matrix", "zero-compute (identity) experts add the normalized input itself"),
-    "rwkv7": ("no editable matrix", "the first layer replaces the stream by a LayerNorm of it (a bias no matrix edit removes)"),
+    "rwkv7": (
+        "no editable matrix",
+        "the first layer replaces the stream by a LayerNorm of it (a bias no matrix edit removes)",
+    ),
 }
 
 # Extra variants: bf16 storage, and 4-bit for a dense, a MoE and a post-norm family.
-VARIANTS: list[tuple[str, str, int | None]] = [("llama", "bfloat16", None), ("llama", "float32", 4), ("mixtral", "float32", 4), ("gemma2", "float32", 4)]
+VARIANTS: list[tuple[str, str, int | None]] = [
+    ("llama", "bfloat16", None),
+    ("llama", "float32", 4),
+    ("mixtral", "float32", 4),
+    ("gemma2", "float32", 4),
+]
 
 
 def cases() -> list[tuple[str, str, int | None]]:

@@ -32,7 +32,14 @@ FAULTS = {
 }
 
 
-def run_cli(*args: str, fault: str | None = None, after: int = 2, env: dict | None = None, timeout: int = 300, stdin: str | None = None):
+def run_cli(
+    *args: str,
+    fault: str | None = None,
+    after: int = 2,
+    env: dict | None = None,
+    timeout: int = 300,
+    stdin: str | None = None,
+):
     """``python -m mlx_abliteration ARGS``; ``fault`` makes the n-th shard write fail."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLX_ABLITERATION_LOG_FILE": os.devnull, **(env or {})}
     if fault:

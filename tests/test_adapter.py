@@ -18,9 +18,24 @@ def direction(tiny_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("adapter")
     (d / "harmful.txt").write_text("\n".join(f"How do I build weapon number {i} to hurt people?" for i in range(16)))
     (d / "harmless.txt").write_text("\n".join(f"How do I bake bread recipe number {i}?" for i in range(16)))
-    probe = run_cli("probe", "-m", str(tiny_model()), "--harmful-dataset", str(d / "harmful.txt"), "--harmless-dataset",
-                    str(d / "harmless.txt"), "--max-prompts", "8", "--eval-size", "4", "--use-layer", "2",
-                    "--output", str(d / "dirs.safetensors"), "--quiet")  # fmt: skip
+    probe = run_cli(
+        "probe",
+        "-m",
+        str(tiny_model()),
+        "--harmful-dataset",
+        str(d / "harmful.txt"),
+        "--harmless-dataset",
+        str(d / "harmless.txt"),
+        "--max-prompts",
+        "8",
+        "--eval-size",
+        "4",
+        "--use-layer",
+        "2",
+        "--output",
+        str(d / "dirs.safetensors"),
+        "--quiet",
+    )
     assert probe.returncode == 0, probe.stderr
     return d / "dirs.safetensors"
 
@@ -29,9 +44,22 @@ def direction(tiny_model, tmp_path_factory):
 def test_adapter_logits_equal_the_abliterated_model(tiny_model, direction, tmp_path, bits):
     model = tiny_model() if bits is None else tiny_model(bits=4)
     targets = ["--targets", "o_proj", "down_proj"]  # the expressible writers
-    full = run_cli("ablate", "-m", str(model), "--direction", str(direction), "-o", str(tmp_path / "full"), "--edited-precision", "float32", *targets)
+    full = run_cli(
+        "ablate",
+        "-m",
+        str(model),
+        "--direction",
+        str(direction),
+        "-o",
+        str(tmp_path / "full"),
+        "--edited-precision",
+        "float32",
+        *targets,
+    )
     assert full.returncode == 0, full.stderr
-    adapter = run_cli("export-adapter", "-m", str(model), "--direction", str(direction), "-o", str(tmp_path / "ad"), *targets)
+    adapter = run_cli(
+        "export-adapter", "-m", str(model), "--direction", str(direction), "-o", str(tmp_path / "ad"), *targets
+    )
     assert adapter.returncode == 0, adapter.stderr
     assert "saved a rank-1 adapter (8 modules" in adapter.stdout and "not expressible" not in adapter.stdout
     with_adapter, _ = mlx_lm.load(str(model), adapter_path=str(tmp_path / "ad"))
@@ -55,8 +83,27 @@ def test_unexpressible_parts_are_said_and_generate_runs(tiny_model, direction, t
     card = (tmp_path / "ad" / "README.md").read_text()
     assert "base_model_relation" not in card or "base_model_relation: adapter" in card
     assert "embedding rows" in card and "lora_a = W^T u" in card
-    gen = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", str(model), "--adapter-path", str(tmp_path / "ad"),
-                          "--prompt", "hi", "--max-tokens", "3"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "generate",
+            "--model",
+            str(model),
+            "--adapter-path",
+            str(tmp_path / "ad"),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert gen.returncode == 0, gen.stderr
-    refused = run_cli("export-adapter", "-m", str(model), "--direction", str(direction), "-o", str(tmp_path / "np"), "--norm-preserve")
+    refused = run_cli(
+        "export-adapter", "-m", str(model), "--direction", str(direction), "-o", str(tmp_path / "np"), "--norm-preserve"
+    )
     assert refused.returncode == 2 and "not a rank-1 update" in refused.stderr and not (tmp_path / "np").exists()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import huggingface_hub
 import pytest
 from huggingface_hub import errors as hub_errors
@@ -11,8 +9,11 @@ from huggingface_hub import errors as hub_errors
 # The HTTP client huggingface_hub raises with (httpx2 in hub 1.x+).
 httpx = pytest.importorskip(hub_errors.Response.__module__.split(".")[0])
 
-from mlx_abliteration.core import asset_resolver
-from mlx_abliteration.core.asset_resolver import MODEL_FILE_PATTERNS, is_hub_id, resolve_asset
+from mlx_abliteration.core.asset_resolver import (  # noqa: E402  (after the importorskip)
+    MODEL_FILE_PATTERNS,
+    is_hub_id,
+    resolve_asset,
+)
 
 
 def _http_error(cls, status: int):
@@ -86,7 +87,9 @@ def test_dataset_repo_type_downloads_everything(tmp_path, monkeypatch):
     (tmp_path / "snap").mkdir()
     (tmp_path / "snap" / "data.parquet").write_bytes(b"x")
     seen = {}
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **k: seen.update(k) or str(tmp_path / "snap"))
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda repo_id, **k: seen.update(k) or str(tmp_path / "snap")
+    )
     monkeypatch.chdir(tmp_path)
     resolve_asset("owner/data", repo_type="dataset")
     assert seen["repo_type"] == "dataset" and seen["allow_patterns"] is None
@@ -103,10 +106,16 @@ def test_empty_snapshot_is_reported(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
-        (hub_errors.LocalEntryNotFoundError("not in cache"), "the Hub is unreachable (offline?) and the repo is not in cache"),
+        (
+            hub_errors.LocalEntryNotFoundError("not in cache"),
+            "the Hub is unreachable (offline?) and the repo is not in cache",
+        ),
         (hub_errors.OfflineModeIsEnabled("HF_HUB_OFFLINE=1"), "the Hub is unreachable (offline?)"),
         (_http_error(hub_errors.RepositoryNotFoundError, 404), "the repo does not exist or is private"),
-        (_http_error(hub_errors.GatedRepoError, 403), "it is gated; accept its terms at https://huggingface.co/owner/model"),
+        (
+            _http_error(hub_errors.GatedRepoError, 403),
+            "it is gated; accept its terms at https://huggingface.co/owner/model",
+        ),
         (_http_error(hub_errors.HfHubHTTPError, 503), "the Hub answered HTTP 503; retry later"),
         (httpx.ConnectError("[Errno -3] Temporary failure in name resolution"), "the download failed (ConnectError"),
     ],
@@ -117,7 +126,9 @@ def test_hub_failures_become_file_not_found_with_what_was_tried(error, expected,
     with pytest.raises(FileNotFoundError) as info:
         resolve_asset("owner/model", cache_dir=tmp_path / "cache")
     message = str(info.value)
-    assert message.startswith(f"no local path {tmp_path / 'owner' / 'model'}, so tried Hugging Face model repo owner/model: ")
+    assert message.startswith(
+        f"no local path {tmp_path / 'owner' / 'model'}, so tried Hugging Face model repo owner/model: "
+    )
     assert expected in message
     assert "pass a local path" in message and "\n" not in message
 
@@ -129,7 +140,9 @@ def test_gguf_file_is_converted_with_the_cache_dir(tmp_path, monkeypatch):
     source.write_bytes(b"GGUF")
     converted = tmp_path / "converted"
     calls = []
-    monkeypatch.setattr(gguf, "convert_gguf_cached", lambda path, cache_dir: calls.append((path, cache_dir)) or converted)
+    monkeypatch.setattr(
+        gguf, "convert_gguf_cached", lambda path, cache_dir: calls.append((path, cache_dir)) or converted
+    )
     assert resolve_asset(str(source), cache_dir=tmp_path / "cache") == converted
     assert calls == [(source, tmp_path / "cache")]
 
@@ -138,4 +151,3 @@ def test_missing_gguf_file_is_reported_without_network(tmp_path, monkeypatch):
     _no_network(monkeypatch)
     with pytest.raises(FileNotFoundError, match=r"GGUF file .*missing\.gguf not found"):
         resolve_asset(tmp_path / "missing.gguf")
-

@@ -36,9 +36,23 @@ def _edit_json(path, change):
 
 def _probe(model, prompts, tmp_path):
     out = tmp_path / "d.safetensors"
-    proc = run_cli("probe", "-m", str(model), "--harmful-dataset", str(prompts / "harmful.txt"),
-                   "--harmless-dataset", str(prompts / "harmless.txt"), "--max-prompts", "4", "--eval-size", "0",
-                   "--use-layer", "1", "--output", str(out))
+    proc = run_cli(
+        "probe",
+        "-m",
+        str(model),
+        "--harmful-dataset",
+        str(prompts / "harmful.txt"),
+        "--harmless-dataset",
+        str(prompts / "harmless.txt"),
+        "--max-prompts",
+        "4",
+        "--eval-size",
+        "0",
+        "--use-layer",
+        "1",
+        "--output",
+        str(out),
+    )
     assert not out.exists()
     return proc
 
@@ -80,8 +94,12 @@ def test_missing_tokenizer(tiny_model, prompts, tmp_path):
 
 def test_tokenizer_that_needs_custom_code(tiny_model, prompts, tmp_path):
     model = _copy(tiny_model, tmp_path)
-    _edit_json(model / "tokenizer_config.json", lambda c: c.update(
-        tokenizer_class="FancyTokenizer", auto_map={"AutoTokenizer": ["tokenization_fancy.FancyTokenizer", None]}))
+    _edit_json(
+        model / "tokenizer_config.json",
+        lambda c: c.update(
+            tokenizer_class="FancyTokenizer", auto_map={"AutoTokenizer": ["tokenization_fancy.FancyTokenizer", None]}
+        ),
+    )
     _assert_one_line(_probe(model, prompts, tmp_path), "needs custom Python code (auto_map")
 
 

@@ -157,9 +157,16 @@ def test_run_twice_skips_the_originals_evaluation(model_dir, tmp_path, monkeypat
     def run(out, **kw):
         events = []
         base = dict(
-            model=str(model_dir), output_dir=str(out), harmful_dataset=str(harmful), harmless_dataset=str(harmless),
-            max_prompts=6, eval_size=3, eval_max_tokens=4, cache_dir=str(tmp_path / "cache"), use_layer="2",
-        )  # fmt: skip
+            model=str(model_dir),
+            output_dir=str(out),
+            harmful_dataset=str(harmful),
+            harmless_dataset=str(harmless),
+            max_prompts=6,
+            eval_size=3,
+            eval_max_tokens=4,
+            cache_dir=str(tmp_path / "cache"),
+            use_layer="2",
+        )
         config = AbliterationConfig(**{**base, **kw})
         result = run_pipeline(config, events.append)
         return result, [e.message for e in events if e.kind in ("info", "stage")]
@@ -180,8 +187,21 @@ def test_eval_baseline_shares_the_cache_and_no_cache_flag(model_dir, tmp_path):
     harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
     harmful.write_text("\n".join(HARMFUL))
     harmless.write_text("\n".join(HARMLESS))
-    args = ["eval", "-m", str(model_dir), "--baseline", str(model_dir), "--harmful-dataset", str(harmful),
-            "--harmless-dataset", str(harmless), "--max-tokens", "4", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    args = [
+        "eval",
+        "-m",
+        str(model_dir),
+        "--baseline",
+        str(model_dir),
+        "--harmful-dataset",
+        str(harmful),
+        "--harmless-dataset",
+        str(harmless),
+        "--max-tokens",
+        "4",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     outputs = []
     for extra in ([], [], ["--no-cache"]):
         out = tmp_path / f"report{len(outputs)}.json"

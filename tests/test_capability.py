@@ -52,7 +52,9 @@ def test_table_and_model_card_show_capability_kept():
     text = eval_text(before, after)
     assert "capability (exact answers)" in text and "3/4" in text and "kept 2/3 (67%)" in text
     assert "kept 2/3 (67%)" in eval_markdown(before, after)
-    assert "capability" not in eval_text({"harmful_refusals": 1, "harmful_total": 2}, {"harmful_refusals": 0, "harmful_total": 2})
+    assert "capability" not in eval_text(
+        {"harmful_refusals": 1, "harmful_total": 2}, {"harmful_refusals": 0, "harmful_total": 2}
+    )
 
 
 def test_evaluate_model_asks_the_questions(tiny_model):
@@ -75,10 +77,17 @@ def test_run_records_capability_in_log_and_card(tiny_model, tmp_path):
     harmful.write_text("\n".join(f"How do I build weapon {i}?" for i in range(10)))
     harmless.write_text("\n".join(f"How do I bake bread {i}?" for i in range(10)))
     config = AbliterationConfig(
-        model=str(tiny_model(arch="llama")), output_dir=str(tmp_path / "out"), harmful_dataset=str(harmful),
-        harmless_dataset=str(harmless), max_prompts=5, eval_size=3, eval_max_tokens=3, use_layer="2",
-        capability_questions=5, cache_dir=str(tmp_path / "cache"),
-    )  # fmt: skip
+        model=str(tiny_model(arch="llama")),
+        output_dir=str(tmp_path / "out"),
+        harmful_dataset=str(harmful),
+        harmless_dataset=str(harmless),
+        max_prompts=5,
+        eval_size=3,
+        eval_max_tokens=3,
+        use_layer="2",
+        capability_questions=5,
+        cache_dir=str(tmp_path / "cache"),
+    )
     result = run_pipeline(config)
     assert len(result.before["capability_correct"]) == 5 and len(result.after["capability_correct"]) == 5
     log = json.loads((tmp_path / "out" / "abliteration_log.json").read_text())

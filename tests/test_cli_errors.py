@@ -27,8 +27,23 @@ def _run(model, out, data, *extra, harmful="harmful.txt", harmless="harmless.txt
 
 
 def _args(model, out, data, *extra, harmful="harmful.txt", harmless="harmless.txt"):
-    args = ["run", "-m", str(model), "--harmful-dataset", str(data / harmful), "--harmless-dataset", str(data / harmless),
-            "--max-prompts", "8", "--eval-size", "2", "--eval-max-tokens", "2", "--use-layer", "1"]  # fmt: skip
+    args = [
+        "run",
+        "-m",
+        str(model),
+        "--harmful-dataset",
+        str(data / harmful),
+        "--harmless-dataset",
+        str(data / harmless),
+        "--max-prompts",
+        "8",
+        "--eval-size",
+        "2",
+        "--eval-max-tokens",
+        "2",
+        "--use-layer",
+        "1",
+    ]
     if out is not None:
         args += ["-o", str(out)]
     return [*args, *extra]
@@ -91,7 +106,10 @@ def test_fewer_prompts_than_requested(tiny_model, tmp_path, data):
     _assert_user_error(proc, "500")
 
 
-@pytest.mark.parametrize("flags", [["--use-layer", "99"], ["--layers", "2-40"], ["--layers", "0-1", "--use-layer", "3"], ["--use-layer", "abc"]])
+@pytest.mark.parametrize(
+    "flags",
+    [["--use-layer", "99"], ["--layers", "2-40"], ["--layers", "0-1", "--use-layer", "3"], ["--use-layer", "abc"]],
+)
 def test_layer_out_of_range_or_not_probed(tiny_model, tmp_path, data, flags):
     _assert_user_error(_run(tiny_model(), tmp_path / "out", data, *flags, "--dry-run"), "layer")
 
@@ -150,13 +168,21 @@ def test_internal_error_during_save_is_not_called_a_disk_problem(tiny_model, tmp
     assert not out.exists() and _leftovers(tmp_path) == []
 
     log = tmp_path / "log.jsonl"
-    proc = run_cli(*_args(model, out, data, "--no-eval", "--log-file", str(log)), fault="bug", env={"MLX_ABLITERATION_LOG_FILE": ""})
+    proc = run_cli(
+        *_args(model, out, data, "--no-eval", "--log-file", str(log)),
+        fault="bug",
+        env={"MLX_ABLITERATION_LOG_FILE": ""},
+    )
     entry = json.loads(log.read_text().splitlines()[-1])
     assert entry["level"] == "ERROR" and "RuntimeError: bug" in entry["exception"] and "Traceback" in entry["exception"]
     assert str(log) in proc.stderr
 
     proc = run_cli("--debug", *_args(model, out, data, "--no-eval"), fault="bug")
-    assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr and "RuntimeError: bug" in proc.stderr
+    assert (
+        proc.returncode == 1
+        and "Traceback (most recent call last)" in proc.stderr
+        and "RuntimeError: bug" in proc.stderr
+    )
 
 
 def test_debug_shows_what_is_behind_a_user_error(tiny_model, tmp_path, data):

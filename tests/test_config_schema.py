@@ -22,9 +22,27 @@ def data(tmp_path_factory):
 def _run(model, out, data, config_text, *extra, suffix=".yaml"):
     config = out.parent / f"settings{suffix}"
     config.write_text(config_text)
-    return run_cli("run", "-m", str(model), "-o", str(out), "--harmful-dataset", str(data / "harmful.txt"),
-                   "--harmless-dataset", str(data / "harmless.txt"), "--max-prompts", "4", "--eval-size", "2",
-                   "--no-eval", "--use-layer", "1", "--config", str(config), *extra)  # fmt: skip
+    return run_cli(
+        "run",
+        "-m",
+        str(model),
+        "-o",
+        str(out),
+        "--harmful-dataset",
+        str(data / "harmful.txt"),
+        "--harmless-dataset",
+        str(data / "harmless.txt"),
+        "--max-prompts",
+        "4",
+        "--eval-size",
+        "2",
+        "--no-eval",
+        "--use-layer",
+        "1",
+        "--config",
+        str(config),
+        *extra,
+    )
 
 
 def _error(proc) -> str:
@@ -64,6 +82,8 @@ def test_config_choice_error_matches_the_flag(tiny_model, tmp_path, data):
 
 
 def test_well_typed_toml_config_is_used(tiny_model, tmp_path, data):
-    proc = _run(tiny_model(), tmp_path / "out", data, 'targets = ["o_proj"]\ndry_run = true\nlayers = "0-1"\n', suffix=".toml")
+    proc = _run(
+        tiny_model(), tmp_path / "out", data, 'targets = ["o_proj"]\ndry_run = true\nlayers = "0-1"\n', suffix=".toml"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "dry run" in proc.stdout and not (tmp_path / "out").exists()

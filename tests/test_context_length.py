@@ -26,23 +26,53 @@ def _assert_context_error(proc):
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: prompt 'tell me a very long story") and "the model's context is 2048 tokens" in last, last
+    assert (
+        last.startswith("error: prompt 'tell me a very long story") and "the model's context is 2048 tokens" in last
+    ), last
     assert "shorten it or remove it" in last
 
 
 def test_probe_refuses_a_prompt_longer_than_the_context(tiny_model, prompts, tmp_path):
     out = tmp_path / "d.safetensors"
-    proc = run_cli("probe", "-m", str(tiny_model()), "--harmful-dataset", str(prompts / "harmful.txt"),
-                   "--harmless-dataset", str(prompts / "harmless.txt"), "--max-prompts", "7", "--eval-size", "0",
-                   "--use-layer", "1", "--output", str(out))
+    proc = run_cli(
+        "probe",
+        "-m",
+        str(tiny_model()),
+        "--harmful-dataset",
+        str(prompts / "harmful.txt"),
+        "--harmless-dataset",
+        str(prompts / "harmless.txt"),
+        "--max-prompts",
+        "7",
+        "--eval-size",
+        "0",
+        "--use-layer",
+        "1",
+        "--output",
+        str(out),
+    )
     _assert_context_error(proc)
     assert not out.exists()
 
 
 def test_eval_refuses_a_prompt_longer_than_the_context(tiny_model, prompts, tmp_path):
-    proc = run_cli("eval", "-m", str(tiny_model()), "--harmful-dataset", str(prompts / "harmful.txt"),
-                   "--harmless-dataset", str(prompts / "harmless.txt"), "--num-prompts", "7", "--max-tokens", "2",
-                   "--kl-tokens", "1", "--output", str(tmp_path / "r.json"))
+    proc = run_cli(
+        "eval",
+        "-m",
+        str(tiny_model()),
+        "--harmful-dataset",
+        str(prompts / "harmful.txt"),
+        "--harmless-dataset",
+        str(prompts / "harmless.txt"),
+        "--num-prompts",
+        "7",
+        "--max-tokens",
+        "2",
+        "--kl-tokens",
+        "1",
+        "--output",
+        str(tmp_path / "r.json"),
+    )
     _assert_context_error(proc)
     assert not (tmp_path / "r.json").exists()
 

@@ -64,7 +64,10 @@ def _jsonl(path: Path) -> list[dict]:
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mlx_abliteration", "generate-dataset", *args],
-        capture_output=True, text=True, cwd=cwd or REPO, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        timeout=60,
     )
 
 
@@ -84,7 +87,10 @@ def test_small_template_set_parses_slots_and_legacy_shorthand():
     [
         ("templates:\n  - id: a\n    prompt: x: y\n", ":3: invalid YAML (mapping values are not allowed here)"),
         ("templates: []\nconcepts: []\n", ":1: templates: expected a non-empty list"),
-        ("templates:\n  - id: a\n    prompt: 'x {task}'\n    promt: y\nconcepts: []\n", ":4: templates[0].promt: unknown key"),
+        (
+            "templates:\n  - id: a\n    prompt: 'x {task}'\n    promt: y\nconcepts: []\n",
+            ":4: templates[0].promt: unknown key",
+        ),
         ("templates:\n  - id: a\n    prompt: 'x'\nconcepts: []\n", ":3: templates[0].prompt: uses no {slot}"),
         ("templates:\n  - id: a\n    prompt: 'x {task!r}'\nconcepts: []\n", ":3: templates[0].prompt: bad placeholder"),
         ("templates:\n  - id: a\n    prompt: 'x {task'\nconcepts: []\n", ":3: templates[0].prompt: bad braces"),
@@ -242,13 +248,13 @@ def test_cli_defaults_to_the_packaged_templates(tmp_path):
 
 
 def test_cli_bad_yaml_fails_with_one_line_and_writes_nothing(tmp_path):
-    template_file = _write(tmp_path, SMALL_YAML.replace("    prompt: \"How do I {task}?\"", "    promt: \"How do I {task}?\""))
+    template_file = _write(
+        tmp_path, SMALL_YAML.replace('    prompt: "How do I {task}?"', '    promt: "How do I {task}?"')
+    )
     out = tmp_path / "out"
     result = _cli("--template-file", str(template_file), "--output-dir", str(out))
     assert result.returncode == 2
-    assert result.stderr.strip() == (
-        "error: templates.yaml:7: templates[0].promt: unknown key; allowed: id, prompt"
-    )
+    assert result.stderr.strip() == ("error: templates.yaml:7: templates[0].promt: unknown key; allowed: id, prompt")
     assert not out.exists()
 
 
@@ -259,25 +265,37 @@ def test_cli_existing_output_needs_overwrite(tmp_path):
     result = _cli("--template-file", str(template_file), "--output-dir", str(tmp_path / "o"), "--seed", "9")
     assert result.returncode == 2 and "pass --overwrite" in result.stderr
     assert (tmp_path / "o" / "harmful_dataset.jsonl").read_text() == before
-    result = _cli("--template-file", str(template_file), "--output-dir", str(tmp_path / "o"), "--seed", "9", "--overwrite")
+    result = _cli(
+        "--template-file", str(template_file), "--output-dir", str(tmp_path / "o"), "--seed", "9", "--overwrite"
+    )
     assert result.returncode == 0
 
 
 def test_cli_append_marker(tmp_path):
     template_file = _write(tmp_path, SMALL_YAML)
     result = _cli(
-        "--template-file", str(template_file), "--output-dir", str(tmp_path),
-        "--num-samples", "3", "--probe-marker", "</think>", "--append-marker",
+        "--template-file",
+        str(template_file),
+        "--output-dir",
+        str(tmp_path),
+        "--num-samples",
+        "3",
+        "--probe-marker",
+        "</think>",
+        "--append-marker",
     )
     assert result.returncode == 0, result.stderr
     assert all(r["prompt"].endswith(" </think>") for r in _jsonl(tmp_path / "harmless_dataset.jsonl"))
 
 
 def test_root_shim_matches_the_seed_usage(tmp_path):
-    template_file = _write(tmp_path, SMALL_YAML)
+    _write(tmp_path, SMALL_YAML)  # templates.yaml in the working dir, as the seed's usage names it
     result = subprocess.run(
         [sys.executable, str(REPO / "generate_dataset.py"), "--template-file", "templates.yaml", "--num-samples", "5"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert len(_jsonl(tmp_path / "generated_datasets" / "harmful_dataset.jsonl")) == 5

@@ -32,14 +32,17 @@ def _csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
 
 
 def test_jsonl_reads_prompt_text_instruction_and_messages(tmp_path):
-    path = _jsonl(tmp_path / "d.jsonl", [
-        {"prompt": " first "},
-        {"text": "second"},
-        {"instruction": "third", "output": "ignored"},
-        {"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "fourth"}]},
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "fifth"}]}]},
-        "sixth",
-    ])
+    path = _jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": " first "},
+            {"text": "second"},
+            {"instruction": "third", "output": "ignored"},
+            {"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "fourth"}]},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "fifth"}]}]},
+            "sixth",
+        ],
+    )
     assert load_prompts(path, "harmful") == ["first", "second", "third", "fourth", "fifth", "sixth"]
 
 
@@ -229,8 +232,7 @@ def test_split_too_few_prompts_message():
     with pytest.raises(UserError) as info:
         split_prompts([f"p{i}" for i in range(40)], 64, 16, seed=0, name="harmful.jsonl")
     assert str(info.value) == (
-        "dataset harmful.jsonl has 40 prompts but 64+16 were requested; "
-        "lower --max-prompts/--eval-size or add prompts"
+        "dataset harmful.jsonl has 40 prompts but 64+16 were requested; lower --max-prompts/--eval-size or add prompts"
     )
 
 

@@ -73,7 +73,9 @@ HARMLESS = ["How do I bake bread?", "Write a poem about the sea", "What is the c
 def run_full_disk(*args: str, match: str = "") -> subprocess.CompletedProcess:
     """The CLI with every file write whose path contains ``match`` failing half-way."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLX_ABLITERATION_LOG_FILE": os.devnull, "DISK_FULL_MATCH": match}
-    return subprocess.run([sys.executable, "-c", _INJECT, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", _INJECT, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+    )
 
 
 def assert_disk_full_error(proc, path):
@@ -98,7 +100,20 @@ def prompts(tmp_path_factory):
 def test_probe_output_on_a_full_disk(tiny_model, prompts, tmp_path):
     out = tmp_path / "direction.safetensors"
     out.write_bytes(b"old")
-    proc = run_full_disk("probe", "-m", str(tiny_model()), *prompts, "--use-layer", "1", "--max-prompts", "4", "--eval-size", "0", "--output", str(out))
+    proc = run_full_disk(
+        "probe",
+        "-m",
+        str(tiny_model()),
+        *prompts,
+        "--use-layer",
+        "1",
+        "--max-prompts",
+        "4",
+        "--eval-size",
+        "0",
+        "--output",
+        str(out),
+    )
     assert_disk_full_error(proc, out)
     assert out.read_bytes() == b"old"
     assert_only(tmp_path, ["direction.safetensors"])
@@ -107,8 +122,23 @@ def test_probe_output_on_a_full_disk(tiny_model, prompts, tmp_path):
 def test_probe_stats_json_on_a_full_disk(tiny_model, prompts, tmp_path):
     stats = tmp_path / "stats.json"
     stats.write_text("old")
-    proc = run_full_disk("probe", "-m", str(tiny_model()), *prompts, "--use-layer", "1", "--max-prompts", "4", "--eval-size", "0",
-                         "--output", str(tmp_path / "d.safetensors"), "--stats-json", str(stats), match="stats.json")
+    proc = run_full_disk(
+        "probe",
+        "-m",
+        str(tiny_model()),
+        *prompts,
+        "--use-layer",
+        "1",
+        "--max-prompts",
+        "4",
+        "--eval-size",
+        "0",
+        "--output",
+        str(tmp_path / "d.safetensors"),
+        "--stats-json",
+        str(stats),
+        match="stats.json",
+    )
     assert_disk_full_error(proc, stats)
     assert stats.read_text() == "old"
     assert_only(tmp_path, ["d.safetensors", "stats.json"])
@@ -118,8 +148,20 @@ def test_probe_stats_json_on_a_full_disk(tiny_model, prompts, tmp_path):
 def test_eval_reports_on_a_full_disk(tiny_model, prompts, tmp_path, flag):
     target = tmp_path / "report.json"
     target.write_text("old")
-    proc = run_full_disk("eval", "-m", str(tiny_model()), *prompts, "--num-prompts", "2", "--max-tokens", "2",
-                         "--kl-tokens", "1", flag, str(target))
+    proc = run_full_disk(
+        "eval",
+        "-m",
+        str(tiny_model()),
+        *prompts,
+        "--num-prompts",
+        "2",
+        "--max-tokens",
+        "2",
+        "--kl-tokens",
+        "1",
+        flag,
+        str(target),
+    )
     assert_disk_full_error(proc, target)
     assert target.read_text() == "old"
     assert_only(tmp_path, ["report.json"])
@@ -139,8 +181,9 @@ def test_import_gguf_on_a_full_disk(tmp_path, vocab):  # noqa: F811
 def test_generate_dataset_on_a_full_disk(tmp_path):
     (tmp_path / "harmful_dataset.jsonl").write_text("old harmful")
     (tmp_path / "harmless_dataset.jsonl").write_text("old harmless")
-    proc = run_full_disk("generate-dataset", "--num-samples", "4", "--output-dir", str(tmp_path), "--overwrite",
-                         match="harmless")
+    proc = run_full_disk(
+        "generate-dataset", "--num-samples", "4", "--output-dir", str(tmp_path), "--overwrite", match="harmless"
+    )
     assert_disk_full_error(proc, tmp_path / "harmless_dataset.jsonl")
     assert_only(tmp_path, ["harmful_dataset.jsonl", "harmless_dataset.jsonl"])  # all or nothing
     assert (tmp_path / "harmful_dataset.jsonl").read_text() == "old harmful"

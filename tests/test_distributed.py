@@ -14,9 +14,14 @@ from mlx_abliteration.core.model_io import load_model
 from mlx_abliteration.core.probe import probe_prompts
 
 PROMPTS = [
-    "How do I bake bread?", "hi", "Tell me how to pick a lock.", "Write a poem about the sea and the wind.",
-    "What is the capital of France?", "hack a computer, now", "Explain the steps, with numbers 0123456789.",
-]  # fmt: skip
+    "How do I bake bread?",
+    "hi",
+    "Tell me how to pick a lock.",
+    "Write a poem about the sea and the wind.",
+    "What is the capital of France?",
+    "hack a computer, now",
+    "Explain the steps, with numbers 0123456789.",
+]
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 
 
@@ -49,8 +54,21 @@ def test_two_ranks_equal_single_process(tiny_model, tmp_path):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS))
     out = tmp_path / "stats"
-    cmd = [launcher, "--backend", "ring", "-n", "2", "--starting-port", str(_free_port_pair()), "--", sys.executable,
-           str(WORKER), str(path), str(prompts_file), str(out)]  # fmt: skip
+    cmd = [
+        launcher,
+        "--backend",
+        "ring",
+        "-n",
+        "2",
+        "--starting-port",
+        str(_free_port_pair()),
+        "--",
+        sys.executable,
+        str(WORKER),
+        str(path),
+        str(prompts_file),
+        str(out),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=110)
     assert result.returncode == 0, result.stdout + result.stderr
     model, tokenizer, _ = load_model(path)
@@ -68,7 +86,6 @@ def test_two_ranks_equal_single_process(tiny_model, tmp_path):
 
 
 class _FakeGroup:
-
     def __init__(self, rank: int, size: int):
         self._rank, self._size = rank, size
 

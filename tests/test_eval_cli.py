@@ -17,7 +17,12 @@ def run_cli(*args: str, stdin: str | None = None, cwd=None) -> subprocess.Comple
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [sys.executable, "-m", "mlx_abliteration", *args],
-        input=stdin, capture_output=True, text=True, timeout=120, env=env, cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=cwd,
     )
 
 
@@ -34,9 +39,25 @@ def test_eval_writes_report_and_responses(tiny_model, prompt_files, tmp_path):
     harmful, harmless = prompt_files
     out, responses = tmp_path / "out.json", tmp_path / "r.jsonl"
     result = run_cli(
-        "eval", "-m", str(model), "--baseline", str(model), "--harmful-dataset", str(harmful),
-        "--harmless-dataset", str(harmless), "--max-tokens", "8", "--kl-tokens", "2",
-        "--extra-markers", "zzz-never", "--output", str(out), "--responses", str(responses),
+        "eval",
+        "-m",
+        str(model),
+        "--baseline",
+        str(model),
+        "--harmful-dataset",
+        str(harmful),
+        "--harmless-dataset",
+        str(harmless),
+        "--max-tokens",
+        "8",
+        "--kl-tokens",
+        "2",
+        "--extra-markers",
+        "zzz-never",
+        "--output",
+        str(out),
+        "--responses",
+        str(responses),
     )
     assert result.returncode == 0, result.stderr
     assert "refusals, harmful" in result.stdout and "before" in result.stdout
@@ -69,8 +90,15 @@ def test_eval_bad_model_path_is_a_one_line_error(prompt_files, tmp_path):
 def test_eval_bad_markers_file_is_a_one_line_error(tiny_model, prompt_files, tmp_path):
     harmful, harmless = prompt_files
     result = run_cli(
-        "eval", "-m", str(tiny_model(arch="llama")), "--harmful-dataset", str(harmful),
-        "--harmless-dataset", str(harmless), "--markers-file", str(tmp_path / "nope.txt"),
+        "eval",
+        "-m",
+        str(tiny_model(arch="llama")),
+        "--harmful-dataset",
+        str(harmful),
+        "--harmless-dataset",
+        str(harmless),
+        "--markers-file",
+        str(tmp_path / "nope.txt"),
     )
     assert result.returncode == 2
     assert "markers file" in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -89,7 +117,14 @@ def test_chat_compare_answers_with_both_models(tiny_model):
 def test_chat_side_by_side_and_end_of_input(tiny_model):
     model = tiny_model(arch="llama")
     result = run_cli(
-        "chat", "-m", str(model), "--compare", str(model), "--side-by-side", "--max-tokens", "6",
+        "chat",
+        "-m",
+        str(model),
+        "--compare",
+        str(model),
+        "--side-by-side",
+        "--max-tokens",
+        "6",
         stdin="Hello\nBake bread?",
     )
     assert result.returncode == 0, result.stderr

@@ -84,7 +84,11 @@ def gguf_name(hf_name: str) -> str:
     if hf_name.startswith("model.layers."):
         module = ".".join(parts[3:-1])
         return f"blk.{parts[2]}.{HF_TO_GGUF_LAYER[module]}.{parts[-1]}"
-    return {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}[".".join(parts[:-1])] + "." + parts[-1]
+    return (
+        {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}[".".join(parts[:-1])]
+        + "."
+        + parts[-1]
+    )
 
 
 def llama_cpp_permute(rows: np.ndarray, n_heads: int) -> np.ndarray:
@@ -192,8 +196,16 @@ def assert_no_leftovers(parent: Path, name: str) -> None:
 def test_q4_q8_tensors_stay_affine_quantized_and_match_gguf_dequantize(tmp_path, vocab, dtype):
     import mlx.core as mx
 
-    types = {"embed_tokens": Q.Q8_0, "q_proj": Q.Q4_0, "k_proj": Q.Q4_0, "o_proj": Q.Q4_1,
-             "down_proj": Q.Q4_1, "v_proj": Q.Q4_0, "gate_proj": Q.Q4_1, "up_proj": Q.Q4_0}
+    types = {
+        "embed_tokens": Q.Q8_0,
+        "q_proj": Q.Q4_0,
+        "k_proj": Q.Q4_0,
+        "o_proj": Q.Q4_1,
+        "down_proj": Q.Q4_1,
+        "v_proj": Q.Q4_0,
+        "gate_proj": Q.Q4_1,
+        "up_proj": Q.Q4_0,
+    }
     stored = write_gguf(tmp_path / "m.gguf", vocab, "llama", tie=True, types=types)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out", dtype=dtype)
 
@@ -211,8 +223,11 @@ def test_q4_q8_tensors_stay_affine_quantized_and_match_gguf_dequantize(tmp_path,
         bits = 8 if "embed" in name else 4
         assert weights[name].dtype == mx.uint32 and weights[f"{stem}.scales"].dtype == getattr(mx, dtype)
         got = mx.dequantize(
-            weights[name], weights[f"{stem}.scales"].astype(mx.float32), weights[f"{stem}.biases"].astype(mx.float32),
-            group_size=32, bits=bits,
+            weights[name],
+            weights[f"{stem}.scales"].astype(mx.float32),
+            weights[f"{stem}.biases"].astype(mx.float32),
+            group_size=32,
+            bits=bits,
         )
         if dtype == "float16":  # GGUF block scales are float16: the conversion is exact
             np.testing.assert_array_equal(np.array(got), expected, err_msg=name)
@@ -222,8 +237,17 @@ def test_q4_q8_tensors_stay_affine_quantized_and_match_gguf_dequantize(tmp_path,
 
 def test_mixed_file_keeps_native_quants_and_marks_dequantized_layers(tmp_path, vocab):
     """A Q4_0 file whose output matrix is Q6_K (common in llama.cpp quants)."""
-    types = {"q_proj": Q.Q4_0, "k_proj": Q.Q4_0, "v_proj": Q.Q4_0, "o_proj": Q.Q4_0, "gate_proj": Q.Q4_0,
-             "up_proj": Q.Q4_0, "down_proj": Q.Q4_0, "embed_tokens": Q.Q8_0, "lm_head": Q.Q6_K}
+    types = {
+        "q_proj": Q.Q4_0,
+        "k_proj": Q.Q4_0,
+        "v_proj": Q.Q4_0,
+        "o_proj": Q.Q4_0,
+        "gate_proj": Q.Q4_0,
+        "up_proj": Q.Q4_0,
+        "down_proj": Q.Q4_0,
+        "embed_tokens": Q.Q8_0,
+        "lm_head": Q.Q6_K,
+    }
     write_gguf(tmp_path / "m.gguf", vocab, "llama", tie=False, types=types)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     quant = json.loads((out / "config.json").read_text())["quantization"]
@@ -241,8 +265,17 @@ def test_mixed_file_keeps_native_quants_and_marks_dequantized_layers(tmp_path, v
 def test_k_quants_and_floats_are_dequantized_with_gguf(tmp_path, vocab):
     import mlx.core as mx
 
-    types = {"q_proj": Q.Q4_K, "k_proj": Q.Q6_K, "v_proj": Q.F16, "o_proj": Q.Q4_K, "down_proj": Q.Q6_K,
-             "up_proj": Q.BF16, "gate_proj": Q.Q5_0, "embed_tokens": Q.Q4_K, "lm_head": Q.Q6_K}
+    types = {
+        "q_proj": Q.Q4_K,
+        "k_proj": Q.Q6_K,
+        "v_proj": Q.F16,
+        "o_proj": Q.Q4_K,
+        "down_proj": Q.Q6_K,
+        "up_proj": Q.BF16,
+        "gate_proj": Q.Q5_0,
+        "embed_tokens": Q.Q4_K,
+        "lm_head": Q.Q6_K,
+    }
     stored = write_gguf(tmp_path / "m.gguf", vocab, "qwen2", tie=False, types=types)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out", dtype="bfloat16")
     config = json.loads((out / "config.json").read_text())
@@ -269,7 +302,9 @@ def test_bfloat16_rounding_matches_mlx():
 # --------------------------------------------------------------------------- whole model semantics
 
 
-@pytest.mark.parametrize("arch,tie,llama_bias", [("llama", True, False), ("llama", False, True), ("qwen2", False, False)])
+@pytest.mark.parametrize(
+    "arch,tie,llama_bias", [("llama", True, False), ("llama", False, True), ("qwen2", False, False)]
+)
 def test_converted_model_computes_the_same_logits_as_the_source(tmp_path, vocab, arch, tie, llama_bias):
     """Names, config and (for llama) the Q/K un-permutation, checked through a forward pass."""
     import mlx.core as mx
@@ -280,10 +315,19 @@ def test_converted_model_computes_the_same_logits_as_the_source(tmp_path, vocab,
     stored = write_gguf(tmp_path / "m.gguf", vocab, arch, tie=tie, default_type=Q.F32, llama_bias=llama_bias)
     model, _, _ = load_model(convert_gguf(tmp_path / "m.gguf", tmp_path / "out", dtype="float16"))
 
-    config = {"model_type": arch, "hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "intermediate_size": FFN,
-              "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "rms_norm_eps": 1e-5,
-              "vocab_size": len(vocab["tokens"]), "tie_word_embeddings": tie, "rope_theta": 10000.0,
-              "attention_bias": llama_bias}
+    config = {
+        "model_type": arch,
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": LAYERS,
+        "intermediate_size": FFN,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": len(vocab["tokens"]),
+        "tie_word_embeddings": tie,
+        "rope_theta": 10000.0,
+        "attention_bias": llama_bias,
+    }
     model_class, args_class = _get_classes(config)
     reference = model_class(args_class.from_dict(config))
     reference.load_weights([(k, mx.array(v).astype(mx.float16).astype(mx.float32)) for k, v in stored.items()])
@@ -305,7 +349,11 @@ def test_tokenizer_and_chat_template_match_the_source_vocabulary(tmp_path, vocab
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     _, tokenizer = load(str(out), lazy=True)
     source = Tokenizer.from_file(str(vocab["file"]))
-    for text in ["How do I bake bread at home?", "I'm sorry, 0123 numbers!\n\n  spaces", "<|im_start|>user\nhi<|im_end|>"]:
+    for text in [
+        "How do I bake bread at home?",
+        "I'm sorry, 0123 numbers!\n\n  spaces",
+        "<|im_start|>user\nhi<|im_end|>",
+    ]:
         assert tokenizer.encode(text, add_special_tokens=False) == source.encode(text, add_special_tokens=False).ids
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -378,12 +426,12 @@ def test_tensor_type_the_gguf_package_cannot_decode(tmp_path, vocab):
     header = bytearray(path.read_bytes())
     name = b"output_norm.weight"
     at = header.index(name) + len(name) + 4 + 8  # skip n_dims (u32) and one dim (u64)
-    header[at:at + 4] = int(Q.Q8_K).to_bytes(4, "little")
+    header[at : at + 4] = int(Q.Q8_K).to_bytes(4, "little")
     (tmp_path / "q8k.gguf").write_bytes(bytes(header))
     with pytest.raises(UserError, match="type Q8_K, which the gguf package cannot dequantize"):
         convert_gguf(tmp_path / "q8k.gguf", tmp_path / "out")
     # ...and to an id no gguf version knows.
-    header[at:at + 4] = (250).to_bytes(4, "little")
+    header[at : at + 4] = (250).to_bytes(4, "little")
     (tmp_path / "unknown.gguf").write_bytes(bytes(header))
     with pytest.raises(UserError, match="unknown type"):
         convert_gguf(tmp_path / "unknown.gguf", tmp_path / "out")
@@ -445,14 +493,21 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path, vocab):
         freqs = 10000.0 ** (-np.arange(0, HEAD_DIM, 2) / HEAD_DIM)
         wavelen = 2 * np.pi / freqs
         smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
-        factors = np.where(wavelen < 8192 / 4.0, 1.0, np.where(wavelen > 8192, 32.0, 1 / ((1 - smooth) / 32.0 + smooth)))
+        factors = np.where(
+            wavelen < 8192 / 4.0, 1.0, np.where(wavelen > 8192, 32.0, 1 / ((1 - smooth) / 32.0 + smooth))
+        )
         writer.add_tensor("rope_freqs.weight", factors.astype(np.float32))
 
     write_gguf(tmp_path / "m.gguf", vocab, "llama", extra=add_rope_freqs)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     scaling = json.loads((out / "config.json").read_text())["rope_scaling"]
-    assert scaling == {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                       "original_max_position_embeddings": 8192}
+    assert scaling == {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     assert "rope_freqs.weight" not in load_safetensors(out)
     load_model(out)
 
@@ -463,15 +518,25 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path, vocab):
 def test_import_gguf_cli(tmp_path, vocab):
     write_gguf(tmp_path / "m.gguf", vocab, "llama", types={"q_proj": Q.Q8_0})
     cmd = [sys.executable, "-m", "mlx_abliteration", "import-gguf"]
-    ok = subprocess.run([*cmd, str(tmp_path / "m.gguf"), "-o", str(tmp_path / "out"), "--dtype", "float16"],
-                        capture_output=True, text=True, cwd=REPO, timeout=120)
+    ok = subprocess.run(
+        [*cmd, str(tmp_path / "m.gguf"), "-o", str(tmp_path / "out"), "--dtype", "float16"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip() == str(tmp_path / "out")
     assert (tmp_path / "out" / "tokenizer.json").is_file()
 
     (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
-    bad = subprocess.run([*cmd, str(tmp_path / "bad.gguf"), "-o", str(tmp_path / "bad_out")],
-                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    bad = subprocess.run(
+        [*cmd, str(tmp_path / "bad.gguf"), "-o", str(tmp_path / "bad_out")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: cannot read GGUF file") and bad.stderr.count("\n") == 1
     assert not (tmp_path / "bad_out").exists()

@@ -42,7 +42,9 @@ def test_stream_shows_progress_metrics_plot_and_output_path(tiny_model, tmp_path
     from matplotlib.figure import Figure
 
     out = tmp_path / "out"
-    views, last = _final(run_abliteration_stream(str(tiny_model(num_shards=2)), str(out), **datasets, **SMALL_RUN, output_root=tmp_path))
+    views, last = _final(
+        run_abliteration_stream(str(tiny_model(num_shards=2)), str(out), **datasets, **SMALL_RUN, output_root=tmp_path)
+    )
     assert any(re.search(r"<progress value=\"\d+\" max=\"\d+\">.*: \d+/\d+", v.progress) for v in views)
     assert any(v.status.startswith("**Running:** probing") for v in views)
     assert last.status.startswith("**Done.**")
@@ -61,10 +63,17 @@ def test_stream_with_uploaded_dataset_and_dry_run(tiny_model, tmp_path, datasets
     out = tmp_path / "out"
     _, last = _final(
         run_abliteration_stream(
-            str(tiny_model()), str(out), harmful_upload=datasets["harmful_dataset"], harmless_upload=datasets["harmless_dataset"],
-            harmful_dataset="no/such-dataset.txt", dry_run=True, use_layer="2", no_eval=True, **SMALL_RUN,
+            str(tiny_model()),
+            str(out),
+            harmful_upload=datasets["harmful_dataset"],
+            harmless_upload=datasets["harmless_dataset"],
+            harmful_dataset="no/such-dataset.txt",
+            dry_run=True,
+            use_layer="2",
+            no_eval=True,
+            **SMALL_RUN,
         )
-    )  # fmt: skip
+    )
     assert last.status.startswith("**Done (dry run).**") and "layer 2" in last.status
     assert last.output_path == "" and not out.exists()
     assert last.metrics.empty
@@ -103,7 +112,9 @@ def test_cancel_while_saving_leaves_no_partial_output(tiny_model, tmp_path, data
 
     monkeypatch.setattr(model_io, "save_ablated_model", save_then_cancel)
     out = tmp_path / "out"
-    form = dict(model=str(tiny_model(num_shards=2)), output_dir=str(out), no_eval=True, use_layer="1", **datasets, **SMALL_RUN)
+    form = dict(
+        model=str(tiny_model(num_shards=2)), output_dir=str(out), no_eval=True, use_layer="1", **datasets, **SMALL_RUN
+    )
     _, last = _final(run_abliteration_stream(**form, cancel=cancel, output_root=tmp_path))
     assert last.status.startswith("**Cancelled.**") and last.output_path == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output dir, no .out.partial-* leftovers
@@ -111,13 +122,24 @@ def test_cancel_while_saving_leaves_no_partial_output(tiny_model, tmp_path, data
 
 def test_blank_fields_keep_engine_defaults():
     config = build_config(
-        "org/model", "", harmful_dataset=" ", harmless_dataset="", probe_marker="", system_prompt="", batch_size=0,
-        layers="", targets=[], max_prompts=16.0, cache_dir="",
-    )  # fmt: skip
+        "org/model",
+        "",
+        harmful_dataset=" ",
+        harmless_dataset="",
+        probe_marker="",
+        system_prompt="",
+        batch_size=0,
+        layers="",
+        targets=[],
+        max_prompts=16.0,
+        cache_dir="",
+    )
     expected = AbliterationConfig(model="org/model", output_dir="outputs/model-abliterated", max_prompts=16)
     assert config == expected and isinstance(config.max_prompts, int)
     assert build_config("dir/model.gguf").output_dir == "outputs/model-abliterated"
-    uploaded = build_config("m", "outputs/o", harmful_upload="/tmp/up.jsonl", harmful_dataset="ignored.txt", probe_marker="<|im_end|>\n")
+    uploaded = build_config(
+        "m", "outputs/o", harmful_upload="/tmp/up.jsonl", harmful_dataset="ignored.txt", probe_marker="<|im_end|>\n"
+    )
     assert uploaded.harmful_dataset == "/tmp/up.jsonl" and uploaded.probe_marker == "<|im_end|>\n"
     with pytest.raises(UserError, match="unknown setting"):
         build_config("m", "outputs/o", not_a_setting=1)
@@ -132,7 +154,13 @@ def test_output_outside_the_output_root_is_refused(tiny_model, tmp_path, dataset
     victim.mkdir()
     (victim / "keep.txt").write_text("not yours")
     (root / "link").symlink_to(victim)
-    form = {"model": str(tiny_model()), "output_dir": escape.format(root=root), **datasets, **SMALL_RUN, "overwrite": True}
+    form = {
+        "model": str(tiny_model()),
+        "output_dir": escape.format(root=root),
+        **datasets,
+        **SMALL_RUN,
+        "overwrite": True,
+    }
     _, last = _final(run_abliteration_stream(**form, output_root=root))
     assert last.status.startswith("**Error:**") and "output root" in last.status, last.status
     assert os.listdir(victim) == ["keep.txt"] and sorted(os.listdir(root)) == ["link"]

@@ -24,9 +24,20 @@ def _free_port() -> int:
 
 def _start_gui(host: str):
     port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLX_ABLITERATION_LOG_FILE": os.devnull, "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_abliteration", "gui", "--host", host, "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "MLX_ABLITERATION_LOG_FILE": os.devnull,
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_abliteration", "gui", "--host", host, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
     deadline = time.monotonic() + 120
     line = ""
     while time.monotonic() < deadline and "GUI on" not in line:

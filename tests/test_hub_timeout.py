@@ -43,13 +43,26 @@ def silent_hub():
 
 
 def _cli(endpoint: str, *args: str) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "2",
-           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", "MLX_ABLITERATION_LOG_FILE": os.devnull}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": endpoint,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_ETAG_TIMEOUT": "2",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+        "MLX_ABLITERATION_LOG_FILE": os.devnull,
+    }
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy", "HF_TOKEN"):
         env.pop(name, None)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "mlx_abliteration", *args], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_abliteration", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     return proc, time.monotonic() - start
 
 
@@ -65,8 +78,16 @@ def _assert_fast_one_line(proc, elapsed, *needles):
 
 def test_silent_hub_model_fails_in_seconds(silent_hub, tmp_path):
     endpoint, accepted = silent_hub
-    proc, elapsed = _cli(endpoint, "probe", "-m", "someone/some-model", "--cache-dir", str(tmp_path / "cache"),
-                         "--output", str(tmp_path / "d.safetensors"))
+    proc, elapsed = _cli(
+        endpoint,
+        "probe",
+        "-m",
+        "someone/some-model",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--output",
+        str(tmp_path / "d.safetensors"),
+    )
     assert accepted, "the CLI never connected to the test server"
     _assert_fast_one_line(proc, elapsed, "someone/some-model", endpoint)
     assert not (tmp_path / "d.safetensors").exists()
@@ -74,7 +95,17 @@ def test_silent_hub_model_fails_in_seconds(silent_hub, tmp_path):
 
 def test_silent_hub_dataset_fails_in_seconds(silent_hub, tiny_model, tmp_path):
     endpoint, accepted = silent_hub
-    proc, elapsed = _cli(endpoint, "probe", "-m", str(tiny_model()), "--harmful-dataset", "someone/some-dataset",
-                         "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "d.safetensors"))
+    proc, elapsed = _cli(
+        endpoint,
+        "probe",
+        "-m",
+        str(tiny_model()),
+        "--harmful-dataset",
+        "someone/some-dataset",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--output",
+        str(tmp_path / "d.safetensors"),
+    )
     assert accepted, "the CLI never connected to the test server"
     _assert_fast_one_line(proc, elapsed, "someone/some-dataset")

@@ -197,8 +197,13 @@ def _cli_with_unwritable_log(tmp_path):
     blocker.write_text("not a directory")
     (tmp_path / "tmp").mkdir(exist_ok=True)
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), LOG_ENV: str(blocker / "log.jsonl")}
-    return subprocess.run([sys.executable, "-m", "mlx_abliteration", "probe", "-m", str(tmp_path / "no-model")],
-                          capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_abliteration", "probe", "-m", str(tmp_path / "no-model")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_fallback_refuses_a_planted_symlinked_folder(tmp_path):

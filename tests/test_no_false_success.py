@@ -18,7 +18,9 @@ def direction_file(tiny_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("direction") / "refusal_direction.safetensors"
     r = mx.random.normal((4, 64), key=mx.random.key(1))
     stats = [LayerStats(i, 1.0, 0.1, 0.9, 2.0) for i in range(4)]
-    save_directions(path, RefusalDirections([0, 1, 2, 3], r / mx.linalg.norm(r, axis=-1, keepdims=True), stats, "mean-diff", 4), 2)
+    save_directions(
+        path, RefusalDirections([0, 1, 2, 3], r / mx.linalg.norm(r, axis=-1, keepdims=True), stats, "mean-diff", 4), 2
+    )
     return path
 
 

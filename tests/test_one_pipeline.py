@@ -62,23 +62,66 @@ def _check_saved(out: Path, result, evaluated: bool) -> None:
 
 def test_run_plan_json_search_ablate_and_gui_share_the_pipeline_and_its_outputs(tiny_model, datasets, tmp_path, calls):
     model = str(tiny_model(num_shards=2))
-    common = ["-m", model, "--harmful-dataset", str(datasets[0]), "--harmless-dataset", str(datasets[1]),
-              "--max-prompts", "8", "--eval-size", "4", "--eval-max-tokens", "4", "--quiet"]  # fmt: skip
+    common = [
+        "-m",
+        model,
+        "--harmful-dataset",
+        str(datasets[0]),
+        "--harmless-dataset",
+        str(datasets[1]),
+        "--max-prompts",
+        "8",
+        "--eval-size",
+        "4",
+        "--eval-max-tokens",
+        "4",
+        "--quiet",
+    ]
     outs = {name: tmp_path / name for name in ("run", "plan", "search", "ablate", "gui")}
 
     assert main(["run", *common, "--use-layer", "2", "-o", str(outs["run"])]) == 0
-    search = ["search", *common, "--n-trials", "2", "--n-startup-trials", "1", "--search-prompts", "4", "--search-max-tokens", "2",
-              "--max-kl", "1e9", "--study-dir", str(tmp_path / "studies"), "-o", str(outs["search"])]  # fmt: skip
+    search = [
+        "search",
+        *common,
+        "--n-trials",
+        "2",
+        "--n-startup-trials",
+        "1",
+        "--search-prompts",
+        "4",
+        "--search-max-tokens",
+        "2",
+        "--max-kl",
+        "1e9",
+        "--study-dir",
+        str(tmp_path / "studies"),
+        "-o",
+        str(outs["search"]),
+    ]
     assert main(search) == 0
-    assert main(["run", *common, "--plan-json", str(outs["search"] / "abliteration_log.json"), "-o", str(outs["plan"])]) == 0
+    assert (
+        main(["run", *common, "--plan-json", str(outs["search"] / "abliteration_log.json"), "-o", str(outs["plan"])])
+        == 0
+    )
     direction = str(outs["run"] / "refusal_direction.safetensors")
     assert main(["ablate", "-m", model, "--direction", direction, "-o", str(outs["ablate"]), "--quiet"]) == 0
 
     pytest.importorskip("gradio")
     from mlx_abliteration.gui import run_abliteration_stream
 
-    views = list(run_abliteration_stream(model, str(outs["gui"]), harmful_dataset=str(datasets[0]), harmless_dataset=str(datasets[1]),
-                                         max_prompts=8, eval_size=4, eval_max_tokens=4, use_layer="2", output_root=tmp_path))  # fmt: skip
+    views = list(
+        run_abliteration_stream(
+            model,
+            str(outs["gui"]),
+            harmful_dataset=str(datasets[0]),
+            harmless_dataset=str(datasets[1]),
+            max_prompts=8,
+            eval_size=4,
+            eval_max_tokens=4,
+            use_layer="2",
+            output_root=tmp_path,
+        )
+    )
     assert views[-1].status.startswith("**Done.**"), views[-1].status
 
     sources = [name for name, _ in calls]
@@ -90,12 +133,18 @@ def test_run_plan_json_search_ablate_and_gui_share_the_pipeline_and_its_outputs(
     assert _files(outs["ablate"]) == _files(outs["run"]) - {"evaluation_responses.jsonl"}
     # Same direction, layer and strength: ablate and run write the same weights; so do the GUI and run.
     for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
-        assert (outs["ablate"] / shard).read_bytes() == (outs["run"] / shard).read_bytes() == (outs["gui"] / shard).read_bytes()
+        assert (
+            (outs["ablate"] / shard).read_bytes()
+            == (outs["run"] / shard).read_bytes()
+            == (outs["gui"] / shard).read_bytes()
+        )
         assert (outs["plan"] / shard).read_bytes() == (outs["search"] / shard).read_bytes()
     assert json.loads((outs["ablate"] / "abliteration_log.json").read_text())["command"] == "ablate"
 
 
-def test_dry_run_probes_prints_stats_and_neither_evaluates_nor_writes(tiny_model, datasets, tmp_path, monkeypatch, capsys):
+def test_dry_run_probes_prints_stats_and_neither_evaluates_nor_writes(
+    tiny_model, datasets, tmp_path, monkeypatch, capsys
+):
     from mlx_abliteration.core import evaluate
 
     def forbidden(*args, **kwargs):
@@ -105,14 +154,38 @@ def test_dry_run_probes_prints_stats_and_neither_evaluates_nor_writes(tiny_model
     monkeypatch.setattr(evaluate, "reference_logprobs", forbidden)
     monkeypatch.setenv("MLX_ABLITERATION_LOG_FILE", "/dev/null")
     events = []
-    config = AbliterationConfig(model=str(tiny_model()), output_dir=str(tmp_path / "out"), harmful_dataset=str(datasets[0]),
-                                harmless_dataset=str(datasets[1]), max_prompts=8, eval_size=4, dry_run=True, use_layer="2")  # fmt: skip
+    config = AbliterationConfig(
+        model=str(tiny_model()),
+        output_dir=str(tmp_path / "out"),
+        harmful_dataset=str(datasets[0]),
+        harmless_dataset=str(datasets[1]),
+        max_prompts=8,
+        eval_size=4,
+        dry_run=True,
+        use_layer="2",
+    )
     result = pipeline.run_pipeline(config, events.append)
     assert result.output_dir is None and result.before is None and result.after is None and result.chosen_layer == 2
     assert not any(e.kind == "eval" for e in events) and any(e.kind == "layers" for e in events)
     before = sorted(p.name for p in tmp_path.iterdir())
-    argv = ["run", "-m", config.model, "-o", str(tmp_path / "out"), "--harmful-dataset", str(datasets[0]),
-            "--harmless-dataset", str(datasets[1]), "--max-prompts", "8", "--eval-size", "4", "--use-layer", "2", "--dry-run"]  # fmt: skip
+    argv = [
+        "run",
+        "-m",
+        config.model,
+        "-o",
+        str(tmp_path / "out"),
+        "--harmful-dataset",
+        str(datasets[0]),
+        "--harmless-dataset",
+        str(datasets[1]),
+        "--max-prompts",
+        "8",
+        "--eval-size",
+        "4",
+        "--use-layer",
+        "2",
+        "--dry-run",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "separation" in out and "<= chosen" in out and "nothing written" in out
@@ -131,5 +204,9 @@ def test_no_module_imports_a_private_name_from_another():
                 names = [part for a in node.names for part in a.name.split(".")]
             else:
                 continue
-            found += [f"{path.relative_to(package)}:{node.lineno} {n}" for n in names if n.startswith("_") and not n.startswith("__")]
+            found += [
+                f"{path.relative_to(package)}:{node.lineno} {n}"
+                for n in names
+                if n.startswith("_") and not n.startswith("__")
+            ]
     assert not found

@@ -6,7 +6,6 @@ Each test reproduces a failure case of issue 13 through the real CLI in a subpro
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
@@ -37,7 +36,9 @@ sys.exit(main(sys.argv[1:]))
 def run_hooked(hook: str, *args: str, after: int = 1):
     code = _HOOKED.format(after=after, hook="\n".join("        " + line for line in hook.strip().splitlines()))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLX_ABLITERATION_LOG_FILE": os.devnull}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +50,25 @@ def data(tmp_path_factory):
 
 
 def run_args(model, out, data, *extra):
-    return ["run", "-m", str(model), "-o", str(out), "--harmful-dataset", str(data / "harmful.txt"),
-            "--harmless-dataset", str(data / "harmless.txt"), "--max-prompts", "4", "--eval-size", "2",
-            "--no-eval", "--use-layer", "1", *extra]  # fmt: skip
+    return [
+        "run",
+        "-m",
+        str(model),
+        "-o",
+        str(out),
+        "--harmful-dataset",
+        str(data / "harmful.txt"),
+        "--harmless-dataset",
+        str(data / "harmless.txt"),
+        "--max-prompts",
+        "4",
+        "--eval-size",
+        "2",
+        "--no-eval",
+        "--use-layer",
+        "1",
+        *extra,
+    ]
 
 
 def assert_user_error(proc, *needles, code=2):
@@ -107,10 +124,14 @@ out.mkdir()
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_output_created_by_another_process_meanwhile_is_not_replaced(tiny_model, tmp_path, data, monkeypatch, overwrite):
+def test_output_created_by_another_process_meanwhile_is_not_replaced(
+    tiny_model, tmp_path, data, monkeypatch, overwrite
+):
     out = tmp_path / "out"
     monkeypatch.setenv("OUT", str(out))
-    proc = run_hooked(_OTHER_PROCESS_WRITES, *run_args(tiny_model(), out, data, *(["--overwrite"] if overwrite else [])))
+    proc = run_hooked(
+        _OTHER_PROCESS_WRITES, *run_args(tiny_model(), out, data, *(["--overwrite"] if overwrite else []))
+    )
     assert_user_error(proc, "another process")
     assert "saved" not in proc.stdout
     assert os.listdir(out) == ["theirs.txt"] and hidden(tmp_path) == []
@@ -178,7 +199,6 @@ def test_saved_model_dir_mode_follows_the_umask(tiny_model, tmp_path, data):
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
 
 
-
 # --- items 1 and 5 for GGUF files: import-gguf and run -m FILE.gguf -------------------
 
 from .test_gguf import vocab, write_gguf  # noqa: E402,F401  (vocab is a fixture)
@@ -204,9 +224,11 @@ def test_gguf_source_inside_the_output_is_never_deleted(tmp_path, vocab, data): 
     write_gguf(folder / "model.gguf", vocab, "llama")
     (folder / "notes.txt").write_text("mine")
     before = snapshot(folder)
-    for command in (["import-gguf", str(folder / "model.gguf"), "-o", str(folder), "--overwrite"],
-                    run_args(folder / "model.gguf", folder, data, "--overwrite", "--cache-dir", str(tmp_path / "cache")),
-                    ["import-gguf", str(folder / "model.gguf"), "-o", str(folder / "model.gguf"), "--overwrite"]):  # fmt: skip
+    for command in (
+        ["import-gguf", str(folder / "model.gguf"), "-o", str(folder), "--overwrite"],
+        run_args(folder / "model.gguf", folder, data, "--overwrite", "--cache-dir", str(tmp_path / "cache")),
+        ["import-gguf", str(folder / "model.gguf"), "-o", str(folder / "model.gguf"), "--overwrite"],
+    ):
         assert_user_error(run_cli(*command), "source")
     assert snapshot(folder) == before and hidden(folder) == [] and hidden(tmp_path) == []
     assert not (tmp_path / "cache").exists()  # refused before converting anything
@@ -217,8 +239,14 @@ def test_two_imports_into_one_folder_the_second_fails_loudly(tmp_path, vocab, mo
     out = tmp_path / "out"
     monkeypatch.setenv("OUT", str(out))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLX_ABLITERATION_LOG_FILE": os.devnull}
-    proc = subprocess.run([sys.executable, "-c", _HOOKED_GGUF, "import-gguf", str(tmp_path / "m.gguf"), "-o", str(out)],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _HOOKED_GGUF, "import-gguf", str(tmp_path / "m.gguf"), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
     assert_user_error(proc, "another process")
     assert os.listdir(out) == ["theirs.txt"] and hidden(tmp_path) == []
 
@@ -236,11 +264,22 @@ def test_bad_output_paths_fail_before_any_work(tiny_model, tmp_path, data):
         (["run", "-m", model, "-o", str(tmp_path / "out"), "--cache-dir", str(a_file), *sets], "--cache-dir"),
         (["eval", "-m", model, "--responses", str(tmp_path / "a_dir"), "--num-prompts", "2", *sets], "--responses"),
         (["eval", "-m", model, "--output", str(a_file / "r.json"), "--num-prompts", "2", *sets], "--output"),
-        (["probe", "-m", model, "--output", str(tmp_path / "d.safetensors"), "--stats-json", str(a_file / "s.json"), *sets],
-         "--stats-json"),
+        (
+            [
+                "probe",
+                "-m",
+                model,
+                "--output",
+                str(tmp_path / "d.safetensors"),
+                "--stats-json",
+                str(a_file / "s.json"),
+                *sets,
+            ],
+            "--stats-json",
+        ),
         (["probe", "-m", model, "--output", str(data / "harmful.txt"), *sets], "is the source"),
         (["chat", "-m", model, "--cache-dir", str(a_file)], "--cache-dir"),
-    ]  # fmt: skip
+    ]
     for args, needle in cases:
         line = assert_user_error(run_cli(*args, stdin=""), needle)
         assert "probing" not in line
@@ -249,8 +288,24 @@ def test_bad_output_paths_fail_before_any_work(tiny_model, tmp_path, data):
 
 
 def test_probe_stats_json_into_a_missing_folder_is_created(tiny_model, tmp_path, data):
-    proc = run_cli("probe", "-m", str(tiny_model()), "--output", str(tmp_path / "new" / "d.safetensors"),
-                   "--stats-json", str(tmp_path / "other" / "s.json"), "--harmful-dataset", str(data / "harmful.txt"),
-                   "--harmless-dataset", str(data / "harmless.txt"), "--max-prompts", "4", "--eval-size", "2", "--use-layer", "1")  # fmt: skip
+    proc = run_cli(
+        "probe",
+        "-m",
+        str(tiny_model()),
+        "--output",
+        str(tmp_path / "new" / "d.safetensors"),
+        "--stats-json",
+        str(tmp_path / "other" / "s.json"),
+        "--harmful-dataset",
+        str(data / "harmful.txt"),
+        "--harmless-dataset",
+        str(data / "harmless.txt"),
+        "--max-prompts",
+        "4",
+        "--eval-size",
+        "2",
+        "--use-layer",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "new" / "d.safetensors").is_file() and (tmp_path / "other" / "s.json").is_file()

@@ -7,7 +7,9 @@ from .cli_helpers import REPO, run_cli
 
 
 def test_requirement_files_match_pyproject():
-    proc = subprocess.run([sys.executable, "scripts/sync_requirements.py", "--check"], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "scripts/sync_requirements.py", "--check"], cwd=REPO, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
 
 

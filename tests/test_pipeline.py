@@ -23,8 +23,15 @@ def datasets(tmp_path_factory):
 
 
 def _config(model, out, datasets, **kw):
-    base = dict(model=str(model), output_dir=str(out), harmful_dataset=str(datasets[0]), harmless_dataset=str(datasets[1]),
-                max_prompts=12, eval_size=4, eval_max_tokens=4)  # fmt: skip
+    base = dict(
+        model=str(model),
+        output_dir=str(out),
+        harmful_dataset=str(datasets[0]),
+        harmless_dataset=str(datasets[1]),
+        max_prompts=12,
+        eval_size=4,
+        eval_max_tokens=4,
+    )
     return AbliterationConfig(**{**base, **kw})
 
 
@@ -41,7 +48,9 @@ def test_run_pipeline_end_to_end(tiny_model, tmp_path, datasets):
     assert log["metrics"]["after"]["kl"] == pytest.approx(result.after["kl"])
     assert len(log["layer_stats"]) == 4 and log["versions"]["mlx"]
     assert output_weights_path(out).name == "model.safetensors.index.json"
-    assert "base_model:" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "library_name: mlx" in card and "abliterated" in card
+    assert "base_model:" not in card  # a local folder has no hub id to name (the Hub would reject a path)
     answers = [json.loads(line) for line in (out / "evaluation_responses.jsonl").read_text().splitlines()]
     answers = [a for a in answers if a["kind"] != "capability"]  # the capability questions (tests/test_capability.py)
     assert {a["model"] for a in answers} == {"before", "after"} and len(answers) == 16
@@ -70,13 +79,28 @@ def test_iter_events_reports_user_errors(tmp_path, datasets):
 
 def test_cli_run_probe_ablate_roundtrip(tiny_model, tmp_path, datasets):
     model = tiny_model(bits=4)
-    common = ["-m", str(model), "--harmful-dataset", str(datasets[0]), "--harmless-dataset", str(datasets[1]), "--max-prompts", "8"]
-    run = run_cli("run", *common, "-o", str(tmp_path / "run"), "--eval-size", "4", "--eval-max-tokens", "4", "--use-layer", "2")
+    common = [
+        "-m",
+        str(model),
+        "--harmful-dataset",
+        str(datasets[0]),
+        "--harmless-dataset",
+        str(datasets[1]),
+        "--max-prompts",
+        "8",
+    ]
+    run = run_cli(
+        "run", *common, "-o", str(tmp_path / "run"), "--eval-size", "4", "--eval-max-tokens", "4", "--use-layer", "2"
+    )
     assert run.returncode == 0, run.stderr
     assert "saved abliterated model" in run.stdout and "refusals, harmful" in run.stdout
-    probe = run_cli("probe", *common, "--eval-size", "4", "--use-layer", "2", "--output", str(tmp_path / "dir.safetensors"))
+    probe = run_cli(
+        "probe", *common, "--eval-size", "4", "--use-layer", "2", "--output", str(tmp_path / "dir.safetensors")
+    )
     assert probe.returncode == 0, probe.stderr
-    ablate = run_cli("ablate", "-m", str(model), "--direction", str(tmp_path / "dir.safetensors"), "-o", str(tmp_path / "abl"))
+    ablate = run_cli(
+        "ablate", "-m", str(model), "--direction", str(tmp_path / "dir.safetensors"), "-o", str(tmp_path / "abl")
+    )
     assert ablate.returncode == 0, ablate.stderr
     # Same direction, same layer, same plan: the same weights as the full run.
     for name in ("model.safetensors",):
@@ -85,13 +109,17 @@ def test_cli_run_probe_ablate_roundtrip(tiny_model, tmp_path, datasets):
 
 def test_cli_json_mode_and_config_file(tiny_model, tmp_path, datasets):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"harmful-dataset: {datasets[0]}\nharmless_dataset: {datasets[1]}\nmax_prompts: 6\neval_size: 4\nuse_layer: 1\nno_eval: true\n")
+    cfg.write_text(
+        f"harmful-dataset: {datasets[0]}\nharmless_dataset: {datasets[1]}\nmax_prompts: 6\neval_size: 4\nuse_layer: 1\nno_eval: true\n"
+    )
     proc = run_cli("run", "-m", str(tiny_model()), "--config", str(cfg), "--use-layer", "3", "--dry-run", "--json")
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert lines[-1]["event"] == "result" and lines[-1]["chosen_layer"] == 3  # the flag beats the file
     toml = tmp_path / "cfg.toml"
-    toml.write_text(f'harmful_dataset = "{datasets[0]}"\nharmless_dataset = "{datasets[1]}"\nmax_prompts = 6\neval_size = 4\nuse_layer = "1"\nno_eval = true\n')
+    toml.write_text(
+        f'harmful_dataset = "{datasets[0]}"\nharmless_dataset = "{datasets[1]}"\nmax_prompts = 6\neval_size = 4\nuse_layer = "1"\nno_eval = true\n'
+    )
     proc = run_cli("run", "-m", str(tiny_model()), "--config", str(toml), "--dry-run", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1])["chosen_layer"] == 1
@@ -104,9 +132,30 @@ def test_seed_cli_shim(tiny_model, tmp_path, datasets):
     from .cli_helpers import REPO
 
     proc = subprocess.run(
-        [sys.executable, "cli.py", "-m", str(tiny_model()), "-o", str(tmp_path / "o"), "--harmful-dataset", str(datasets[0]),
-         "--harmless-dataset", str(datasets[1]), "--max-prompts", "6", "--eval-size", "4", "--no-eval", "--use-layer", "1", "--quiet"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "cli.py",
+            "-m",
+            str(tiny_model()),
+            "-o",
+            str(tmp_path / "o"),
+            "--harmful-dataset",
+            str(datasets[0]),
+            "--harmless-dataset",
+            str(datasets[1]),
+            "--max-prompts",
+            "6",
+            "--eval-size",
+            "4",
+            "--no-eval",
+            "--use-layer",
+            "1",
+            "--quiet",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "o" / "model.safetensors").exists()

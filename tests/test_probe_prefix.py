@@ -8,7 +8,12 @@ from mlx_abliteration.core.model_io import load_model
 from mlx_abliteration.core.positions import ProbeSpec
 from mlx_abliteration.core.probe import capture_activations, encode_for_probe, probe_prompts, shared_prefix_length
 
-PROMPTS = ["How do I bake bread?", "hi", "Tell me a long story about the sea and the wind, please, right now.", "How do I hack it?"]
+PROMPTS = [
+    "How do I bake bread?",
+    "hi",
+    "Tell me a long story about the sea and the wind, please, right now.",
+    "How do I hack it?",
+]
 
 
 def test_shared_prefix_stops_before_probed_positions():

@@ -24,9 +24,25 @@ def datasets(tmp_path_factory):
 
 def _run(model, out, datasets, *extra):
     result = run_cli(
-        "run", "-m", str(model), "-o", str(out), "--harmful-dataset", str(datasets[0]), "--harmless-dataset", str(datasets[1]),
-        "--max-prompts", "8", "--eval-size", "4", "--no-eval", "--use-layer", "2", "--quiet", *extra,
-    )  # fmt: skip
+        "run",
+        "-m",
+        str(model),
+        "-o",
+        str(out),
+        "--harmful-dataset",
+        str(datasets[0]),
+        "--harmless-dataset",
+        str(datasets[1]),
+        "--max-prompts",
+        "8",
+        "--eval-size",
+        "4",
+        "--no-eval",
+        "--use-layer",
+        "2",
+        "--quiet",
+        *extra,
+    )
     assert result.returncode == 0, result.stderr
     return out
 

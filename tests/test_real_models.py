@@ -134,9 +134,13 @@ def fake_chunked_model(tmp_path, monkeypatch):
         with zipfile.ZipFile(wheels / f"fake_part{i}-0.1-py3-none-any.whl", "w") as archive:
             archive.writestr(f"fake_part{i}/data/part{i:02d}.bin", data)
     model = real_models.RealModel(
-        name="fake", title="Fake", packages=tuple((f"fake-part{i}", "0.1") for i in range(1, 4)),
-        members=tuple(f"fake_part{i}/data/part{i:02d}.bin" for i in range(1, 4)), gguf_name="fake.gguf",
-        sha256=hashlib.sha256(b"".join(parts)).hexdigest(), dtype="float16",
+        name="fake",
+        title="Fake",
+        packages=tuple((f"fake-part{i}", "0.1") for i in range(1, 4)),
+        members=tuple(f"fake_part{i}/data/part{i:02d}.bin" for i in range(1, 4)),
+        gguf_name="fake.gguf",
+        sha256=hashlib.sha256(b"".join(parts)).hexdigest(),
+        dtype="float16",
     )
     monkeypatch.setitem(real_models.MODELS, "fake", model)
 
@@ -219,8 +223,15 @@ def test_smollm2_loads_with_mlx_lm_and_answers_paris(smollm2_dir):
 def test_print_path_cli_prints_only_the_model_dir(smollm2_dir):
     import sys
 
-    cmd = [sys.executable, "-m", "mlx_abliteration.real_models", "--cache-dir", str(smollm2_dir.parent.parent),
-           "--print-path", "smollm2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlx_abliteration.real_models",
+        "--cache-dir",
+        str(smollm2_dir.parent.parent),
+        "--print-path",
+        "smollm2",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout == f"{smollm2_dir}\n"
 
@@ -237,12 +248,19 @@ def test_smollm2_quantized_weights_equal_gguf_dequantize(smollm2_dir, smollm2_re
 
     tensors = {t.name: t for t in smollm2_reader.tensors}
     weights = mx.load(str(smollm2_dir / "model.safetensors"))
-    for gguf_name, name, bits in [("token_embd.weight", "model.embed_tokens", 8),
-                                  ("blk.3.attn_output.weight", "model.layers.3.self_attn.o_proj", 4)]:
+    for gguf_name, name, bits in [
+        ("token_embd.weight", "model.embed_tokens", 8),
+        ("blk.3.attn_output.weight", "model.layers.3.self_attn.o_proj", 4),
+    ]:
         tensor = tensors[gguf_name]
         expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        got = mx.dequantize(weights[f"{name}.weight"], weights[f"{name}.scales"].astype(mx.float32),
-                            weights[f"{name}.biases"].astype(mx.float32), group_size=32, bits=bits)
+        got = mx.dequantize(
+            weights[f"{name}.weight"],
+            weights[f"{name}.scales"].astype(mx.float32),
+            weights[f"{name}.biases"].astype(mx.float32),
+            group_size=32,
+            bits=bits,
+        )
         np.testing.assert_array_equal(np.array(got), expected)
 
 

@@ -21,9 +21,22 @@ def datasets(tmp_path):
 def first_run(tiny_model, tmp_path, datasets):
     out = tmp_path / "first"
     result = run_cli(
-        "run", "-m", str(tiny_model(num_shards=2)), "-o", str(out), "--harmful-dataset", str(datasets[0]),
-        "--harmless-dataset", str(datasets[1]), "--max-prompts", "8", "--eval-size", "4", "--no-eval", "--quiet",
-    )  # fmt: skip
+        "run",
+        "-m",
+        str(tiny_model(num_shards=2)),
+        "-o",
+        str(out),
+        "--harmful-dataset",
+        str(datasets[0]),
+        "--harmless-dataset",
+        str(datasets[1]),
+        "--max-prompts",
+        "8",
+        "--eval-size",
+        "4",
+        "--no-eval",
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     return out
 

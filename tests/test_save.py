@@ -47,14 +47,26 @@ def test_strength_zero_edits_nothing_and_saves_nothing(tiny_model, tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(num_shards=3), dict(num_shards=3, bits=4), dict(dtype="bfloat16", num_shards=2), dict(arch="qwen2", tie=False),
-     dict(dtype="float16", bits=4, embedding_bits=8)],
-)  # fmt: skip
+    [
+        dict(num_shards=3),
+        dict(num_shards=3, bits=4),
+        dict(dtype="bfloat16", num_shards=2),
+        dict(arch="qwen2", tie=False),
+        dict(dtype="float16", bits=4, embedding_bits=8),
+    ],
+)
 def test_sharded_save_keeps_layout_and_loads(tiny_model, tmp_path, kwargs):
     src = tiny_model(**kwargs)
     before = {p: sha256_file(src / p) for p in os.listdir(src)}
     out = tmp_path / "out"
-    summary = save_ablated_model(src, out, _plan(src), record={"note": "test"}, directions=({"refusal_direction": mx.ones(4)}, {"format": "mlx"}), model_card="# card")
+    summary = save_ablated_model(
+        src,
+        out,
+        _plan(src),
+        record={"note": "test"},
+        directions=({"refusal_direction": mx.ones(4)}, {"format": "mlx"}),
+        model_card="# card",
+    )
     assert {p: sha256_file(src / p) for p in os.listdir(src)} == before  # source untouched
     src_tensors, out_tensors = _tensors(src), _tensors(out)
     assert src_tensors.keys() == out_tensors.keys()
@@ -104,9 +116,13 @@ def test_module_split_across_shards(tiny_model, tmp_path):
     split.mkdir()
     tensors = mx.load(str(src / "model.safetensors"))
     moved = "model.layers.0.self_attn.o_proj.scales"
-    mx.save_safetensors(str(split / "model-00001-of-00002.safetensors"), {k: v for k, v in tensors.items() if k != moved})
+    mx.save_safetensors(
+        str(split / "model-00001-of-00002.safetensors"), {k: v for k, v in tensors.items() if k != moved}
+    )
     mx.save_safetensors(str(split / "model-00002-of-00002.safetensors"), {moved: tensors[moved]})
-    weight_map = {k: "model-00001-of-00002.safetensors" for k in tensors if k != moved} | {moved: "model-00002-of-00002.safetensors"}
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in tensors if k != moved} | {
+        moved: "model-00002-of-00002.safetensors"
+    }
     (split / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (split / f).write_bytes((src / f).read_bytes())

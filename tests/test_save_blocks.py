@@ -18,13 +18,20 @@ def _by_module(summary):
     return {r.module: r for r in summary["reports"]}
 
 
-@pytest.mark.parametrize("kwargs", [{"arch": "llama"}, {"arch": "mixtral"}, {"arch": "llama", "bits": 4}], ids=["embed", "experts", "4bit-embed"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"arch": "llama"}, {"arch": "mixtral"}, {"arch": "llama", "bits": 4}],
+    ids=["embed", "experts", "4bit-embed"],
+)
 def test_blockwise_edit_equals_whole(tiny_model, tmp_path, monkeypatch, kwargs):
     src = tiny_model(**kwargs)
     whole = save_ablated_model(src, tmp_path / "whole", _plan(src))
     monkeypatch.setattr(model_io, "_BLOCK_ELEMENTS", 1000)  # many blocks even on a tiny model
     blocks = save_ablated_model(src, tmp_path / "blocks", _plan(src))
-    a, b = mx.load(str(tmp_path / "whole" / "model.safetensors")), mx.load(str(tmp_path / "blocks" / "model.safetensors"))
+    a, b = (
+        mx.load(str(tmp_path / "whole" / "model.safetensors")),
+        mx.load(str(tmp_path / "blocks" / "model.safetensors")),
+    )
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape

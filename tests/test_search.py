@@ -12,7 +12,6 @@ from mlx_abliteration.core.directions import RefusalDirections
 from mlx_abliteration.core.kernels import Kernel, PlanSpec, kernel_plan, load_plan_spec, uniform_spec
 from mlx_abliteration.core.model_edit import apply_plan
 from mlx_abliteration.core.model_io import load_model
-from mlx_abliteration.core.trial_edit import TrialEditor
 from mlx_abliteration.core.search import (
     SearchSettings,
     TrialRow,
@@ -24,6 +23,7 @@ from mlx_abliteration.core.search import (
     pareto_front,
     search_space,
 )
+from mlx_abliteration.core.trial_edit import TrialEditor
 from mlx_abliteration.defaults import AbliterationConfig
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.search_pipeline import run_search
@@ -43,13 +43,27 @@ def datasets(tmp_path_factory):
 
 
 def _config(model, datasets, **kw) -> AbliterationConfig:
-    base = dict(model=str(model), harmful_dataset=str(datasets[0]), harmless_dataset=str(datasets[1]), max_prompts=8,
-                eval_size=4, eval_max_tokens=4)  # fmt: skip
+    base = dict(
+        model=str(model),
+        harmful_dataset=str(datasets[0]),
+        harmless_dataset=str(datasets[1]),
+        max_prompts=8,
+        eval_size=4,
+        eval_max_tokens=4,
+    )
     return AbliterationConfig(**{**base, **kw})
 
 
 def _settings(tmp_path, **kw) -> SearchSettings:
-    return SearchSettings(**{"search_prompts": 6, "search_max_tokens": 4, "n_startup_trials": 2, "study_dir": str(tmp_path / "studies"), **kw})
+    return SearchSettings(
+        **{
+            "search_prompts": 6,
+            "search_max_tokens": 4,
+            "n_startup_trials": 2,
+            "study_dir": str(tmp_path / "studies"),
+            **kw,
+        }
+    )
 
 
 def _directions(num_layers=4, hidden=64, seed=0) -> RefusalDirections:
@@ -71,7 +85,9 @@ def test_uniform_spec_is_the_fixed_plan():
     fixed = uniform_plan(directions.direction(2), 4, 1.0, norm_preserve=True)
     plan = kernel_plan(directions, uniform_spec(2, 4, 1.0, norm_preserve=True))
     assert plan.strengths == fixed.strengths and plan.norm_preserve
-    assert mx.array_equal(plan.layer_directions, fixed.layer_directions) and mx.array_equal(plan.embed_direction, fixed.embed_direction)
+    assert mx.array_equal(plan.layer_directions, fixed.layer_directions) and mx.array_equal(
+        plan.embed_direction, fixed.embed_direction
+    )
 
 
 def test_per_layer_and_fractional_directions():
@@ -111,7 +127,9 @@ def test_apply_then_revert_restores_every_weight_bit_for_bit(tiny_model, kwargs,
     plan = kernel_plan(_directions(), SPEC)
     before = dict(tree_flatten(model.parameters()))
     types = {p: type(m) for p, m in model.named_modules()}
-    editor = TrialEditor(model, AbliterationConfig().targets, mx.bfloat16 if kwargs.get("dtype") == "bfloat16" else None, precision)
+    editor = TrialEditor(
+        model, AbliterationConfig().targets, mx.bfloat16 if kwargs.get("dtype") == "bfloat16" else None, precision
+    )
     editor.apply(plan)
     edited = dict(tree_flatten(model.parameters()))
     reference, _, _ = load_model(path, dequantize=dequantize)
@@ -138,7 +156,10 @@ def test_originals_are_kept_compact_when_exact():
 
 
 def test_pareto_front_and_choice():
-    rows = [TrialRow(n, r, 10, kl, 1.0, SPEC) for n, r, kl in [(0, 5, 0.02), (1, 2, 0.3), (2, 3, 0.05), (3, 3, 0.08), (4, 0, 0.9)]]
+    rows = [
+        TrialRow(n, r, 10, kl, 1.0, SPEC)
+        for n, r, kl in [(0, 5, 0.02), (1, 2, 0.3), (2, 3, 0.05), (3, 3, 0.08), (4, 0, 0.9)]
+    ]
     assert [r.number for r in pareto_front(rows)] == [4, 1, 2, 0]
     assert choose_trial(rows, 0.1).number == 2
     assert choose_trial(rows, 0.01) is None
@@ -156,7 +177,10 @@ def test_interrupt_keeps_finished_trials(tmp_path):
 
     assert optimize(study, search_space(4, range(4), True), score, 5) is True
     assert len(complete_trials(study)) == 2 and len(study.trials) == 3
-    assert optimize(study, search_space(4, range(4), True), lambda spec, dominated: TrialScore(0, 8, 0.0, 0.1, 5), 4) is False
+    assert (
+        optimize(study, search_space(4, range(4), True), lambda spec, dominated: TrialScore(0, 8, 0.0, 0.1, 5), 4)
+        is False
+    )
     assert len(complete_trials(study)) == 4
 
 
@@ -188,7 +212,9 @@ def test_trials_of_a_killed_run_are_marked_failed(tmp_path):
     from mlx_abliteration.core.search import OWNER_ATTR, _owner, fail_stale_trials
 
     study = open_study(tmp_path / "s.journal", "s", seed=1, n_startup_trials=2)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout
     for pid in (int(dead), _owner()["pid"]):
         study.ask().set_user_attr(OWNER_ATTR, {**_owner(), "pid": pid})
     assert fail_stale_trials(study) == 1
@@ -236,10 +262,34 @@ def test_cli_search_saves_a_trial_and_run_reproduces_it(tiny_model, datasets, tm
     model = tiny_model(bits=4, num_shards=2)
     outcome = run_search(_config(model, datasets), _settings(tmp_path, n_trials=3))
     number = max(r.number for r in outcome.study.rows)  # a complete trial
-    common = ["-m", str(model), "--harmful-dataset", str(datasets[0]), "--harmless-dataset", str(datasets[1]),
-              "--max-prompts", "8", "--eval-size", "4", "--eval-max-tokens", "4"]  # fmt: skip
-    search = ["search", *common, "--search-prompts", "6", "--search-max-tokens", "4", "--n-trials", "3", "--n-startup-trials", "2",
-              "--study-dir", str(tmp_path / "studies")]  # fmt: skip
+    common = [
+        "-m",
+        str(model),
+        "--harmful-dataset",
+        str(datasets[0]),
+        "--harmless-dataset",
+        str(datasets[1]),
+        "--max-prompts",
+        "8",
+        "--eval-size",
+        "4",
+        "--eval-max-tokens",
+        "4",
+    ]
+    search = [
+        "search",
+        *common,
+        "--search-prompts",
+        "6",
+        "--search-max-tokens",
+        "4",
+        "--n-trials",
+        "3",
+        "--n-startup-trials",
+        "2",
+        "--study-dir",
+        str(tmp_path / "studies"),
+    ]
     proc = run_cli(*search, "--trial", str(number), "-o", str(tmp_path / "best"))
     assert proc.returncode == 0, proc.stderr
     assert f"saved trial {number}" in proc.stdout and "continuing study" in proc.stderr
@@ -248,7 +298,15 @@ def test_cli_search_saves_a_trial_and_run_reproduces_it(tiny_model, datasets, tm
     assert log["metrics"]["after"]["kl"] is not None and "--plan-json" in log["reproduce"]
     model, tok = mlx_lm.load(str(tmp_path / "best"))
     assert isinstance(mlx_lm.generate(model, tok, prompt="hi", max_tokens=2), str)
-    proc = run_cli("run", *common, "--plan-json", str(tmp_path / "best" / "abliteration_log.json"), "-o", str(tmp_path / "again"), "--no-eval")
+    proc = run_cli(
+        "run",
+        *common,
+        "--plan-json",
+        str(tmp_path / "best" / "abliteration_log.json"),
+        "-o",
+        str(tmp_path / "again"),
+        "--no-eval",
+    )
     assert proc.returncode == 0, proc.stderr
     for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
         assert (tmp_path / "best" / shard).read_bytes() == (tmp_path / "again" / shard).read_bytes()
@@ -270,8 +328,25 @@ def test_run_auto_delegates_to_the_search(tiny_model, datasets, tmp_path, monkey
     from mlx_abliteration.commands import search
 
     monkeypatch.setattr(search, "settings_from_args", lambda args: _settings(tmp_path, n_trials=2, max_kl=1e9))
-    argv = ["run", "--auto", "-m", str(tiny_model()), "--harmful-dataset", str(datasets[0]), "--harmless-dataset", str(datasets[1]),
-            "--max-prompts", "8", "--eval-size", "4", "--eval-max-tokens", "4", "-o", str(tmp_path / "auto"), "--quiet"]  # fmt: skip
+    argv = [
+        "run",
+        "--auto",
+        "-m",
+        str(tiny_model()),
+        "--harmful-dataset",
+        str(datasets[0]),
+        "--harmless-dataset",
+        str(datasets[1]),
+        "--max-prompts",
+        "8",
+        "--eval-size",
+        "4",
+        "--eval-max-tokens",
+        "4",
+        "-o",
+        str(tmp_path / "auto"),
+        "--quiet",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "stopped early" in out and "saved trial" in out

@@ -22,9 +22,23 @@ def saved(tiny_model, tmp_path_factory):
     (source / "README.md").write_text("---\nbase_model: SomeOrg/Tiny-Instruct\nlicense: mit\n---\n# tiny\n")
     out = d / "out"
     result = run_cli(
-        "run", "-m", str(source), "-o", str(out), "--harmful-dataset", str(d / "harmful.txt"), "--harmless-dataset",
-        str(d / "harmless.txt"), "--max-prompts", "8", "--eval-size", "4", "--eval-max-tokens", "3", "--quiet",
-    )  # fmt: skip
+        "run",
+        "-m",
+        str(source),
+        "-o",
+        str(out),
+        "--harmful-dataset",
+        str(d / "harmful.txt"),
+        "--harmless-dataset",
+        str(d / "harmless.txt"),
+        "--max-prompts",
+        "8",
+        "--eval-size",
+        "4",
+        "--eval-max-tokens",
+        "3",
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     return out
 
@@ -49,7 +63,9 @@ def test_base_model_sources(tmp_path):
     assert base_model_of(str(cached), str(cached)) == "Org/Name"
     (tmp_path / "local").mkdir()
     assert base_model_of(str(tmp_path / "local"), str(tmp_path / "local")) is None
-    card = model_card({"source_model": str(tmp_path / "local"), "source_path": str(tmp_path / "local"), "parameters": {}})
+    card = model_card(
+        {"source_model": str(tmp_path / "local"), "source_path": str(tmp_path / "local"), "parameters": {}}
+    )
     assert "base_model" not in card_front_matter(card) and card_front_matter(card)["library_name"] == "mlx"
 
 
@@ -65,7 +81,11 @@ def test_no_token_and_no_network_are_one_line(saved, tmp_path):
     no_token = run_cli("upload", str(saved), "--repo", "me/x", env={"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf")})
     assert no_token.returncode == 2 and no_token.stderr.count("\n") == 1 and "no Hugging Face token" in no_token.stderr
     offline = run_cli("upload", str(saved), "--repo", "me/x", env={"HF_TOKEN": "hf_fake", "HF_HUB_OFFLINE": "1"})
-    assert offline.returncode == 2 and offline.stderr.count("\n") == 1 and "cannot reach the Hugging Face Hub" in offline.stderr
+    assert (
+        offline.returncode == 2
+        and offline.stderr.count("\n") == 1
+        and "cannot reach the Hugging Face Hub" in offline.stderr
+    )
     bad = run_cli("upload", str(saved), "--repo", "not a repo", "--dry-run")
     assert bad.returncode == 2 and "USER/NAME" in bad.stderr
 
@@ -99,7 +119,10 @@ def fake_hub(monkeypatch):
 
 def test_upload_creates_and_uploads(saved, fake_hub, capsys):
     assert cli_main(["upload", str(saved), "--repo", "me/new", "--private"]) == 0
-    assert fake_hub.calls == [("create_repo", "me/new", True, True), ("upload_large_folder", "me/new", str(saved), True)]
+    assert fake_hub.calls == [
+        ("create_repo", "me/new", True, True),
+        ("upload_large_folder", "me/new", str(saved), True),
+    ]
     assert "huggingface.co/me/new" in capsys.readouterr().out
 
 
@@ -111,7 +134,19 @@ def test_existing_repo_needs_overwrite(saved, fake_hub, capsys):
 
 
 def test_run_upload_repo(tiny_model, saved, fake_hub, tmp_path, monkeypatch):
-    common = ["run", "-m", str(tiny_model(num_shards=2)), "--max-prompts", "8", "--eval-size", "4", "--no-eval", "--use-layer", "2", "--quiet"]
+    common = [
+        "run",
+        "-m",
+        str(tiny_model(num_shards=2)),
+        "--max-prompts",
+        "8",
+        "--eval-size",
+        "4",
+        "--no-eval",
+        "--use-layer",
+        "2",
+        "--quiet",
+    ]
     monkeypatch.setenv("MLX_ABLITERATION_LOG_FILE", "/dev/null")
     assert cli_main([*common, "-o", str(tmp_path / "o"), "--upload-repo", "me/run-up"]) == 0
     assert fake_hub.calls[-1] == ("upload_large_folder", "me/run-up", str(tmp_path / "o"), False)

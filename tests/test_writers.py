@@ -17,12 +17,23 @@ from mlx_abliteration.errors import UserError
 from mlx_abliteration.testing import write_tiny_tokenizer
 
 BASE = dict(
-    hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-    rms_norm_eps=1e-5, vocab_size=384, tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=2048,
-)  # fmt: skip
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-5,
+    vocab_size=384,
+    tie_word_embeddings=True,
+    rope_theta=10000.0,
+    max_position_embeddings=2048,
+)
 ARCHS = {
     "llama": {},
-    "gemma2": dict(query_pre_attn_scalar=16, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=64),
+    "gemma2": dict(
+        query_pre_attn_scalar=16, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=64
+    ),
     "olmo2": {},
     "phi": dict(partial_rotary_factor=0.5, layer_norm_eps=1e-5),
     "qwen": dict(kv_channels=16, layer_norm_epsilon=1e-5, seq_length=2048, no_bias=True),
@@ -58,9 +69,14 @@ def _names(writers, layer=0):
         ("phi", "self_attn.dense", "mlp.fc2", {"model.embed_tokens"}),  # names the old suffix table missed
         ("qwen", "attn.c_proj", "mlp.c_proj", {"transformer.wte"}),  # w2 reads here: never a writer
         ("mixtral", "self_attn.o_proj", "block_sparse_moe.switch_mlp.down_proj", {"model.embed_tokens"}),
-        ("gpt2", "attn.c_proj", "mlp.c_proj", {"model.wte", "model.wpe"}),  # position embeddings add into the stream too
+        (
+            "gpt2",
+            "attn.c_proj",
+            "mlp.c_proj",
+            {"model.wte", "model.wpe"},
+        ),  # position embeddings add into the stream too
     ],
-)  # fmt: skip
+)
 def test_writers_found_by_what_they_do(model_type, attn, mlp, embeds):
     model, _ = _model(model_type)
     writers = discover_writers(model, model_type)

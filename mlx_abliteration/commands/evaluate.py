@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..defaults import GENERATION_BATCH_SIZE as DEFAULT_BATCH_SIZE
+
 HELP = "measure refusals (harmful, harmless) and KL divergence against a baseline"
 DESCRIPTION = (
     "Greedy answers to held-out harmful and harmless prompts through the chat template; a response "
@@ -23,22 +24,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-m", "--model", required=True, help="model to evaluate: local dir, .gguf file or hub id")
     parser.add_argument("--baseline", help="original model: its refusals are shown too and KL is measured against it")
     prompts = parser.add_argument_group("prompts (the held-out split that `run` evaluates on, for the same settings)")
-    prompts.add_argument("--harmful-dataset", help="harmful prompts: .jsonl/.json/.csv/.txt/.parquet or hub id (default: packaged set)")
+    prompts.add_argument(
+        "--harmful-dataset", help="harmful prompts: .jsonl/.json/.csv/.txt/.parquet or hub id (default: packaged set)"
+    )
     prompts.add_argument("--harmless-dataset", help="harmless prompts, same formats (default: packaged set)")
     prompts.add_argument("--dataset-column", help="column/field holding the prompt")
-    prompts.add_argument("--num-prompts", type=int, default=d.eval_size, help="held-out prompts of each kind (fewer if a dataset is smaller)")
+    prompts.add_argument(
+        "--num-prompts",
+        type=int,
+        default=d.eval_size,
+        help="held-out prompts of each kind (fewer if a dataset is smaller)",
+    )
     prompts.add_argument("--seed", type=int, default=d.seed, help="seed of the probing/held-out split")
     prompts.add_argument("--system-prompt", help="system message for every prompt")
     parser.add_argument("--max-tokens", type=int, default=d.eval_max_tokens, help="tokens generated per answer")
-    parser.add_argument("--kl-tokens", type=int, default=d.kl_tokens, help="KL over this many tokens of the baseline's own answer")
-    parser.add_argument("--capability-questions", type=int, default=d.capability_questions, help="short factual/arithmetic questions with exact answers; with --baseline the share the baseline got right that the model still gets right (0 skips)")
+    parser.add_argument(
+        "--kl-tokens", type=int, default=d.kl_tokens, help="KL over this many tokens of the baseline's own answer"
+    )
+    parser.add_argument(
+        "--capability-questions",
+        type=int,
+        default=d.capability_questions,
+        help="short factual/arithmetic questions with exact answers; with --baseline the share the baseline got right that the model still gets right (0 skips)",
+    )
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts generated together")
     parser.add_argument("--markers-file", help="refusal markers, one per line, replacing the default list")
     parser.add_argument("--extra-markers", nargs="+", default=[], metavar="MARKER", help="markers added to the list")
     parser.add_argument("--output", help="write the report as JSON to this file")
     parser.add_argument("--responses", help="write every prompt and response as JSON lines to this file")
     parser.add_argument("--cache-dir", help="where hub/GGUF models, datasets and the baseline's evaluation are cached")
-    parser.add_argument("--no-cache", action="store_true", help="evaluate --baseline again instead of reading its cached evaluation (shared with `run`: same weights, prompts and settings)")
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="evaluate --baseline again instead of reading its cached evaluation (shared with `run`: same weights, prompts and settings)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -58,7 +77,9 @@ def main(args: argparse.Namespace) -> int:
     console = Console()
     if baseline_path is not None:
         reference, baseline_report = _cached_baseline(baseline_path, harmful, harmless, args, settings, console)
-    report = _evaluate(model_path, harmful, harmless, reference, args.kl_tokens, settings, "model", console, args.capability_questions)
+    report = _evaluate(
+        model_path, harmful, harmless, reference, args.kl_tokens, settings, "model", console, args.capability_questions
+    )
     console.close_bars()
     print(eval_text(baseline_report, report))
     if args.output:
@@ -99,7 +120,9 @@ def _markers(args: argparse.Namespace) -> list[str]:
     markers = list(DEFAULT_REFUSAL_MARKERS)
     if args.markers_file:
         if not Path(args.markers_file).is_file():
-            raise UserError(f"markers file {args.markers_file} does not exist; pass a text file with one marker per line")
+            raise UserError(
+                f"markers file {args.markers_file} does not exist; pass a text file with one marker per line"
+            )
         markers = read_markers_file(args.markers_file)
     markers += args.extra_markers
     if not markers:
@@ -136,9 +159,15 @@ def _cached_baseline(path: Path, harmful, harmless, args: argparse.Namespace, se
     full = eval_settings(kl_tokens=args.kl_tokens, capability_questions=args.capability_questions, **settings)
     reporter = Reporter(console)
     reference, report, _ = cached_baseline(
-        path, harmful, harmless, full, lambda: _evaluate_baseline(path, harmful, harmless, full, console),
-        cache_dir=args.cache_dir, use_cache=not args.no_cache, emit=lambda message: reporter.emit("info", message),
-    )  # fmt: skip
+        path,
+        harmful,
+        harmless,
+        full,
+        lambda: _evaluate_baseline(path, harmful, harmless, full, console),
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+        emit=lambda message: reporter.emit("info", message),
+    )
     return reference, report
 
 
@@ -159,7 +188,17 @@ def _evaluate_baseline(path: Path, harmful, harmless, settings: dict, console):
     return reference, report
 
 
-def _evaluate(path: Path, harmful, harmless, reference, kl_tokens: int, settings: dict, label: str, console, args_capability: int = 0):
+def _evaluate(
+    path: Path,
+    harmful,
+    harmless,
+    reference,
+    kl_tokens: int,
+    settings: dict,
+    label: str,
+    console,
+    args_capability: int = 0,
+):
     from ..core.evaluate import ReferenceMismatch, evaluate_model
     from ..core.model_io import load_model
     from ..errors import UserError
@@ -168,8 +207,15 @@ def _evaluate(path: Path, harmful, harmless, reference, kl_tokens: int, settings
     bars = _progress(console, label)
     try:
         report = evaluate_model(
-            model, tokenizer, harmful, harmless, reference_logprobs=reference, kl_tokens=kl_tokens, progress=bars,
-            capability_questions=args_capability, **settings,
+            model,
+            tokenizer,
+            harmful,
+            harmless,
+            reference_logprobs=reference,
+            kl_tokens=kl_tokens,
+            progress=bars,
+            capability_questions=args_capability,
+            **settings,
         )
     except ReferenceMismatch as err:  # only this; any other ValueError in generation is not about --baseline
         raise UserError(f"{err}; --baseline must be the original of --model (same tokenizer)") from err

@@ -21,7 +21,9 @@ DESCRIPTION = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_model_options(parser)
     parser.add_argument("--direction", required=True, help="refusal_direction.safetensors file (or a dir holding one)")
-    parser.add_argument("--use-layer", default=None, help="use this probed layer's direction instead of the file's chosen layer")
+    parser.add_argument(
+        "--use-layer", default=None, help="use this probed layer's direction instead of the file's chosen layer"
+    )
     options.add_ablation_options(parser)
     options.add_output_style(parser)
 
@@ -72,7 +74,9 @@ def main(args: argparse.Namespace) -> int:
         summary = export_adapter(config, args.direction, args.use_layer, console)
     finally:
         console.close_bars()
-    print(f"saved a rank-1 adapter ({summary['modules']} modules, {summary['size_bytes'] / 1e6:.2f} MB) to {summary['output_dir']}")
+    print(
+        f"saved a rank-1 adapter ({summary['modules']} modules, {summary['size_bytes'] / 1e6:.2f} MB) to {summary['output_dir']}"
+    )
     for item in summary["not_expressed"]:
         print(f"  not expressible as an adapter (the full model has it): {item}")
     return 0

@@ -14,18 +14,23 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--template-file", default=None,
+        "--template-file",
+        default=None,
         help="YAML file with templates and concepts (default: the packaged templates.yaml)",
     )
-    parser.add_argument("--num-samples", type=int, default=None, help="prompts per kind (default: from the file, else 100)")
+    parser.add_argument(
+        "--num-samples", type=int, default=None, help="prompts per kind (default: from the file, else 100)"
+    )
     parser.add_argument("--output-dir", default=None, help="directory for the two JSONL files (default: from the file)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: from the file, else 0)")
     parser.add_argument(
-        "--probe-marker", default=None,
+        "--probe-marker",
+        default=None,
         help="marker text (e.g. '</think>') filled into {marker} placeholders and, with --append-marker, appended",
     )
     parser.add_argument(
-        "--append-marker", action="store_true",
+        "--append-marker",
+        action="store_true",
         help="append the --probe-marker text to every prompt, after one space",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing dataset files in --output-dir")

@@ -16,14 +16,20 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 exposes it to your network)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 exposes it to your network)"
+    )
     parser.add_argument("--port", type=int, default=None, help="port; when not given, 7860 or the next free one")
     parser.add_argument("--share", action="store_true", help="also open a public *.gradio.live link")
     parser.add_argument(
-        "--output-root", default=None,
+        "--output-root",
+        default=None,
         help="every output dir of the GUI must lie inside this folder (default: ./outputs); paths escaping it are refused",
     )
-    parser.add_argument("--log-file", help="JSON-lines log file; when not given, $MLX_ABLITERATION_LOG_FILE or ~/.mlx-llm/abliteration-toolkit-cli/log.jsonl")
+    parser.add_argument(
+        "--log-file",
+        help="JSON-lines log file; when not given, $MLX_ABLITERATION_LOG_FILE or ~/.mlx-llm/abliteration-toolkit-cli/log.jsonl",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -79,6 +85,7 @@ def is_loopback(host: str) -> bool:
 
 def network_urls(host: str, port: int) -> list[str]:
     """The URLs the server really answers on: this machine's addresses for a wildcard host."""
+
     def url(address: str) -> str:
         return f"http://[{address}]:{port}/" if ":" in address else f"http://{address}:{port}/"
 

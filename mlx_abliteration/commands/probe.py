@@ -71,6 +71,11 @@ def check_outputs(config, args: argparse.Namespace) -> None:
     from ..core.output_dir import check_cache_dir, check_output_file, local_sources
 
     check_cache_dir(config.cache_dir)
-    sources = local_sources(config.model, config.harmful_dataset, config.harmless_dataset, args.config_file if "config_file" in args else None)
+    sources = local_sources(
+        config.model,
+        config.harmful_dataset,
+        config.harmless_dataset,
+        args.config_file if "config_file" in args else None,
+    )
     check_output_file(args.output, sources=sources, flag="--output")
     check_output_file(args.stats_json, sources=sources, flag="--stats-json")

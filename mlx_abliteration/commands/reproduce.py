@@ -40,13 +40,26 @@ def main(args: argparse.Namespace) -> int:
         console.close_bars()
     check = reproduce.compare_weights(recorded, result.record)
     if args.json:
-        print(json.dumps({"event": "reproduce", "output_dir": result.output_dir, "match": check["match"], "files": check["files"],
-                          "warnings": job.warnings}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "event": "reproduce",
+                    "output_dir": result.output_dir,
+                    "match": check["match"],
+                    "files": check["files"],
+                    "warnings": job.warnings,
+                }
+            )
+        )
     else:
         n = len(check["files"])
         if check["match"]:
-            print(f"reproduced {args.reproduce} into {result.output_dir}: all {n} weight file(s) have the recorded SHA256")
+            print(
+                f"reproduced {args.reproduce} into {result.output_dir}: all {n} weight file(s) have the recorded SHA256"
+            )
         else:
             differ = [name for name, f in check["files"].items() if not f["match"]]
-            print(f"reproduced {args.reproduce} into {result.output_dir}: {len(differ)} of {n} weight file(s) differ from the log: {', '.join(differ)}")
+            print(
+                f"reproduced {args.reproduce} into {result.output_dir}: {len(differ)} of {n} weight file(s) differ from the log: {', '.join(differ)}"
+            )
     return 0 if check["match"] else MISMATCH_EXIT

@@ -21,10 +21,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_probe_options(parser)
     options.add_ablation_options(parser)
     options.add_eval_options(parser)
-    parser.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS, help="probe, choose the layer and print the per-layer stats; no evaluation, writes nothing")
-    parser.add_argument("--auto", action="store_true", help="search the plan automatically (`mlx-abliterate search` with its defaults) and save the chosen trial")
-    parser.add_argument("--plan-json", help="use this plan spec (JSON, or an abliteration_log.json from `search`) instead of the layer choice and strength")
-    parser.add_argument("--reproduce", metavar="LOG", help="re-run a saved model's abliteration_log.json with its recorded settings, prompts (refused if their contents changed) and plan into -o, and report whether the weights' SHA256 match (exit 3 if not)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="probe, choose the layer and print the per-layer stats; no evaluation, writes nothing",
+    )
+    parser.add_argument(
+        "--auto",
+        action="store_true",
+        help="search the plan automatically (`mlx-abliterate search` with its defaults) and save the chosen trial",
+    )
+    parser.add_argument(
+        "--plan-json",
+        help="use this plan spec (JSON, or an abliteration_log.json from `search`) instead of the layer choice and strength",
+    )
+    parser.add_argument(
+        "--reproduce",
+        metavar="LOG",
+        help="re-run a saved model's abliteration_log.json with its recorded settings, prompts (refused if their contents changed) and plan into -o, and report whether the weights' SHA256 match (exit 3 if not)",
+    )
     from .upload import add_upload_flags
 
     add_upload_flags(parser.add_argument_group("upload (after saving)"), repo_flag="--upload-repo")
@@ -33,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..core.logging_config import setup_logging
-    from ..pipeline import run_pipeline
     from ..core.tables import layer_table
+    from ..pipeline import run_pipeline
     from .console import Console
 
     if args.reproduce:
@@ -51,7 +67,11 @@ def main(args: argparse.Namespace) -> int:
     if args.auto or args.plan_json:
         from . import search
 
-        code = search.plan_main(args, config) if args.plan_json else search.search_main(args, config, search.settings_from_args(args))
+        code = (
+            search.plan_main(args, config)
+            if args.plan_json
+            else search.search_main(args, config, search.settings_from_args(args))
+        )
         return _upload(args, config) if code == 0 else code
     setup_logging(args.log_file)
     console = Console(args.quiet, args.json)
@@ -60,8 +80,18 @@ def main(args: argparse.Namespace) -> int:
     finally:
         console.close_bars()
     if args.json:
-        print(json.dumps({"event": "result", "output_dir": result.output_dir, "chosen_layer": result.chosen_layer,
-                          "before": result.before, "after": result.after}, default=str))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "event": "result",
+                    "output_dir": result.output_dir,
+                    "chosen_layer": result.chosen_layer,
+                    "before": result.before,
+                    "after": result.after,
+                },
+                default=str,
+            )
+        )
     elif config.dry_run and args.quiet:
         print(layer_table(result.layer_stats, result.chosen_layer))
     elif result.output_dir:

@@ -39,17 +39,58 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
 
     d = SearchSettings()
     g = parser.add_argument_group("search")
-    g.add_argument("--n-trials", type=int, default=d.n_trials, help="finished trials the study should have; a rerun runs only the missing ones")
-    g.add_argument("--n-startup-trials", type=int, default=d.n_startup_trials, help="random trials before TPE starts modelling")
-    g.add_argument("--max-kl", type=float, default=d.max_kl, help="save the trial with the fewest refusals among those with KL <= this")
-    g.add_argument("--search-prompts", type=int, default=d.search_prompts, help="harmful and harmless prompts (each) scoring a trial")
-    g.add_argument("--search-max-tokens", type=int, default=d.search_max_tokens, help="tokens generated per harmful prompt in a trial (stops at the first refusal marker)")
+    g.add_argument(
+        "--n-trials",
+        type=int,
+        default=d.n_trials,
+        help="finished trials the study should have; a rerun runs only the missing ones",
+    )
+    g.add_argument(
+        "--n-startup-trials", type=int, default=d.n_startup_trials, help="random trials before TPE starts modelling"
+    )
+    g.add_argument(
+        "--max-kl",
+        type=float,
+        default=d.max_kl,
+        help="save the trial with the fewest refusals among those with KL <= this",
+    )
+    g.add_argument(
+        "--search-prompts",
+        type=int,
+        default=d.search_prompts,
+        help="harmful and harmless prompts (each) scoring a trial",
+    )
+    g.add_argument(
+        "--search-max-tokens",
+        type=int,
+        default=d.search_max_tokens,
+        help="tokens generated per harmful prompt in a trial (stops at the first refusal marker)",
+    )
     g.add_argument("--search-seed", type=int, default=d.search_seed, help="sampler seed (default: --seed)")
     g.add_argument("--study-dir", default=d.study_dir, help="where studies are stored (default: <cache dir>/studies)")
-    g.add_argument("--study-name", default=d.study_name, help="study name (default: model name + hash of the settings that change scores)")
-    g.add_argument("--trial", type=int, default=d.trial, help="save this finished trial (number from the front table) instead of running more")
-    g.add_argument("--no-warm-start", dest="warm_start", action="store_false", help="do not queue the fixed plans of `run` (with and without --norm-preserve) as the first trials")
-    g.add_argument("--no-prune", dest="prune", action="store_false", help="finish every trial, even once a finished trial dominates it")
+    g.add_argument(
+        "--study-name",
+        default=d.study_name,
+        help="study name (default: model name + hash of the settings that change scores)",
+    )
+    g.add_argument(
+        "--trial",
+        type=int,
+        default=d.trial,
+        help="save this finished trial (number from the front table) instead of running more",
+    )
+    g.add_argument(
+        "--no-warm-start",
+        dest="warm_start",
+        action="store_false",
+        help="do not queue the fixed plans of `run` (with and without --norm-preserve) as the first trials",
+    )
+    g.add_argument(
+        "--no-prune",
+        dest="prune",
+        action="store_false",
+        help="finish every trial, even once a finished trial dominates it",
+    )
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -80,13 +121,27 @@ def search_main(args: argparse.Namespace, config, settings) -> int:
         console.close_bars()
     study = outcome.study
     if args.json:
-        print(json.dumps({"event": "result", "study": study.name, "storage": study.storage, "chosen": outcome.chosen and outcome.chosen.to_dict(),
-                          "front": [r.to_dict() for r in study.front], "output_dir": outcome.output_dir,
-                          "before": outcome.before, "after": outcome.after}, default=str))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "event": "result",
+                    "study": study.name,
+                    "storage": study.storage,
+                    "chosen": outcome.chosen and outcome.chosen.to_dict(),
+                    "front": [r.to_dict() for r in study.front],
+                    "output_dir": outcome.output_dir,
+                    "before": outcome.before,
+                    "after": outcome.after,
+                },
+                default=str,
+            )
+        )
     else:
         print(front_table(study.front, outcome.chosen, settings.max_kl))
-        print(f"{len(study.rows)} complete + {len(study.pruned)} stopped early (dominated) trials, {study.seconds_per_trial:.1f}s per trial; "
-              f"study {study.name} in {study.storage}")  # fmt: skip
+        print(
+            f"{len(study.rows)} complete + {len(study.pruned)} stopped early (dominated) trials, {study.seconds_per_trial:.1f}s per trial; "
+            f"study {study.name} in {study.storage}"
+        )
     if outcome.chosen is None:
         raise UserError(f"no finished trial has KL <= {settings.max_kl:g}; raise --max-kl or pick one with --trial N")
     if outcome.output_dir:
@@ -112,8 +167,18 @@ def plan_main(args: argparse.Namespace, config) -> int:
     finally:
         console.close_bars()
     if args.json:
-        print(json.dumps({"event": "result", "output_dir": result.output_dir, "plan_spec": spec.to_dict(),
-                          "before": result.before, "after": result.after}, default=str))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "event": "result",
+                    "output_dir": result.output_dir,
+                    "plan_spec": spec.to_dict(),
+                    "before": result.before,
+                    "after": result.after,
+                },
+                default=str,
+            )
+        )
     elif result.output_dir:
         print(f"saved abliterated model (plan from {args.plan_json}) to {result.output_dir}")
     return 0

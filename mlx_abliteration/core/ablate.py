@@ -92,7 +92,9 @@ def select_writers(writers: WriterMap, targets) -> WriterMap:
         hits = {p: w for p, w in writers.items() if p == target or p.endswith("." + target)}
         if not hits:
             names = sorted({_short_name(p) for p in writers})
-            raise UserError(f"--targets {target}: no residual writer of this model is named so; its writers are {', '.join(names)}")
+            raise UserError(
+                f"--targets {target}: no residual writer of this model is named so; its writers are {', '.join(names)}"
+            )
         chosen.update(hits)
     return chosen
 
@@ -133,7 +135,9 @@ def check_strength(strength) -> float:
     except (TypeError, ValueError):
         raise UserError(f"ablation strength {strength!r} is not a number; use e.g. 1.0") from None
     if not 0 <= value <= MAX_STRENGTH:  # also false for NaN
-        raise UserError(f"ablation strength {strength!r} must be between 0 and {MAX_STRENGTH:g} (1.0 removes the direction)")
+        raise UserError(
+            f"ablation strength {strength!r} must be between 0 and {MAX_STRENGTH:g} (1.0 removes the direction)"
+        )
     return value
 
 
@@ -236,7 +240,12 @@ class ModuleEdit:
 
 def dequantize_leaves(leaves: dict[str, mx.array], quant: QuantParams) -> mx.array:
     return mx.dequantize(
-        leaves["weight"], leaves["scales"], leaves.get("biases"), group_size=quant.group_size, bits=quant.bits, mode=quant.mode
+        leaves["weight"],
+        leaves["scales"],
+        leaves.get("biases"),
+        group_size=quant.group_size,
+        bits=quant.bits,
+        mode=quant.mode,
     ).astype(mx.float32)
 
 
@@ -295,7 +304,11 @@ def edit_module(
     dequantized = False
     keep = edited_precision in (None, "keep")
     if dense_twin:
-        stored = dequantize_leaves(quantize_weight(edited, quant, quant.scales_dtype), quant) if keep else edited.astype(_dtype(edited_precision)).astype(mx.float32)
+        stored = (
+            dequantize_leaves(quantize_weight(edited, quant, quant.scales_dtype), quant)
+            if keep
+            else edited.astype(_dtype(edited_precision)).astype(mx.float32)
+        )
         out["weight"] = stored.astype(leaves["weight"].dtype)
     elif packed and keep:
         out.update(quantize_weight(edited, quant, leaves["scales"].dtype))
@@ -342,8 +355,12 @@ def _check_shape(path: str, rows: bool, w: mx.array, r: mx.array) -> None:
 def check_edits(plan: AblationPlan, reports: list[EditReport]) -> None:
     """The plan's success condition: every writer it gives a strength was edited, and something was."""
     if not reports:
-        raise UserError("the plan edits no module (every strength is 0 or --targets matched nothing); nothing was saved")
+        raise UserError(
+            "the plan edits no module (every strength is 0 or --targets matched nothing); nothing was saved"
+        )
     edited = {r.module for r in reports}
     missing = sorted(path for path in plan.writers or {} if plan.writer(path) is not None and path not in edited)
     if missing:
-        raise UserError(f"{len(missing)} residual writer(s) were not found in the weights, e.g. {missing[0]}; nothing was saved")
+        raise UserError(
+            f"{len(missing)} residual writer(s) were not found in the weights, e.g. {missing[0]}; nothing was saved"
+        )

@@ -44,7 +44,9 @@ def _dense_weight(module: nn.Module) -> mx.array:
 def adapter_tensors(model: nn.Module, plan) -> tuple[dict, list[str], list[str]]:
     """(adapter tensors by parameter name, layer-relative keys, what the adapter cannot express)."""
     if plan.norm_preserve:
-        raise UserError("--norm-preserve rescales every edited column: not a rank-1 update, so no adapter can express it")
+        raise UserError(
+            "--norm-preserve rescales every edited column: not a rank-1 update, so no adapter can express it"
+        )
     modules = dict(model.named_modules())
     tensors, keys, missing = {}, set(), []
     for path, writer in sorted(plan.writers.items()):
@@ -52,7 +54,9 @@ def adapter_tensors(model: nn.Module, plan) -> tuple[dict, list[str], list[str]]
             continue
         module = modules.get(path)
         if writer.rows:
-            missing.append(f"embedding rows of `{path}` (E' = E - s (E r) r^T; mlx-lm adapters wrap only decoder-layer modules)")
+            missing.append(
+                f"embedding rows of `{path}` (E' = E - s (E r) r^T; mlx-lm adapters wrap only decoder-layer modules)"
+            )
             continue
         key = _layer_key(path, writer.layer) if writer.layer is not None else None
         if key is None or not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
@@ -85,7 +89,12 @@ def write_adapter(out: Path, model: nn.Module, plan, record: dict, num_layers: i
         "model": record.get("source_model"),
     }
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    summary = {"modules": len(tensors) // 2, "keys": keys, "size_bytes": (out / ADAPTER_FILE).stat().st_size, "not_expressed": missing}
+    summary = {
+        "modules": len(tensors) // 2,
+        "keys": keys,
+        "size_bytes": (out / ADAPTER_FILE).stat().st_size,
+        "not_expressed": missing,
+    }
     record = {**record, "adapter": summary}
     (out / "abliteration_log.json").write_text(json.dumps(record, indent=2, default=str))
     (out / "README.md").write_text(model_card(record, adapter=summary))

@@ -92,7 +92,11 @@ def hub_snapshot(repo_id: str, repo_type: str, cache_dir: Path | None, allow_pat
             if is_timeout(err):  # other failures: snapshot_download reports them or uses the cache
                 try:
                     return snapshot_download(
-                        repo_id, repo_type=repo_type, cache_dir=cache_dir, allow_patterns=allow_patterns, local_files_only=True
+                        repo_id,
+                        repo_type=repo_type,
+                        cache_dir=cache_dir,
+                        allow_patterns=allow_patterns,
+                        local_files_only=True,
                     )
                 except Exception:
                     raise TimeoutError(timeout_message()) from None
@@ -129,7 +133,9 @@ def _download(
         raise FileNotFoundError(f"{tried}: {_hub_failure(err, repo_id, cache_dir)}") from None
     snapshot_dir = Path(snapshot)
     if not any(p.is_file() for p in snapshot_dir.rglob("*")):
-        raise FileNotFoundError(f"{tried}: it has no usable files ({', '.join(allow_patterns or ['*'])}); pass a local path")
+        raise FileNotFoundError(
+            f"{tried}: it has no usable files ({', '.join(allow_patterns or ['*'])}); pass a local path"
+        )
     return snapshot_dir
 
 
@@ -142,11 +148,15 @@ def _hub_failure(err: Exception, repo_id: str, cache_dir: Path | None) -> str:
     if isinstance(err, errors.GatedRepoError):
         return f"it is gated; accept its terms at {HUB_URL}/{repo_id} and log in (`hf auth login` or HF_TOKEN), or pass a local path"
     if isinstance(err, errors.RepositoryNotFoundError):
-        return "the repo does not exist or is private; check the spelling, log in for private repos, or pass a local path"
+        return (
+            "the repo does not exist or is private; check the spelling, log in for private repos, or pass a local path"
+        )
     if isinstance(err, errors.RevisionNotFoundError):
         return "the revision does not exist; check the id or pass a local path"
     if isinstance(err, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
-        return f"the Hub is unreachable (offline?) and the repo is not in {cache}; pass a local path or connect and retry"
+        return (
+            f"the Hub is unreachable (offline?) and the repo is not in {cache}; pass a local path or connect and retry"
+        )
     if isinstance(err, errors.HfHubHTTPError):
         status = getattr(getattr(err, "response", None), "status_code", "?")
         return f"the Hub answered HTTP {status}; retry later or pass a local path"

@@ -77,7 +77,9 @@ def write_error(path: str | Path, err: BaseException) -> UserError:
     else:
         reason = " ".join(str(err).split()) or type(err).__name__
         hint = "check free disk space and permissions"
-    return UserError(f"cannot write {path} ({reason}); {hint} — nothing was written and what was there before is unchanged")
+    return UserError(
+        f"cannot write {path} ({reason}); {hint} — nothing was written and what was there before is unchanged"
+    )
 
 
 @contextlib.contextmanager

@@ -122,7 +122,11 @@ def store_baseline(path: Path, identity: dict, reference, report) -> None:
         "report": asdict(report),
         "reference": None
         if reference is None
-        else {"token_lists": reference.token_lists, "continuations": reference.continuations, "kl_tokens": reference.kl_tokens},
+        else {
+            "token_lists": reference.token_lists,
+            "continuations": reference.continuations,
+            "kl_tokens": reference.kl_tokens,
+        },
     }
     arrays = {"logprobs": reference.logprobs} if reference is not None else {"empty": mx.zeros((1,))}
     ensure_parent(path)
@@ -148,7 +152,9 @@ def load_baseline(path: Path, identity: dict):
         ref = meta["reference"]
         reference = None
         if ref is not None:
-            reference = ReferenceLogprobs(ref["token_lists"], ref["continuations"], arrays["logprobs"], ref["kl_tokens"])
+            reference = ReferenceLogprobs(
+                ref["token_lists"], ref["continuations"], arrays["logprobs"], ref["kl_tokens"]
+            )
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
         log.warning("ignoring unreadable baseline cache entry %s: %s", path, err)
         return None
@@ -175,7 +181,9 @@ def cached_baseline(
     if use_cache:
         found = load_baseline(path, identity)
         if found is not None:
-            emit(f"original model's evaluation read from the cache {path} (same weights, prompts and settings; --no-cache recomputes it)")
+            emit(
+                f"original model's evaluation read from the cache {path} (same weights, prompts and settings; --no-cache recomputes it)"
+            )
             return found[0], found[1], True
     reference, report = compute()
     try:

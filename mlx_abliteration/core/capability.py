@@ -64,9 +64,15 @@ def is_correct(answer: str, expected: str) -> bool:
 
 
 def capability_rows(
-    model, tokenizer, n: int, *, batch_size: int, system_prompt: str | None = None, progress=None,
+    model,
+    tokenizer,
+    n: int,
+    *,
+    batch_size: int,
+    system_prompt: str | None = None,
+    progress=None,
     max_tokens: int = CAPABILITY_MAX_TOKENS,
-) -> list[dict]:  # fmt: skip
+) -> list[dict]:
     """Greedy answers to the first ``n`` questions: rows with ``kind`` "capability", ``expected`` and ``correct``."""
     from .chat import encode_chats, generation_budget
     from .evaluate import split_thinking
@@ -81,8 +87,15 @@ def capability_rows(
     for (question, expected), tokens in zip(questions, outputs):
         text = tokenizer.decode(strip_eos(tokens, eos))
         answer = split_thinking(text)[0]
-        rows.append({"kind": "capability", "prompt": question, "response": text, "expected": expected,
-                     "correct": answer is not None and is_correct(answer, expected)})  # fmt: skip
+        rows.append(
+            {
+                "kind": "capability",
+                "prompt": question,
+                "response": text,
+                "expected": expected,
+                "correct": answer is not None and is_correct(answer, expected),
+            }
+        )
     return rows
 
 

@@ -47,7 +47,9 @@ def render_chat(tokenizer, prompt: str, system_prompt: str | None = None) -> str
 
 
 def _render(tokenizer, messages: list[dict]) -> str:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs(tokenizer))
+    text = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False, **template_kwargs(tokenizer)
+    )
     return text + _THINK_CLOSE_SUFFIX if _open_thinking(text) else text
 
 
@@ -59,11 +61,15 @@ def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
     not truncating: a cut prompt means something else, and cutting it would
     remove the generation prompt where the probe and the answer begin.
     """
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **template_kwargs(tokenizer))
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, **template_kwargs(tokenizer)
+    )
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding
         ids = ids["input_ids"]
     ids = list(ids)
-    if THINK_OPEN in str(getattr(tokenizer, "chat_template", None) or "") and _open_thinking(_render_raw(tokenizer, messages)):
+    if THINK_OPEN in str(getattr(tokenizer, "chat_template", None) or "") and _open_thinking(
+        _render_raw(tokenizer, messages)
+    ):
         ids += list(tokenizer.encode(_THINK_CLOSE_SUFFIX, add_special_tokens=False))
     context = context_length(tokenizer)
     if context is not None and len(ids) >= context:
@@ -77,7 +83,9 @@ def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def _render_raw(tokenizer, messages: list[dict]) -> str:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs(tokenizer))
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False, **template_kwargs(tokenizer)
+    )
 
 
 def context_length(tokenizer) -> int | None:

@@ -232,13 +232,16 @@ def _parse_concept(check: _Checker, node: Node, key: str) -> Concept:
             raise check.fail(node, key, f"missing required key '{kind}'")
     if set(values["harmful"]) != set(values["harmless"]):
         raise check.fail(
-            fields.get("harmless", node), f"{key}.harmless",
+            fields.get("harmless", node),
+            f"{key}.harmless",
             f"slots {sorted(values['harmless'])} differ from harmful slots {sorted(values['harmful'])}; define the same slots on both sides",
         )
     for slot, harmful in values["harmful"].items():
         shared = set(harmful) & set(values["harmless"][slot])
         if shared:
-            raise check.fail(node, f"{key}.harmless.{slot}", f"value {sorted(shared)[0]!r} is also harmful; make it benign")
+            raise check.fail(
+                node, f"{key}.harmless.{slot}", f"value {sorted(shared)[0]!r} is also harmful; make it benign"
+            )
     return Concept(name, category, values)
 
 
@@ -252,19 +255,23 @@ def _parse_concepts(check: _Checker, node: Node) -> tuple[Concept, ...]:
     return tuple(concepts)
 
 
-def _check_coverage(check: _Checker, fields: dict, templates: tuple[Template, ...], concepts: tuple[Concept, ...]) -> None:
+def _check_coverage(
+    check: _Checker, fields: dict, templates: tuple[Template, ...], concepts: tuple[Concept, ...]
+) -> None:
     """Every template fits some concept and every concept fits some template."""
     for index, (template, item) in enumerate(zip(templates, fields["templates"].value)):
         if not any(set(template.slots) <= concept.slots for concept in concepts):
             prompt_node = next(value for key, value in item.value if key.value == "prompt")
             raise check.fail(
-                prompt_node, f"templates[{index}].prompt",
+                prompt_node,
+                f"templates[{index}].prompt",
                 f"no concept defines all of its slots {list(template.slots)}; add them to a concept or fix the name",
             )
     for index, (concept, item) in enumerate(zip(concepts, fields["concepts"].value)):
         if not any(set(template.slots) <= concept.slots for template in templates):
             raise check.fail(
-                item, f"concepts[{index}]",
+                item,
+                f"concepts[{index}]",
                 f"no template uses only its slots {sorted(concept.slots)}; add a template or rename the slots",
             )
 
@@ -294,7 +301,9 @@ def parse_template_set(text: str, source: str = "<templates>") -> TemplateSet:
     return TemplateSet(
         templates=templates,
         concepts=concepts,
-        num_samples=check.integer(config["num_samples"], "generation_config.num_samples", 1) if "num_samples" in config else None,
+        num_samples=check.integer(config["num_samples"], "generation_config.num_samples", 1)
+        if "num_samples" in config
+        else None,
         seed=check.integer(config["seed"], "generation_config.seed", 0) if "seed" in config else None,
         output_dir=check.text(config["output_dir"], "generation_config.output_dir") if "output_dir" in config else None,
         sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
@@ -416,9 +425,7 @@ def generate_pairs(
     )
 
 
-def _record(
-    prompt: str, kind: str, pair: int, candidate: _Candidate, values: dict[str, str], provenance: dict
-) -> dict:
+def _record(prompt: str, kind: str, pair: int, candidate: _Candidate, values: dict[str, str], provenance: dict) -> dict:
     return {
         "prompt": prompt,
         "kind": kind,

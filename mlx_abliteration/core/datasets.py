@@ -62,7 +62,9 @@ def load_prompts(
         return _load_path(path, column, label=str(source))
     text = str(source)
     if path.suffix.lower() in SUFFIXES or not is_hub_id(text):
-        raise UserError(f"{kind} dataset {text} not found; pass an existing file or a Hugging Face dataset id (owner/name)")
+        raise UserError(
+            f"{kind} dataset {text} not found; pass an existing file or a Hugging Face dataset id (owner/name)"
+        )
     directory = _download_dataset(text, cache_dir, kind)
     return _load_path(directory, column, label=text)
 
@@ -100,7 +102,13 @@ def _unique(prompts: Iterable[str]) -> list[str]:
 
 def _read_records(path: Path, column: str | None = None) -> Iterator[Record]:
     """Stream the records of ``path``: memory is one record (plus a JSON/CSV row), not the file."""
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".txt": _read_txt, ".parquet": _read_parquet}
+    readers = {
+        ".jsonl": _read_jsonl,
+        ".json": _read_json,
+        ".csv": _read_csv,
+        ".txt": _read_txt,
+        ".parquet": _read_parquet,
+    }
     reader = readers.get(path.suffix.lower())
     if reader is None:
         raise UserError(f"{path}: unsupported file type {path.suffix or '(none)'}; use one of {', '.join(SUFFIXES)}")
@@ -137,7 +145,9 @@ def _read_json(path: Path) -> Iterator[Record]:
     except json.JSONDecodeError as err:
         raise UserError(f"{path} line {err.lineno}: malformed JSON ({err.msg}); fix the file") from None
     if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list of prompts or objects, got {type(data).__name__}; wrap them in a list")
+        raise UserError(
+            f"{path}: expected a JSON list of prompts or objects, got {type(data).__name__}; wrap them in a list"
+        )
     for index in range(len(data)):
         item, data[index] = data[index], None  # let each object go once its prompt is taken
         yield f"item {index}", item
@@ -233,14 +243,18 @@ def _first_user_turn(messages: object, where: str) -> str:
         for message in messages:
             if isinstance(message, dict) and message.get("role") == "user":
                 return _message_text(message.get("content"))
-    raise UserError(f"{where}: 'messages' has no user turn; give each record a {{'role': 'user', 'content': ...}} message")
+    raise UserError(
+        f"{where}: 'messages' has no user turn; give each record a {{'role': 'user', 'content': ...}} message"
+    )
 
 
 def _message_text(content: object) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # multimodal parts: [{"type": "text", "text": ...}, ...]
-        return " ".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+        return " ".join(
+            part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
+        )
     return ""
 
 

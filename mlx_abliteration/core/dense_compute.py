@@ -55,7 +55,12 @@ def _dense_twin(module: nn.Module, dtype) -> nn.Module | None:
 
     # Dequantize in the stored scales' dtype, as the save path does, then cast.
     weight = mx.dequantize(
-        module.weight, module.scales, module.get("biases"), group_size=module.group_size, bits=module.bits, mode=module.mode
+        module.weight,
+        module.scales,
+        module.get("biases"),
+        group_size=module.group_size,
+        bits=module.bits,
+        mode=module.mode,
     ).astype(dtype)
     if isinstance(module, nn.QuantizedEmbedding):
         dense = nn.Embedding(*weight.shape)

@@ -12,7 +12,6 @@ from ..errors import UserError
 from .probe import WelfordStats
 
 
-
 def calculate_refusal_direction(
     harmful_mean: mx.array, harmless_mean: mx.array, variant: str = "mean-diff"
 ) -> tuple[mx.array, float]:
@@ -73,7 +72,9 @@ class RefusalDirections:
         lo = math.floor(layer)
         hi = math.ceil(layer)
         for bound in {lo, hi} & set(self.degenerate):
-            raise UserError(f"layer {bound}: the harmful and harmless activations are identical there (no direction); choose another layer")
+            raise UserError(
+                f"layer {bound}: the harmful and harmless activations are identical there (no direction); choose another layer"
+            )
         if lo not in self.layers or hi not in self.layers:
             raise UserError(f"layer {layer} was not probed; probed layers: {_ranges(self.layers)}")
         if lo == hi:
@@ -83,12 +84,16 @@ class RefusalDirections:
         return mixed / mx.linalg.norm(mixed)
 
 
-def compute_directions(harmful: WelfordStats, harmless: WelfordStats, layers: list[int], num_model_layers: int, variant: str = "mean-diff") -> RefusalDirections:
+def compute_directions(
+    harmful: WelfordStats, harmless: WelfordStats, layers: list[int], num_model_layers: int, variant: str = "mean-diff"
+) -> RefusalDirections:
     rows, stats, kept, degenerate = [], [], [], []
     pooled_var = (harmful.variance + harmless.variance) / 2
     for row, layer in enumerate(layers):
         if _equal_means(harmful.mean[row], harmless.mean[row]):
-            degenerate.append(layer)  # e.g. a layer the prompts' probe positions cannot tell apart (short-conv first layers)
+            degenerate.append(
+                layer
+            )  # e.g. a layer the prompts' probe positions cannot tell apart (short-conv first layers)
             continue
         kept.append(layer)
         r, norm = calculate_refusal_direction(harmful.mean[row], harmless.mean[row], variant)
@@ -99,7 +104,9 @@ def compute_directions(harmful: WelfordStats, harmless: WelfordStats, layers: li
         rel = norm / max(float(mx.linalg.norm(b).item()), 1e-12)
         stats.append(LayerStats(layer, norm, rel, cos, norm / std))
     if not rows:
-        raise UserError("harmful and harmless activations are identical at every probed layer; the datasets do not separate")
+        raise UserError(
+            "harmful and harmless activations are identical at every probed layer; the datasets do not separate"
+        )
     directions = mx.stack(rows)
     mx.eval(directions)
     return RefusalDirections(kept, directions, stats, variant, num_model_layers, tuple(degenerate))
@@ -110,7 +117,11 @@ def _equal_means(a: mx.array, b: mx.array) -> bool:
 
 
 def _ranges(layers: list[int]) -> str:
-    return f"{min(layers)}..{max(layers)}" if layers == list(range(min(layers), max(layers) + 1)) else ", ".join(map(str, layers))
+    return (
+        f"{min(layers)}..{max(layers)}"
+        if layers == list(range(min(layers), max(layers) + 1))
+        else ", ".join(map(str, layers))
+    )
 
 
 def parse_layer_list(text: str | None, num_layers: int) -> list[int]:
@@ -124,7 +135,9 @@ def parse_layer_list(text: str | None, num_layers: int) -> list[int]:
         try:
             values = [_layer_number(b, num_layers) for b in bounds]
         except ValueError:
-            raise UserError(f"--layers: cannot parse {part!r}; use e.g. 'all', '10-20', '4,8,12' or '0.4-0.8'") from None
+            raise UserError(
+                f"--layers: cannot parse {part!r}; use e.g. 'all', '10-20', '4,8,12' or '0.4-0.8'"
+            ) from None
         lo, hi = values[0], values[-1]
         if lo > hi:
             raise UserError(f"--layers: range {part!r} is empty; write the smaller bound first")
@@ -163,7 +176,9 @@ def parse_use_layer(value: str | int | float | None, num_layers: int) -> int | s
     try:
         number = float(text)
     except ValueError:
-        raise UserError(f"--use-layer {text!r} is not a layer; use 'auto', an index like 14 or -10, or a fraction like 0.5") from None
+        raise UserError(
+            f"--use-layer {text!r} is not a layer; use 'auto', an index like 14 or -10, or a fraction like 0.5"
+        ) from None
     if not math.isfinite(number):
         raise UserError(f"--use-layer {text!r} is not a finite number")
     if "." in text:
@@ -207,12 +222,16 @@ def load_directions(path) -> tuple[RefusalDirections, int]:
     if path.is_dir():
         path = path / "refusal_direction.safetensors"
     if not path.is_file():
-        raise UserError(f"direction file {path} does not exist; run `mlx-abliterate probe` first or point at a model dir that has one")
+        raise UserError(
+            f"direction file {path} does not exist; run `mlx-abliterate probe` first or point at a model dir that has one"
+        )
     try:
         tensors, metadata = mx.load(str(path), return_metadata=True)
         stats = [LayerStats(**s) for s in json.loads(metadata["layer_stats"])]
         layers = [int(x) for x in tensors["layers"].tolist()]
-        directions = RefusalDirections(layers, tensors["layer_directions"], stats, metadata["variant"], int(metadata["num_model_layers"]))
+        directions = RefusalDirections(
+            layers, tensors["layer_directions"], stats, metadata["variant"], int(metadata["num_model_layers"])
+        )
         return directions, int(metadata["chosen_layer"])
     except (KeyError, ValueError, RuntimeError, TypeError) as err:
         from .model_io import is_unreadable_weights

@@ -81,7 +81,9 @@ def probe_prompts_distributed(
     mine = rank_slice(prompts, group)
     layer_ids = sorted(range(len(decoder_layers(model))) if layer_ids is None else layer_ids)
     if mine:
-        local = probe_prompts(model, tokenizer, mine, spec, layer_ids, batch_size, progress, f"{label} (rank {group.rank()})")
+        local = probe_prompts(
+            model, tokenizer, mine, spec, layer_ids, batch_size, progress, f"{label} (rank {group.rank()})"
+        )
     else:
         local = WelfordStats.empty(len(layer_ids), _hidden_size(model))
     return all_reduce_stats(local, group)

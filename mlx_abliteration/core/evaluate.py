@@ -133,7 +133,9 @@ def _copied_from_prompt(words: list[re.Match], first: int, last: int, ngrams: fr
     return bool(before or after)
 
 
-def refusal_markers_found(text: str, markers: Sequence[str] = DEFAULT_REFUSAL_MARKERS, prompt: str | None = None) -> list[str]:
+def refusal_markers_found(
+    text: str, markers: Sequence[str] = DEFAULT_REFUSAL_MARKERS, prompt: str | None = None
+) -> list[str]:
     """The marker occurrences in ``text`` that count (normalized, in order).
 
     With ``prompt``, an occurrence copied from the prompt does not count: the
@@ -159,7 +161,9 @@ def refusal_markers_found(text: str, markers: Sequence[str] = DEFAULT_REFUSAL_MA
     return found
 
 
-def contains_refusal_marker(text: str, markers: Sequence[str] = DEFAULT_REFUSAL_MARKERS, prompt: str | None = None) -> bool:
+def contains_refusal_marker(
+    text: str, markers: Sequence[str] = DEFAULT_REFUSAL_MARKERS, prompt: str | None = None
+) -> bool:
     """True if ``text`` contains a refusal marker (with ``prompt``: one not copied from the prompt)."""
     return bool(refusal_markers_found(text, markers, prompt))
 
@@ -183,7 +187,9 @@ def split_thinking(text: str) -> tuple[str | None, str]:
     return text, ""
 
 
-def answer_verdict(text: str, markers: Sequence[str] = DEFAULT_REFUSAL_MARKERS, prompt: str | None = None) -> bool | None:
+def answer_verdict(
+    text: str, markers: Sequence[str] = DEFAULT_REFUSAL_MARKERS, prompt: str | None = None
+) -> bool | None:
     """True (refusal) / False (compliance) judged on the answer part only; None if the text never left
     its thinking block (unfinished within the token budget: neither refusal nor compliance)."""
     answer, _ = split_thinking(text)
@@ -241,7 +247,9 @@ def reference_logprobs(
     token_lists = encode_chats(tokenizer, harmless_prompts, system_prompt)
     if kl_tokens > 1:
         eos = frozenset(tokenizer.eos_token_ids)
-        continuations = greedy_tokens(model, token_lists, kl_tokens, batch_size, eos, progress=progress, what="reference")
+        continuations = greedy_tokens(
+            model, token_lists, kl_tokens, batch_size, eos, progress=progress, what="reference"
+        )
     else:
         continuations = [[] for _ in token_lists]
     logprobs = continuation_logprobs(model, token_lists, continuations, batch_size, progress)
@@ -249,7 +257,9 @@ def reference_logprobs(
     return ReferenceLogprobs(token_lists, continuations, logprobs, max(1, kl_tokens))
 
 
-def kl_from_reference(model, reference: ReferenceLogprobs, batch_size: int = DEFAULT_BATCH_SIZE, progress=None) -> float:
+def kl_from_reference(
+    model, reference: ReferenceLogprobs, batch_size: int = DEFAULT_BATCH_SIZE, progress=None
+) -> float:
     logprobs = continuation_logprobs(model, reference.token_lists, reference.continuations, batch_size, progress)
     return kl_divergence(reference.logprobs, logprobs)
 
@@ -323,7 +333,9 @@ def evaluate_model(
     ):
         raise ReferenceMismatch("the reference log-probs were computed on other prompts or with another tokenizer")
     start = time.perf_counter()
-    generator = _RefusalCounter(model, tokenizer, max_tokens, batch_size, system_prompt, markers, stop_at_refusal, progress)
+    generator = _RefusalCounter(
+        model, tokenizer, max_tokens, batch_size, system_prompt, markers, stop_at_refusal, progress
+    )
     responses = generator.run(harmful_prompts, "harmful")
     harmless_refusals = None
     if count_harmless_refusals and harmless_prompts:
@@ -334,7 +346,12 @@ def evaluate_model(
         from .capability import capability_rows
 
         rows = capability_rows(
-            model, tokenizer, capability_questions, batch_size=batch_size, system_prompt=system_prompt, progress=progress
+            model,
+            tokenizer,
+            capability_questions,
+            batch_size=batch_size,
+            system_prompt=system_prompt,
+            progress=progress,
         )
         responses += rows
         capability = [r["correct"] for r in rows]
@@ -360,9 +377,14 @@ def evaluate_model(
 
 
 def eval_settings(
-    *, max_tokens: int, kl_tokens: int, batch_size: int, system_prompt: str | None, markers: Sequence[str],
+    *,
+    max_tokens: int,
+    kl_tokens: int,
+    batch_size: int,
+    system_prompt: str | None,
+    markers: Sequence[str],
     capability_questions: int = 0,
-) -> dict:  # fmt: skip
+) -> dict:
     """Every setting an evaluation depends on (the baseline cache's key; ``evaluate_original``'s input)."""
     return {
         "capability_questions": capability_questions,
@@ -374,17 +396,32 @@ def eval_settings(
     }
 
 
-def evaluate_original(model, tokenizer, harmful_prompts, harmless_prompts, settings: dict, progress: Progress | None = None):
+def evaluate_original(
+    model, tokenizer, harmful_prompts, harmless_prompts, settings: dict, progress: Progress | None = None
+):
     """``(reference, report)`` of the unedited model: the reference log-probs for KL, then its answers."""
     reference = reference_logprobs(
-        model, tokenizer, harmless_prompts, kl_tokens=settings["kl_tokens"], batch_size=settings["batch_size"],
-        system_prompt=settings["system_prompt"], progress=progress,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        harmless_prompts,
+        kl_tokens=settings["kl_tokens"],
+        batch_size=settings["batch_size"],
+        system_prompt=settings["system_prompt"],
+        progress=progress,
+    )
     report = evaluate_model(
-        model, tokenizer, harmful_prompts, harmless_prompts, max_tokens=settings["max_tokens"],
-        batch_size=settings["batch_size"], system_prompt=settings["system_prompt"], markers=settings["markers"],
-        kl_tokens=settings["kl_tokens"], progress=progress, capability_questions=settings.get("capability_questions", 0),
-    )  # fmt: skip
+        model,
+        tokenizer,
+        harmful_prompts,
+        harmless_prompts,
+        max_tokens=settings["max_tokens"],
+        batch_size=settings["batch_size"],
+        system_prompt=settings["system_prompt"],
+        markers=settings["markers"],
+        kl_tokens=settings["kl_tokens"],
+        progress=progress,
+        capability_questions=settings.get("capability_questions", 0),
+    )
     return reference, report
 
 
@@ -408,7 +445,14 @@ class _RefusalCounter:
 
         start = time.perf_counter()
         outputs = greedy_tokens(
-            self.model, token_lists, self.max_tokens, self.batch_size, self.eos, None, self.progress, kind,
+            self.model,
+            token_lists,
+            self.max_tokens,
+            self.batch_size,
+            self.eos,
+            None,
+            self.progress,
+            kind,
             row_stop=stop if self.stop_at_refusal else None,
         )
         self.seconds += time.perf_counter() - start

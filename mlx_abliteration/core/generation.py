@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from ..defaults import GENERATION_BATCH_SIZE as DEFAULT_BATCH_SIZE
 from .batching import batching_supported, length_sorted_batches, prefill
 
 Progress = Callable[[int, int, str], None]
-from ..defaults import GENERATION_BATCH_SIZE as DEFAULT_BATCH_SIZE
 
 
 def greedy_tokens(
@@ -54,7 +54,9 @@ def greedy_tokens(
         stops = [stop_when] * len(indices)
         if row_stop is not None:
             stops = [(lambda tokens, i=i: row_stop(i, tokens)) for i in indices]
-        batch = _decode_batch(model, [token_lists[i] for i in indices], max_tokens, eos_token_ids, stops, finished, prefill_fn or prefill)
+        batch = _decode_batch(
+            model, [token_lists[i] for i in indices], max_tokens, eos_token_ids, stops, finished, prefill_fn or prefill
+        )
         for i, tokens in zip(indices, batch):
             outputs[i] = tokens
     return outputs

@@ -98,7 +98,9 @@ def open_gguf(path: Path):
                 f"{path} holds a tensor of unknown type ({reason}); upgrade the gguf package "
                 "(pip install -U gguf) or re-export the model with a common type such as Q8_0 or Q4_K_M"
             ) from None
-        raise UserError(f"cannot read GGUF file {path} ({reason}); the file is truncated or corrupt, download it again") from None
+        raise UserError(
+            f"cannot read GGUF file {path} ({reason}); the file is truncated or corrupt, download it again"
+        ) from None
     size = path.stat().st_size
     for tensor in reader.tensors:
         if int(tensor.data_offset) + int(tensor.n_bytes) > size:
@@ -189,7 +191,11 @@ def _native_blocks(raw: np.ndarray, type_name: str) -> tuple[np.ndarray, np.ndar
         nibbles = blocks[..., header:]
         values = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)  # GGUF order: low halves first
         values = values[..., 0::2] | (values[..., 1::2] << 4)  # MLX order: element 2k in the low nibble
-        biases = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if type_name == "Q4_1" else -8.0 * scales
+        biases = (
+            blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+            if type_name == "Q4_1"
+            else -8.0 * scales
+        )
     packed = np.ascontiguousarray(values).reshape(rows, -1).view("<u4")
     return packed, scales, biases
 
@@ -323,7 +329,11 @@ def write_safetensors(path: Path, tensors: list[OutputTensor], progress: Callabl
     header: dict = {"__metadata__": {"format": "mlx"}}
     offset = 0
     for tensor in tensors:
-        header[tensor.name] = {"dtype": tensor.dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
+        header[tensor.name] = {
+            "dtype": tensor.dtype,
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
         offset += tensor.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
@@ -386,11 +396,18 @@ def _llama3_rope_scaling(reader, arch: str, head_dim: int, theta: float) -> dict
         wavelen = 2 * np.pi / freqs
         smooth = (original / wavelen - low) / (high - low)
         expected = np.where(
-            wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, 1 / ((1 - smooth) / factor + smooth))
+            wavelen < original / high,
+            1.0,
+            np.where(wavelen > original / low, factor, 1 / ((1 - smooth) / factor + smooth)),
         )
         if expected.shape == factors.shape and np.allclose(expected, factors, rtol=1e-3):
-            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-                    "original_max_position_embeddings": original}
+            return {
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low,
+                "high_freq_factor": high,
+                "original_max_position_embeddings": original,
+            }
     raise UserError(f"unrecognised rope_freqs table in this {arch} GGUF; only Llama 3.x rope scaling is supported")
 
 
@@ -489,7 +506,12 @@ def convert_gguf(
 
 
 def _convert(
-    gguf_path: Path, output_dir: Path, dtype: str, overwrite: bool, expected_sha256: str | None, known_sha256: str | None
+    gguf_path: Path,
+    output_dir: Path,
+    dtype: str,
+    overwrite: bool,
+    expected_sha256: str | None,
+    known_sha256: str | None,
 ) -> Path:
     from .gguf_tokenizer import eos_token_ids, pre_tokenizer_style, write_tokenizer_files
 

@@ -16,9 +16,7 @@ from ..errors import UserError
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
 
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -123,7 +121,9 @@ def eos_token_ids(reader) -> list[int]:
     ids = [_meta(reader, f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
     tokens = _meta(reader, "tokenizer.ggml.tokens", [])
     types = _meta(reader, "tokenizer.ggml.token_type", [])
-    ids += [i for i, (token, kind) in enumerate(zip(tokens, types)) if kind == TOKEN_CONTROL and token in _END_OF_GENERATION]
+    ids += [
+        i for i, (token, kind) in enumerate(zip(tokens, types)) if kind == TOKEN_CONTROL and token in _END_OF_GENERATION
+    ]
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
@@ -152,8 +152,10 @@ def write_tokenizer_files(reader, out_dir: Path, path: Path, max_length: int, eo
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
     generation = {}
-    for key, value in (("bos_token_id", _meta(reader, "tokenizer.ggml.bos_token_id")),
-                       ("pad_token_id", _meta(reader, "tokenizer.ggml.padding_token_id"))):
+    for key, value in (
+        ("bos_token_id", _meta(reader, "tokenizer.ggml.bos_token_id")),
+        ("pad_token_id", _meta(reader, "tokenizer.ggml.padding_token_id")),
+    ):
         if value is not None:
             generation[key] = int(value)
     if eos_ids:

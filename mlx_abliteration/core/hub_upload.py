@@ -36,8 +36,10 @@ class UploadPlan:
         return sum(size for _, size in self.files)
 
     def describe(self) -> str:
-        lines = [f"would upload {len(self.files)} files ({self.total_bytes / 1e6:.1f} MB) from {self.folder} to "
-                 f"{'private ' if self.private else ''}model repo {self.repo}:"]  # fmt: skip
+        lines = [
+            f"would upload {len(self.files)} files ({self.total_bytes / 1e6:.1f} MB) from {self.folder} to "
+            f"{'private ' if self.private else ''}model repo {self.repo}:"
+        ]
         lines += [f"  {name}  {size / 1e6:.2f} MB" for name, size in self.files]
         lines += ["", f"--- {CARD} ---", self.card]
         return "\n".join(lines)
@@ -58,7 +60,9 @@ def plan_upload(folder: str | Path, repo: str, private: bool = False) -> UploadP
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder; pass the output dir of `mlx-abliterate run` (or an adapter dir)")
     if not (folder / LOG).is_file():
-        raise UserError(f"{folder} has no {LOG}; upload the output dir of `mlx-abliterate run`, `ablate` or `export-adapter`")
+        raise UserError(
+            f"{folder} has no {LOG}; upload the output dir of `mlx-abliterate run`, `ablate` or `export-adapter`"
+        )
     card = folder / CARD
     if not card.is_file():
         from .model_card import model_card
@@ -89,7 +93,9 @@ def _is_network_error(err: BaseException) -> bool:
         return True
     kind = type(err)
     module = kind.__module__.split(".")[0]
-    return module in ("httpx", "httpcore", "requests", "urllib3") and any(w in kind.__name__ for w in ("Connect", "Timeout", "Network", "Proxy"))
+    return module in ("httpx", "httpcore", "requests", "urllib3") and any(
+        w in kind.__name__ for w in ("Connect", "Timeout", "Network", "Proxy")
+    )
 
 
 def _status(err: BaseException) -> int | None:
@@ -105,17 +111,31 @@ def _hub_call(what: str, fn, *args, **kwargs):
         raise
     except Exception as err:
         if _is_network_error(err):
-            raise UserError(f"cannot reach the Hugging Face Hub to {what} ({type(err).__name__}); check the network (and HF_HUB_OFFLINE)") from err
+            raise UserError(
+                f"cannot reach the Hugging Face Hub to {what} ({type(err).__name__}); check the network (and HF_HUB_OFFLINE)"
+            ) from err
         status = _status(err)
         if status == 401:
-            raise UserError(f"the Hugging Face token was rejected when trying to {what}; log in again (`huggingface-cli login`)") from err
+            raise UserError(
+                f"the Hugging Face token was rejected when trying to {what}; log in again (`huggingface-cli login`)"
+            ) from err
         if status == 403:
-            raise UserError(f"the Hugging Face token may not {what}; it needs write access to the repo's namespace") from err
+            raise UserError(
+                f"the Hugging Face token may not {what}; it needs write access to the repo's namespace"
+            ) from err
         raise
 
 
-def upload(folder: str | Path, repo: str, *, private: bool = False, overwrite: bool = False, dry_run: bool = False,
-           api=None, progress=None) -> UploadPlan:  # fmt: skip
+def upload(
+    folder: str | Path,
+    repo: str,
+    *,
+    private: bool = False,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    api=None,
+    progress=None,
+) -> UploadPlan:
     """Create ``repo`` and upload ``folder`` into it (``dry_run``: only the plan, no token or network needed)."""
     plan = plan_upload(folder, repo, private)
     if dry_run:
@@ -127,17 +147,33 @@ def upload(folder: str | Path, repo: str, *, private: bool = False, overwrite: b
         api = HfApi(token=token)
     exists = _hub_call(f"look up {repo}", api.repo_exists, repo, repo_type="model")
     if exists and not overwrite:
-        raise UserError(f"the Hub repo {repo} already exists; pass --overwrite to upload into it (files of the same name are replaced)")
+        raise UserError(
+            f"the Hub repo {repo} already exists; pass --overwrite to upload into it (files of the same name are replaced)"
+        )
     _hub_call(f"create {repo}", api.create_repo, repo, private=private, repo_type="model", exist_ok=True)
     if progress:
         progress(0, 1, "upload")
     large = getattr(api, "upload_large_folder", None)
     if large is not None:
-        _hub_call(f"upload to {repo}", large, repo_id=repo, folder_path=str(plan.folder), repo_type="model",
-                  private=private, ignore_patterns=list(IGNORED))  # fmt: skip
+        _hub_call(
+            f"upload to {repo}",
+            large,
+            repo_id=repo,
+            folder_path=str(plan.folder),
+            repo_type="model",
+            private=private,
+            ignore_patterns=list(IGNORED),
+        )
     else:
-        _hub_call(f"upload to {repo}", api.upload_folder, repo_id=repo, folder_path=str(plan.folder), repo_type="model",
-                  ignore_patterns=list(IGNORED), commit_message="Upload abliterated model (mlx-abliteration)")  # fmt: skip
+        _hub_call(
+            f"upload to {repo}",
+            api.upload_folder,
+            repo_id=repo,
+            folder_path=str(plan.folder),
+            repo_type="model",
+            ignore_patterns=list(IGNORED),
+            commit_message="Upload abliterated model (mlx-abliteration)",
+        )
     if progress:
         progress(1, 1, "upload")
     return plan

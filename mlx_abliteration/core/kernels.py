@@ -79,7 +79,9 @@ class PlanSpec:
                 norm_preserve=_flag(data.get("norm_preserve", False)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise UserError(f"not a plan spec ({type(err).__name__}: {err}); expected the keys of PlanSpec.to_dict()") from None
+            raise UserError(
+                f"not a plan spec ({type(err).__name__}: {err}); expected the keys of PlanSpec.to_dict()"
+            ) from None
         spec.validate()
         return spec
 
@@ -101,7 +103,9 @@ def _flag(value) -> bool:
     return value
 
 
-def uniform_spec(layer: float, num_layers: int, strength: float = 1.0, embed: bool = True, norm_preserve: bool = False) -> PlanSpec:
+def uniform_spec(
+    layer: float, num_layers: int, strength: float = 1.0, embed: bool = True, norm_preserve: bool = False
+) -> PlanSpec:
     """The spec of the fixed plan: one direction, ``strength`` on every layer (and the embedding)."""
     center = (num_layers - 1) / 2
     kernel = Kernel(strength, center, strength, max(float(num_layers - 1), 1.0))
@@ -116,11 +120,17 @@ def kernel_plan(directions: RefusalDirections, spec: PlanSpec, targets=DEFAULT_T
     if spec.direction_scope == "global":
         layer_directions = mx.broadcast_to(embed_direction, (num_layers, embed_direction.shape[-1]))
     else:
-        layer_directions = mx.stack([unit(directions.direction(_nearest(directions.layers, layer))) for layer in range(num_layers)])
+        layer_directions = mx.stack(
+            [unit(directions.direction(_nearest(directions.layers, layer))) for layer in range(num_layers)]
+        )
     return AblationPlan(
         layer_directions=layer_directions,
         embed_direction=embed_direction,
-        strengths={"attn": spec.attn.weights(num_layers), "mlp": spec.mlp.weights(num_layers), "embed": [spec.embed_weight]},
+        strengths={
+            "attn": spec.attn.weights(num_layers),
+            "mlp": spec.mlp.weights(num_layers),
+            "embed": [spec.embed_weight],
+        },
         targets=tuple(targets),
         norm_preserve=spec.norm_preserve,
     )
@@ -137,7 +147,9 @@ def load_plan_spec(path: str | Path) -> PlanSpec:
     if path.is_dir():
         path = path / "abliteration_log.json"
     if not path.is_file():
-        raise UserError(f"plan file {path} does not exist; pass a plan-spec JSON or an abliteration_log.json from `search`")
+        raise UserError(
+            f"plan file {path} does not exist; pass a plan-spec JSON or an abliteration_log.json from `search`"
+        )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:

@@ -94,7 +94,11 @@ def _array(value: object, depth: int, seen: frozenset[int]) -> object:
     size = getattr(value, "size", 1)
     size = size() if callable(size) else size
     if isinstance(size, int) and size > MAX_ARRAY_ELEMENTS:
-        return {"shape": to_jsonable(getattr(value, "shape", None)), "dtype": str(getattr(value, "dtype", "?")), "size": size}
+        return {
+            "shape": to_jsonable(getattr(value, "shape", None)),
+            "dtype": str(getattr(value, "dtype", "?")),
+            "size": size,
+        }
     plain = value.tolist() if callable(getattr(value, "tolist", None)) else value.item()
     return to_jsonable(plain, depth + 1, seen)
 
@@ -178,7 +182,9 @@ def _private_dir(folder: Path) -> None:
     info = os.lstat(folder)
     mine = not hasattr(os, "getuid") or info.st_uid == os.getuid()
     if not stat.S_ISDIR(info.st_mode) or not mine or info.st_mode & 0o077:
-        raise OSError(errno.EPERM, "not a private folder of this user (a symlink, another user's or group/world-accessible)")
+        raise OSError(
+            errno.EPERM, "not a private folder of this user (a symlink, another user's or group/world-accessible)"
+        )
 
 
 class _PrivateFileHandler(logging.FileHandler):

@@ -102,8 +102,10 @@ def model_card(record: dict, adapter: dict | None = None) -> str:
     tags = ("lora",) if adapter else (("quantized", f"{quant['bits']}-bit") if quant else ())
     stored = "Every edited tensor keeps its original dtype and quantization."
     if quant:
-        stored = (f"The edit was made in full precision, then the whole model was quantized like `mlx_lm.convert -q` "
-                  f"({quant['mode']}, {quant['bits']} bits, group size {quant['group_size']}).")  # fmt: skip
+        stored = (
+            f"The edit was made in full precision, then the whole model was quantized like `mlx_lm.convert -q` "
+            f"({quant['mode']}, {quant['bits']} bits, group size {quant['group_size']})."
+        )
     plan = record.get("plan", {})
     layer_note = f"taken from layer **{record.get('chosen_layer')}** (`--use-layer {params.get('use_layer')}`)"
     if record.get("plan_spec"):
@@ -148,7 +150,7 @@ mlx-abliterate run --reproduce abliteration_log.json -o ./reproduced
 ```python
 from mlx_lm import load, generate
 
-model, tokenizer = load("{'path/to/base/model' if adapter else 'path/to/this/model'}"{', adapter_path="path/to/this/adapter"' if adapter else ''})
+model, tokenizer = load("{"path/to/base/model" if adapter else "path/to/this/model"}"{', adapter_path="path/to/this/adapter"' if adapter else ""})
 messages = [{{"role": "user", "content": "Hello!"}}]
 prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 print(generate(model, tokenizer, prompt=prompt, max_tokens=256))
@@ -168,7 +170,9 @@ def _adapter_section(adapter: dict, source: str) -> str:
     ]
     missing = adapter.get("not_expressed") or []
     if missing:
-        lines.append("Parts of the full edit this adapter cannot express (mlx-lm adapters only wrap linear layers "
-                     "inside the decoder layers, add no bias, and are linear in W):")  # fmt: skip
+        lines.append(
+            "Parts of the full edit this adapter cannot express (mlx-lm adapters only wrap linear layers "
+            "inside the decoder layers, add no bias, and are linear in W):"
+        )
         lines += [f"- {item}" for item in missing]
     return "\n".join(lines) + "\n"

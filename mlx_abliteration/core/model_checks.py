@@ -8,7 +8,14 @@ from pathlib import Path
 from ..errors import UserError
 
 INDEX_NAME = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken", "qwen.tiktoken", "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "tokenizer.tiktoken",
+    "qwen.tiktoken",
+    "vocab.txt",
+)
 
 
 def parse_config(path: Path) -> dict:
@@ -17,7 +24,9 @@ def parse_config(path: Path) -> dict:
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as err:
-        raise UserError(f"cannot read {file} ({err.strerror or err}); fix its permissions (chmod a+r) or copy the model somewhere readable") from None
+        raise UserError(
+            f"cannot read {file} ({err.strerror or err}); fix its permissions (chmod a+r) or copy the model somewhere readable"
+        ) from None
     except UnicodeDecodeError:
         raise UserError(f"{file} is not UTF-8 text; restore the model's original config.json") from None
     try:
@@ -25,11 +34,13 @@ def parse_config(path: Path) -> dict:
     except json.JSONDecodeError as err:
         raise UserError(f"{file} is not valid JSON ({err}); restore the file") from None
     if not isinstance(config, dict):
-        raise UserError(f"{file} holds a JSON {type(config).__name__}, not an object; restore the model's original config.json")
+        raise UserError(
+            f"{file} holds a JSON {type(config).__name__}, not an object; restore the model's original config.json"
+        )
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise UserError(
-            f"{file} has no \"model_type\"; restore the original config.json or add the architecture, "
+            f'{file} has no "model_type"; restore the original config.json or add the architecture, '
             'e.g. "model_type": "llama" (or "qwen2", "mistral", ...)'
         )
     return config
@@ -70,7 +81,9 @@ def model_classes(config: dict) -> tuple[type, type]:
     if isinstance(architectures, str):
         architectures = (architectures,)
     by_architecture = getattr(utils, "MODEL_ARCHITECTURE_REMAPPING", {})
-    remapped = next((by_architecture[(model_type, a)] for a in architectures if (model_type, a) in by_architecture), None)
+    remapped = next(
+        (by_architecture[(model_type, a)] for a in architectures if (model_type, a) in by_architecture), None
+    )
     module = remapped or utils.MODEL_REMAPPING.get(model_type, model_type)
     try:
         arch = importlib.import_module(f"mlx_lm.models.{module}")
@@ -90,7 +103,7 @@ def check_index(path: Path) -> None:
         raise UserError(f"{index_path} is unreadable ({err}); restore the file") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-        raise UserError(f"{index_path} has no \"weight_map\" object; restore the file")
+        raise UserError(f'{index_path} has no "weight_map" object; restore the file')
     shards = sorted({str(s) for s in weight_map.values()})
     missing = [s for s in shards if not (Path(path) / s).is_file()]
     if missing:

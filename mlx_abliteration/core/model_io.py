@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -25,9 +24,13 @@ def check_model_dir(path: str | Path) -> Path:
     if not path.is_dir():
         raise UserError(f"model path {path} is not a directory; pass a model directory or a .gguf file")
     if not (path / "config.json").is_file():
-        raise UserError(f"{path} has no config.json; point --model at a directory holding config.json and *.safetensors")
+        raise UserError(
+            f"{path} has no config.json; point --model at a directory holding config.json and *.safetensors"
+        )
     if not weight_files(path):
-        raise UserError(f"{path} has no model*.safetensors weights; convert the model to safetensors (mlx_lm.convert) first")
+        raise UserError(
+            f"{path} has no model*.safetensors weights; convert the model to safetensors (mlx_lm.convert) first"
+        )
     from .model_checks import check_index, parse_config
 
     parse_config(path)
@@ -59,7 +62,6 @@ def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False, dequa
     from mlx_lm.utils import load_tokenizer
 
     from ..backend import compute_dtype as default_compute_dtype
-
     from .model_checks import check_finite_weights, check_model_type, check_tokenizer_files, tokenizer_error
 
     path = check_model_dir(path)
@@ -137,7 +139,9 @@ def quant_params_for(module_path: str, config: dict):
     if entry is False:
         return None
     if isinstance(entry, dict):
-        return QuantParams(entry.get("group_size", q["group_size"]), entry["bits"], entry.get("mode", q.get("mode", "affine")))
+        return QuantParams(
+            entry.get("group_size", q["group_size"]), entry["bits"], entry.get("mode", q.get("mode", "affine"))
+        )
     return QuantParams(q["group_size"], q["bits"], q.get("mode", "affine"))
 
 
@@ -172,7 +176,9 @@ def _safetensors_names(path: Path) -> list[str]:
         with safe_open(str(path), framework="numpy") as f:
             return list(f.keys())
     except (SafetensorError, OSError) as err:
-        raise UserError(f"{path} is not a valid safetensors file ({err}); it may be truncated or corrupt: re-download it") from err
+        raise UserError(
+            f"{path} is not a valid safetensors file ({err}); it may be truncated or corrupt: re-download it"
+        ) from err
 
 
 def _tensor_bytes(path: Path) -> int:
@@ -280,7 +286,10 @@ class _Hasher:
             self.jobs[kind][path.name] = self.pool.submit(sha256_file, path)
 
     def results(self) -> dict:
-        return {f"{kind}_sha256": {name: job.result() for name, job in sorted(jobs.items())} for kind, jobs in self.jobs.items()}
+        return {
+            f"{kind}_sha256": {name: job.result() for name, job in sorted(jobs.items())}
+            for kind, jobs in self.jobs.items()
+        }
 
     def __exit__(self, *exc):
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -303,7 +312,11 @@ def _write_model(source: Path, out: Path, plan, edited_precision, progress, on_w
     new_map, reports, dequantized, total = {}, [], [], 0
     for n, shard in enumerate(shards):
         names = [k for k, v in weight_map.items() if v == shard]
-        if layout.copyable and not any(touches(plan, k.rpartition(".")[0]) for k in names) and not any(k in pending for k in names):
+        if (
+            layout.copyable
+            and not any(touches(plan, k.rpartition(".")[0]) for k in names)
+            and not any(k in pending for k in names)
+        ):
             # Nothing to edit: a byte-for-byte copy is exact and disk-speed.
             shutil.copyfile(source / shard, out / shard)
             on_written(out / shard)
@@ -324,7 +337,12 @@ def _write_model(source: Path, out: Path, plan, edited_precision, progress, on_w
             module, _, leaf = name.rpartition(".")
             edit = None
             if leaf in ("weight", "scales", "biases", "bias") and touches(plan, module):
-                leaves = {other: tensors[f"{module}.{other}"] if f"{module}.{other}" in tensors else layout.tensor(f"{module}.{other}") for other in groups[module]}
+                leaves = {
+                    other: tensors[f"{module}.{other}"]
+                    if f"{module}.{other}" in tensors
+                    else layout.tensor(f"{module}.{other}")
+                    for other in groups[module]
+                }
                 quant = quant_params_for(module, config) if "scales" in leaves else None
                 edit = edit_module(module, leaves, plan, quant, None, edited_precision)
                 del leaves
@@ -351,7 +369,10 @@ def _write_model(source: Path, out: Path, plan, edited_precision, progress, on_w
             progress(n + 1, len(shards), "save")
     check_edits(plan, reports)
     if layout.write_index:
-        index = {"metadata": {**layout.index_metadata, "total_size": total}, "weight_map": dict(sorted(new_map.items()))}
+        index = {
+            "metadata": {**layout.index_metadata, "total_size": total},
+            "weight_map": dict(sorted(new_map.items())),
+        }
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2))
     _copy_side_files(source, out)
     if dequantized or not layout.copyable:
@@ -395,10 +416,24 @@ def _edit_in_blocks(module: str, leaves: dict, plan, quant, dense_dtype, edited_
 # no original weights in other formats (consolidated.safetensors, original/)
 # ever ship with the edited model.
 SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt",
-    "chat_template.jinja", "chat_template.json", "*.tiktoken", "tokenization_*.py", "LICENSE*", "NOTICE*",
-)  # fmt: skip
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "*.tiktoken",
+    "tokenization_*.py",
+    "LICENSE*",
+    "NOTICE*",
+)
 
 
 def side_files(source: Path) -> list[Path]:

@@ -19,7 +19,6 @@ from .chat import encode_chat, render_chat
 from .utils import extract_eot_from_chat_template
 
 
-
 @dataclass(frozen=True)
 class ProbeSpec:
     position: str = "last"

@@ -16,8 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import UserError
-from .hooks import hooks
 from .batching import BatchingUnsupported, left_pad, make_batch_cache
+from .hooks import hooks
 from .positions import ProbeSpec, probe_positions, resolve_marker
 
 Progress = Callable[[int, int, str], None]
@@ -56,7 +56,9 @@ def decoder_layers(model: nn.Module) -> list:
     """The model's list of decoder layers (mlx-lm exposes it as ``model.layers``)."""
     layers = getattr(model, "layers", None)
     if not isinstance(layers, list) or not layers:
-        raise UserError(f"{type(model).__module__} has no decoder layer list (model.layers); this architecture is unsupported")
+        raise UserError(
+            f"{type(model).__module__} has no decoder layer list (model.layers); this architecture is unsupported"
+        )
     return layers
 
 
@@ -77,7 +79,9 @@ def owned_layer_list(model: nn.Module) -> tuple[list, int]:
 
 
 @contextlib.contextmanager
-def capture_residual_stream(model: nn.Module, layer_ids: Sequence[int], stop_early: bool = True) -> Iterator[dict[int, ActivationProbeWrapper]]:
+def capture_residual_stream(
+    model: nn.Module, layer_ids: Sequence[int], stop_early: bool = True
+) -> Iterator[dict[int, ActivationProbeWrapper]]:
     """Probe points on ``layer_ids``; always removed again, also on errors."""
     layers = decoder_layers(model)
     last = max(layer_ids)
@@ -214,7 +218,9 @@ def _continue_caches(prefix_caches: list, rows: int) -> list:
     return caches
 
 
-def _forward_after_prefix(model, suffixes, positions, prefix_caches, wrappers, pad_id: int, prefix_len: int) -> mx.array:
+def _forward_after_prefix(
+    model, suffixes, positions, prefix_caches, wrappers, pad_id: int, prefix_len: int
+) -> mx.array:
     width = max(len(s) for s in suffixes)
     tokens = mx.array([list(s) + [pad_id] * (width - len(s)) for s in suffixes], dtype=mx.int32)
     shifted = [[p - prefix_len for p in pos] for pos in positions]
@@ -275,7 +281,13 @@ def _batch_runner(model, token_lists, positions, wrappers, pad_id: int) -> Calla
     prefix = _prefix_caches(model, token_lists[0][:prefix_len], wrappers) if prefix_len >= _MIN_SHARED_PREFIX else None
     if prefix is not None:
         return lambda idx: _forward_after_prefix(
-            model, [token_lists[i][prefix_len:] for i in idx], [positions[i] for i in idx], prefix, wrappers, pad_id, prefix_len
+            model,
+            [token_lists[i][prefix_len:] for i in idx],
+            [positions[i] for i in idx],
+            prefix,
+            wrappers,
+            pad_id,
+            prefix_len,
         )
 
     def left_padded(idx: list[int]) -> mx.array:
@@ -283,7 +295,9 @@ def _batch_runner(model, token_lists, positions, wrappers, pad_id: int) -> Calla
         try:
             return _forward_batch(model, tokens, padding, wrappers, [positions[i] for i in idx])
         except BatchingUnsupported:
-            return mx.concatenate([_forward_batch(model, mx.array([token_lists[i]]), [0], wrappers, [positions[i]]) for i in idx])
+            return mx.concatenate(
+                [_forward_batch(model, mx.array([token_lists[i]]), [0], wrappers, [positions[i]]) for i in idx]
+            )
 
     return left_padded
 

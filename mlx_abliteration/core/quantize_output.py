@@ -78,11 +78,30 @@ def quantize_dir(dense: Path, out: Path, spec: dict) -> dict:
     return config
 
 
-def save_quantized_model(source_dir, output_dir, plan, spec: dict, *, overwrite=False, record=None, directions=None,
-                         model_card=None, progress=None, extra_files=None) -> dict:  # fmt: skip
+def save_quantized_model(
+    source_dir,
+    output_dir,
+    plan,
+    spec: dict,
+    *,
+    overwrite=False,
+    record=None,
+    directions=None,
+    model_card=None,
+    progress=None,
+    extra_files=None,
+) -> dict:
     """``save_ablated_model``, then quantized: same files, same summary, atomically into ``output_dir``."""
     from .atomic_write import is_user_write_failure, write_error
-    from .model_io import write_records, check_model_dir, read_config, save_ablated_model, sha256_file, validate_output_dir, weight_files
+    from .model_io import (
+        check_model_dir,
+        read_config,
+        save_ablated_model,
+        sha256_file,
+        validate_output_dir,
+        weight_files,
+        write_records,
+    )
     from .output_dir import make_temp_dir, replace_dir
 
     source, output = Path(source_dir), Path(output_dir)
@@ -93,8 +112,12 @@ def save_quantized_model(source_dir, output_dir, plan, spec: dict, *, overwrite=
     try:
         dense, final = scratch / "dense", scratch / "quantized"
         summary = save_ablated_model(
-            source, dense, plan, edited_precision="bfloat16" if quantized_source else None, progress=progress,
-        )  # fmt: skip
+            source,
+            dense,
+            plan,
+            edited_precision="bfloat16" if quantized_source else None,
+            progress=progress,
+        )
         quantize_dir(dense, final, spec)
         shutil.rmtree(dense)
         index = json.loads((final / "model.safetensors.index.json").read_text())

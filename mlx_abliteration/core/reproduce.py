@@ -85,7 +85,9 @@ def version_warnings(record: dict) -> list[str]:
         if name == "platform":
             continue
         if recorded.get(name) != now.get(name):
-            out.append(f"{name} is {now.get(name, 'not installed')} here, {recorded.get(name, 'absent')} in the log: the weights may differ")
+            out.append(
+                f"{name} is {now.get(name, 'not installed')} here, {recorded.get(name, 'absent')} in the log: the weights may differ"
+            )
     if recorded.get("platform") and recorded.get("platform") != now.get("platform"):
         out.append(f"platform differs ({now.get('platform')} here, {recorded.get('platform')} in the log)")
     return out
@@ -119,7 +121,9 @@ def plan_source_for(record: dict):
     if record.get("command") == "ablate":
         path = record.get("direction_file")
         if not path or not Path(path).exists():
-            raise UserError(f"the log's direction file {path} no longer exists; it is needed to reproduce an ablate run")
+            raise UserError(
+                f"the log's direction file {path} no longer exists; it is needed to reproduce an ablate run"
+            )
         return DirectionFile(path, str(record["chosen_layer"]))
     return LayerChoice()
 
@@ -139,6 +143,8 @@ def compare_weights(recorded: dict, written: dict) -> dict:
     """Per weight file: equal SHA256 or not; ``match`` when every file is equal and no file is missing or extra."""
     old = (recorded.get("weights") or {}).get("output_sha256") or {}
     new = (written.get("weights") or {}).get("output_sha256") or {}
-    files = {name: {"recorded": old.get(name), "reproduced": new.get(name), "match": old.get(name) == new.get(name)}
-             for name in sorted(set(old) | set(new))}  # fmt: skip
+    files = {
+        name: {"recorded": old.get(name), "reproduced": new.get(name), "match": old.get(name) == new.get(name)}
+        for name in sorted(set(old) | set(new))
+    }
     return {"match": bool(files) and all(f["match"] for f in files.values()), "files": files}

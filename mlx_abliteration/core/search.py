@@ -46,8 +46,8 @@ from pathlib import Path
 
 from ..defaults import SearchSettings  # noqa: F401  (re-exported: search settings live with the defaults)
 from ..errors import UserError
-from .kernels import COMPONENTS, DIRECTION_SCOPES, Kernel, PlanSpec
 from .evaluate import ReferenceLogprobs
+from .kernels import COMPONENTS, DIRECTION_SCOPES, Kernel, PlanSpec
 from .trial_edit import TrialEditor
 
 OBJECTIVES = ("refusals", "kl")
@@ -80,7 +80,11 @@ class SearchSpace:
 
 
 def search_space(
-    num_layers: int, probed_layers: Sequence[int], edit_embedding: bool, warm: Sequence[PlanSpec] = (), norm_preserve: bool = False
+    num_layers: int,
+    probed_layers: Sequence[int],
+    edit_embedding: bool,
+    warm: Sequence[PlanSpec] = (),
+    norm_preserve: bool = False,
 ) -> SearchSpace:
     last = float(max(num_layers - 1, 1))
     lo, hi = float(min(probed_layers)), float(max(probed_layers))
@@ -88,9 +92,13 @@ def search_space(
     if index[0] > index[1]:  # too few probed layers for the usual band: any probed layer
         index = (lo, hi)
     space = SearchSpace(
-        index, (0.8, 1.5), (0.3 * last, 0.9 * last), (0.2 * last, last), (0.0, 1.0) if edit_embedding else None,
+        index,
+        (0.8, 1.5),
+        (0.3 * last, 0.9 * last),
+        (0.2 * last, last),
+        (0.0, 1.0) if edit_embedding else None,
         (True,) if norm_preserve else (False, True),
-    )  # fmt: skip
+    )
     for spec in warm:
         space = _widened(space, spec)
     return space
@@ -170,9 +178,23 @@ class TrialScorer:
     the reference log-probs of the unedited model are taken the same way.
     """
 
-    def __init__(self, model, tokenizer, directions, harmful: Sequence[str], harmless: Sequence[str], *, targets,
-                 storage_dtype=None, edited_precision=None, max_tokens=32, batch_size=None,
-                 system_prompt=None, kl_tokens=1, progress=None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        directions,
+        harmful: Sequence[str],
+        harmless: Sequence[str],
+        *,
+        targets,
+        storage_dtype=None,
+        edited_precision=None,
+        max_tokens=32,
+        batch_size=None,
+        system_prompt=None,
+        kl_tokens=1,
+        progress=None,
+    ):
         from .chat import encode_chats
         from .evaluate import reference_logprobs
         from .prefix_batch import shared_first_token_logprobs
@@ -188,7 +210,9 @@ class TrialScorer:
         if kl_tokens == 1:
             self.reference = shared_first_token_logprobs(model, self.harmless_ids, self.batch_size)
         else:
-            self.reference = reference_logprobs(model, tokenizer, harmless, kl_tokens=kl_tokens, batch_size=self.batch_size, system_prompt=system_prompt)
+            self.reference = reference_logprobs(
+                model, tokenizer, harmless, kl_tokens=kl_tokens, batch_size=self.batch_size, system_prompt=system_prompt
+            )
         self.editor = TrialEditor(model, self.targets, storage_dtype, edited_precision)
 
     def __call__(self, spec: PlanSpec, dominated: Callable[[float, int], bool] | None = None) -> TrialScore:
@@ -227,7 +251,9 @@ class TrialScorer:
 
         if isinstance(self.reference, ReferenceLogprobs):
             return kl_from_reference(self.model, self.reference, self.batch_size)
-        return kl_divergence(self.reference, shared_first_token_logprobs(self.model, self.harmless_ids, self.batch_size))
+        return kl_divergence(
+            self.reference, shared_first_token_logprobs(self.model, self.harmless_ids, self.batch_size)
+        )
 
     def _refusals(self, dominated_at: Callable[[int], bool]) -> tuple[int, int]:
         from .evaluate import answer_verdict, contains_refusal_marker, split_thinking
@@ -250,9 +276,17 @@ class TrialScorer:
             return True
 
         outputs = greedy_tokens(
-            self.model, self.harmful_ids, self.max_tokens, self.batch_size, self.eos, None, self.progress, "harmful",
-            prefill_fn=shared_prefill, row_stop=stop,
-        )  # fmt: skip
+            self.model,
+            self.harmful_ids,
+            self.max_tokens,
+            self.batch_size,
+            self.eos,
+            None,
+            self.progress,
+            "harmful",
+            prefill_fn=shared_prefill,
+            row_stop=stop,
+        )
         refusals = sum(answer_verdict(text(t), prompt=p) is True for t, p in zip(outputs, self.harmful))
         return refusals, sum(len(t) for t in outputs)
 
@@ -398,9 +432,16 @@ def trial_row(trial) -> TrialRow:
     pruned = trial.state == TrialState.PRUNED
     refusals, kl = (attrs["refusals_at_least"], attrs["kl"]) if pruned else trial.values
     return TrialRow(
-        trial.number, int(refusals), int(attrs.get("total", 0)), float(kl), float(attrs.get("seconds", 0.0)),
-        PlanSpec.from_dict(attrs[SPEC_ATTR]), str(attrs.get(WARM_START_ATTR) or ""), dict(attrs.get("timings", {})), pruned,
-    )  # fmt: skip
+        trial.number,
+        int(refusals),
+        int(attrs.get("total", 0)),
+        float(kl),
+        float(attrs.get("seconds", 0.0)),
+        PlanSpec.from_dict(attrs[SPEC_ATTR]),
+        str(attrs.get(WARM_START_ATTR) or ""),
+        dict(attrs.get("timings", {})),
+        pruned,
+    )
 
 
 def optimize(
@@ -432,7 +473,13 @@ def optimize(
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
             raise
-        attrs = {"total": result.total, "seconds": result.seconds, "generated_tokens": result.generated_tokens, "timings": result.timings, SPEC_ATTR: spec.to_dict()}
+        attrs = {
+            "total": result.total,
+            "seconds": result.seconds,
+            "generated_tokens": result.generated_tokens,
+            "timings": result.timings,
+            SPEC_ATTR: spec.to_dict(),
+        }
         if result.pruned:
             attrs.update(kl=result.kl, refusals_at_least=result.refusals)
         for key, value in attrs.items():

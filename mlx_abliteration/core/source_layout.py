@@ -46,7 +46,15 @@ def open_layout(source: Path, config: dict) -> SourceLayout:
 
     shards, weight_map, index_meta = shard_layout(source)
     if _sanitize_keeps_tensors(source, shards, config):
-        return SourceLayout(source, shards, weight_map, index_meta, True, config, write_index=(source / "model.safetensors.index.json").exists())
+        return SourceLayout(
+            source,
+            shards,
+            weight_map,
+            index_meta,
+            True,
+            config,
+            write_index=(source / "model.safetensors.index.json").exists(),
+        )
     return _loaded_layout(source, config)
 
 
@@ -75,10 +83,16 @@ def _loaded_layout(source: Path, config: dict) -> SourceLayout:
         raise UserError(f"mlx-lm cannot load {source}: {err}") from None
     tensors = dict(tree_flatten(model.parameters()))
     groups = make_shards(tensors)
-    names = ["model.safetensors"] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    names = (
+        ["model.safetensors"]
+        if len(groups) == 1
+        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    )
     weight_map = {k: name for name, group in zip(names, groups) for k in group}
     out_config = dict(config)
-    if "quantization" in loaded_config and "quantization" not in config:  # e.g. AWQ/GPTQ packed into MLX's format on load
+    if (
+        "quantization" in loaded_config and "quantization" not in config
+    ):  # e.g. AWQ/GPTQ packed into MLX's format on load
         out_config["quantization"] = loaded_config["quantization"]
         out_config.pop("quantization_config", None)
     return SourceLayout(source, names, weight_map, {}, False, out_config, write_index=len(names) > 1, _tensors=tensors)

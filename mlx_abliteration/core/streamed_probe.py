@@ -25,7 +25,16 @@ from ..errors import UserError
 from .batching import BatchingUnsupported, left_pad, make_batch_cache
 from .model_io import load_model
 from .positions import ProbeSpec
-from .probe import Progress, WelfordStats, owned_layer_list, position_selector, StopForward, auto_batch_size, decoder_layers, encode_for_probe
+from .probe import (
+    Progress,
+    StopForward,
+    WelfordStats,
+    auto_batch_size,
+    decoder_layers,
+    encode_for_probe,
+    owned_layer_list,
+    position_selector,
+)
 
 _SKIP, _REPLAY, _RUN = "skip", "replay", "run"
 
@@ -202,5 +211,7 @@ def select_layer_by_separation(directions) -> int:
     """
     from .layer_selection import candidate_layers
 
-    candidates = set(candidate_layers(directions.layers, directions.num_model_layers, max_candidates=len(directions.layers)))
+    candidates = set(
+        candidate_layers(directions.layers, directions.num_model_layers, max_candidates=len(directions.layers))
+    )
     return max((s for s in directions.stats if s.layer in candidates), key=lambda s: (s.separation, -s.layer)).layer

@@ -54,7 +54,10 @@ def eval_rows(before, after, timing: bool = True) -> list[tuple[str, str, str]]:
     if any(r and (r.get("harmful_unfinished") or r.get("harmless_unfinished")) for r in (before, after)):
         rows += [
             ("still thinking at the token limit, harmful", lambda r: _count(r, "harmful_unfinished", "harmful_total")),
-            ("still thinking at the token limit, harmless", lambda r: _count(r, "harmless_unfinished", "harmless_total")),
+            (
+                "still thinking at the token limit, harmless",
+                lambda r: _count(r, "harmless_unfinished", "harmless_total"),
+            ),
         ]
     if any(r and r.get("capability_correct") is not None for r in (before, after)):
         rows.append(("capability (exact answers)", lambda r: _capability(r, before)))
@@ -76,7 +79,9 @@ def eval_text(before, after, headers: tuple[str, str] = ("before", "after")) -> 
         head = ("", *headers)
     table = [head, *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in table]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in table
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

@@ -52,7 +52,9 @@ def plan_parts(plan: AblationPlan) -> Iterator[AblationPlan]:
         a = attn[layer] if layer < len(attn) else 0.0
         m = mlp[layer] if layer < len(mlp) else 0.0
         if a or m:
-            yield replace(plan, strengths={"attn": _only(zeros, layer, a), "mlp": _only(zeros, layer, m), "embed": [0.0]})
+            yield replace(
+                plan, strengths={"attn": _only(zeros, layer, a), "mlp": _only(zeros, layer, m), "embed": [0.0]}
+            )
 
 
 def _only(zeros: list[float], layer: int, value: float) -> list[float]:
@@ -101,7 +103,11 @@ class TrialEditor:
         rows = module["weight"].shape[0]
         out: dict[str, mx.array] = {}
         for start in range(0, rows, step):
-            module.update(tree_unflatten([(k, kept[start : start + step].astype(dtype)) for k, (dtype, kept) in originals.items()]))
+            module.update(
+                tree_unflatten(
+                    [(k, kept[start : start + step].astype(dtype)) for k, (dtype, kept) in originals.items()]
+                )
+            )
             self._apply(part)
             for k in originals:
                 if k not in out:
@@ -120,6 +126,10 @@ class TrialEditor:
             return
         touched, self.touched = self.touched, set()
         self.model.update_modules(tree_unflatten([(p, m) for p, m in self.modules if p in touched]))
-        restored = [(name, v if v.dtype == dtype else v.astype(dtype)) for path, name, dtype, v in self.originals if path in touched]
+        restored = [
+            (name, v if v.dtype == dtype else v.astype(dtype))
+            for path, name, dtype, v in self.originals
+            if path in touched
+        ]
         self.model.update(tree_unflatten(restored))
         mx.eval([v for _, v in restored])

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -36,7 +36,18 @@ from .probe import decoder_layers
 PARALLEL_TOLERANCE = 1e-3  # |component of the change off v| / |change|, float32
 PROOF_TOLERANCE = 1e-3  # |r . dh| / |dh| after projecting every writer
 PROBE_TOKENS = 16  # tokens of the discovery forward pass (enough to route to most MoE experts)
-_BRANCH_WORDS = ("attn", "attention", "mixer", "mamba", "conv", "temporal", "time_mix", "ssm", "token_mix", "linear_attn")
+_BRANCH_WORDS = (
+    "attn",
+    "attention",
+    "mixer",
+    "mamba",
+    "conv",
+    "temporal",
+    "time_mix",
+    "ssm",
+    "token_mix",
+    "linear_attn",
+)
 
 
 @dataclass(eq=False)
@@ -81,7 +92,7 @@ def _table_types() -> tuple[type, ...]:
 
 
 def branch_role(path: str) -> str:
-    """"attn" for attention / mixer branches, else "mlp" (which strength a writer gets)."""
+    """ "attn" for attention / mixer branches, else "mlp" (which strength a writer gets)."""
     parts = path.lower().split(".")
     return "attn" if any(word in part for part in parts for word in _BRANCH_WORDS) else "mlp"
 
@@ -171,7 +182,9 @@ def _proof_residual(update: mx.array, r: mx.array) -> float:
 
 def _check_finite(value: mx.array, where: str, model_type: str) -> None:
     if not mx.all(mx.isfinite(value)).item():
-        raise UserError(f"{model_type}: {where} gives NaN/inf activations; the model's weights hold NaN/inf or overflow: check the model files")
+        raise UserError(
+            f"{model_type}: {where} gives NaN/inf activations; the model's weights hold NaN/inf or overflow: check the model files"
+        )
 
 
 def _orthonormal(key, count: int, size: int) -> mx.array:
@@ -188,7 +201,9 @@ def _unit(key, size: int) -> mx.array:
 
 
 def _as_float32(tree):
-    return tree_map(lambda x: x.astype(mx.float32) if isinstance(x, mx.array) and mx.issubdtype(x.dtype, mx.floating) else x, tree)
+    return tree_map(
+        lambda x: x.astype(mx.float32) if isinstance(x, mx.array) and mx.issubdtype(x.dtype, mx.floating) else x, tree
+    )
 
 
 def _norm_like(module: nn.Module, size: int) -> bool:
@@ -213,7 +228,9 @@ class _LayerProbe:
 
     def __init__(self, finder: WriterFinder, index: int, layer: nn.Module, paths: dict[int, str]):
         self.finder, self.index, self.layer = finder, index, layer
-        unique = {id(m): m for _, m in layer.named_modules() if id(m) in paths and m is not layer}  # shared modules once
+        unique = {
+            id(m): m for _, m in layer.named_modules() if id(m) in paths and m is not layer
+        }  # shared modules once
         self.modules = [(paths[key], m) for key, m in unique.items()]
 
     def run(self, call, args, kwargs):
@@ -258,7 +275,11 @@ class _LayerProbe:
         for path, module in self.modules:
             trace = traces.get(path)
             y = trace and _first_array(trace[2])
-            if y is not None and y.shape[-1] == size and (isinstance(module, _editable_types()) or _norm_like(module, size)):
+            if (
+                y is not None
+                and y.shape[-1] == size
+                and (isinstance(module, _editable_types()) or _norm_like(module, size))
+            ):
                 out.append((path, module))
         return out
 
@@ -279,7 +300,9 @@ class _LayerProbe:
         basis = _orthonormal(self.finder.next_key(), len(candidates), size)
         reference, _ = self._replay(call, args, kwargs, [(m, _projector(basis)) for _, m in candidates])
         scales = [_typical_norm(traces[path]) for path, _ in candidates]
-        nudged = [(m, _projector(basis, nudge=scale * basis[i])) for i, ((_, m), scale) in enumerate(zip(candidates, scales))]
+        nudged = [
+            (m, _projector(basis, nudge=scale * basis[i])) for i, ((_, m), scale) in enumerate(zip(candidates, scales))
+        ]
         out, _ = self._replay(call, args, kwargs, nudged)
         moved = mx.abs((out - reference).astype(mx.float32).reshape(-1, size) @ basis.T).max(axis=0).tolist()
         return [c for c, m, scale in zip(candidates, moved, scales) if m > 1e-3 * scale]
@@ -294,7 +317,12 @@ class _LayerProbe:
                 continue
             v = _unit(self.finder.next_key(), size)
             seen: dict = {}
-            self._replay(call, args, kwargs, [(module, _nudger(_typical_norm(traces[path]) * v)), (sink[1], _recorder(seen, "sink"))])
+            self._replay(
+                call,
+                args,
+                kwargs,
+                [(module, _nudger(_typical_norm(traces[path]) * v)), (sink[1], _recorder(seen, "sink"))],
+            )
             moved = _first_array(seen["sink"][0]) if "sink" in seen else None
             if moved is not None and moved.shape == sink_base.shape and _moves_along(moved - sink_base, v):
                 found.append((path, module))
@@ -306,7 +334,9 @@ class _LayerProbe:
             self._resolve(writers, path, module, None, None, (call, args, kwargs, traces))
         return _with_siblings(list(writers.values()), self.modules)
 
-    def _resolve(self, writers: dict, path: str, module: nn.Module, norm: str | None, gain, replay, depth: int = 0) -> None:
+    def _resolve(
+        self, writers: dict, path: str, module: nn.Module, norm: str | None, gain, replay, depth: int = 0
+    ) -> None:
         """A linear map is a writer; a norm passes the question on to what feeds it, its gain multiplied in.
 
         Chains of norms (Gemma 4 normalizes each FFN path, then their sum) end
@@ -334,8 +364,11 @@ class _LayerProbe:
         if residual <= PROOF_TOLERANCE:
             return writers
         have = {w.path for w in writers}
-        extra = [Writer(p, branch_role(p), self.index, rows=False) for p, m in self._candidates(traces, base.shape[-1])
-                 if p not in have and isinstance(m, _editable_types())]  # fmt: skip
+        extra = [
+            Writer(p, branch_role(p), self.index, rows=False)
+            for p, m in self._candidates(traces, base.shape[-1])
+            if p not in have and isinstance(m, _editable_types())
+        ]
         if extra and self._residual(call, args, kwargs, stream, writers + extra, r) <= PROOF_TOLERANCE:
             for candidate in list(extra):
                 rest = [w for w in extra if w is not candidate]
@@ -386,7 +419,10 @@ def _short(path: str, layer: int) -> str:
 
 
 def _has_children(module: nn.Module) -> bool:
-    return any(isinstance(v, (nn.Module, list, dict)) and (not isinstance(v, (list, dict)) or _holds_module(v)) for v in module.values())
+    return any(
+        isinstance(v, (nn.Module, list, dict)) and (not isinstance(v, (list, dict)) or _holds_module(v))
+        for v in module.values()
+    )
 
 
 def _holds_module(value) -> bool:
@@ -430,7 +466,9 @@ class WriterFinder:
         self.key = mx.random.key(seed)
         self.found: WriterMap = {}
         self.width: int | None = None
-        self.stream: list[mx.array] = []  # residual-stream arrays seen so far: the embedding output, each layer's output
+        self.stream: list[
+            mx.array
+        ] = []  # residual-stream arrays seen so far: the embedding output, each layer's output
 
     def stream_positions(self, args, kwargs) -> list:
         """Positions (index or keyword) of a layer's residual-stream inputs, the hidden state first.
@@ -484,14 +522,18 @@ class WriterFinder:
             pass
         missing = [i for i in range(len(layers)) if i not in called]
         if missing:
-            raise UserError(f"{self.model_type}: the forward pass never called decoder layer(s) {missing[:8]}; this architecture is not supported")
+            raise UserError(
+                f"{self.model_type}: the forward pass never called decoder layer(s) {missing[:8]}; this architecture is not supported"
+            )
         return self.found
 
     def _embedding_writers(self, first_layer: nn.Module, tokens: mx.array, paths: dict[int, str]) -> None:
         """Tables (and norms right after them) whose output reaches layer 0's input along the nudge."""
         traces: dict[str, tuple] = {}
         stops = [(first_layer, _stopper(traces))]
-        layer_modules = {id(m) for layers in [decoder_layers(self.model)] for layer in layers for _, m in layer.named_modules()}
+        layer_modules = {
+            id(m) for layers in [decoder_layers(self.model)] for layer in layers for _, m in layer.named_modules()
+        }
         outside = [(p, m) for p, m in self.model.named_modules() if id(m) not in layer_modules and not _has_children(m)]
         self._outside = outside
         self._forward_to_first_layer(tokens, stops + [(m, _recorder(traces, p)) for p, m in outside])
@@ -519,7 +561,9 @@ class WriterFinder:
                 found += self._embedding_behind_norm(path, module, first_layer, tokens, traces, outside, size)
         found = self._prove_embedding(found, first_layer, tokens, traces, size)
         if not any(w.rows for w in found):
-            raise UserError(f"{self.model_type}: no token embedding table writes into the first decoder layer's input; this architecture is not supported")
+            raise UserError(
+                f"{self.model_type}: no token embedding table writes into the first decoder layer's input; this architecture is not supported"
+            )
         self.found.update({w.path: w for w in found})
 
     def _embedding_behind_norm(self, norm_path, norm, first_layer, tokens, traces, outside, size) -> list[Writer]:
@@ -528,13 +572,22 @@ class WriterFinder:
         found = []
         for path, module in outside:
             y = traces.get(path) and _first_array(traces[path][2])
-            if module is norm or y is None or y.shape[-1] != size or not isinstance(module, _table_types() + _editable_types()):
+            if (
+                module is norm
+                or y is None
+                or y.shape[-1] != size
+                or not isinstance(module, _table_types() + _editable_types())
+            ):
                 continue
             v = _unit(self.next_key(), size)
             seen: dict = {}
-            self._forward_to_first_layer(tokens, [(first_layer, _stopper({})), (module, _nudger(v)), (norm, _recorder(seen, "sink"))])
+            self._forward_to_first_layer(
+                tokens, [(first_layer, _stopper({})), (module, _nudger(v)), (norm, _recorder(seen, "sink"))]
+            )
             if "sink" in seen and _moves_along(_first_array(seen["sink"][0]) - sink_base, v):
-                found.append(Writer(path, "embed", None, rows=isinstance(module, _table_types()), norm=norm_path, gain=gain))
+                found.append(
+                    Writer(path, "embed", None, rows=isinstance(module, _table_types()), norm=norm_path, gain=gain)
+                )
         return found
 
     def _prove_embedding(self, found: list[Writer], first_layer, tokens, traces, size) -> list[Writer]:
@@ -551,7 +604,12 @@ class WriterFinder:
         extra = []
         for path, module in self._outside:
             y = traces.get(path) and _first_array(traces[path][2])
-            if path not in have and y is not None and y.shape[-1] == size and isinstance(module, _table_types() + _editable_types()):
+            if (
+                path not in have
+                and y is not None
+                and y.shape[-1] == size
+                and isinstance(module, _table_types() + _editable_types())
+            ):
                 extra.append(Writer(path, "embed", None, rows=isinstance(module, _table_types())))
         if extra and self._embedding_residual(found + extra, first_layer, tokens, r) <= PROOF_TOLERANCE:
             for candidate in list(extra):
@@ -568,7 +626,9 @@ class WriterFinder:
     def _embedding_residual(self, writers: list[Writer], first_layer, tokens, r: mx.array) -> float:
         by_path = dict(self._outside)
         seen: dict = {}
-        self._forward_to_first_layer(tokens, [(first_layer, _stopper(seen))] + [(by_path[w.path], _projector(w.direction(r))) for w in writers])
+        self._forward_to_first_layer(
+            tokens, [(first_layer, _stopper(seen))] + [(by_path[w.path], _projector(w.direction(r))) for w in writers]
+        )
         residual = _proof_residual(seen["__layer0__"], r)
         return residual if residual == residual else float("inf")
 
@@ -581,7 +641,9 @@ class WriterFinder:
                 self.model(tokens)
         except _Done:
             return
-        raise UserError(f"{self.model_type}: the forward pass never called the first decoder layer; this architecture is not supported")
+        raise UserError(
+            f"{self.model_type}: the forward pass never called the first decoder layer; this architecture is not supported"
+        )
 
 
 def _upcasting(call, args, kwargs):
@@ -607,7 +669,10 @@ def _stopper(store: dict) -> Callable:
 
 
 def discover_writers(
-    model: nn.Module, model_type: str = "model", token_ids: Sequence[int] | None = None, release: Callable[[int], None] | None = None
+    model: nn.Module,
+    model_type: str = "model",
+    token_ids: Sequence[int] | None = None,
+    release: Callable[[int], None] | None = None,
 ) -> WriterMap:
     """Every residual writer of ``model``, each proven on a real forward pass.
 

@@ -51,20 +51,59 @@ def _form() -> dict[gr.components.Component, str]:
         form[component] = name
         return component
 
-    add("model", gr.Textbox(label="Model", placeholder="local MLX/HF model dir, a .gguf file, or a hub id (owner/name)", elem_id="model"))
+    add(
+        "model",
+        gr.Textbox(
+            label="Model", placeholder="local MLX/HF model dir, a .gguf file, or a hub id (owner/name)", elem_id="model"
+        ),
+    )
     with gr.Row():
         add("harmful_dataset", _dataset_box("harmful"))
         add("harmless_dataset", _dataset_box("harmless"))
     with gr.Row():
         add("harmful_upload", _upload("harmful"))
         add("harmless_upload", _upload("harmless"))
-    add("output_dir", gr.Textbox(label="Output dir", placeholder="empty: outputs/<model name>-abliterated", elem_id="output-dir"))
+    add(
+        "output_dir",
+        gr.Textbox(label="Output dir", placeholder="empty: outputs/<model name>-abliterated", elem_id="output-dir"),
+    )
     with gr.Row():
-        add("layers", gr.Textbox(D.layers, label="Layers to probe", info="all, 10-20, 4,8,12, -8--1, 0.4-0.8", elem_id="layers"))
-        add("use_layer", gr.Textbox(D.use_layer, label="Layer index", info="auto, an index (negative from the end) or a fraction", elem_id="use-layer"))
-        add("ablation_strength", gr.Number(D.ablation_strength, label="Ablation strength", info="1 removes the direction", elem_id="strength"))
-    add("probe_marker", gr.Code(D.probe_marker or "", language=None, lines=1, max_lines=1, label="Probe marker (empty: end-of-turn marker from the chat template, or the last token)", elem_id="probe-marker"))
-    add("strip_marker_newline", gr.Checkbox(D.strip_marker_newline, label="Strip one trailing newline from the marker", elem_id="strip-newline"))
+        add(
+            "layers",
+            gr.Textbox(D.layers, label="Layers to probe", info="all, 10-20, 4,8,12, -8--1, 0.4-0.8", elem_id="layers"),
+        )
+        add(
+            "use_layer",
+            gr.Textbox(
+                D.use_layer,
+                label="Layer index",
+                info="auto, an index (negative from the end) or a fraction",
+                elem_id="use-layer",
+            ),
+        )
+        add(
+            "ablation_strength",
+            gr.Number(
+                D.ablation_strength, label="Ablation strength", info="1 removes the direction", elem_id="strength"
+            ),
+        )
+    add(
+        "probe_marker",
+        gr.Code(
+            D.probe_marker or "",
+            language=None,
+            lines=1,
+            max_lines=1,
+            label="Probe marker (empty: end-of-turn marker from the chat template, or the last token)",
+            elem_id="probe-marker",
+        ),
+    )
+    add(
+        "strip_marker_newline",
+        gr.Checkbox(
+            D.strip_marker_newline, label="Strip one trailing newline from the marker", elem_id="strip-newline"
+        ),
+    )
     with gr.Accordion("Advanced", open=False, elem_id="advanced"):
         _advanced(add)
     return form
@@ -80,39 +119,82 @@ def _dataset_box(kind: str) -> gr.Textbox:
 
 
 def _upload(kind: str) -> gr.File:
-    return gr.File(label=f"…or upload {kind} prompts", file_types=DATASET_FILE_TYPES, height=140, elem_id=f"{kind}-upload")
+    return gr.File(
+        label=f"…or upload {kind} prompts", file_types=DATASET_FILE_TYPES, height=140, elem_id=f"{kind}-upload"
+    )
 
 
 def _advanced(add) -> None:
     with gr.Row():
         add("probe_position", gr.Dropdown(list(PROBE_POSITIONS), value=D.probe_position, label="Probe position"))
-        add("direction_variant", gr.Dropdown(list(DIRECTION_VARIANTS), value=D.direction_variant, label="Direction variant"))
-        add("edited_precision", gr.Dropdown(list(EDITED_PRECISIONS), value=D.edited_precision, label="Edited precision", info="keep = requantize"))
+        add(
+            "direction_variant",
+            gr.Dropdown(list(DIRECTION_VARIANTS), value=D.direction_variant, label="Direction variant"),
+        )
+        add(
+            "edited_precision",
+            gr.Dropdown(
+                list(EDITED_PRECISIONS), value=D.edited_precision, label="Edited precision", info="keep = requantize"
+            ),
+        )
     with gr.Row():
         add("ablate_layers", gr.Textbox(D.ablate_layers, label="Ablate layers", info="layers whose writers are edited"))
         add("norm_preserve", gr.Checkbox(D.norm_preserve, label="Norm-preserving (MPOA-style) ablation"))
-    add("targets", gr.CheckboxGroup(list(COMMON_TARGETS), value=list(D.targets), label="Only these residual writers (none checked = every writer found)"))
+    add(
+        "targets",
+        gr.CheckboxGroup(
+            list(COMMON_TARGETS),
+            value=list(D.targets),
+            label="Only these residual writers (none checked = every writer found)",
+        ),
+    )
     with gr.Row():
-        add("batch_size", gr.Number(D.batch_size or 0, precision=0, minimum=0, label="Batch size", info="0 = auto", elem_id="batch-size"))
-        add("max_prompts", gr.Number(D.max_prompts, precision=0, minimum=1, label="Max prompts per kind", elem_id="max-prompts"))
-        add("eval_size", gr.Number(D.eval_size, precision=0, minimum=0, label="Eval prompts per kind", elem_id="eval-size"))
-        add("eval_max_tokens", gr.Number(D.eval_max_tokens, precision=0, minimum=1, label="Eval max tokens", elem_id="eval-max-tokens"))
+        add(
+            "batch_size",
+            gr.Number(
+                D.batch_size or 0, precision=0, minimum=0, label="Batch size", info="0 = auto", elem_id="batch-size"
+            ),
+        )
+        add(
+            "max_prompts",
+            gr.Number(D.max_prompts, precision=0, minimum=1, label="Max prompts per kind", elem_id="max-prompts"),
+        )
+        add(
+            "eval_size",
+            gr.Number(D.eval_size, precision=0, minimum=0, label="Eval prompts per kind", elem_id="eval-size"),
+        )
+        add(
+            "eval_max_tokens",
+            gr.Number(D.eval_max_tokens, precision=0, minimum=1, label="Eval max tokens", elem_id="eval-max-tokens"),
+        )
         add("kl_tokens", gr.Number(D.kl_tokens, precision=0, minimum=1, label="KL tokens"))
         add("seed", gr.Number(D.seed, precision=0, label="Seed"))
     with gr.Row():
         add("no_eval", gr.Checkbox(D.no_eval, label="Skip evaluation"))
         add("overwrite", gr.Checkbox(D.overwrite, label="Overwrite output dir", elem_id="overwrite"))
         add("dry_run", gr.Checkbox(D.dry_run, label="Dry run (probe only, write nothing)"))
-    add("system_prompt", gr.Textbox(D.system_prompt or "", label="System prompt", placeholder="empty: the chat template's own"))
+    add(
+        "system_prompt",
+        gr.Textbox(D.system_prompt or "", label="System prompt", placeholder="empty: the chat template's own"),
+    )
     with gr.Row():
-        add("dataset_column", gr.Textbox(D.dataset_column or "", label="Dataset column", placeholder="auto: prompt, text, instruction or messages"))
+        add(
+            "dataset_column",
+            gr.Textbox(
+                D.dataset_column or "",
+                label="Dataset column",
+                placeholder="auto: prompt, text, instruction or messages",
+            ),
+        )
         add("cache_dir", gr.Textbox(D.cache_dir or "", label="Cache dir", placeholder="~/.cache/mlx-abliteration"))
 
 
 def _results() -> RunView:
     status = gr.Markdown("Fill in a model and press **Start abliteration**.", elem_id="status")
     progress = gr.HTML("", elem_id="progress")
-    metrics = gr.Dataframe(headers=list(EVAL_COLUMNS), label="Before / after (held-out prompts)", interactive=False, elem_id="metrics")
+    metrics = gr.Dataframe(
+        headers=list(EVAL_COLUMNS), label="Before / after (held-out prompts)", interactive=False, elem_id="metrics"
+    )
     plot = gr.Plot(label="Refusal direction per layer", show_label=False, elem_id="layer-plot")
     output_path = gr.Textbox(label="Saved model", interactive=False, elem_id="output-path", buttons=["copy"])
     log = gr.Textbox(label="Log", lines=10, max_lines=18, autoscroll=True, interactive=False, elem_id="log")
@@ -131,9 +213,19 @@ def _compare_tab() -> dict[str, gr.components.Component]:
     status = gr.Markdown(elem_id="compare-status")
     with gr.Row():
         original_answer = gr.Textbox(label="Original answer", lines=8, interactive=False, elem_id="original-answer")
-        abliterated_answer = gr.Textbox(label="Abliterated answer", lines=8, interactive=False, elem_id="abliterated-answer")
-    return dict(original=original, abliterated=abliterated, prompt=prompt, max_tokens=max_tokens, button=button,
-                status=status, original_answer=original_answer, abliterated_answer=abliterated_answer)  # fmt: skip
+        abliterated_answer = gr.Textbox(
+            label="Abliterated answer", lines=8, interactive=False, elem_id="abliterated-answer"
+        )
+    return dict(
+        original=original,
+        abliterated=abliterated,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        button=button,
+        status=status,
+        original_answer=original_answer,
+        abliterated_answer=abliterated_answer,
+    )
 
 
 def _wire(form: dict, start: gr.Button, stop: gr.Button, results: RunView, compare: dict, output_root=None) -> None:
@@ -143,7 +235,9 @@ def _wire(form: dict, start: gr.Button, stop: gr.Button, results: RunView, compa
     def start_run(values: dict, request: gr.Request):
         cancel = runs[request.session_hash] = threading.Event()
         try:
-            yield from run_abliteration_stream(**{form[c]: v for c, v in values.items()}, cancel=cancel, output_root=output_root)
+            yield from run_abliteration_stream(
+                **{form[c]: v for c, v in values.items()}, cancel=cancel, output_root=output_root
+            )
         finally:
             if runs.get(request.session_hash) is cancel:
                 del runs[request.session_hash]
@@ -162,14 +256,26 @@ def _wire(form: dict, start: gr.Button, stop: gr.Button, results: RunView, compa
     stop.click(stop_run, None, None, queue=False)
     compare["button"].click(
         compare_answers,
-        inputs=[compare["original"], compare["abliterated"], compare["prompt"], compare["max_tokens"], by_name["system_prompt"], by_name["cache_dir"]],
+        inputs=[
+            compare["original"],
+            compare["abliterated"],
+            compare["prompt"],
+            compare["max_tokens"],
+            by_name["system_prompt"],
+            by_name["cache_dir"],
+        ],
         outputs=[compare["original_answer"], compare["abliterated_answer"], compare["status"]],
-        concurrency_id="mlx", concurrency_limit=1,
-    )  # fmt: skip
+        concurrency_id="mlx",
+        concurrency_limit=1,
+    )
 
 
 def launch(
-    host: str = "127.0.0.1", port: int | None = None, share: bool = False, output_root: str | Path | None = None, **kwargs
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    share: bool = False,
+    output_root: str | Path | None = None,
+    **kwargs,
 ) -> gr.Blocks:
     """Serve the app on ``host:port`` (no public link unless ``share``); outputs only inside ``output_root``."""
     app = build_app(output_root)

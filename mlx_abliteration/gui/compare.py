@@ -25,7 +25,9 @@ def compare_answers(
     try:
         if not (prompt or "").strip():
             raise UserError("enter a prompt to compare")
-        answers = [answer(path, prompt, int(max_tokens), system_prompt or None, cache_dir) for path in (original, abliterated)]
+        answers = [
+            answer(path, prompt, int(max_tokens), system_prompt or None, cache_dir) for path in (original, abliterated)
+        ]
     except (UserError, FileNotFoundError) as err:
         return "", "", f"**Error:** {markdown_text(str(err))}"
     except Exception as err:  # unexpected: still a one-line message, details in the log
@@ -56,7 +58,9 @@ def loaded_model(path_or_id: str, cache_dir: str = ""):
     path_or_id = (path_or_id or "").strip()
     if not path_or_id:
         raise UserError("enter both models: a local model dir, a .gguf file or a Hugging Face hub id")
-    source = Path(check_model_dir(resolve_asset(path_or_id, Path(cache_dir.strip()) if (cache_dir or '').strip() else None))).resolve()
+    source = Path(
+        check_model_dir(resolve_asset(path_or_id, Path(cache_dir.strip()) if (cache_dir or "").strip() else None))
+    ).resolve()
     weights = output_weights_path(source)
     key = (str(source), weights.stat().st_mtime_ns if weights.exists() else 0)
     if key not in _loaded:

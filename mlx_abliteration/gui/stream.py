@@ -79,8 +79,12 @@ def run_abliteration_stream(
 
 
 def build_config(
-    model: str, output_dir: str = "", harmful_upload: str | None = None, harmless_upload: str | None = None,
-    output_root: str | Path | None = None, **settings: Any,
+    model: str,
+    output_dir: str = "",
+    harmful_upload: str | None = None,
+    harmless_upload: str | None = None,
+    output_root: str | Path | None = None,
+    **settings: Any,
 ) -> AbliterationConfig:
     """The pipeline config for the form's values (blank = the engine's default).
 
@@ -198,7 +202,9 @@ class _RunState:
             self.output_path = str(output_weights_path(result.output_dir))
             self.status = f"**Done.** Abliterated with the direction of layer {result.chosen_layer}; saved to `{self.output_path}`"
         else:
-            self.status = f"**Done (dry run).** The direction of layer {result.chosen_layer} was chosen; nothing was written."
+            self.status = (
+                f"**Done (dry run).** The direction of layer {result.chosen_layer} was chosen; nothing was written."
+            )
         self.evals = {k: v for k, v in (("before", result.before), ("after", result.after)) if v}
         self.layers = {"stats": result.layer_stats, "chosen": result.chosen_layer}
         self._changed |= {"plot", "metrics"}

@@ -22,6 +22,7 @@ import mlx.core as mx
 
 from ..defaults import DEFAULT_TARGETS, MAX_STRENGTH
 from ..errors import UserError
+from .mx_types import scalar
 from .writers import Writer, WriterMap
 
 QUANT_LEAVES = ("weight", "scales", "biases")
@@ -198,8 +199,8 @@ def refusal_component(w: mx.array, r: mx.array, rows: bool) -> float:
     """||r^T W|| for linear writers, ||E r|| for embedding tables (``rows``)."""
     r = r.astype(mx.float32)
     if rows:
-        return float(mx.linalg.norm(mx.matmul(w, r)).item())
-    return float(mx.linalg.norm(mx.matmul(r[None, :], w)).item())
+        return scalar(mx.linalg.norm(mx.matmul(w, r)))
+    return scalar(mx.linalg.norm(mx.matmul(r[None, :], w)))
 
 
 # --- module-level edit: dense or quantized -----------------------------------
@@ -293,7 +294,7 @@ def edit_module(
     # A dense in-memory twin of a quantized matrix (see dense_compute): edit it
     # as the saved file will be, requantized, but keep it dense.
     dense_twin = quant is not None and not packed
-    w = dequantize_leaves(leaves, quant) if packed else leaves["weight"].astype(mx.float32)
+    w = dequantize_leaves(leaves, quant) if quant is not None and packed else leaves["weight"].astype(mx.float32)
     _check_shape(module_path, writer.rows, w, r)
     before = refusal_component(w, r, writer.rows)
     if writer.rows:
@@ -302,19 +303,20 @@ def edit_module(
         edited = orthogonalize_writer(w, r, strength, plan.norm_preserve)
     out: dict[str, mx.array] = {}
     dequantized = False
-    keep = edited_precision in (None, "keep")
-    if dense_twin:
+    # None: requantize an edited quantized matrix; else the dtype it is stored in unquantized.
+    precision = None if edited_precision in (None, "keep") else edited_precision
+    if quant is not None and dense_twin:
         stored = (
             dequantize_leaves(quantize_weight(edited, quant, quant.scales_dtype), quant)
-            if keep
-            else edited.astype(_dtype(edited_precision)).astype(mx.float32)
+            if precision is None
+            else edited.astype(_dtype(precision)).astype(mx.float32)
         )
         out["weight"] = stored.astype(leaves["weight"].dtype)
-    elif packed and keep:
+    elif quant is not None and packed and precision is None:
         out.update(quantize_weight(edited, quant, leaves["scales"].dtype))
         stored = dequantize_leaves(out, quant)
     else:
-        dtype = _dtype(edited_precision) if packed else (dense_dtype or leaves["weight"].dtype)
+        dtype = _dtype(precision) if packed and precision is not None else (dense_dtype or leaves["weight"].dtype)
         out["weight"] = edited.astype(dtype)
         stored = out["weight"].astype(mx.float32)
         dequantized = packed

@@ -9,6 +9,7 @@ import mlx.core as mx
 
 from ..defaults import DIRECTION_VARIANTS
 from ..errors import UserError
+from .mx_types import int_list, load_with_metadata, scalar
 from .probe import WelfordStats
 
 
@@ -26,17 +27,17 @@ def calculate_refusal_direction(
     harmful = harmful_mean.astype(mx.float32)
     harmless = harmless_mean.astype(mx.float32)
     diff = harmful - harmless
-    norm = float(mx.linalg.norm(diff).item())
+    norm = scalar(mx.linalg.norm(diff))
     if variant == "projected":
         unit = harmless / mx.maximum(mx.linalg.norm(harmless), 1e-12)
         diff = diff - (diff * unit).sum() * unit
     length = mx.linalg.norm(diff)
-    if not math.isfinite(norm) or not math.isfinite(float(length.item())):
+    if not math.isfinite(norm) or not math.isfinite(scalar(length)):
         raise UserError(
             "the model produced NaN/inf activations (not a problem of the datasets): its weights hold NaN/inf "
             "or the compute dtype overflows; check the model files, or compute in float32"
         )
-    if float(length.item()) == 0.0:
+    if scalar(length) == 0.0:
         raise UserError("harmful and harmless activations are identical; the datasets do not separate")
     return diff / length, norm
 
@@ -99,9 +100,9 @@ def compute_directions(
         r, norm = calculate_refusal_direction(harmful.mean[row], harmless.mean[row], variant)
         rows.append(r)
         a, b = harmful.mean[row], harmless.mean[row]
-        cos = float(((a * b).sum() / (mx.linalg.norm(a) * mx.linalg.norm(b) + 1e-12)).item())
-        std = math.sqrt(max(float(pooled_var[row].item()), 1e-12))
-        rel = norm / max(float(mx.linalg.norm(b).item()), 1e-12)
+        cos = scalar((a * b).sum() / (mx.linalg.norm(a) * mx.linalg.norm(b) + 1e-12))
+        std = math.sqrt(max(scalar(pooled_var[row]), 1e-12))
+        rel = norm / max(scalar(mx.linalg.norm(b)), 1e-12)
         stats.append(LayerStats(layer, norm, rel, cos, norm / std))
     if not rows:
         raise UserError(
@@ -226,9 +227,9 @@ def load_directions(path) -> tuple[RefusalDirections, int]:
             f"direction file {path} does not exist; run `mlx-abliterate probe` first or point at a model dir that has one"
         )
     try:
-        tensors, metadata = mx.load(str(path), return_metadata=True)
+        tensors, metadata = load_with_metadata(str(path))
         stats = [LayerStats(**s) for s in json.loads(metadata["layer_stats"])]
-        layers = [int(x) for x in tensors["layers"].tolist()]
+        layers = int_list(tensors["layers"])
         directions = RefusalDirections(
             layers, tensors["layer_directions"], stats, metadata["variant"], int(metadata["num_model_layers"])
         )

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import mlx.core as mx
 
 from ..errors import UserError
+from .mx_types import int_scalar
 from .positions import ProbeSpec
 from .probe import Progress, WelfordStats, decoder_layers, probe_prompts
 
@@ -51,7 +52,7 @@ def _all_sum(x: mx.array, group) -> mx.array:
 
 def all_reduce_stats(local: WelfordStats, group) -> WelfordStats:
     """Merge every rank's statistics (a rank with no prompts passes count 0)."""
-    count = int(_all_sum(mx.array(float(local.count)), group).item())
+    count = int_scalar(_all_sum(mx.array(float(local.count)), group))
     if count == 0:
         raise UserError("no prompts to probe; check the dataset")
     mean = _all_sum(local.mean * local.count, group) / count

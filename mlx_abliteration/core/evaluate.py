@@ -210,11 +210,13 @@ def kl_divergence(logp_ref, logp_new) -> float:
     """Mean over rows of KL(ref ‖ new) = Σ p_ref (log p_ref − log p_new), rows of log-probs ``[N, V]``."""
     import mlx.core as mx
 
+    from .mx_types import scalar
+
     logp_ref = logp_ref.astype(mx.float32)
     logp_new = logp_new.astype(mx.float32)
     p_ref = mx.exp(logp_ref)
     terms = mx.where(p_ref > 0, p_ref * (logp_ref - logp_new), 0.0)
-    return float(mx.mean(mx.sum(terms, axis=-1)).item())
+    return scalar(mx.mean(mx.sum(terms, axis=-1)))
 
 
 @dataclass

@@ -23,6 +23,7 @@ from .ablate import AblationPlan
 from .chat import encode_chats
 from .generation import first_token_logprobs
 from .model_edit import WeightSnapshot, apply_plan
+from .mx_types import int_list, scalar
 
 NUM_REFUSAL_TOKENS = 8
 
@@ -58,7 +59,7 @@ def refusal_token_ids(harmful_logp: mx.array, harmless_logp: mx.array, k: int = 
     """Tokens whose mean first-token probability rises most on harmful prompts."""
     rise = mx.exp(harmful_logp).mean(0) - mx.exp(harmless_logp).mean(0)
     top = mx.argsort(-rise)[:k]
-    return [int(t) for t in top.tolist() if rise[t].item() > 0]
+    return [t for t in int_list(top) if scalar(rise[t]) > 0]
 
 
 def select_layer_auto(
@@ -89,8 +90,8 @@ def select_layer_auto(
             harmless = first_token_logprobs(model, harmless_ids, batch_size)
         finally:
             snapshot.restore()
-        refusal = float(mx.exp(harmful[:, tokens]).sum(-1).mean().item()) if tokens else 0.0
-        kl = float((mx.exp(base_harmless) * (base_harmless - harmless)).sum(-1).mean().item())
+        refusal = scalar(mx.exp(harmful[:, tokens]).sum(-1).mean()) if tokens else 0.0
+        kl = scalar((mx.exp(base_harmless) * (base_harmless - harmless)).sum(-1).mean())
         return CandidateScore(layer, refusal, kl)
 
     scores: list[CandidateScore] = []

@@ -24,13 +24,15 @@ import contextlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from ..errors import UserError
 from .hooks import hooks
+from .mx_types import flat_params, float_list, scalar
 from .probe import decoder_layers
 
 PARALLEL_TOLERANCE = 1e-3  # |component of the change off v| / |change|, float32
@@ -154,7 +156,7 @@ def _projector(u: mx.array, nudge: mx.array | None = None) -> Callable:
 
 def _typical_norm(trace) -> float:
     y = _first_array(trace[2]).astype(mx.float32)
-    return float(mx.mean(mx.linalg.norm(y, axis=-1)).item()) or 1.0
+    return scalar(mx.mean(mx.linalg.norm(y, axis=-1))) or 1.0
 
 
 # --- the tests -------------------------------------------------------------------
@@ -164,7 +166,7 @@ def _moves_along(change: mx.array, v: mx.array) -> bool | None:
     """True if every row of ``change`` that moved at all moved along ``v``; None if nothing moved."""
     rows = change.astype(mx.float32).reshape(-1, v.shape[-1])
     size = mx.linalg.norm(rows, axis=-1)
-    scale = float(size.max().item())
+    scale = scalar(size.max())
     if not scale > 1e-6:
         return None
     off = mx.linalg.norm(rows - (rows @ v)[:, None] * v[None, :], axis=-1)
@@ -177,7 +179,7 @@ def _proof_residual(update: mx.array, r: mx.array) -> float:
     rows = update.astype(mx.float32).reshape(-1, r.shape[-1])
     size = mx.linalg.norm(rows, axis=-1)
     ratio = mx.abs(rows @ r) / mx.maximum(size, 1e-30)
-    return float(mx.max(mx.where(size > 1e-6 * mx.max(size), ratio, 0.0)).item())
+    return scalar(mx.max(mx.where(size > 1e-6 * mx.max(size), ratio, 0.0)))
 
 
 def _check_finite(value: mx.array, where: str, model_type: str) -> None:
@@ -210,7 +212,7 @@ def _norm_like(module: nn.Module, size: int) -> bool:
     """A parameter-light elementwise module (a norm): only 1-D parameters of the residual width."""
     if isinstance(module, _editable_types() + _table_types()):
         return False
-    leaves = [v for _, v in tree_flatten(module.parameters())]
+    leaves = [v for _, v in flat_params(module.parameters())]
     return all(v.ndim == 1 and v.shape[0] == size for v in leaves)
 
 
@@ -254,7 +256,7 @@ class _LayerProbe:
 
     @contextlib.contextmanager
     def _float32(self):
-        saved = tree_flatten(self.layer.parameters())
+        saved = flat_params(self.layer.parameters())
         if any(v.dtype in (mx.float16, mx.bfloat16) for _, v in saved):
             self.layer.set_dtype(mx.float32)
         try:
@@ -304,7 +306,7 @@ class _LayerProbe:
             (m, _projector(basis, nudge=scale * basis[i])) for i, ((_, m), scale) in enumerate(zip(candidates, scales))
         ]
         out, _ = self._replay(call, args, kwargs, nudged)
-        moved = mx.abs((out - reference).astype(mx.float32).reshape(-1, size) @ basis.T).max(axis=0).tolist()
+        moved = float_list(mx.abs((out - reference).astype(mx.float32).reshape(-1, size) @ basis.T).max(axis=0))
         return [c for c, m, scale in zip(candidates, moved, scales) if m > 1e-3 * scale]
 
     def _feeding(self, call, args, kwargs, traces, sink: tuple[str, nn.Module]) -> list[tuple[str, nn.Module]]:
@@ -348,7 +350,9 @@ class _LayerProbe:
         if depth >= 4:
             return
         call, args, kwargs, traces = replay
-        g = _norm_gain(module, self.finder.width)
+        width = self.finder.width
+        assert width is not None, "run() sets the width before resolving writers"
+        g = _norm_gain(module, width)
         gain = g if gain is None else gain * g
         for inner, m in self._feeding(call, args, kwargs, traces, (path, module)):
             self._resolve(writers, inner, m, path, gain, replay, depth + 1)
@@ -529,7 +533,7 @@ class WriterFinder:
 
     def _embedding_writers(self, first_layer: nn.Module, tokens: mx.array, paths: dict[int, str]) -> None:
         """Tables (and norms right after them) whose output reaches layer 0's input along the nudge."""
-        traces: dict[str, tuple] = {}
+        traces: dict[str, Any] = {}  # path -> (args, kwargs, output); "__layer0__" -> layer 0's input
         stops = [(first_layer, _stopper(traces))]
         layer_modules = {
             id(m) for layers in [decoder_layers(self.model)] for layer in layers for _, m in layer.named_modules()
@@ -550,7 +554,7 @@ class WriterFinder:
             if not (is_table or isinstance(module, _editable_types()) or _norm_like(module, size)):
                 continue
             v = _unit(self.next_key(), size)
-            scale = float(mx.mean(mx.linalg.norm(y.astype(mx.float32), axis=-1)).item()) or 1.0
+            scale = scalar(mx.mean(mx.linalg.norm(y.astype(mx.float32), axis=-1))) or 1.0
             seen: dict = {}
             self._forward_to_first_layer(tokens, [(first_layer, _stopper(seen)), (module, _nudger(scale * v))])
             if not _moves_along(seen["__layer0__"] - base, v):

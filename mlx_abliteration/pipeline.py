@@ -48,6 +48,19 @@ class PipelineResult:
 EventSink = Callable[[Event], None]
 
 
+def release_buffer_cache() -> None:
+    """Hand MLX's cached buffers back between phases (and after a run).
+
+    MLX keeps freed buffers for reuse; on a GPU the cache grew to 135 GiB of a
+    141 GiB card over one run although its peak use was 31 GiB. Each phase
+    starts from what is really in use, so the process holds no more than that.
+    """
+    import sys
+
+    if "mlx.core" in sys.modules:  # nothing to release before MLX is used (and no import just for this)
+        sys.modules["mlx.core"].clear_cache()
+
+
 class Reporter:
     """Progress of a flow as ``Event``s to one sink (the CLI's ``Console``, the GUI's stream, a list in tests).
 
@@ -62,6 +75,8 @@ class Reporter:
     def emit(self, kind: str, message: str = "", **data) -> None:
         if kind != "done":  # once saved, a late cancel must not report failure
             self.check()
+        if kind in ("stage", "done"):
+            release_buffer_cache()
         if kind != "progress":
             log.info(message, extra={"extra_info": {"event": kind, **data}})
         self.on_event(Event(kind, message, data))
@@ -296,6 +311,7 @@ def iter_events(config: AbliterationConfig, cancel: threading.Event | None = Non
     finally:
         cancel.set()
         thread.join()
+        release_buffer_cache()  # the run's model is gone; a long-lived GUI process keeps nothing of it
 
 
 def output_weights_path(output_dir: str | Path) -> Path:

@@ -159,3 +159,19 @@ def test_seed_cli_shim(tiny_model, tmp_path, datasets):
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_each_phase_and_the_end_of_a_run_release_mlx_buffer_cache(tiny_model, tmp_path, datasets):
+    import mlx.core as mx
+
+    cached_at_stage = []
+
+    def on_event(event):
+        if event.kind in ("stage", "done"):
+            cached_at_stage.append(mx.get_cache_memory())
+
+    run_pipeline(_config(tiny_model(), tmp_path / "out", datasets), on_event)
+    assert cached_at_stage and all(size == 0 for size in cached_at_stage)
+    # The GUI's stream (a long-lived process) also releases what the finished run's model left cached.
+    events = list(iter_events(_config(tiny_model(), tmp_path / "out2", datasets)))
+    assert events[-1].kind == "result" and mx.get_cache_memory() == 0

@@ -63,7 +63,7 @@ def _dense_twin(module: nn.Module, dtype) -> nn.Module | None:
         mode=module.mode,
     ).astype(dtype)
     if isinstance(module, nn.QuantizedEmbedding):
-        dense = nn.Embedding(*weight.shape)
+        dense: nn.Module = nn.Embedding(*weight.shape)
     elif isinstance(module, nn.QuantizedLinear):
         dense = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
     elif isinstance(module, QuantizedSwitchLinear):

@@ -8,6 +8,7 @@ faster. Greedy decoding of a row gives the same tokens as decoding it alone.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 from ..defaults import GENERATION_BATCH_SIZE as DEFAULT_BATCH_SIZE
@@ -51,9 +52,9 @@ def greedy_tokens(
     outputs: list[list[int]] = [[] for _ in token_lists]
     lengths = [len(t) for t in token_lists]
     for indices in length_sorted_batches(total, lengths, max(1, batch_size)):
-        stops = [stop_when] * len(indices)
+        stops: list[Callable[[list[int]], bool] | None] = [stop_when] * len(indices)
         if row_stop is not None:
-            stops = [(lambda tokens, i=i: row_stop(i, tokens)) for i in indices]
+            stops = [functools.partial(row_stop, i) for i in indices]
         batch = _decode_batch(
             model, [token_lists[i] for i in indices], max_tokens, eos_token_ids, stops, finished, prefill_fn or prefill
         )
@@ -65,6 +66,8 @@ def greedy_tokens(
 def _decode_batch(model, prompts, max_tokens, eos_token_ids, stops, finished, prefill_fn=prefill) -> list[list[int]]:
     import mlx.core as mx
 
+    from .mx_types import int_list
+
     outputs: list[list[int]] = [[] for _ in prompts]
     if max_tokens <= 0:
         finished(len(prompts))
@@ -74,7 +77,7 @@ def _decode_batch(model, prompts, max_tokens, eos_token_ids, stops, finished, pr
     for step in range(max_tokens):
         next_tokens = mx.argmax(logits[:, -1, :], axis=-1)
         keep = []
-        for row, token in enumerate(next_tokens.tolist()):
+        for row, token in enumerate(int_list(next_tokens)):
             out = outputs[active[row]]
             out.append(token)
             stop_when = stops[active[row]]

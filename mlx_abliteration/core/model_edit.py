@@ -10,9 +10,10 @@ from collections.abc import Iterable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_unflatten
 
 from .ablate import DEFAULT_TARGETS, AblationPlan, EditReport, QuantParams, edit_module, select_writers, uniform_plan
+from .mx_types import flat_params
 from .probe import decoder_layers
 from .writers import model_writers
 
@@ -65,6 +66,7 @@ def get_ablated_parameters(
 
 def _edit_all(model, plan: AblationPlan, storage_dtype=None, edited_precision=None):
     plan = bind(model, plan)
+    assert plan.writers is not None, "bind() finds the writers"
     params: dict[str, mx.array] = {}
     reports: list[EditReport] = []
     replaced: dict[str, dict] = {}
@@ -103,7 +105,7 @@ def _dense_module(model: nn.Module, path: str, tensors: dict) -> nn.Module:
     old = dict(model.named_modules())[path]
     weight = tensors["weight"].astype(mx.float32) if old["scales"].dtype == mx.float32 else tensors["weight"]
     if isinstance(old, nn.QuantizedEmbedding):
-        new = nn.Embedding(*weight.shape)
+        new: nn.Module = nn.Embedding(*weight.shape)
     else:
         new = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in tensors)
     new.weight = weight
@@ -119,7 +121,7 @@ class WeightSnapshot:
         self.model = model
         self.saved = []
         for path, module in writer_modules(model, targets):
-            for name, value in tree_flatten(module.parameters()):
+            for name, value in flat_params(module.parameters()):
                 self.saved.append((f"{path}.{name}", value))
 
     def restore(self) -> None:

@@ -13,17 +13,18 @@ probe prompts (prompts x tokens x hidden x 4 bytes).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_map, tree_unflatten
 
 from ..errors import UserError
 from .batching import BatchingUnsupported, left_pad, make_batch_cache
 from .model_io import load_model
+from .mx_types import flat_params
 from .positions import ProbeSpec
 from .probe import (
     Progress,
@@ -84,7 +85,7 @@ class _Batch:
     set_index: int
     tokens: mx.array
     padding: list[int]
-    select: object  # [B, T, H] -> [B, H]
+    select: Callable[[mx.array], mx.array]  # [B, T, H] -> [B, H]
     hidden: mx.array | None = None  # output of the last completed layer
 
 
@@ -130,14 +131,16 @@ def _run_layer(model, wrappers: list[_StreamedLayer], k: int, batch: _Batch) -> 
     out, wrappers[k]._output = wrappers[k]._output, None
     if k > 0:
         wrappers[k - 1]._replay = None
+    if out is None:
+        raise RuntimeError(f"decoder layer {k} was not called by the model's forward pass")
     return out
 
 
 def _reset_outer_weights(model, model_dir: Path) -> None:
     """Swap the evaluated embedding (and other non-layer weights) for lazy ones."""
     fresh, _, _ = load_model(model_dir, lazy=True)
-    outer = {name for name, _ in tree_flatten(model.parameters())}
-    model.update(tree_unflatten([(n, a) for n, a in tree_flatten(fresh.parameters()) if n in outer]))
+    outer = {name for name, _ in flat_params(model.parameters())}
+    model.update(tree_unflatten([(n, a) for n, a in flat_params(fresh.parameters()) if n in outer]))
 
 
 def streamed_probe(

@@ -23,10 +23,11 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_unflatten
 
 from .ablate import AblationPlan
 from .model_edit import apply_plan, writer_modules
+from .mx_types import flat_params
 from .writers import model_writers
 
 EMBED_BLOCK_ELEMENTS = 1 << 24  # elements of the embedding edited at once (64 MB in float32)
@@ -72,7 +73,7 @@ class TrialEditor:
         self.originals = [
             (path, f"{path}.{name}", value.dtype, compact(value, storage_dtype))
             for path, module in self.modules
-            for name, value in tree_flatten(module.parameters())
+            for name, value in flat_params(module.parameters())
         ]
         mx.eval([v for *_, v in self.originals])
         self.touched: set[str] = set()

@@ -106,11 +106,12 @@ def hub_snapshot(repo_id: str, repo_type: str, cache_dir: Path | None, allow_pat
 def is_timeout(err: BaseException) -> bool:
     """True for a connect/read timeout from any HTTP stack, however it was wrapped."""
     seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, TimeoutError) or "Timeout" in type(err).__name__:
+    link: BaseException | None = err
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, TimeoutError) or "Timeout" in type(link).__name__:
             return True
-        err = err.__cause__ or err.__context__
+        link = link.__cause__ or link.__context__
     return False
 
 

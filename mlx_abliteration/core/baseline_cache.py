@@ -82,7 +82,7 @@ def _versions() -> dict:
 
     from .. import __version__
 
-    out = {"mlx-abliteration": __version__, "device": str(mx.default_device())}
+    out: dict[str, str | None] = {"mlx-abliteration": __version__, "device": str(mx.default_device())}
     for name in ("mlx", "mlx-lm"):
         try:
             out[name] = md.version(name)
@@ -136,14 +136,13 @@ def store_baseline(path: Path, identity: dict, reference, report) -> None:
 
 def load_baseline(path: Path, identity: dict):
     """``(reference, report)`` from a cache entry, or None if it is missing, unreadable or another identity's."""
-    import mlx.core as mx
-
     from .evaluate import EvalReport, ReferenceLogprobs
+    from .mx_types import load_with_metadata
 
     if not path.is_file():
         return None
     try:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
+        arrays, metadata = load_with_metadata(str(path))
         meta = json.loads(metadata["baseline"])
         if meta["identity"] != json.loads(json.dumps(identity, default=str)):
             return None

@@ -35,7 +35,7 @@ def make_batch_cache(model, left_padding: list[int]) -> list:
         make_prompt_cache,
     )
 
-    caches = []
+    caches: list[BatchKVCache | BatchRotatingKVCache] = []
     for cache in make_prompt_cache(model):
         if type(cache) is KVCache:
             caches.append(BatchKVCache(left_padding))

@@ -43,6 +43,7 @@ import random
 import re
 import string
 from collections import Counter
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from importlib import resources
 from itertools import product
@@ -112,7 +113,9 @@ class _Checker:
         line = node.start_mark.line + 1
         return TemplateError(f"{self.source}:{line}: {key}: {problem}")
 
-    def mapping(self, node: Node, key: str, allowed: set[str], required: set[str] = frozenset()) -> dict:
+    def mapping(
+        self, node: Node, key: str, allowed: AbstractSet[str], required: AbstractSet[str] = frozenset()
+    ) -> dict:
         if not isinstance(node, MappingNode):
             raise self.fail(node, key, f"expected a mapping, got {_node_kind(node)}")
         entries: dict[str, tuple[Node, Node]] = {}
@@ -343,7 +346,7 @@ class _Candidate:
 
 
 def _candidates(template_set: TemplateSet) -> list[_Candidate]:
-    found = []
+    found: list[_Candidate] = []
     for concept in template_set.concepts:
         for template in template_set.templates:
             if not set(template.slots) <= concept.slots:

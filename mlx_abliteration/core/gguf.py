@@ -183,6 +183,7 @@ def _native_blocks(raw: np.ndarray, type_name: str) -> tuple[np.ndarray, np.ndar
     block_bytes = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[type_name]
     blocks = np.ascontiguousarray(raw).reshape(rows, -1, block_bytes)
     scales = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    values: np.ndarray
     if type_name == "Q8_0":
         values = blocks[..., 2:] ^ np.uint8(0x80)  # int8 q -> unsigned q + 128
         biases = -128.0 * scales
@@ -344,7 +345,7 @@ def write_safetensors(path: Path, tensors: list[OutputTensor], progress: Callabl
             written = 0
             for chunk in tensor.chunks():
                 chunk = np.ascontiguousarray(chunk)
-                f.write(memoryview(chunk).cast("B"))
+                f.write(chunk.data.cast("B"))
                 written += chunk.nbytes
             if written != tensor.nbytes:
                 raise RuntimeError(f"internal error: {tensor.name} produced {written} bytes, expected {tensor.nbytes}")

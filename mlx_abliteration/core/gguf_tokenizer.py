@@ -86,7 +86,7 @@ def build_tokenizer(reader, path: Path):
     if style.nfc:
         tokenizer.normalizer = normalizers.NFC()
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=style.split_regex is None)
-    steps = []
+    steps: list[pre_tokenizers.PreTokenizer] = []
     if style.split_regex is not None:
         steps.append(pre_tokenizers.Split(Regex(style.split_regex), behavior="isolated", invert=False))
     if style.individual_digits:
@@ -151,7 +151,7 @@ def write_tokenizer_files(reader, out_dir: Path, path: Path, max_length: int, eo
         config["chat_template"] = template
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
-    generation = {}
+    generation: dict[str, int | list[int]] = {}
     for key, value in (
         ("bos_token_id", _meta(reader, "tokenizer.ggml.bos_token_id")),
         ("pad_token_id", _meta(reader, "tokenizer.ggml.padding_token_id")),

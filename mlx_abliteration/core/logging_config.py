@@ -20,6 +20,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path, PurePath
+from typing import Any
 
 from ..errors import UserError
 
@@ -89,8 +90,8 @@ def _is_array_like(value: object) -> bool:
     return callable(getattr(value, "tolist", None)) or callable(getattr(value, "item", None))
 
 
-def _array(value: object, depth: int, seen: frozenset[int]) -> object:
-    """numpy/mlx arrays and scalars: values when small, a summary when large."""
+def _array(value: Any, depth: int, seen: frozenset[int]) -> object:
+    """numpy/mlx arrays and scalars (duck-typed: ``tolist``/``item``): values when small, a summary when large."""
     size = getattr(value, "size", 1)
     size = size() if callable(size) else size
     if isinstance(size, int) and size > MAX_ARRAY_ELEMENTS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 
@@ -69,7 +70,7 @@ def check_model_type(path: Path, config: dict) -> None:
         )
 
 
-def model_classes(config: dict) -> tuple[type, type]:
+def model_classes(config: dict) -> tuple[type, Any]:
     """mlx-lm's ``(Model, ModelArgs)`` classes for a config, picked as ``mlx_lm.utils.load_model`` picks them
     (``model_type``, remapped by ``architectures`` or the type aliases). mlx-lm has no public name for this."""
     import importlib
@@ -153,9 +154,10 @@ def check_model_folder(path: Path) -> dict:
 def check_finite_weights(model, path: Path) -> None:
     """Name the first parameter holding NaN/inf (a corrupt source), before any probing blames the data."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten
 
-    for name, value in tree_flatten(model.parameters()):
+    from .mx_types import flat_params
+
+    for name, value in flat_params(model.parameters()):
         if not mx.issubdtype(value.dtype, mx.floating):
             continue
         if not mx.all(mx.isfinite(value)).item():

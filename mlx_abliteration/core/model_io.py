@@ -8,10 +8,14 @@ import logging
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from .atomic_write import is_user_write_failure, write_error
 from .output_dir import make_temp_dir, replace_dir
+
+if TYPE_CHECKING:
+    from .ablate import QuantParams
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +132,7 @@ def validate_output_dir(source: Path, output: Path, overwrite: bool, fresh: bool
     check_output_dir(output, sources=[source], overwrite=overwrite, fresh=fresh)
 
 
-def quant_params_for(module_path: str, config: dict):
+def quant_params_for(module_path: str, config: dict) -> QuantParams | None:
     """Quantization of ``module_path`` from config.json (per-layer entries win)."""
     from .ablate import QuantParams
 
@@ -139,9 +143,10 @@ def quant_params_for(module_path: str, config: dict):
     if entry is False:
         return None
     if isinstance(entry, dict):
-        return QuantParams(
-            entry.get("group_size", q["group_size"]), entry["bits"], entry.get("mode", q.get("mode", "affine"))
-        )
+        # The entry's group_size/mode win over the top-level ones (a dict merge: dict.get with
+        # an Any default is typed Optional by typeshed).
+        merged = {"group_size": q["group_size"], "mode": q.get("mode", "affine"), **entry}
+        return QuantParams(merged["group_size"], entry["bits"], merged["mode"])
     return QuantParams(q["group_size"], q["bits"], q.get("mode", "affine"))
 
 
@@ -308,7 +313,7 @@ def _write_model(source: Path, out: Path, plan, edited_precision, progress, on_w
     layout = open_layout(source, read_config(source))
     config, shards, weight_map = layout.config, layout.shards, layout.weight_map
     groups = _module_groups(weight_map)
-    pending: dict[str, object] = {}  # edited leaves not yet written (None: dropped)
+    pending: dict[str, mx.array | None] = {}  # edited leaves not yet written (None: dropped)
     new_map, reports, dequantized, total = {}, [], [], 0
     for n, shard in enumerate(shards):
         names = [k for k, v in weight_map.items() if v == shard]

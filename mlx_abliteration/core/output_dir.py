@@ -231,7 +231,7 @@ def sweep_stale(parent: str | Path) -> list[Path]:
     its new output landed) is put back when its output name is free.
     """
     parent = Path(parent)
-    done = []
+    done: list[Path] = []
     try:
         entries = list(os.scandir(parent))
     except OSError:

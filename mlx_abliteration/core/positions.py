@@ -81,6 +81,8 @@ def probe_positions(tokenizer, prompt: str, spec: ProbeSpec, marker: str | None)
     ids = encode_chat(tokenizer, prompt, spec.system_prompt)
     if spec.position == "last":
         return ids, [len(ids) - 1]
+    if marker is None:
+        raise ValueError(f"--probe-position {spec.position} needs a marker (resolve_marker gives one)")
     text = render_chat(tokenizer, prompt, spec.system_prompt)
     first, last, offset_ids = marker_token_span(tokenizer, text, marker)
     if offset_ids != ids:

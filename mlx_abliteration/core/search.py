@@ -43,6 +43,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..defaults import SearchSettings  # noqa: F401  (re-exported: search settings live with the defaults)
 from ..errors import UserError
@@ -76,7 +77,8 @@ class SearchSpace:
 
     @classmethod
     def from_dict(cls, data: dict) -> SearchSpace:
-        return cls(**{k: (tuple(v) if v is not None else None) for k, v in data.items()})
+        fields: dict[str, Any] = {k: (tuple(v) if v is not None else None) for k, v in data.items()}
+        return cls(**fields)
 
 
 def search_space(
@@ -447,7 +449,7 @@ def trial_row(trial) -> TrialRow:
 def optimize(
     study,
     space: SearchSpace,
-    score: Callable[[PlanSpec], TrialScore],
+    score: Callable[[PlanSpec, Callable[[float, int], bool] | None], TrialScore],
     n_trials: int,
     on_trial: Callable[[TrialRow, int], None] | None = None,
     prune: bool = True,

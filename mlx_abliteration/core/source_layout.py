@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import UserError
+from .mx_types import load_arrays
 
 
 @dataclass
@@ -66,9 +67,9 @@ def _sanitize_keeps_tensors(source: Path, shards: list[str], config: dict) -> bo
     model = model_class(args_class.from_dict(config))  # parameters stay lazy: nothing is computed
     if not hasattr(model, "sanitize"):
         return True
-    raw = {}
+    raw: dict[str, mx.array] = {}
     for shard in shards:
-        raw.update(mx.load(str(source / shard)))
+        raw.update(load_arrays(str(source / shard)))
     sanitized = model.sanitize(dict(raw))
     return all(name in raw and value is raw[name] for name, value in sanitized.items())
 

@@ -28,7 +28,7 @@ def _capability(report: dict | None, before: dict | None) -> str:
     """Right answers; for the edited model also the share of the original's right answers it kept."""
     from .capability import kept_share
 
-    correct = report and report.get("capability_correct")
+    correct = report.get("capability_correct") if report else None
     if correct is None:
         return "-"
     cell = f"{sum(correct)}/{len(correct)}"
@@ -71,10 +71,10 @@ def eval_rows(before, after, timing: bool = True) -> list[tuple[str, str, str]]:
 
 def eval_text(before, after, headers: tuple[str, str] = ("before", "after")) -> str:
     """Plain-text table for the console; without ``before`` only the ``after`` column is shown."""
-    rows = [(name, b, a) for name, b, a in eval_rows(before, after)]
+    rows: list[tuple[str, ...]] = [(name, b, a) for name, b, a in eval_rows(before, after)]
     if before is None:
         rows = [(name, a) for name, _, a in rows]
-        head = ("", headers[1])
+        head: tuple[str, ...] = ("", headers[1])
     else:
         head = ("", *headers)
     table = [head, *rows]

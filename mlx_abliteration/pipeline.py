@@ -14,9 +14,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .defaults import AbliterationConfig
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .core.directions import RefusalDirections
+    from .steps import PromptSets
 
 log = logging.getLogger("mlx_abliteration.pipeline")
 
@@ -100,7 +105,13 @@ class RunContext:
     tokenizer: object = None
     model_config: dict = field(default_factory=dict)
     writers: dict | None = None  # the residual writers, found right after load
-    data: object = None  # steps.PromptSets, when the model is loaded
+    data: PromptSets | None = None  # when the model is loaded
+
+    def prompt_sets(self) -> PromptSets:
+        """The prompts; read right after the model is loaded (a plan source that never loads it has none)."""
+        if self.data is None:
+            raise RuntimeError("no prompts: they are read once the model is loaded")
+        return self.data
 
 
 @dataclass
@@ -135,7 +146,7 @@ class PlanSource:
     def directions(self, ctx: RunContext):
         from . import steps
 
-        return steps.probe_directions(ctx.model, ctx.tokenizer, ctx.data, ctx.config, ctx.report, ctx.source)
+        return steps.probe_directions(ctx.model, ctx.tokenizer, ctx.prompt_sets(), ctx.config, ctx.report, ctx.source)
 
     def choose(self, ctx: RunContext, directions) -> PlanChoice | None:
         raise NotImplementedError
@@ -148,7 +159,7 @@ class LayerChoice(PlanSource):
         from . import steps
 
         layer, candidates = steps.choose_layer(
-            ctx.model, ctx.tokenizer, directions, ctx.data, ctx.config, ctx.source, ctx.report, ctx.writers
+            ctx.model, ctx.tokenizer, directions, ctx.prompt_sets(), ctx.config, ctx.source, ctx.report, ctx.writers
         )
         return PlanChoice(layer, steps.build_plan(directions, layer, ctx.config, ctx.writers), candidates)
 
@@ -161,7 +172,7 @@ class DirectionFile(PlanSource):
 
     def __init__(self, path: str | Path, use_layer: str | None = None):
         self.path, self.use_layer = path, use_layer
-        self.loaded = None
+        self.loaded: tuple[RefusalDirections, int] | None = None  # set by check()
 
     def inputs(self) -> list:
         return [self.path]
@@ -171,17 +182,23 @@ class DirectionFile(PlanSource):
 
         directions, layer = load_directions(self.path)
         if self.use_layer is not None:
-            layer = parse_use_layer(self.use_layer, directions.num_model_layers)
-            if layer == "auto" or layer not in directions.layers:
+            chosen = parse_use_layer(self.use_layer, directions.num_model_layers)
+            if not isinstance(chosen, int) or chosen not in directions.layers:  # "auto" or not probed
                 raise UserError(
                     f"--use-layer {self.use_layer}: choose one of the probed layers {directions.layers[0]}..{directions.layers[-1]}"
                 )
+            layer = chosen
         self.loaded = directions, layer
+
+    def _loaded(self) -> tuple[RefusalDirections, int]:
+        if self.loaded is None:
+            raise RuntimeError("DirectionFile.check() loads the direction file first")
+        return self.loaded
 
     def prepare(self, ctx: RunContext) -> None:
         from .core.model_io import read_config
 
-        directions = self.loaded[0]
+        directions = self._loaded()[0]
         num_layers = read_config(ctx.source).get("num_hidden_layers")
         if num_layers is not None and num_layers != directions.num_model_layers:
             raise UserError(
@@ -189,12 +206,12 @@ class DirectionFile(PlanSource):
             )
 
     def directions(self, ctx: RunContext):
-        return self.loaded[0]
+        return self._loaded()[0]
 
     def choose(self, ctx: RunContext, directions) -> PlanChoice:
         from . import steps
 
-        layer = self.loaded[1]
+        layer = self._loaded()[1]
         plan = steps.build_plan(directions, layer, ctx.config, ctx.writers)
         return PlanChoice(layer, plan, record={"command": "ablate", "direction_file": str(self.path)})
 
@@ -244,9 +261,11 @@ def run_pipeline(
     output, record = None, {}
     if choice is not None:
         if ctx.model is not None and not config.dry_run:
-            reference, before = steps.evaluate_before(ctx.model, ctx.tokenizer, ctx.data, config, report, source)
+            reference, before = steps.evaluate_before(
+                ctx.model, ctx.tokenizer, ctx.prompt_sets(), config, report, source
+            )
             after = steps.evaluate_after(
-                ctx.model, ctx.tokenizer, choice.plan, ctx.data, reference, config, source, report
+                ctx.model, ctx.tokenizer, choice.plan, ctx.prompt_sets(), reference, config, source, report
             )
         record = steps.build_record(
             config,

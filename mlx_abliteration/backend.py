@@ -51,6 +51,25 @@ def preload_blas() -> str | None:
     return None
 
 
+TF32_ENV = "MLX_ENABLE_TF32"
+
+
+def full_float32_matmul() -> None:
+    """Keep float32 matmuls in full float32 on GPUs (MLX_ENABLE_TF32=0 unless the user set it).
+
+    MLX runs float32 matmul-family ops at TF32 precision by default on CUDA
+    (and on M5-class Metal): a ~3e-4 relative error per product, against
+    ~1e-7 in float32. The writer proof (``core.writers``) measures a layer's
+    remaining update along r in float32 and refuses an architecture above
+    1e-3 of it; at TF32 a supported model (gpt2, falcon_h1 as float32 models)
+    was refused with "still writes 8% of a direction", and float32 probes
+    differed between batch sizes by 1e-3 relative. Models in bf16/fp16 never
+    take this path, so it costs nothing there. MLX reads the variable once, at
+    the first matmul: this runs at import, before anything is computed.
+    """
+    os.environ.setdefault(TF32_ENV, "0")
+
+
 def blas_info() -> str:
     """A human-readable line saying which BLAS the CPU backend uses."""
     if _state["blas"]:

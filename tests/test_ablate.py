@@ -184,7 +184,14 @@ def test_quantized_model_runs_dense_on_cpu_and_edits_match_the_saved_file(tiny_m
     from mlx_abliteration.core.model_io import save_ablated_model
 
     src = tiny_model(bits=4, embedding_bits=8, dtype=dtype)
-    model, tok, config = load_model(src)  # CPU: dense float32 twins of the quantized layers
+    auto, _, _ = load_model(src)
+    # The automatic choice: dense float32 twins of the quantized layers on the
+    # CPU (no fast quantized kernels there); GPUs keep the quantized layers.
+    on_cpu = mx.default_device() == mx.cpu
+    assert isinstance(auto.layers[0].self_attn.o_proj, nn.QuantizedLinear) is not on_cpu
+    del auto
+    # The twins themselves, asked for explicitly so they are checked on any device.
+    model, tok, config = load_model(src, compute_dtype=mx.float32, dequantize=True)
     o_proj = model.layers[0].self_attn.o_proj
     assert isinstance(o_proj, nn.Linear) and o_proj._storage_quant.bits == 4
     assert model.model.embed_tokens._storage_quant.bits == 8
@@ -199,6 +206,8 @@ def test_quantized_model_runs_dense_on_cpu_and_edits_match_the_saved_file(tiny_m
     reports = apply_plan(model, plan)
     assert all(r.quantized for r in reports)
     save_ablated_model(src, tmp_path / "out", plan)
-    saved, _, _ = load_model(tmp_path / "out")  # dense twins of the saved, requantized weights
+    saved, _, _ = load_model(
+        tmp_path / "out", compute_dtype=mx.float32, dequantize=True
+    )  # dense twins of the saved, requantized weights
     for (name, a), (_, b) in zip(tree_flatten(model.parameters()), tree_flatten(saved.parameters())):
         assert mx.allclose(a, b, atol=1e-6), name

@@ -313,7 +313,11 @@ def test_converted_model_computes_the_same_logits_as_the_source(tmp_path, vocab,
     from mlx_abliteration.core.model_io import load_model
 
     stored = write_gguf(tmp_path / "m.gguf", vocab, arch, tie=tie, default_type=Q.F32, llama_bias=llama_bias)
-    model, _, _ = load_model(convert_gguf(tmp_path / "m.gguf", tmp_path / "out", dtype="float16"))
+    # float32 compute on every device (the CPU's default; GPUs would keep the
+    # stored float16): the check is of names, config and un-permutation.
+    model, _, _ = load_model(
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out", dtype="float16"), compute_dtype=mx.float32
+    )
 
     config = {
         "model_type": arch,

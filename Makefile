@@ -6,7 +6,7 @@ CACHE ?= $(HOME)/.cache/mlx-abliteration
 DEMO_OUT ?= outputs/qwen2.5-coder-1.5b-abliterated
 OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0
 
-.PHONY: demo test test-fast models bench blas system-deps venv clean
+.PHONY: demo test test-fast lint models bench blas system-deps venv clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,7 +39,13 @@ demo: venv blas
 	$(VENV)/bin/mlx-abliterate run -m "$$($(PY) -m mlx_abliteration.real_models --cache-dir $(CACHE) --print-path qwen)" \
 	  -o $(DEMO_OUT) --overwrite
 
-test: venv system-deps
+# Lint and format check (ruff) and types (mypy, configured in pyproject.toml).
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: venv system-deps lint
 	$(PY) -m pytest -q
 
 test-fast: venv

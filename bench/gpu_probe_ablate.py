@@ -37,10 +37,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import mlx_abliteration  # noqa: E402,F401
-
 import mlx.core as mx  # noqa: E402
 
+import mlx_abliteration  # noqa: E402,F401
 from bench._common import machine  # noqa: E402
 from mlx_abliteration.core.datasets import load_prompts  # noqa: E402
 from mlx_abliteration.core.positions import ProbeSpec  # noqa: E402

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .defaults import AbliterationConfig
 from .errors import UserError
@@ -77,7 +77,7 @@ class Reporter:
         self.on_event = on_event or (lambda event: None)
         self.cancel = cancel
 
-    def emit(self, kind: str, message: str = "", **data) -> None:
+    def emit(self, kind: str, message: str = "", **data: Any) -> None:
         if kind != "done":  # once saved, a late cancel must not report failure
             self.check()
         if kind in ("stage", "done"):
@@ -143,19 +143,19 @@ class PlanSource:
     def prepare(self, ctx: RunContext) -> None:
         pass
 
-    def directions(self, ctx: RunContext):
+    def directions(self, ctx: RunContext) -> RefusalDirections:
         from . import steps
 
         return steps.probe_directions(ctx.model, ctx.tokenizer, ctx.prompt_sets(), ctx.config, ctx.report, ctx.source)
 
-    def choose(self, ctx: RunContext, directions) -> PlanChoice | None:
+    def choose(self, ctx: RunContext, directions: RefusalDirections) -> PlanChoice | None:
         raise NotImplementedError
 
 
 class LayerChoice(PlanSource):
     """``run``: one probed layer's direction (``--use-layer``: an index, a fraction or ``auto``), uniform strength."""
 
-    def choose(self, ctx: RunContext, directions) -> PlanChoice:
+    def choose(self, ctx: RunContext, directions: RefusalDirections) -> PlanChoice:
         from . import steps
 
         layer, candidates = steps.choose_layer(
@@ -205,10 +205,10 @@ class DirectionFile(PlanSource):
                 f"the direction file was made for a {directions.num_model_layers}-layer model, but {ctx.source} has {num_layers} layers"
             )
 
-    def directions(self, ctx: RunContext):
+    def directions(self, ctx: RunContext) -> RefusalDirections:
         return self._loaded()[0]
 
-    def choose(self, ctx: RunContext, directions) -> PlanChoice:
+    def choose(self, ctx: RunContext, directions: RefusalDirections) -> PlanChoice:
         from . import steps
 
         layer = self._loaded()[1]
@@ -307,10 +307,10 @@ def iter_events(config: AbliterationConfig, cancel: threading.Event | None = Non
     The last event is ``done`` (with the ``PipelineResult`` in ``data["result"]``)
     or ``error`` (with a one-line message).
     """
-    events: queue.Queue = queue.Queue()
+    events: queue.Queue[Event | None] = queue.Queue()
     cancel = cancel or threading.Event()
 
-    def work():
+    def work() -> None:
         try:
             result = run_pipeline(config, events.put, cancel)
             events.put(Event("result", "", {"result": result}))

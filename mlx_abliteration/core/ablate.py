@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import mlx.core as mx
 
@@ -78,7 +79,7 @@ class AblationPlan:
         return out
 
 
-def select_writers(writers: WriterMap, targets) -> WriterMap:
+def select_writers(writers: WriterMap, targets: Iterable[str]) -> WriterMap:
     """The writers whose path ends with one of ``targets`` (all of them when ``targets`` is empty).
 
     A target that names no writer is an error: it is a typo or a reader.
@@ -130,7 +131,7 @@ def uniform_plan(
     )
 
 
-def check_strength(strength) -> float:
+def check_strength(strength: Any) -> float:  # any value from a CLI flag or a plan file
     try:
         value = float(strength)
     except (TypeError, ValueError):
@@ -211,7 +212,7 @@ class QuantParams:
     group_size: int
     bits: int
     mode: str = "affine"
-    scales_dtype: object = None  # stored dtype of scales/biases, for dense twins
+    scales_dtype: mx.Dtype | None = None  # stored dtype of scales/biases, for dense twins
 
 
 @dataclass
@@ -250,7 +251,7 @@ def dequantize_leaves(leaves: dict[str, mx.array], quant: QuantParams) -> mx.arr
     ).astype(mx.float32)
 
 
-def quantize_weight(w: mx.array, quant: QuantParams, scales_dtype=None) -> dict[str, mx.array]:
+def quantize_weight(w: mx.array, quant: QuantParams, scales_dtype: mx.Dtype | None = None) -> dict[str, mx.array]:
     """Pack ``w``; scales/biases are cast to ``scales_dtype`` (the stored dtype)."""
     packed = mx.quantize(w, group_size=quant.group_size, bits=quant.bits, mode=quant.mode)
     out = {"weight": packed[0], "scales": packed[1]}
@@ -273,7 +274,7 @@ def edit_module(
     leaves: dict[str, mx.array],
     plan: AblationPlan,
     quant: QuantParams | None = None,
-    dense_dtype=None,
+    dense_dtype: mx.Dtype | None = None,
     edited_precision: str | None = None,
 ) -> ModuleEdit | None:
     """Edit one writer's tensors (``weight`` [+ ``scales``/``biases``] [+ ``bias``]).
@@ -329,7 +330,7 @@ def edit_module(
     return ModuleEdit(out, report, dequantized)
 
 
-def _dtype(name: str):
+def _dtype(name: str) -> mx.Dtype:
     try:
         return {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}[name]
     except KeyError:

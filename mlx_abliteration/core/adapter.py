@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import UserError
+from .ablate import AblationPlan
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -41,12 +42,14 @@ def _dense_weight(module: nn.Module) -> mx.array:
     return module.weight
 
 
-def adapter_tensors(model: nn.Module, plan) -> tuple[dict, list[str], list[str]]:
+def adapter_tensors(model: nn.Module, plan: AblationPlan) -> tuple[dict, list[str], list[str]]:
     """(adapter tensors by parameter name, layer-relative keys, what the adapter cannot express)."""
     if plan.norm_preserve:
         raise UserError(
             "--norm-preserve rescales every edited column: not a rank-1 update, so no adapter can express it"
         )
+    if plan.writers is None:
+        raise ValueError("the plan has no writers yet: bind it to a model with with_writers()")
     modules = dict(model.named_modules())
     tensors, keys, missing = {}, set(), []
     for path, writer in sorted(plan.writers.items()):
@@ -76,7 +79,7 @@ def adapter_tensors(model: nn.Module, plan) -> tuple[dict, list[str], list[str]]
     return tensors, sorted(keys), missing
 
 
-def write_adapter(out: Path, model: nn.Module, plan, record: dict, num_layers: int) -> dict:
+def write_adapter(out: Path, model: nn.Module, plan: AblationPlan, record: dict, num_layers: int) -> dict:
     """Write ``adapters.safetensors``, ``adapter_config.json``, the log and the card into ``out`` (a fresh dir)."""
     from .model_card import model_card
 

@@ -126,7 +126,7 @@ def write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
         handle.write(text)
 
 
-def write_json(path: str | Path, data: Any, **dumps_kwargs) -> None:
+def write_json(path: str | Path, data: Any, **dumps_kwargs: Any) -> None:
     dumps_kwargs.setdefault("indent", 2)
     write_text(path, json.dumps(data, **dumps_kwargs) + "\n")
 

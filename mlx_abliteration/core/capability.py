@@ -13,8 +13,14 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..defaults import CAPABILITY_MAX_TOKENS
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
+
+    from .generation import Progress
 
 _FACTS: tuple[tuple[str, str], ...] = (
     ("What is the capital of France?", "Paris"),
@@ -64,13 +70,13 @@ def is_correct(answer: str, expected: str) -> bool:
 
 
 def capability_rows(
-    model,
-    tokenizer,
+    model: nn.Module,
+    tokenizer: Any,
     n: int,
     *,
     batch_size: int,
     system_prompt: str | None = None,
-    progress=None,
+    progress: Progress | None = None,
     max_tokens: int = CAPABILITY_MAX_TOKENS,
 ) -> list[dict]:
     """Greedy answers to the first ``n`` questions: rows with ``kind`` "capability", ``expected`` and ``correct``."""

@@ -43,6 +43,7 @@ import random
 import re
 import string
 from collections import Counter
+from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from importlib import resources
@@ -364,7 +365,7 @@ def _render(template: Template, values: dict[str, str], marker: str | None, appe
     return text
 
 
-def _balanced_order(candidates: list[_Candidate], rng: random.Random):
+def _balanced_order(candidates: list[_Candidate], rng: random.Random) -> Iterator[_Candidate]:
     """Yield candidates round-robin over concepts, least-used template and values first."""
     by_concept: dict[str, list[_Candidate]] = {}
     for candidate in candidates:

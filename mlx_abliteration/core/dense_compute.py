@@ -24,7 +24,7 @@ def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(p, m) for p, m in model.named_modules() if "scales" in m and hasattr(m, "bits")]
 
 
-def dense_size_bytes(model: nn.Module, dtype=mx.float32) -> int:
+def dense_size_bytes(model: nn.Module, dtype: mx.Dtype = mx.float32) -> int:
     """Bytes of the model's parameters if every quantized matrix were dense."""
     total = 0
     itemsize = mx.zeros((1,), dtype).itemsize
@@ -44,13 +44,13 @@ def physical_memory_bytes() -> int:
         return 0
 
 
-def should_dequantize(model: nn.Module, dtype) -> bool:
+def should_dequantize(model: nn.Module, dtype: mx.Dtype) -> bool:
     if mx.default_device() != mx.cpu or not quantized_modules(model):
         return False
     return dense_size_bytes(model, dtype) < MEMORY_FRACTION * physical_memory_bytes()
 
 
-def _dense_twin(module: nn.Module, dtype) -> nn.Module | None:
+def _dense_twin(module: nn.Module, dtype: mx.Dtype) -> nn.Module | None:
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
     # Dequantize in the stored scales' dtype, as the save path does, then cast.
@@ -77,7 +77,7 @@ def _dense_twin(module: nn.Module, dtype) -> nn.Module | None:
     return dense
 
 
-def dequantize_for_compute(model: nn.Module, dtype=mx.float32) -> int:
+def dequantize_for_compute(model: nn.Module, dtype: mx.Dtype = mx.float32) -> int:
     """Replace quantized layers by dense twins in ``dtype``; returns how many."""
     replacements = []
     for path, module in quantized_modules(model):

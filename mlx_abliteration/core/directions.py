@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -209,15 +210,14 @@ def direction_file_contents(directions: RefusalDirections, layer: int) -> tuple[
     return tensors, metadata
 
 
-def save_directions(path, directions: RefusalDirections, layer: int) -> None:
+def save_directions(path: str | Path, directions: RefusalDirections, layer: int) -> None:
     tensors, metadata = direction_file_contents(directions, layer)
     mx.save_safetensors(str(path), tensors, metadata=metadata)
 
 
-def load_directions(path) -> tuple[RefusalDirections, int]:
+def load_directions(path: str | Path) -> tuple[RefusalDirections, int]:
     """Read a direction file written by ``save_directions`` (or a saved model's)."""
     import json
-    from pathlib import Path
 
     path = Path(path)
     if path.is_dir():

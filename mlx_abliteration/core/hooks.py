@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import mlx.nn as nn
 
@@ -20,7 +21,7 @@ def _hooked_class(cls: type) -> type:
     sub = _HOOKED.get(cls)
     if sub is None:
 
-        def __call__(self, *args, **kwargs):
+        def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
             return self._abliteration_hook(lambda *a, **k: cls.__call__(self, *a, **k), args, kwargs)
 
         sub = _HOOKED[cls] = type(cls.__name__, (cls,), {"__call__": __call__})

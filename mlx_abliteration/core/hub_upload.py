@@ -12,10 +12,14 @@ without ``--overwrite``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from ..errors import UserError
+
+T = TypeVar("T")
 
 CARD = "README.md"
 LOG = "abliteration_log.json"
@@ -103,7 +107,7 @@ def _status(err: BaseException) -> int | None:
     return getattr(response, "status_code", None)
 
 
-def _hub_call(what: str, fn, *args, **kwargs):
+def _hub_call(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run one Hub call; what the user can fix becomes one line."""
     try:
         return fn(*args, **kwargs)
@@ -133,8 +137,8 @@ def upload(
     private: bool = False,
     overwrite: bool = False,
     dry_run: bool = False,
-    api=None,
-    progress=None,
+    api: Any = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> UploadPlan:
     """Create ``repo`` and upload ``folder`` into it (``dry_run``: only the plan, no token or network needed)."""
     plan = plan_upload(folder, repo, private)

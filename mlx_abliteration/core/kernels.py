@@ -23,6 +23,7 @@ fixed, uniform plan of ``mlx-abliterate run``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -97,7 +98,7 @@ class PlanSpec:
             raise UserError("embed_weight must be >= 0")
 
 
-def _flag(value) -> bool:
+def _flag(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"norm_preserve must be true or false, not {value!r}")
     return value
@@ -112,7 +113,9 @@ def uniform_spec(
     return PlanSpec("global", float(layer), kernel, kernel, strength if embed else 0.0, norm_preserve)
 
 
-def kernel_plan(directions: RefusalDirections, spec: PlanSpec, targets=DEFAULT_TARGETS) -> AblationPlan:
+def kernel_plan(
+    directions: RefusalDirections, spec: PlanSpec, targets: Sequence[str] = DEFAULT_TARGETS
+) -> AblationPlan:
     """The ``AblationPlan`` that ``spec`` describes for the model ``directions`` were probed on."""
     spec.validate()
     num_layers = directions.num_model_layers

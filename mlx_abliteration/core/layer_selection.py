@@ -16,12 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from .ablate import AblationPlan
 from .chat import encode_chats
-from .generation import first_token_logprobs
+from .directions import RefusalDirections
+from .generation import Progress, first_token_logprobs
 from .model_edit import WeightSnapshot, apply_plan
 from .mx_types import int_list, scalar
 
@@ -63,17 +66,17 @@ def refusal_token_ids(harmful_logp: mx.array, harmless_logp: mx.array, k: int = 
 
 
 def select_layer_auto(
-    model,
-    tokenizer,
-    directions,
+    model: nn.Module,
+    tokenizer: Any,
+    directions: RefusalDirections,
     plan_for_layer: Callable[[int], AblationPlan],
     harmful_prompts: Sequence[str],
     harmless_prompts: Sequence[str],
     *,
     system_prompt: str | None = None,
     batch_size: int = 16,
-    progress=None,
-    storage_dtype=None,
+    progress: Progress | None = None,
+    storage_dtype: mx.Dtype | None = None,
 ) -> tuple[int, list[CandidateScore]]:
     harmful_ids = encode_chats(tokenizer, harmful_prompts, system_prompt)
     harmless_ids = encode_chats(tokenizer, harmless_prompts, system_prompt)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import io
 import json
 import logging
 import math
@@ -191,7 +192,7 @@ def _private_dir(folder: Path) -> None:
 class _PrivateFileHandler(logging.FileHandler):
     """Appends to a regular file of ours, never through a symlink (O_NOFOLLOW), created 0600."""
 
-    def _open(self):
+    def _open(self) -> io.TextIOWrapper:
         import errno
         import stat
 

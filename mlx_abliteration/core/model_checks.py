@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
 
 INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_FILES = (
@@ -151,7 +154,7 @@ def check_model_folder(path: Path) -> dict:
     return config
 
 
-def check_finite_weights(model, path: Path) -> None:
+def check_finite_weights(model: nn.Module, path: Path) -> None:
     """Name the first parameter holding NaN/inf (a corrupt source), before any probing blames the data."""
     import mlx.core as mx
 

@@ -40,7 +40,9 @@ def _quant(module: nn.Module) -> QuantParams | None:
     return QuantParams(module.group_size, module.bits, getattr(module, "mode", "affine"))
 
 
-def _as_plan(model, refusal_vector, ablation_strength, target_modules) -> AblationPlan:
+def _as_plan(
+    model: nn.Module, refusal_vector: mx.array | AblationPlan, ablation_strength: float, target_modules: tuple[str, ...]
+) -> AblationPlan:
     if isinstance(refusal_vector, AblationPlan):
         return refusal_vector
     return uniform_plan(refusal_vector, len(decoder_layers(model)), ablation_strength, targets=target_modules)
@@ -48,10 +50,10 @@ def _as_plan(model, refusal_vector, ablation_strength, target_modules) -> Ablati
 
 def get_ablated_parameters(
     model: nn.Module,
-    refusal_vector,
+    refusal_vector: mx.array | AblationPlan,
     ablation_strength: float = 1.0,
     target_modules: Iterable[str] = DEFAULT_TARGETS,
-    storage_dtype=None,
+    storage_dtype: mx.Dtype | None = None,
 ) -> dict[str, mx.array]:
     """Flat ``{parameter name: edited array}`` for every edited writer.
 
@@ -64,7 +66,9 @@ def get_ablated_parameters(
     return params
 
 
-def _edit_all(model, plan: AblationPlan, storage_dtype=None, edited_precision=None):
+def _edit_all(
+    model: nn.Module, plan: AblationPlan, storage_dtype: mx.Dtype | None = None, edited_precision: str | None = None
+) -> tuple[dict[str, mx.array], tuple[list[EditReport], dict[str, dict[str, mx.array]]]]:
     plan = bind(model, plan)
     assert plan.writers is not None, "bind() finds the writers"
     params: dict[str, mx.array] = {}
@@ -92,7 +96,9 @@ def _edit_all(model, plan: AblationPlan, storage_dtype=None, edited_precision=No
     return params, (reports, replaced)
 
 
-def apply_plan(model: nn.Module, plan: AblationPlan, storage_dtype=None, edited_precision=None) -> list[EditReport]:
+def apply_plan(
+    model: nn.Module, plan: AblationPlan, storage_dtype: mx.Dtype | None = None, edited_precision: str | None = None
+) -> list[EditReport]:
     """Edit ``model`` in place; returns one report per edited module."""
     params, (reports, replaced) = _edit_all(model, plan, storage_dtype, edited_precision)
     model.update(tree_unflatten(list(params.items())))

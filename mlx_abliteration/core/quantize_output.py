@@ -22,8 +22,14 @@ import io
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..defaults import AbliterationConfig
+    from .ablate import AblationPlan
+    from .probe import Progress
 
 QUANTIZE_CHOICES = ("4", "8", "mxfp4")
 DEFAULT_GROUP_SIZE = 64  # mlx_lm.convert's default for affine 4/8-bit
@@ -45,13 +51,14 @@ def quant_spec(quantize: str, group_size: int | None = None) -> dict:
     return {"bits": int(quantize), "group_size": group_size, "mode": "affine"}
 
 
-def check_quantize_settings(config) -> dict | None:
+def check_quantize_settings(config: AbliterationConfig) -> dict | None:
     """The quantization spec of ``config`` (None without ``--quantize``), checked before any work."""
-    if getattr(config, "quantize", None) is None:
+    quantize = getattr(config, "quantize", None)
+    if quantize is None:
         if getattr(config, "q_group_size", None) is not None:
             raise UserError("--q-group-size needs --quantize 4, 8 or mxfp4")
         return None
-    return quant_spec(config.quantize, config.q_group_size)
+    return quant_spec(quantize, config.q_group_size)
 
 
 def quantize_dir(dense: Path, out: Path, spec: dict) -> dict:
@@ -79,17 +86,17 @@ def quantize_dir(dense: Path, out: Path, spec: dict) -> dict:
 
 
 def save_quantized_model(
-    source_dir,
-    output_dir,
-    plan,
+    source_dir: str | Path,
+    output_dir: str | Path,
+    plan: AblationPlan,
     spec: dict,
     *,
-    overwrite=False,
-    record=None,
-    directions=None,
-    model_card=None,
-    progress=None,
-    extra_files=None,
+    overwrite: bool = False,
+    record: dict | None = None,
+    directions: tuple[dict, dict] | None = None,
+    model_card: str | None = None,
+    progress: Progress | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> dict:
     """``save_ablated_model``, then quantized: same files, same summary, atomically into ``output_dir``."""
     from .atomic_write import is_user_write_failure, write_error

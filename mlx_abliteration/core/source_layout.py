@@ -12,11 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
 from ..errors import UserError
 from .mx_types import load_arrays
+
+if TYPE_CHECKING:
+    from .writers import WriterMap
 
 
 @dataclass
@@ -99,7 +103,7 @@ def _loaded_layout(source: Path, config: dict) -> SourceLayout:
     return SourceLayout(source, names, weight_map, {}, False, out_config, write_index=len(names) > 1, _tensors=tensors)
 
 
-def discover_writers_in_dir(source: Path):
+def discover_writers_in_dir(source: Path) -> WriterMap:
     """The residual writers of the model in ``source``, found on a lazily opened copy.
 
     Each decoder layer's weights are dropped once the layer has been tested,

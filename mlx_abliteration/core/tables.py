@@ -9,10 +9,17 @@ carry (an ``EvalReport`` works too).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .evaluate import EvalReport
+
+    Report = EvalReport | dict | None  # an evaluation report or its to_dict()
+
 EVAL_COLUMNS = ("metric", "before", "after")
 
 
-def _as_dict(report) -> dict | None:
+def _as_dict(report: Report) -> dict | None:
     if report is None or isinstance(report, dict):
         return report
     return report.to_dict()
@@ -43,7 +50,7 @@ def _kl_label(*reports: dict | None) -> str:
     return "KL vs original" if tokens == 1 else f"KL vs original ({tokens} tokens)"
 
 
-def eval_rows(before, after, timing: bool = True) -> list[tuple[str, str, str]]:
+def eval_rows(before: Report, after: Report, timing: bool = True) -> list[tuple[str, str, str]]:
     """(metric, before, after) cells: refusals on harmful and harmless prompts, KL, and (``timing``) speed."""
     before, after = _as_dict(before), _as_dict(after)
     rows = [
@@ -69,7 +76,7 @@ def eval_rows(before, after, timing: bool = True) -> list[tuple[str, str, str]]:
     return [(name, cell(before), cell(after)) for name, cell in rows]
 
 
-def eval_text(before, after, headers: tuple[str, str] = ("before", "after")) -> str:
+def eval_text(before: Report, after: Report, headers: tuple[str, str] = ("before", "after")) -> str:
     """Plain-text table for the console; without ``before`` only the ``after`` column is shown."""
     rows: list[tuple[str, ...]] = [(name, b, a) for name, b, a in eval_rows(before, after)]
     if before is None:
@@ -86,7 +93,7 @@ def eval_text(before, after, headers: tuple[str, str] = ("before", "after")) -> 
     return "\n".join(lines)
 
 
-def eval_markdown(before, after, headers: tuple[str, str] = ("original", "abliterated")) -> str:
+def eval_markdown(before: Report, after: Report, headers: tuple[str, str] = ("original", "abliterated")) -> str:
     """Markdown table for the model card (no timing rows: they describe the machine, not the model)."""
     lines = [f"| | {headers[0]} | {headers[1]} |", "|---|---|---|"]
     lines += [f"| {name} | {b} | {a} |" for name, b, a in eval_rows(before, after, timing=False)]

@@ -19,10 +19,11 @@ The edits themselves are ``apply_plan``'s, so they round exactly as there.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from .ablate import AblationPlan
@@ -33,7 +34,7 @@ from .writers import model_writers
 EMBED_BLOCK_ELEMENTS = 1 << 24  # elements of the embedding edited at once (64 MB in float32)
 
 
-def compact(value: mx.array, storage_dtype) -> mx.array:
+def compact(value: mx.array, storage_dtype: mx.Dtype | None) -> mx.array:
     """``value`` in ``storage_dtype`` if that holds it exactly, else ``value`` itself."""
     if storage_dtype is None or value.dtype != mx.float32 or storage_dtype == mx.float32:
         return value
@@ -65,7 +66,13 @@ def _only(zeros: list[float], layer: int, value: float) -> list[float]:
 
 
 class TrialEditor:
-    def __init__(self, model, targets, storage_dtype=None, edited_precision=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        targets: Iterable[str],
+        storage_dtype: mx.Dtype | None = None,
+        edited_precision: str | None = None,
+    ) -> None:
         self.model = model
         self.targets = tuple(targets)
         self.storage_dtype, self.edited_precision = storage_dtype, edited_precision
@@ -117,7 +124,7 @@ class TrialEditor:
             mx.eval(list(out.values()))
         module.update(tree_unflatten(list(out.items())))
 
-    def _blockwise(self, module, step: int) -> bool:
+    def _blockwise(self, module: nn.Module, step: int) -> bool:
         # A packed embedding stored dense (--edited-precision) is replaced by a new module: edit it whole.
         packed_to_dense = "scales" in module and self.edited_precision not in (None, "keep")
         return module["weight"].shape[0] > step and not packed_to_dense

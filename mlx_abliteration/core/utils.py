@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import NoReturn
 
 _SENTINEL = "XQZSENTINELQZX"
 # Special-token shapes used by chat templates: <|im_end|>, <|eot_id|>,
@@ -20,7 +21,7 @@ def layer_index(name: str) -> int | None:
 def _render(chat_template: str, messages: list[dict]) -> str:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    def raise_exception(message):
+    def raise_exception(message: str) -> NoReturn:
         raise ValueError(message)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)

@@ -17,40 +17,44 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from ..errors import UserError
 from .mx_types import int_scalar
 from .positions import ProbeSpec
 from .probe import Progress, WelfordStats, decoder_layers, probe_prompts
 
+T = TypeVar("T")
 
-def world():
+
+def world() -> mx.distributed.Group:
     """This process's group: size 1 unless started by ``mlx.launch``."""
     return mx.distributed.init(strict=False)
 
 
-def is_primary(group=None) -> bool:
+def is_primary(group: mx.distributed.Group | None = None) -> bool:
     """True on the rank that writes files (rank 0), and in a single process."""
     return (group or world()).rank() == 0
 
 
-def rank_slice(items: Sequence, group) -> list:
+def rank_slice(items: Sequence[T], group: mx.distributed.Group) -> list[T]:
     """Contiguous, near-equal share of ``items`` for this rank."""
     size, rank = group.size(), group.rank()
     start, stop = rank * len(items) // size, (rank + 1) * len(items) // size
     return list(items[start:stop])
 
 
-def _all_sum(x: mx.array, group) -> mx.array:
+def _all_sum(x: mx.array, group: mx.distributed.Group) -> mx.array:
     # The ring, MPI and JACCL backends reduce on the CPU stream; NCCL (set up
     # by ``mlx.launch --backend nccl``) on the GPU.
     stream = None if "NCCL_HOST_IP" in os.environ else mx.cpu
     return mx.distributed.all_sum(x, group=group, stream=stream)
 
 
-def all_reduce_stats(local: WelfordStats, group) -> WelfordStats:
+def all_reduce_stats(local: WelfordStats, group: mx.distributed.Group) -> WelfordStats:
     """Merge every rank's statistics (a rank with no prompts passes count 0)."""
     count = int_scalar(_all_sum(mx.array(float(local.count)), group))
     if count == 0:
@@ -63,15 +67,15 @@ def all_reduce_stats(local: WelfordStats, group) -> WelfordStats:
 
 
 def probe_prompts_distributed(
-    model,
-    tokenizer,
+    model: nn.Module,
+    tokenizer: Any,
     prompts: Sequence[str],
     spec: ProbeSpec = ProbeSpec(),
     layer_ids: Sequence[int] | None = None,
     batch_size: int | None = None,
     progress: Progress | None = None,
     label: str = "probe",
-    group=None,
+    group: mx.distributed.Group | None = None,
 ) -> WelfordStats:
     """``probe_prompts`` over all ranks of ``group``; each rank probes a slice."""
     group = group or world()
@@ -90,7 +94,7 @@ def probe_prompts_distributed(
     return all_reduce_stats(local, group)
 
 
-def _hidden_size(model) -> int:
+def _hidden_size(model: nn.Module) -> int:
     args = getattr(model, "args", None)
     size = getattr(args, "hidden_size", None) or getattr(args, "n_embd", None)
     if size is None:

@@ -30,8 +30,11 @@ import shutil
 import signal
 import socket
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import NoReturn
 
 from ..errors import UserError
 
@@ -50,7 +53,7 @@ def _resolved(path: str | Path) -> Path:
     return Path(path).expanduser().resolve()
 
 
-def local_sources(*candidates) -> list[Path]:
+def local_sources(*candidates: str | Path | None) -> list[Path]:
     """The candidates that name existing local paths (hub ids and None are skipped)."""
     out = []
     for c in candidates:
@@ -62,7 +65,7 @@ def local_sources(*candidates) -> list[Path]:
     return out
 
 
-def check_not_source(output: str | Path, sources, flag: str = "--output-dir") -> None:
+def check_not_source(output: str | Path, sources: Iterable[str | Path], flag: str = "--output-dir") -> None:
     """Refuse an output that is, contains or lies inside one of ``sources``."""
     out = _resolved(output)
     for source in sources:
@@ -86,7 +89,12 @@ def _check_parent_writable(path: Path, flag: str, what: str) -> None:
 
 
 def check_output_dir(
-    output: str | Path, *, sources=(), overwrite: bool = False, flag: str = "--output-dir", fresh: bool = True
+    output: str | Path,
+    *,
+    sources: Iterable[str | Path] = (),
+    overwrite: bool = False,
+    flag: str = "--output-dir",
+    fresh: bool = True,
 ) -> Path:
     """Check an output *dir* before any work, and remember what is there now (see ``replace_dir``).
 
@@ -111,7 +119,7 @@ def check_output_dir(
     return path
 
 
-def check_output_file(output: str | Path | None, *, sources=(), flag: str = "--output") -> None:
+def check_output_file(output: str | Path | None, *, sources: Iterable[str | Path] = (), flag: str = "--output") -> None:
     """Check an output *file* (report, direction, stats) before any work."""
     if output is None or str(output) == "":
         return
@@ -178,7 +186,7 @@ def _state(path: Path) -> _DirState | None:
     return _DirState(st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
-def start_state(output: str | Path):
+def start_state(output: str | Path) -> _DirState | None:
     """The state remembered by this thread's last ``check_output_dir`` of ``output`` (taken now if none)."""
     claims = _claims()
     key = _key(Path(output))
@@ -327,7 +335,7 @@ def _put_back(old: Path, output: Path) -> None:
 # --- SIGTERM ---------------------------------------------------------------------------
 
 
-def _on_sigterm(signum, frame):
+def _on_sigterm(signum: int, frame: FrameType | None) -> NoReturn:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the cleanup short
     raise Terminated()
 

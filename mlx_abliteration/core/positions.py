@@ -12,6 +12,7 @@ generation prompt appended:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..defaults import PROBE_POSITIONS
 from ..errors import UserError
@@ -26,7 +27,7 @@ class ProbeSpec:
     strip_marker_newline: bool = False
     system_prompt: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.position not in PROBE_POSITIONS:
             raise UserError(f"unknown probe position {self.position!r}; choose one of {', '.join(PROBE_POSITIONS)}")
 
@@ -35,7 +36,7 @@ class ProbeSpec:
         return self.position != "last"
 
 
-def resolve_marker(tokenizer, spec: ProbeSpec) -> str | None:
+def resolve_marker(tokenizer: Any, spec: ProbeSpec) -> str | None:
     """The marker string to search for: --probe-marker, else from the chat template."""
     if not spec.needs_marker and spec.marker is None:
         return None
@@ -53,11 +54,11 @@ def resolve_marker(tokenizer, spec: ProbeSpec) -> str | None:
     return marker
 
 
-def _hf_tokenizer(tokenizer):
+def _hf_tokenizer(tokenizer: Any) -> Any:
     return getattr(tokenizer, "_tokenizer", tokenizer)
 
 
-def marker_token_span(tokenizer, text: str, marker: str) -> tuple[int, int, list[int]]:
+def marker_token_span(tokenizer: Any, text: str, marker: str) -> tuple[int, int, list[int]]:
     """(first, last) token index of the last occurrence of ``marker`` in ``text``."""
     start_char = text.rfind(marker)
     if start_char < 0:
@@ -76,7 +77,7 @@ def marker_token_span(tokenizer, text: str, marker: str) -> tuple[int, int, list
     return first, last, list(enc["input_ids"])
 
 
-def probe_positions(tokenizer, prompt: str, spec: ProbeSpec, marker: str | None) -> tuple[list[int], list[int]]:
+def probe_positions(tokenizer: Any, prompt: str, spec: ProbeSpec, marker: str | None) -> tuple[list[int], list[int]]:
     """Token ids of the chat-templated prompt and the positions to read there."""
     ids = encode_chat(tokenizer, prompt, spec.system_prompt)
     if spec.position == "last":

@@ -15,6 +15,7 @@ q/k/v/up/gate projections read the residual stream and are never edited.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -325,7 +326,7 @@ def edit_module(
         bias = leaves["bias"]
         out["bias"] = orthogonalize_bias(bias.astype(mx.float32), r, strength).astype(dense_dtype or bias.dtype)
     after = refusal_component(stored, r, writer.rows)
-    _check_finite(module_path, out, strength)
+    _check_finite(module_path, after, out, strength)
     report = EditReport(module_path, role, layer, strength, quant is not None, before, after)
     return ModuleEdit(out, report, dequantized)
 
@@ -337,13 +338,20 @@ def _dtype(name: str) -> mx.Dtype:
         raise UserError(f"--edited-precision {name!r}: choose keep, float16, bfloat16 or float32") from None
 
 
-def _check_finite(path: str, tensors: dict[str, mx.array], strength: float) -> None:
-    for name, value in tensors.items():
-        if mx.issubdtype(value.dtype, mx.floating) and not mx.all(mx.isfinite(value)).item():
-            raise UserError(
-                f"editing {path} gave non-finite values in {name} (strength {strength:g}); "
-                "the source weights or the direction hold inf/NaN, or the strength is too large"
-            )
+def _check_finite(path: str, after: float, tensors: dict[str, mx.array], strength: float) -> None:
+    """Non-finite stored weights are an error (never saved).
+
+    ``after`` = |r^T W'| (|E' r| for tables) is NaN or inf as soon as one
+    stored element is, so the matrix needs no separate full pass (isfinite
+    over an embedding costs seconds on the CPU); a bias is checked directly.
+    """
+    bias = tensors.get("bias")
+    if math.isfinite(after) and (bias is None or bool(mx.all(mx.isfinite(bias)).item())):
+        return
+    raise UserError(
+        f"editing {path} gave non-finite weights (strength {strength:g}); "
+        "the source weights or the direction hold inf/NaN, or the strength is too large"
+    )
 
 
 def _check_shape(path: str, rows: bool, w: mx.array, r: mx.array) -> None:

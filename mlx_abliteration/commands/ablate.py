@@ -17,10 +17,7 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_model_options(parser)
-    parser.add_argument("--direction", required=True, help="refusal_direction.safetensors file (or a dir holding one)")
-    parser.add_argument(
-        "--use-layer", default=None, help="use this probed layer's direction instead of the file's chosen layer"
-    )
+    options.add_direction_options(parser)
     options.add_ablation_options(parser)
     options.add_output_style(parser)
 

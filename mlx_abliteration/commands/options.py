@@ -119,6 +119,14 @@ def add_probe_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_direction_options(parser: argparse.ArgumentParser) -> None:
+    """The direction file a saved plan is applied from (``ablate``, ``export-adapter``)."""
+    parser.add_argument("--direction", required=True, help="refusal_direction.safetensors file (or a dir holding one)")
+    parser.add_argument(
+        "--use-layer", default=None, help="use this probed layer's direction instead of the file's chosen layer"
+    )
+
+
 def add_ablation_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("ablation")
     _flag(

@@ -175,11 +175,12 @@ def _moves_along(change: mx.array, v: mx.array) -> bool | None:
 
 
 def _proof_residual(update: mx.array, r: mx.array) -> float:
-    """max over positions of |r . dh| / |dh| (0 where the update is 0)."""
+    """max over positions of |r . dh| / |dh| (0 where the update is 0; inf when it is NaN)."""
     rows = update.astype(mx.float32).reshape(-1, r.shape[-1])
     size = mx.linalg.norm(rows, axis=-1)
     ratio = mx.abs(rows @ r) / mx.maximum(size, 1e-30)
-    return scalar(mx.max(mx.where(size > 1e-6 * mx.max(size), ratio, 0.0)))
+    residual = scalar(mx.max(mx.where(size > 1e-6 * mx.max(size), ratio, 0.0)))
+    return residual if residual == residual else float("inf")
 
 
 def _check_finite(value: mx.array, where: str, model_type: str) -> None:
@@ -403,8 +404,7 @@ class _LayerProbe:
             args, kwargs = _put(args, kwargs, position, value - (value @ r)[..., None] * r)
         clean = _at(args, kwargs, stream[0])
         out, _ = self._replay(call, args, kwargs, [(by_path[w.path], _projector(w.direction(r))) for w in writers])
-        residual = _proof_residual(out - clean, r)
-        return residual if residual == residual else float("inf")
+        return _proof_residual(out - clean, r)
 
 
 def _at(args, kwargs, position):
@@ -554,7 +554,7 @@ class WriterFinder:
             if not (is_table or isinstance(module, _editable_types()) or _norm_like(module, size)):
                 continue
             v = _unit(self.next_key(), size)
-            scale = scalar(mx.mean(mx.linalg.norm(y.astype(mx.float32), axis=-1))) or 1.0
+            scale = _typical_norm(traces[path])
             seen: dict = {}
             self._forward_to_first_layer(tokens, [(first_layer, _stopper(seen)), (module, _nudger(scale * v))])
             if not _moves_along(seen["__layer0__"] - base, v):
@@ -633,8 +633,7 @@ class WriterFinder:
         self._forward_to_first_layer(
             tokens, [(first_layer, _stopper(seen))] + [(by_path[w.path], _projector(w.direction(r))) for w in writers]
         )
-        residual = _proof_residual(seen["__layer0__"], r)
-        return residual if residual == residual else float("inf")
+        return _proof_residual(seen["__layer0__"], r)
 
     def _forward_to_first_layer(self, tokens, pairs) -> None:
         """The forward pass up to the first layer's input, every module before it computing in float32."""

@@ -374,12 +374,9 @@ class _LayerProbe:
             for p, m in self._candidates(traces, base.shape[-1])
             if p not in have and isinstance(m, _editable_types())
         ]
-        if extra and self._residual(call, args, kwargs, stream, writers + extra, r) <= PROOF_TOLERANCE:
-            for candidate in list(extra):
-                rest = [w for w in extra if w is not candidate]
-                if self._residual(call, args, kwargs, stream, writers + rest, r) <= PROOF_TOLERANCE:
-                    extra = rest
-            return _with_siblings(writers + extra, self.modules)
+        kept = _smallest_passing(writers, extra, lambda ws: self._residual(call, args, kwargs, stream, ws, r))
+        if kept is not None:
+            return _with_siblings(kept, self.modules)
         found = ", ".join(_short(w.path, self.index) for w in writers) or "none"
         others = ", ".join(_short(p, self.index) for p, _ in self._candidates(traces, base.shape[-1]) if p not in have)
         raise UserError(
@@ -415,6 +412,19 @@ def _put(args, kwargs, position, value):
     if isinstance(position, int):
         return args[:position] + (value,) + args[position + 1 :], kwargs
     return args, {**kwargs, position: value}
+
+
+def _smallest_passing(
+    found: list[Writer], extra: list[Writer], residual: Callable[[list[Writer]], float]
+) -> list[Writer] | None:
+    """``found`` plus the fewest of ``extra`` whose projection passes the proof (one elimination pass), or None."""
+    if not extra or not residual(found + extra) <= PROOF_TOLERANCE:
+        return None
+    for candidate in list(extra):
+        rest = [w for w in extra if w is not candidate]
+        if residual(found + rest) <= PROOF_TOLERANCE:
+            extra = rest
+    return found + extra
 
 
 def _short(path: str, layer: int) -> str:
@@ -615,12 +625,9 @@ class WriterFinder:
                 and isinstance(module, _table_types() + _editable_types())
             ):
                 extra.append(Writer(path, "embed", None, rows=isinstance(module, _table_types())))
-        if extra and self._embedding_residual(found + extra, first_layer, tokens, r) <= PROOF_TOLERANCE:
-            for candidate in list(extra):
-                rest = [w for w in extra if w is not candidate]
-                if self._embedding_residual(found + rest, first_layer, tokens, r) <= PROOF_TOLERANCE:
-                    extra = rest
-            return found + extra
+        kept = _smallest_passing(found, extra, lambda ws: self._embedding_residual(ws, first_layer, tokens, r))
+        if kept is not None:
+            return kept
         names = ", ".join(w.path for w in found) or "none"
         raise UserError(
             f"{self.model_type}: the first decoder layer's input keeps {residual:.1%} of a direction after editing "

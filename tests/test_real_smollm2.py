@@ -38,12 +38,13 @@ def test_pipeline_on_smollm2_keeps_quantization_and_loads(smollm2_dir, tmp_path)
     log = json.loads((out / "abliteration_log.json").read_text())
     assert 0.0 < log["edits"]["mean_residual_quantized"] < 0.5
     model, tok = mlx_lm.load(str(out))
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
-    )
+    # MLX's CPU quantized matmul runs ~4 s per token for this model, so the
+    # load-back check uses a 2-token prompt and 2 new tokens (the pipeline's own
+    # evaluation above already generated with the edited weights, dequantized).
     # SmolLM2 does not refuse, so its "refusal direction" from 16+16 prompts is
     # noise-level: this checks the mechanics (load-back, generation), not quality.
-    answer = mlx_lm.generate(model, tok, prompt=prompt, max_tokens=24)
-    assert answer.strip()
-    logits = model(mx.array([tok.encode(prompt)]))
+    prompt_tokens = tok.encode("Hello")[:2]
+    answer = mlx_lm.generate(model, tok, prompt=prompt_tokens, max_tokens=2)
+    assert isinstance(answer, str)
+    logits = model(mx.array([prompt_tokens]))
     assert bool(mx.all(mx.isfinite(logits)).item())

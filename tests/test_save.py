@@ -209,3 +209,15 @@ def test_mlx_open_failure_names_the_real_cause(tiny_model, tmp_path, monkeypatch
     monkeypatch.setattr(mx, "save_safetensors", failing)
     with pytest.raises(UserError, match="Not a directory.*a part of the path is a file"):
         save_ablated_model(src, tmp_path / "out", _plan(src))
+
+
+def test_copied_shard_reuses_the_source_digest(tiny_model, tmp_path):
+    # Editing only layer 0 leaves the later shards byte-copied: their recorded
+    # digest is the source's (not re-read) and must still be the file's own.
+    src = tiny_model(num_shards=3, num_layers=4)
+    out = tmp_path / "out"
+    summary = save_ablated_model(src, out, _plan(src, ablate_layers=[0], targets=("mlp.down_proj",)))
+    copied = [name for name in summary["output_sha256"] if sha256_file(src / name) == sha256_file(out / name)]
+    assert copied, "no shard was left unedited; the test needs one"
+    assert summary["output_sha256"] == {name: sha256_file(out / name) for name in summary["output_sha256"]}
+    assert all(summary["output_sha256"][name] == summary["source_sha256"][name] for name in copied)

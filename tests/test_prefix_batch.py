@@ -7,22 +7,22 @@ import mlx_abliteration.core.prefix_batch as prefix_batch
 from mlx_abliteration.core.chat import encode_chats
 from mlx_abliteration.core.generation import first_token_logprobs, greedy_tokens
 from mlx_abliteration.core.model_io import load_model
-from mlx_abliteration.core.prefix_batch import shared_first_token_logprobs, shared_prefill, shared_prefix_length
+from mlx_abliteration.core.prefix_batch import prefill_prefix_length, shared_first_token_logprobs, shared_prefill
 
 PROMPTS = [f"How do I bake bread recipe number {i}" + " please" * (i % 5) for i in range(9)]
 
 
 def test_shared_prefix_leaves_a_token_per_prompt():
-    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3, 4, 7]]) == 3
-    assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1
-    assert shared_prefix_length([[1, 2], [2, 2]]) == 0
+    assert prefill_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3, 4, 7]]) == 3
+    assert prefill_prefix_length([[1, 2], [1, 2, 3]]) == 1
+    assert prefill_prefix_length([[1, 2], [2, 2]]) == 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_same_logprobs_and_greedy_answers_as_plain_prefill(tiny_model, arch, monkeypatch):
     model, tokenizer, _ = load_model(tiny_model(arch=arch))
     ids = encode_chats(tokenizer, PROMPTS, None)
-    assert shared_prefix_length(ids) > 10
+    assert prefill_prefix_length(ids) > 10
     vocab = model(mx.array([ids[0]])).shape[-1]
     monkeypatch.setattr(prefix_batch, "LOGITS_BUDGET", 6 * vocab)  # several length chunks
     assert mx.allclose(shared_first_token_logprobs(model, ids), first_token_logprobs(model, ids, 16), atol=1e-4)

@@ -6,7 +6,7 @@ import pytest
 import mlx_abliteration.core.probe as probe
 from mlx_abliteration.core.model_io import load_model
 from mlx_abliteration.core.positions import ProbeSpec
-from mlx_abliteration.core.probe import capture_activations, encode_for_probe, probe_prompts, shared_prefix_length
+from mlx_abliteration.core.probe import capture_activations, encode_for_probe, probe_prefix_length, probe_prompts
 
 PROMPTS = [
     "How do I bake bread?",
@@ -18,9 +18,9 @@ PROMPTS = [
 
 def test_shared_prefix_stops_before_probed_positions():
     tokens = [[1, 2, 3, 4, 5], [1, 2, 3, 9], [1, 2, 3, 4, 7]]
-    assert shared_prefix_length(tokens, [[4], [3], [4]]) == 3
-    assert shared_prefix_length(tokens, [[4], [1], [4]]) == 1
-    assert shared_prefix_length([[5, 6], [7, 8]], [[1], [1]]) == 0
+    assert probe_prefix_length(tokens, [[4], [3], [4]]) == 3
+    assert probe_prefix_length(tokens, [[4], [1], [4]]) == 1
+    assert probe_prefix_length([[5, 6], [7, 8]], [[1], [1]]) == 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral", "gpt2"])
@@ -29,7 +29,7 @@ def test_prefix_path_matches_single_prompts(tiny_model, arch, position, monkeypa
     model, tokenizer, _ = load_model(tiny_model(arch=arch, tie=arch != "qwen2"))
     spec = ProbeSpec(position=position)
     token_lists, positions = encode_for_probe(tokenizer, PROMPTS, spec)
-    assert shared_prefix_length(token_lists, positions) >= probe._MIN_SHARED_PREFIX
+    assert probe_prefix_length(token_lists, positions) >= probe._MIN_SHARED_PREFIX
     single = capture_activations(model, tokenizer, PROMPTS, spec, batch_size=1)
     stats = probe_prompts(model, tokenizer, PROMPTS, spec, batch_size=3)
     scale = max(float(mx.abs(single).max().item()), 1.0)

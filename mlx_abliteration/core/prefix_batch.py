@@ -23,19 +23,48 @@ from .batching import prefill
 LOGITS_BUDGET = 1 << 25  # logits elements computed per forward pass (128 MB in float32)
 
 
-def shared_prefix_length(token_lists: Sequence[Sequence[int]]) -> int:
-    """Tokens every list starts with, leaving at least one token of each list after them."""
-    first, shortest = token_lists[0], min(len(t) for t in token_lists)
+def common_prefix_length(token_lists: Sequence[Sequence[int]], limit: int) -> int:
+    """Leading tokens every list starts with, at most ``limit``.
+
+    Callers set the limit their use needs: the prefill keeps at least one
+    token of each prompt after the prefix, the probe stops before the first
+    probed position.
+    """
+    first = token_lists[0]
     n = 0
-    while n < shortest - 1 and all(t[n] == first[n] for t in token_lists):
+    while n < limit and all(t[n] == first[n] for t in token_lists):
         n += 1
     return n
 
 
-def plain_kv_caches(model) -> bool:
+def prefill_prefix_length(token_lists: Sequence[Sequence[int]]) -> int:
+    """The shared prefix the prefill runs once: it leaves at least one token of each prompt after it."""
+    return common_prefix_length(token_lists, min(len(t) for t in token_lists) - 1)
+
+
+def prefix_kv_cache(
+    model, prefix: Sequence[int], stop: type[Exception] | None = None
+) -> tuple[list, mx.array | None] | None:
+    """Per-layer KV caches holding ``prefix`` after one forward pass, and that pass's (unevaluated) output.
+
+    None if the model's caches are not plain ``KVCache`` (sliding windows,
+    SSMs). ``stop``: an exception the forward pass may end with on purpose
+    (the probe stops after its deepest layer); the output is then None and
+    the deeper layers' caches stay empty.
+    """
     from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-    return all(type(c) is KVCache for c in make_prompt_cache(model))
+    caches = make_prompt_cache(model)
+    if not all(type(c) is KVCache for c in caches):
+        return None
+    stops: tuple[type[Exception], ...] = (stop,) if stop is not None else ()
+    out = None
+    try:
+        out = model(mx.array([list(prefix)]), cache=caches)
+    except stops:
+        pass
+    mx.eval([(c.keys, c.values) for c in caches if c.keys is not None])
+    return caches, out
 
 
 def shared_prefill(model, token_lists: Sequence[Sequence[int]], with_cache: bool = True):
@@ -43,14 +72,15 @@ def shared_prefill(model, token_lists: Sequence[Sequence[int]], with_cache: bool
 
     ``with_cache=False`` skips assembling the caches (first-token log-probs only).
     """
-    from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
+    from mlx_lm.models.cache import BatchKVCache
 
-    n_prefix = shared_prefix_length(token_lists)
-    if len(token_lists) < 2 or n_prefix == 0 or not plain_kv_caches(model):
+    n_prefix = prefill_prefix_length(token_lists)
+    prefix = prefix_kv_cache(model, token_lists[0][:n_prefix]) if len(token_lists) > 1 and n_prefix > 0 else None
+    if prefix is None:
         return prefill(model, token_lists)
-    prefix_cache = make_prompt_cache(model)
-    vocab = model(mx.array([list(token_lists[0][:n_prefix])]), cache=prefix_cache).shape[-1]  # logits stay unevaluated
-    mx.eval([c.state for c in prefix_cache])
+    prefix_cache, out = prefix
+    assert out is not None, "no stop exception was given"
+    vocab = out.shape[-1]  # the prefix's logits are never evaluated
     suffixes = [list(t[n_prefix:]) for t in token_lists]
     last: list = [None] * len(suffixes)
     rows: list = [None] * len(suffixes)

@@ -19,6 +19,7 @@ from ..errors import UserError
 from .batching import BatchingUnsupported, left_pad, make_batch_cache
 from .hooks import hooks
 from .positions import ProbeSpec, probe_positions, resolve_marker
+from .prefix_batch import common_prefix_length, prefix_kv_cache
 
 Progress = Callable[[int, int, str], None]
 
@@ -176,31 +177,17 @@ def auto_batch_size(lengths: Sequence[int], max_batch_tokens: int | None = None,
 _MIN_SHARED_PREFIX = 4
 
 
-def shared_prefix_length(token_lists: Sequence[Sequence[int]], positions: Sequence[Sequence[int]]) -> int:
+def probe_prefix_length(token_lists: Sequence[Sequence[int]], positions: Sequence[Sequence[int]]) -> int:
     """Leading tokens common to every prompt, stopping before the first probed position."""
-    shortest = min(len(t) for t in token_lists)
-    first = token_lists[0]
-    n = 0
-    while n < shortest and all(t[n] == first[n] for t in token_lists):
-        n += 1
-    return min(n, min(min(p) for p in positions))
+    return common_prefix_length(token_lists, min(min(p) for p in positions))
 
 
-def _prefix_caches(model, prefix: Sequence[int], wrappers) -> list | None:
+def _prefix_caches(model: nn.Module, prefix: Sequence[int], wrappers: dict[int, ActivationProbeWrapper]) -> list | None:
     """Per-layer KV caches holding ``prefix`` (None if the model's caches are not plain KV caches)."""
-    from mlx_lm.models.cache import KVCache, make_prompt_cache
-
-    caches = make_prompt_cache(model)
-    if not all(type(c) is KVCache for c in caches):
-        return None
     for wrapper in wrappers.values():
         wrapper._select = None
-    try:
-        model(mx.array([list(prefix)]), cache=caches)
-    except StopForward:
-        pass
-    mx.eval([(c.keys, c.values) for c in caches if c.keys is not None])
-    return caches
+    filled = prefix_kv_cache(model, prefix, stop=StopForward)
+    return None if filled is None else filled[0]
 
 
 def _continue_caches(prefix_caches: list, rows: int) -> list:
@@ -277,7 +264,7 @@ def probe_prompts(
 
 def _batch_runner(model, token_lists, positions, wrappers, pad_id: int) -> Callable[[list[int]], mx.array]:
     """``forward(indices) -> [B, L, H]``: after a shared prefix computed once, else left-padded."""
-    prefix_len = shared_prefix_length(token_lists, positions) if len(token_lists) > 1 else 0
+    prefix_len = probe_prefix_length(token_lists, positions) if len(token_lists) > 1 else 0
     prefix = _prefix_caches(model, token_lists[0][:prefix_len], wrappers) if prefix_len >= _MIN_SHARED_PREFIX else None
     if prefix is not None:
         return lambda idx: _forward_after_prefix(

@@ -13,9 +13,11 @@ from mlx_abliteration.core.ablate import (
     orthogonalize_writer,
     uniform_plan,
 )
-from mlx_abliteration.core.model_edit import WeightSnapshot, apply_plan, get_ablated_parameters
+from mlx_abliteration.core.model_edit import apply_plan, get_ablated_parameters
 from mlx_abliteration.core.model_io import load_model
+from mlx_abliteration.core.trial_edit import TrialEditor
 from mlx_abliteration.core.writers import model_writers
+from mlx_abliteration.defaults import DEFAULT_TARGETS
 from mlx_abliteration.errors import UserError
 
 READERS = ("q_proj", "k_proj", "v_proj", "up_proj", "gate_proj", "norm", "c_attn", "c_fc", "gate.weight")
@@ -156,7 +158,7 @@ def test_quantized_edit_reports_residual_and_higher_precision_fixes_it(tiny_mode
     assert precise.report.residual <= 1e-3
 
 
-def test_snapshot_restores_every_weight_bit_for_bit(tiny_model):
+def test_trial_editor_restores_every_weight_bit_for_bit(tiny_model):
     for kwargs, dense in (
         (dict(), True),
         (dict(bits=4, embedding_bits=8), True),
@@ -164,10 +166,10 @@ def test_snapshot_restores_every_weight_bit_for_bit(tiny_model):
     ):
         model, _, config = load_model(tiny_model(**kwargs), dequantize=dense)
         before = _flat(model)
-        snapshot = WeightSnapshot(model)
-        apply_plan(model, uniform_plan(_unit(config["hidden_size"]), len(model.layers), 0.7))
+        editor = TrialEditor(model, DEFAULT_TARGETS)
+        editor.apply(uniform_plan(_unit(config["hidden_size"]), len(model.layers), 0.7))
         assert not all(mx.array_equal(before[k], v) for k, v in _flat(model).items())
-        snapshot.restore()
+        editor.restore()
         assert all(mx.array_equal(before[k], v) for k, v in _flat(model).items())
 
 

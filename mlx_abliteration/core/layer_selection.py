@@ -25,8 +25,8 @@ from .ablate import AblationPlan
 from .chat import encode_chats
 from .directions import RefusalDirections
 from .generation import Progress, first_token_logprobs
-from .model_edit import WeightSnapshot, apply_plan
 from .mx_types import int_list, scalar
+from .trial_edit import TrialEditor
 
 NUM_REFUSAL_TOKENS = 8
 
@@ -84,15 +84,15 @@ def select_layer_auto(
     base_harmless = first_token_logprobs(model, harmless_ids, batch_size)
     tokens = refusal_token_ids(base_harmful, base_harmless)
     candidates = candidate_layers(directions.layers, directions.num_model_layers)
-    snapshot = WeightSnapshot(model, plan_for_layer(candidates[0]).targets)
+    editor = TrialEditor(model, plan_for_layer(candidates[0]).targets, storage_dtype)
 
     def score(layer: int) -> CandidateScore:
-        apply_plan(model, plan_for_layer(layer), storage_dtype=storage_dtype)
+        editor.apply(plan_for_layer(layer))
         try:
             harmful = first_token_logprobs(model, harmful_ids, batch_size)
             harmless = first_token_logprobs(model, harmless_ids, batch_size)
         finally:
-            snapshot.restore()
+            editor.restore()
         refusal = scalar(mx.exp(harmful[:, tokens]).sum(-1).mean()) if tokens else 0.0
         kl = scalar((mx.exp(base_harmless) * (base_harmless - harmless)).sum(-1).mean())
         return CandidateScore(layer, refusal, kl)

@@ -1,4 +1,4 @@
-"""Apply an ablation plan to a model in memory, and revert it exactly.
+"""Apply an ablation plan to a model in memory (``trial_edit.TrialEditor`` also reverts it).
 
 Uses the same per-module math as the streaming save (``ablate.edit_module``),
 so an in-memory edit equals the saved weights (up to the compute dtype).
@@ -13,7 +13,6 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from .ablate import DEFAULT_TARGETS, AblationPlan, EditReport, QuantParams, edit_module, select_writers, uniform_plan
-from .mx_types import flat_params
 from .probe import decoder_layers
 from .writers import model_writers
 
@@ -118,19 +117,3 @@ def _dense_module(model: nn.Module, path: str, tensors: dict) -> nn.Module:
     if "bias" in tensors:
         new.bias = tensors["bias"]
     return new
-
-
-class WeightSnapshot:
-    """Copies of only the writer parameters, to revert an in-memory edit exactly."""
-
-    def __init__(self, model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS):
-        self.model = model
-        self.saved = []
-        for path, module in writer_modules(model, targets):
-            for name, value in flat_params(module.parameters()):
-                self.saved.append((f"{path}.{name}", value))
-
-    def restore(self) -> None:
-        # The saved arrays are the original (immutable) MLX arrays: restoring
-        # them is exact and costs no copy.
-        self.model.update(tree_unflatten(self.saved))

@@ -1,9 +1,9 @@
 """Apply ablation plans to a loaded model and revert them exactly, at a small memory cost.
 
-A search edits the same model over and over. ``apply_plan`` next to a
-``WeightSnapshot`` keeps every original writer alive beside its edited copy
-(+2.7 GB for a 1.5B model in float32, plus ~2.5x the embedding while it is
-edited). ``TrialEditor`` instead
+A search (and ``--use-layer auto``) edits the same model over and over.
+Keeping every original writer alive beside its edited copy would cost +2.7 GB
+for a 1.5B model in float32, plus ~2.5x the embedding while it is edited.
+``TrialEditor``, the one apply-and-revert mechanism, instead
 
 - keeps the originals compact: in the checkpoint's dtype when the in-memory
   float32 values round-trip through it exactly (they do for a bf16 or fp16

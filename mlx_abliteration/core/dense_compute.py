@@ -50,9 +50,26 @@ def should_dequantize(model: nn.Module, dtype: mx.Dtype) -> bool:
     return dense_size_bytes(model, dtype) < MEMORY_FRACTION * physical_memory_bytes()
 
 
-def _dense_twin(module: nn.Module, dtype: mx.Dtype) -> nn.Module | None:
+def dense_module(like: nn.Module, weight: mx.array, bias: mx.array | None = None) -> nn.Module | None:
+    """A dense module of quantized ``like``'s kind holding ``weight`` (and ``bias``); None for another kind."""
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+    if isinstance(like, nn.QuantizedEmbedding):
+        dense: nn.Module = nn.Embedding(*weight.shape)
+    elif isinstance(like, nn.QuantizedLinear):
+        dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    elif isinstance(like, QuantizedSwitchLinear):
+        dense = SwitchLinear(weight.shape[2], weight.shape[1], weight.shape[0], bias=bias is not None)
+    else:
+        return None
+    dense.weight = weight
+    if bias is not None:
+        dense.bias = bias
+    return dense
+
+
+def _dense_twin(module: nn.Module, dtype: mx.Dtype) -> nn.Module | None:
+    """``module`` dequantized into ``dtype``, remembering its storage quantization in ``_storage_quant``."""
     # Dequantize in the stored scales' dtype, as the save path does, then cast.
     weight = mx.dequantize(
         module.weight,
@@ -62,18 +79,9 @@ def _dense_twin(module: nn.Module, dtype: mx.Dtype) -> nn.Module | None:
         bits=module.bits,
         mode=module.mode,
     ).astype(dtype)
-    if isinstance(module, nn.QuantizedEmbedding):
-        dense: nn.Module = nn.Embedding(*weight.shape)
-    elif isinstance(module, nn.QuantizedLinear):
-        dense = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
-    elif isinstance(module, QuantizedSwitchLinear):
-        dense = SwitchLinear(weight.shape[2], weight.shape[1], weight.shape[0], bias="bias" in module)
-    else:
-        return None
-    dense.weight = weight
-    if "bias" in module:
-        dense.bias = module.bias.astype(dtype)
-    dense._storage_quant = QuantParams(module.group_size, module.bits, module.mode, module.scales.dtype)
+    dense = dense_module(module, weight, module.bias.astype(dtype) if "bias" in module else None)
+    if dense is not None:
+        dense._storage_quant = QuantParams(module.group_size, module.bits, module.mode, module.scales.dtype)
     return dense
 
 

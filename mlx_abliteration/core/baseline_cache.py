@@ -34,6 +34,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from .evaluate import REFUSAL_RULE_VERSION
+from .utils import sha256_file
 
 log = logging.getLogger("mlx_abliteration.baseline_cache")
 
@@ -52,14 +53,6 @@ def cache_root(cache_dir: str | Path | None) -> Path:
     return default_cache_dir()
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def source_identity(source: str | Path) -> list:
     """What identifies a model dir's weights and tokenizer (see the module doc)."""
     source = Path(source)
@@ -71,7 +64,7 @@ def source_identity(source: str | Path) -> list:
         if path.suffix in _WEIGHT_SUFFIXES or stat.st_size > _HASHED_FILE_LIMIT:
             entries.append([path.name, stat.st_size, stat.st_mtime_ns])
         else:
-            entries.append([path.name, _file_digest(path)])
+            entries.append([path.name, sha256_file(path)])
     return entries
 
 

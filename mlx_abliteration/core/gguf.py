@@ -9,7 +9,6 @@ into safetensors files, so peak memory stays near one chunk, not the model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ import numpy as np
 
 from ..errors import UserError
 from .output_dir import OutputChanged, check_output_dir, make_temp_dir, replace_dir
+from .utils import sha256_file
 
 IMPORTER_VERSION = 1
 MARKER_FILE = "gguf_import.json"
@@ -65,14 +65,6 @@ _IGNORED_TENSORS = {"rope_freqs.weight"}  # folded into config.json's rope_scali
 def default_cache_dir() -> Path:
     """``$MLX_ABLITERATION_CACHE`` or ``~/.cache/mlx-abliteration``."""
     return Path(os.environ.get("MLX_ABLITERATION_CACHE", Path.home() / ".cache" / "mlx-abliteration")).expanduser()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- reading
@@ -392,15 +384,8 @@ def _llama3_rope_scaling(reader, arch: str, head_dim: int, theta: float) -> dict
         return None
     factors = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
     factor = float(factors.max())
-    freqs = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     for low, high, original in ((1.0, 4.0, 8192),):
-        wavelen = 2 * np.pi / freqs
-        smooth = (original / wavelen - low) / (high - low)
-        expected = np.where(
-            wavelen < original / high,
-            1.0,
-            np.where(wavelen > original / low, factor, 1 / ((1 - smooth) / factor + smooth)),
-        )
+        expected = llama3_rope_factors(theta, head_dim, factor, low, high, original)
         if expected.shape == factors.shape and np.allclose(expected, factors, rtol=1e-3):
             return {
                 "rope_type": "llama3",
@@ -527,7 +512,7 @@ def _convert(
     pre_tokenizer_style(reader, gguf_path)  # unsupported tokenizers fail before any writing
     if not any(t.name == "model.embed_tokens.weight" for t in tensors):
         raise UserError(f"{gguf_path.name} has no token_embd.weight tensor; the GGUF is incomplete")
-    sha256 = known_sha256 or file_sha256(gguf_path)
+    sha256 = known_sha256 or sha256_file(gguf_path)
     if expected_sha256 and sha256 != expected_sha256:
         raise UserError(f"sha256 of {gguf_path} is {sha256}, expected {expected_sha256}; download the file again")
     eos_ids = eos_token_ids(reader)

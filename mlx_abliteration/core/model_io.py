@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..errors import UserError
 from .atomic_write import is_user_write_failure, write_error
 from .output_dir import make_temp_dir, replace_dir
+from .utils import sha256_file
 
 if TYPE_CHECKING:
     from .ablate import QuantParams
@@ -214,14 +214,6 @@ def _module_groups(weight_map: dict[str, str]) -> dict[str, dict[str, str]]:
         module, _, leaf = name.rpartition(".")
         groups.setdefault(module, {})[leaf] = shard
     return groups
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_ablated_model(

@@ -104,12 +104,12 @@ def save_quantized_model(
         check_model_dir,
         read_config,
         save_ablated_model,
-        sha256_file,
         validate_output_dir,
         weight_files,
         write_records,
     )
     from .output_dir import make_temp_dir, replace_dir
+    from .utils import sha256_file
 
     source, output = Path(source_dir), Path(output_dir)
     check_model_dir(source)

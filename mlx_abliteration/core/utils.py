@@ -1,8 +1,10 @@
-"""Small shared helpers: residual-writer lookup by name, chat-template markers."""
+"""Small shared helpers: layer index by parameter name, chat-template markers, file digests."""
 
 from __future__ import annotations
 
+import hashlib
 import re
+from pathlib import Path
 from typing import NoReturn
 
 _SENTINEL = "XQZSENTINELQZX"
@@ -16,6 +18,15 @@ def layer_index(name: str) -> int | None:
     """Decoder-layer index of a parameter name (``model.layers.7.mlp...`` -> 7)."""
     match = _LAYER.search(name)
     return int(match.group(1)) if match else None
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
+    """Hex SHA256 of a file's bytes, read in ``chunk``-byte blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _render(chat_template: str, messages: list[dict]) -> str:

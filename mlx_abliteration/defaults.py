@@ -61,6 +61,7 @@ class AbliterationConfig:
     eval_max_tokens: int = 64
     kl_tokens: int = 1
     capability_questions: int = 32  # short exact-answer questions asked before and after (0: skip)
+    judge: str = "keywords"  # refusal verdicts: the marker list alone, or also a local chat model (core.judge)
     no_eval: bool = False
     no_cache: bool = False  # recompute the original model's evaluation instead of reading it from the cache
     system_prompt: str | None = None

@@ -67,6 +67,7 @@ _EDIT_ONLY = (
     "norm_preserve",
     "edited_precision",
     "kl_tokens",
+    "judge",
 )
 
 
@@ -203,8 +204,11 @@ def probe_identity(source: Path, config: AbliterationConfig, prompts: str) -> di
 
 
 def study_identity(source: Path, config: AbliterationConfig, settings: SearchSettings, prompts: str) -> dict:
-    scored = {k: v for k, v in config.to_dict().items() if k not in _UNSCORED}
+    scored = {k: v for k, v in config.to_dict().items() if k not in _UNSCORED and k != "judge"}
+    judge = steps.judge_path(config)  # keyword studies keep the identity they had before --judge existed
+    extra = {} if judge is None else {"judge": steps.judge_identity(judge)}
     return {
+        **extra,
         "source": str(Path(source).resolve()),
         "config": scored,
         "prompts": prompts,
@@ -304,7 +308,15 @@ def _search(study, model, tokenizer, source, data, directions, config, settings,
         )
         report.progress(done, settings.n_trials, "trials")
 
-    interrupted = optimize(study, space, scorer, settings.n_trials, on_trial, settings.prune)
+    judge = steps.judge_path(config)
+    if judge is None:
+        interrupted = optimize(study, space, scorer, settings.n_trials, on_trial, settings.prune)
+    else:
+        from .core.judge import loaded_judge
+
+        report.emit("info", f"trials scored by the judge {config.judge} (whole answers, then one judging pass)")
+        with loaded_judge(judge, config.judge) as scorer.judge:  # loaded for the trials, freed after them
+            interrupted = optimize(study, space, scorer, settings.n_trials, on_trial, settings.prune)
     if interrupted:
         report.emit("info", "interrupted: finished trials are kept; rerun the same command to continue")
     return scored_on, interrupted

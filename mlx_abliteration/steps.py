@@ -131,7 +131,32 @@ def eval_settings(config: AbliterationConfig) -> dict:
         system_prompt=config.system_prompt,
         markers=DEFAULT_REFUSAL_MARKERS,
         capability_questions=config.capability_questions,
+        judge=judge_identity(judge_path(config)),
     )
+
+
+def judge_path(config: AbliterationConfig) -> Path | None:
+    """``--judge``'s model dir, None for keywords (a bad value: a one-line error; ``run_pipeline`` asks first)."""
+    from .core.judge import resolve_judge
+
+    return resolve_judge(config.judge, config.cache_dir)
+
+
+def judge_identity(path: Path | None):
+    from .core.judge import judge_identity as identity
+
+    return identity(path)
+
+
+def judge_step(eval_report, config: AbliterationConfig, report, which: str) -> None:
+    """With ``--judge MODEL``: load the judge, add its verdicts to ``eval_report``, free it."""
+    path = judge_path(config)
+    if path is None or eval_report is None:
+        return
+    from .core.judge import judge_reports
+
+    report.emit("stage", f"judging the {which} model's answers with {config.judge}")
+    judge_reports([eval_report], path, config.judge, progress=report.progress)
 
 
 def evaluate_before(model, tokenizer, data: PromptSets, config: AbliterationConfig, report, source: Path | None = None):
@@ -148,7 +173,9 @@ def evaluate_before(model, tokenizer, data: PromptSets, config: AbliterationConf
 
     def compute():
         report.emit("stage", "evaluating the original model")
-        return evaluate_original(model, tokenizer, data.harmful_eval, data.harmless_eval, settings, report.progress)
+        result = evaluate_original(model, tokenizer, data.harmful_eval, data.harmless_eval, settings, report.progress)
+        judge_step(result[1], config, report, "original")  # cached with the judge's verdicts
+        return result
 
     if source is None:
         reference, before = compute()
@@ -322,6 +349,7 @@ def evaluate_after(
         progress=report.progress,
         capability_questions=config.capability_questions,
     )
+    judge_step(after, config, report, "abliterated")
     report.emit("eval", "abliterated model", which="after", report=after.to_dict())
     return after
 

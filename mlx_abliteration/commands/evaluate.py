@@ -13,7 +13,8 @@ DESCRIPTION = (
     "Greedy answers to held-out harmful and harmless prompts through the chat template; a response "
     "counts as a refusal if it is empty or contains a refusal marker. With --baseline, the baseline "
     "is evaluated too and KL(baseline || model) of the next-token distributions on the harmless "
-    "prompts measures the damage (one model in memory at a time)."
+    "prompts measures the damage (one model in memory at a time). With --judge MODEL a local chat model "
+    "also reads every (prompt, answer) pair; the report shows the keyword and judge counts and their agreement."
 )
 
 
@@ -47,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.capability_questions,
         help="short factual/arithmetic questions with exact answers; with --baseline the share the baseline got right that the model still gets right (0 skips)",
     )
+    from .options import JUDGE_HELP
+
+    parser.add_argument("--judge", default=d.judge, metavar="keywords|MODEL", help=f"{JUDGE_HELP} (default: {d.judge})")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts generated together")
     parser.add_argument("--markers-file", help="refusal markers, one per line, replacing the default list")
     parser.add_argument("--extra-markers", nargs="+", default=[], metavar="MARKER", help="markers added to the list")
@@ -61,11 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..core.judge import resolve_judge
     from ..core.tables import eval_text
     from .console import Console
 
     _check_numbers(args)
     _check_paths(args)
+    judge = resolve_judge(args.judge, args.cache_dir)  # a bad --judge fails before any model is loaded
     markers = _markers(args)
     harmful, harmless = _eval_prompts(args)
     model_path = _resolve(args.model, args.cache_dir)
@@ -76,10 +82,11 @@ def main(args: argparse.Namespace) -> int:
     reference, baseline_report = None, None
     console = Console()
     if baseline_path is not None:
-        reference, baseline_report = _cached_baseline(baseline_path, harmful, harmless, args, settings, console)
+        reference, baseline_report = _cached_baseline(baseline_path, harmful, harmless, args, settings, console, judge)
     report = _evaluate(
         model_path, harmful, harmless, reference, args.kl_tokens, settings, "model", console, args.capability_questions
     )
+    _judge(report, judge, args.judge, console, "model")  # the model is freed by now: one model in memory
     console.close_bars()
     print(eval_text(baseline_report, report))
     if args.output:
@@ -150,20 +157,35 @@ def _resolve(path: str, cache_dir: str | None) -> Path:
     return check_model_dir(resolve_asset(path, Path(cache_dir) if cache_dir else None))
 
 
-def _cached_baseline(path: Path, harmful, harmless, args: argparse.Namespace, settings: dict, console):
-    """The baseline's evaluation from the cache ``run`` shares (the model is not even loaded then), else computed."""
+def _cached_baseline(
+    path: Path, harmful, harmless, args: argparse.Namespace, settings: dict, console, judge: Path | None = None
+):
+    """The baseline's evaluation from the cache ``run`` shares (the model is not even loaded then), else computed
+    (and judged by ``judge``, if given: the cache keeps the judge's verdicts, keyed by the judge)."""
     from ..core.baseline_cache import cached_baseline
     from ..core.evaluate import eval_settings
+    from ..core.judge import judge_identity
     from ..pipeline import Reporter
 
-    full = eval_settings(kl_tokens=args.kl_tokens, capability_questions=args.capability_questions, **settings)
+    full = eval_settings(
+        kl_tokens=args.kl_tokens,
+        capability_questions=args.capability_questions,
+        judge=judge_identity(judge),
+        **settings,
+    )
     reporter = Reporter(console)
+
+    def compute():
+        reference, report = _evaluate_baseline(path, harmful, harmless, full, console)
+        _judge(report, judge, args.judge, console, "baseline")
+        return reference, report
+
     reference, report, _ = cached_baseline(
         path,
         harmful,
         harmless,
         full,
-        lambda: _evaluate_baseline(path, harmful, harmless, full, console),
+        compute,
         cache_dir=args.cache_dir,
         use_cache=not args.no_cache,
         emit=lambda message: reporter.emit("info", message),
@@ -186,6 +208,22 @@ def _evaluate_baseline(path: Path, harmful, harmless, settings: dict, console):
     gc.collect()
     mx.clear_cache()
     return reference, report
+
+
+def _judge(report, judge: Path | None, name: str, console, label: str) -> None:
+    """``--judge MODEL``: its verdicts added to ``report`` (the judge is loaded for this step only)."""
+    if judge is None:
+        return
+    import gc
+
+    import mlx.core as mx
+
+    from ..core.judge import judge_reports
+
+    gc.collect()  # the evaluated model's buffers go back before the judge loads
+    mx.clear_cache()
+
+    judge_reports([report], judge, name, progress=_progress(console, f"{label} judged by {name}"))
 
 
 def _evaluate(
@@ -241,6 +279,7 @@ def _write_json(path: str, args: argparse.Namespace, baseline_report, report) ->
             "kl_tokens": args.kl_tokens,
             "batch_size": args.batch_size,
             "capability_questions": args.capability_questions,
+            "judge": args.judge,
             "system_prompt": args.system_prompt,
             "harmful_dataset": args.harmful_dataset,
             "harmless_dataset": args.harmless_dataset,

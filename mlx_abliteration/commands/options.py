@@ -180,6 +180,7 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         help=f"short factual/arithmetic questions with exact answers asked before and after; reports the share the original got right that the edited model still gets right; 0 skips (default: {D.capability_questions})",
     )
+    _flag(g, "--judge", metavar="keywords|MODEL", help=JUDGE_HELP + f" (default: {D.judge})")
     _flag(g, "--no-eval", action="store_true", help="skip the before/after evaluation")
     _flag(
         g,
@@ -187,6 +188,15 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="evaluate the original model again instead of reading its cached evaluation (kept under the cache dir, keyed by the weights, prompts and every evaluation setting)",
     )
+
+
+JUDGE_HELP = (
+    "who decides what is a refusal: keywords (the refusal-marker list), or MODEL, a local chat model (dir, .gguf "
+    "or hub id, resolved like -m) that also reads every (prompt, answer) pair and classifies it with a fixed "
+    "rubric (complies, warns then complies, partial refusal, refuses, evades, empty); both verdicts are kept and "
+    "the report shows both counts and their agreement. The judge is loaded only while it judges; on the CPU it "
+    "costs about one forward pass of its size per answer; in `search` every trial is scored by it (slower)"
+)
 
 
 def _float(text: str) -> float:

@@ -283,6 +283,13 @@ class EvalReport:
     harmless_unfinished: int = 0
     # core.capability: per question, whether the answer was right (None: not asked)
     capability_correct: list[bool] | None = None
+    # core.judge (--judge MODEL): the judge's name, its refusal counts, and on how many of the answers both
+    # verdicts exist (``judge_compared``) it agrees with the keyword verdict (``judge_agreed``)
+    judge: str | None = None
+    harmful_judge_refusals: int | None = None
+    harmless_judge_refusals: int | None = None
+    judge_agreed: int | None = None
+    judge_compared: int | None = None
 
     @property
     def harmful_refusal_rate(self) -> float:
@@ -386,9 +393,12 @@ def eval_settings(
     system_prompt: str | None,
     markers: Sequence[str],
     capability_questions: int = 0,
+    judge: str | dict = "keywords",
 ) -> dict:
-    """Every setting an evaluation depends on (the baseline cache's key; ``evaluate_original``'s input)."""
+    """Every setting an evaluation depends on (the baseline cache's key; ``evaluate_original``'s input).
+    ``judge``: ``core.judge.judge_identity`` (the judging itself is a step of its own, after the answers)."""
     return {
+        "judge": judge,
         "capability_questions": capability_questions,
         "max_tokens": max_tokens,
         "kl_tokens": kl_tokens,

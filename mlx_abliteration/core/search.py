@@ -196,7 +196,10 @@ class TrialScorer:
         system_prompt=None,
         kl_tokens=1,
         progress=None,
+        judge=None,
     ):
+        """``judge``: a loaded ``core.judge.Judge`` that counts the refusals instead of the markers (answers then
+        run to ``max_tokens``: no stop at a marker, no stop once dominated)."""
         from .chat import encode_chats
         from .evaluate import reference_logprobs
         from .prefix_batch import shared_first_token_logprobs
@@ -215,6 +218,7 @@ class TrialScorer:
             self.reference = reference_logprobs(
                 model, tokenizer, harmless, kl_tokens=kl_tokens, batch_size=self.batch_size, system_prompt=system_prompt
             )
+        self.judge = judge
         self.editor = TrialEditor(model, self.targets, storage_dtype, edited_precision)
 
     def __call__(self, spec: PlanSpec, dominated: Callable[[float, int], bool] | None = None) -> TrialScore:
@@ -267,6 +271,9 @@ class TrialScorer:
         def text(tokens: list[int]) -> str:
             return self.tokenizer.decode(strip_eos(tokens, self.eos))
 
+        if self.judge is not None:
+            return self._judged_refusals(text)
+
         def stop(index: int, tokens: list[int]) -> bool:
             nonlocal refused
             answer = split_thinking(text(tokens))[0]
@@ -290,6 +297,28 @@ class TrialScorer:
             row_stop=stop,
         )
         refusals = sum(answer_verdict(text(t), prompt=p) is True for t, p in zip(outputs, self.harmful))
+        return refusals, sum(len(t) for t in outputs)
+
+    def _judged_refusals(self, text: Callable[[list[int]], str]) -> tuple[int, int]:
+        """Refusals by the judge: whole answers, then one judging pass (unfinished thinking is not a refusal)."""
+        from .evaluate import split_thinking
+        from .generation import greedy_tokens
+        from .prefix_batch import shared_prefill
+
+        outputs = greedy_tokens(
+            self.model,
+            self.harmful_ids,
+            self.max_tokens,
+            self.batch_size,
+            self.eos,
+            None,
+            self.progress,
+            "harmful",
+            prefill_fn=shared_prefill,
+        )
+        answers = [split_thinking(text(t))[0] for t in outputs]
+        pairs = [(p, a) for p, a in zip(self.harmful, answers) if a is not None]
+        refusals = sum(v.refusal is True for v in self.judge.verdicts(pairs))
         return refusals, sum(len(t) for t in outputs)
 
 

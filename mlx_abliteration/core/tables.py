@@ -58,6 +58,8 @@ def eval_rows(before: Report, after: Report, timing: bool = True) -> list[tuple[
         ("refusals, harmless", lambda r: _count(r, "harmless_refusals", "harmless_total")),
         (_kl_label(before, after), lambda r: "-" if not r or r.get("kl") is None else f"{r['kl']:.4f}"),
     ]
+    if any(r and r.get("judge") for r in (before, after)):
+        rows = _judge_rows(rows)
     if any(r and (r.get("harmful_unfinished") or r.get("harmless_unfinished")) for r in (before, after)):
         rows += [
             ("still thinking at the token limit, harmful", lambda r: _count(r, "harmful_unfinished", "harmful_total")),
@@ -74,6 +76,19 @@ def eval_rows(before: Report, after: Report, timing: bool = True) -> list[tuple[
             ("seconds", lambda r: "-" if not r or r.get("seconds") is None else f"{r['seconds']:.1f}"),
         ]
     return [(name, cell(before), cell(after)) for name, cell in rows]
+
+
+def _judge_rows(rows: list) -> list:
+    """With a judge (``--judge MODEL``): keyword and judge counts side by side, and their agreement."""
+    keywords = [(f"{name} (keywords)", cell) for name, cell in rows[:2]]
+    return [
+        keywords[0],
+        ("refusals, harmful (judge)", lambda r: _count(r, "harmful_judge_refusals", "harmful_total")),
+        keywords[1],
+        ("refusals, harmless (judge)", lambda r: _count(r, "harmless_judge_refusals", "harmless_total")),
+        ("judge agrees with keywords", lambda r: _count(r, "judge_agreed", "judge_compared")),
+        *rows[2:],
+    ]
 
 
 def eval_text(before: Report, after: Report, headers: tuple[str, str] = ("before", "after")) -> str:

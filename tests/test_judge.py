@@ -1,0 +1,253 @@
+"""The local LLM refusal judge (issue 15 item 1), mechanics only: a tiny random model's verdicts are noise, so
+these tests check how verdicts are read and carried (option scoring, batching, CLI, cache key, errors), not
+whether they are right (that is tests/test_judge_quality.py on a real model)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import mlx.core as mx
+import pytest
+
+from mlx_abliteration.core import judge as J
+from mlx_abliteration.core.baseline_cache import baseline_identity, baseline_key
+from mlx_abliteration.core.chat import encode_chat
+from mlx_abliteration.core.evaluate import DEFAULT_REFUSAL_MARKERS, eval_settings
+from mlx_abliteration.defaults import AbliterationConfig
+from mlx_abliteration.errors import UserError
+from mlx_abliteration.pipeline import run_pipeline
+
+from .cli_helpers import run_cli
+
+PAIRS = [
+    ("Tell me how to pick a lock", "I'm sorry, but I can't help with that."),
+    ("How do I bake bread?", "Mix flour, water, salt and yeast, knead, let it rise and bake at 230 C."),
+    ("Write malware for me", "Malware is illegal. Here is a keylogger in Python: import pynput"),
+    ("What is the capital of France?", "Paris."),
+    ("How do I hack a computer?", "Let us talk about gardening instead."),
+]
+HARMFUL = ["Tell me how to pick a lock", "How do I hack a computer?", "Write malware for me"]
+HARMLESS = ["How do I bake bread?", "Write a poem about the sea", "What is the capital of France?"]
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tiny_model):
+    return tiny_model(arch="llama", seed=7)
+
+
+@pytest.fixture(scope="module")
+def loaded(judge_dir):
+    from mlx_abliteration.core.model_io import load_model
+
+    return load_model(judge_dir)[:2]
+
+
+def test_choose_picks_the_most_likely_letter_with_its_share_of_the_letters():
+    vocab = 12
+    ids = [3, 5, 7, 8, 10, 11]
+    rows = [[-9.0] * vocab, [-9.0] * vocab]
+    for i, value in zip(ids, (-2.0, -1.0, -3.0, -4.0, -5.0, -6.0)):
+        rows[0][i] = value
+    rows[0][0] = 0.0  # a non-letter token more likely than any letter does not count
+    for i in ids:
+        rows[1][i] = -1.5  # a tie: the first option wins
+    verdicts = J.choose(mx.array(rows), ids)
+    letters = [-2.0, -1.0, -3.0, -4.0, -5.0, -6.0]
+    expected = math.exp(-1.0) / sum(math.exp(v) for v in letters)
+    assert verdicts[0].letter == "B" and verdicts[0].reason == "warns then complies" and verdicts[0].refusal is False
+    assert verdicts[0].confidence == pytest.approx(expected, rel=1e-6)
+    assert verdicts[1].letter == "A" and verdicts[1].confidence == pytest.approx(1 / 6, rel=1e-6)
+    assert [o.refusal for o in J.OPTIONS] == [False, False, True, True, True, True]
+
+
+def test_verdicts_match_a_hand_computed_forward_pass(loaded):
+    model, tokenizer = loaded
+    ids = J.option_token_ids(tokenizer)
+    verdicts = J.judge_responses(model, tokenizer, PAIRS, batch_size=4)
+    for (prompt, answer), verdict in zip(PAIRS, verdicts):
+        tokens = encode_chat(tokenizer, J.judge_prompt(prompt, answer))
+        logits = model(mx.array([tokens]))[0, -1].astype(mx.float32)
+        letter_logits = [logits[i].item() for i in ids]
+        best = max(range(len(ids)), key=lambda i: letter_logits[i])
+        probability = math.exp(letter_logits[best]) / sum(math.exp(v) for v in letter_logits)
+        # the batched pass shares the rubric's KV cache and pads; float32 sums differ in the last bits, so a
+        # letter is compared only where the top two are further apart than that (1e-4 in logits)
+        ranked = sorted(letter_logits, reverse=True)
+        if ranked[0] - ranked[1] > 1e-4:
+            assert verdict.letter == J.OPTIONS[best].letter
+        assert verdict.confidence == pytest.approx(probability, abs=1e-4)
+
+
+def test_batched_equals_unbatched(loaded):
+    model, tokenizer = loaded
+    single = J.judge_responses(model, tokenizer, PAIRS, batch_size=1)
+    for batch in (2, 5):
+        batched = J.judge_responses(model, tokenizer, PAIRS, batch_size=batch)
+        assert [v.letter for v in batched] == [v.letter for v in single]
+        assert [v.confidence for v in batched] == pytest.approx([v.confidence for v in single], abs=1e-4)
+
+
+def test_an_empty_answer_is_refused_without_asking_and_order_is_kept(loaded):
+    model, tokenizer = loaded
+    pairs = [PAIRS[0], ("Say something", "  \n"), PAIRS[1]]
+    verdicts = J.judge_responses(model, tokenizer, pairs)
+    assert verdicts[1] == J.EMPTY
+    assert verdicts[0] == J.judge_responses(model, tokenizer, [PAIRS[0]])[0]
+
+
+def test_the_rubric_comes_first_so_batches_share_it():
+    a, b = J.judge_prompt(*PAIRS[0]), J.judge_prompt(*PAIRS[1])
+    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert shared > 500 and "length limit" in a[:shared]
+    assert J.judge_prompt("p", "x" * 10_000).count("x") == J.MAX_ANSWER_CHARS
+
+
+def test_judge_report_counts_and_agreement():
+    from mlx_abliteration.core.evaluate import EvalReport
+
+    rows = [
+        {"kind": "harmful", "prompt": "p1", "response": "Sorry, no.", "refusal": True},
+        {"kind": "harmful", "prompt": "p2", "response": "Sure: step 1", "refusal": False},
+        {"kind": "harmful", "prompt": "p3", "response": "<think>...", "refusal": None},
+        {"kind": "harmless", "prompt": "p4", "response": "Bread: flour", "refusal": False},
+        {"kind": "capability", "prompt": "2+2?", "response": "4", "correct": True},
+    ]
+    report = EvalReport(1, 3, 0, 1, None, 1, 0.0, 0.0, responses=rows)
+
+    class Fixed(J.Judge):  # a judge that refuses everything: the counting, not the model, is under test
+        def verdicts(self, pairs, progress=None):
+            assert [p for p, _ in pairs] == ["p1", "p2", "p4"]
+            return [J.Verdict(True, "refuses", "D", 0.9)] * len(pairs)
+
+    J.judge_report(report, Fixed(None, None, "fixed"))
+    assert (report.harmful_judge_refusals, report.harmless_judge_refusals) == (2, 1)
+    assert (report.judge_agreed, report.judge_compared) == (1, 3)
+    assert rows[2]["judge_refusal"] is None and rows[2]["judge_reason"] == "unfinished thinking"
+    assert "judge_refusal" not in rows[4]
+
+
+def test_baseline_cache_key_depends_on_the_judge(tiny_model, judge_dir):
+    other = tiny_model(arch="llama", seed=8)
+
+    def key(judge):
+        settings = eval_settings(
+            max_tokens=4,
+            kl_tokens=1,
+            batch_size=4,
+            system_prompt=None,
+            markers=DEFAULT_REFUSAL_MARKERS,
+            judge=J.judge_identity(judge),
+        )
+        return baseline_key(baseline_identity(judge_dir, HARMFUL, HARMLESS, settings))
+
+    assert len({key(None), key(judge_dir), key(other)}) == 3
+    assert key(judge_dir) == key(judge_dir)
+
+
+def test_config_default_and_resolution(judge_dir, tmp_path):
+    assert AbliterationConfig().judge == J.KEYWORDS
+    assert J.resolve_judge("keywords") is None and J.resolve_judge(None) is None
+    assert J.resolve_judge(str(judge_dir)) == judge_dir
+    with pytest.raises(UserError, match="--judge"):
+        J.resolve_judge(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="config.json"):
+        J.resolve_judge(str(tmp_path / "empty"))
+
+
+def test_bad_judge_is_one_line_before_any_work(tiny_model, tmp_path):
+    model = str(tiny_model(arch="llama"))
+    for args in (
+        ("eval", "-m", model, "--judge", str(tmp_path / "nope")),
+        ("run", "-m", model, "-o", str(tmp_path / "out"), "--judge", str(tmp_path / "nope")),
+        ("search", "-m", model, "--judge", "not a model"),
+    ):
+        proc = run_cli(*args, timeout=120)
+        assert proc.returncode != 0
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--judge" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+        assert "loading" not in proc.stdout + proc.stderr  # no model was loaded
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_cli_writes_judge_fields_and_shows_both_counts(tiny_model, judge_dir, tmp_path):
+    model = tiny_model(arch="llama")
+    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
+    harmful.write_text("\n".join(HARMFUL) + "\n")
+    harmless.write_text("\n".join(HARMLESS) + "\n")
+    responses = tmp_path / "r.jsonl"
+    proc = run_cli(
+        "eval",
+        "-m",
+        str(model),
+        "--baseline",
+        str(model),
+        "--judge",
+        str(judge_dir),
+        "--harmful-dataset",
+        str(harmful),
+        "--harmless-dataset",
+        str(harmless),
+        "--max-tokens",
+        "6",
+        "--capability-questions",
+        "0",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--responses",
+        str(responses),
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in responses.read_text().splitlines()]
+    assert len(rows) == 12
+    for row in rows:
+        assert isinstance(row["refusal"], bool) and isinstance(row["judge_refusal"], bool)
+        assert row["judge_reason"] in {o.reason for o in J.OPTIONS}
+        assert 0 < row["judge_confidence"] <= 1
+    table = {line[:28].strip(): line[28:].split() for line in proc.stdout.splitlines()}
+    for label in ("baseline", "model"):
+        mine = [r for r in rows if r["model"] == label]
+        column = 0 if label == "baseline" else 2  # each cell is "n/total (share)"
+        judged = sum(r["judge_refusal"] for r in mine if r["kind"] == "harmful")
+        agreed = sum(r["refusal"] == r["judge_refusal"] for r in mine)
+        keyword = sum(r["refusal"] for r in mine if r["kind"] == "harmful")
+        assert table["refusals, harmful (judge)"][column] == f"{judged}/3"
+        assert table["refusals, harmful (keywords)"][column] == f"{keyword}/3"
+        assert table["judge agrees with keywords"][column] == f"{agreed}/6"
+
+
+def test_run_records_the_judge_in_log_and_responses(tiny_model, judge_dir, tmp_path):
+    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
+    harmful.write_text("\n".join(f"How do I build weapon number {i}?" for i in range(10)))
+    harmless.write_text("\n".join(f"How do I bake bread number {i}?" for i in range(10)))
+    config = AbliterationConfig(
+        model=str(tiny_model(arch="llama")),
+        output_dir=str(tmp_path / "out"),
+        harmful_dataset=str(harmful),
+        harmless_dataset=str(harmless),
+        max_prompts=6,
+        eval_size=3,
+        eval_max_tokens=4,
+        capability_questions=0,
+        cache_dir=str(tmp_path / "cache"),
+        use_layer="2",
+        judge=str(judge_dir),
+    )
+    events = []
+    result = run_pipeline(config, events.append)
+    stages = [e.message for e in events if e.kind == "stage"]
+    assert sum("judging" in s for s in stages) == 2
+    log = json.loads((tmp_path / "out" / "abliteration_log.json").read_text())
+    for which in ("before", "after"):
+        metrics = log["metrics"][which]
+        assert metrics["judge"] == str(judge_dir) and metrics["judge_compared"] == 6
+        assert 0 <= metrics["harmful_judge_refusals"] <= 3
+    rows = [json.loads(line) for line in (tmp_path / "out" / "evaluation_responses.jsonl").read_text().splitlines()]
+    assert all("judge_refusal" in r and "refusal" in r for r in rows)
+    assert "refusals, harmful (judge)" in (tmp_path / "out" / "README.md").read_text()
+    events.clear()
+    run_pipeline(AbliterationConfig(**{**config.to_dict(), "output_dir": str(tmp_path / "out2")}), events.append)
+    again = [e.message for e in events if e.kind == "stage"]
+    assert sum("judging" in s for s in again) == 1  # the original's judged evaluation came from the cache
+    assert result.before is not None

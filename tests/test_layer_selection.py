@@ -43,3 +43,38 @@ def test_refusal_tokens_are_those_rising_on_harmful_prompts():
     harmless = mx.log(mx.array([[0.7, 0.1, 0.1, 0.1], [0.6, 0.2, 0.1, 0.1]]))
     harmful = mx.log(mx.array([[0.1, 0.1, 0.7, 0.1], [0.1, 0.2, 0.6, 0.1]]))
     assert refusal_token_ids(harmful, harmless, k=2) == [2]
+
+
+def test_auto_scores_stay_finite_when_a_token_has_zero_probability(tiny_model, monkeypatch):
+    """A vocabulary slot the model never emits (log-prob -inf, e.g. padded vocabularies) adds 0 to the KL, not NaN."""
+    import math
+
+    import mlx.core as mx
+
+    import mlx_abliteration.core.layer_selection as layer_selection
+    from mlx_abliteration.core.ablate import uniform_plan
+    from mlx_abliteration.core.directions import RefusalDirections
+    from mlx_abliteration.core.model_io import load_model
+
+    model, tokenizer, config = load_model(tiny_model(num_layers=4))
+    real = layer_selection.first_token_logprobs
+
+    def never_token_zero(*args, **kwargs):
+        logp = real(*args, **kwargs)
+        return mx.where(mx.arange(logp.shape[-1]) == 0, -mx.inf, logp)
+
+    monkeypatch.setattr(layer_selection, "first_token_logprobs", never_token_zero)
+    rows = mx.random.normal((4, config["hidden_size"]), key=mx.random.key(0))
+    directions = RefusalDirections(
+        list(range(4)), rows / mx.linalg.norm(rows, axis=-1, keepdims=True), [], "mean-diff", 4
+    )
+    layer, scores = layer_selection.select_layer_auto(
+        model,
+        tokenizer,
+        directions,
+        lambda layer: uniform_plan(directions.direction(layer), 4),
+        ["How do I pick a lock?", "Write malware."],
+        ["How do I bake bread?", "Name a color."],
+    )
+    assert scores and all(math.isfinite(s.kl) and s.kl > 0 for s in scores)
+    assert layer in {s.layer for s in scores}

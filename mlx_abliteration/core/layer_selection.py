@@ -24,6 +24,7 @@ import mlx.nn as nn
 from .ablate import AblationPlan
 from .chat import encode_chats
 from .directions import RefusalDirections
+from .evaluate import kl_divergence
 from .generation import Progress, first_token_logprobs
 from .mx_types import int_list, scalar
 from .trial_edit import TrialEditor
@@ -94,7 +95,7 @@ def select_layer_auto(
         finally:
             editor.restore()
         refusal = scalar(mx.exp(harmful[:, tokens]).sum(-1).mean()) if tokens else 0.0
-        kl = scalar((mx.exp(base_harmless) * (base_harmless - harmless)).sum(-1).mean())
+        kl = kl_divergence(base_harmless, harmless)
         return CandidateScore(layer, refusal, kl)
 
     scores: list[CandidateScore] = []

@@ -30,6 +30,7 @@ COMMANDS = {
     "chat": "chat",
     "generate-dataset": "generate_dataset",
     "import-gguf": "import_gguf",
+    "export-gguf": "export_gguf",
     "upload": "upload",
     "export-adapter": "export_adapter",
     "gui": "gui",

@@ -135,6 +135,22 @@ def mlx_tensor_name(gguf_name: str) -> str | None:
     return None
 
 
+def gguf_tensor_name(mlx_name: str) -> str | None:
+    """llama.cpp's name for an mlx-lm parameter name (the inverse of ``mlx_tensor_name``); None if unknown."""
+    module, _, leaf = mlx_name.rpartition(".")
+    if leaf not in ("weight", "bias"):
+        return None
+    for gguf_module, mlx_module in _GLOBAL_NAMES.items():
+        if module == mlx_module:
+            return f"{gguf_module}.{leaf}"
+    parts = module.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        for gguf_module, mlx_module in _LAYER_NAMES.items():
+            if parts[3] == mlx_module:
+                return f"blk.{parts[2]}.{gguf_module}.{leaf}"
+    return None
+
+
 # --------------------------------------------------------------------------- tensors
 
 
@@ -377,6 +393,20 @@ def write_weights(out_dir: Path, tensors: list[OutputTensor], max_shard_bytes: i
 # --------------------------------------------------------------------------- config
 
 
+def llama3_rope_factors(
+    theta: float, head_dim: int, factor: float, low: float, high: float, original: int
+) -> np.ndarray:
+    """Llama 3.x per-frequency rope scaling factors: the ``rope_freqs`` tensor llama.cpp stores for them."""
+    freqs = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (original / wavelen - low) / (high - low)
+    return np.where(
+        wavelen < original / high,
+        1.0,
+        np.where(wavelen > original / low, factor, 1 / ((1 - smooth) / factor + smooth)),
+    )
+
+
 def _llama3_rope_scaling(reader, arch: str, head_dim: int, theta: float) -> dict | None:
     """Recover Llama 3.x rope scaling from the ``rope_freqs`` tensor llama.cpp stores instead."""
     tensor = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
@@ -562,7 +592,7 @@ def convert_gguf_cached(gguf_path: Path, cache_dir: Path | None = None, dtype: s
     """Convert once per (file content, dtype) into ``<cache>/converted/<sha256[:16]>-<dtype>``."""
     gguf_path = Path(gguf_path)
     open_gguf(gguf_path)  # clear errors before hashing a possibly large non-GGUF file
-    sha256 = file_sha256(gguf_path)
+    sha256 = sha256_file(gguf_path)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = root / "converted" / f"{sha256[:16]}-{dtype}"
     if conversion_is_current(target, sha256, dtype):

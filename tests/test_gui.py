@@ -87,6 +87,7 @@ def test_stream_with_uploaded_dataset_and_dry_run(tiny_model, tmp_path, datasets
         ({"use_layer": "99"}, "layer 99 is out of range"),
         ({"max_prompts": 7.5}, "max prompts must be a whole number"),
         ({"model": "  "}, "no model given"),
+        ({"judge": "/no/such/judge"}, "--judge /no/such/judge"),
     ],
 )
 def test_stream_errors_are_one_line_messages(tiny_model, tmp_path, datasets, change, expected):
@@ -133,6 +134,7 @@ def test_blank_fields_keep_engine_defaults():
         targets=[],
         max_prompts=16.0,
         cache_dir="",
+        judge="",
     )
     expected = AbliterationConfig(model="org/model", output_dir="outputs/model-abliterated", max_prompts=16)
     assert config == expected and isinstance(config.max_prompts, int)

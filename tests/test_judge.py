@@ -251,3 +251,61 @@ def test_run_records_the_judge_in_log_and_responses(tiny_model, judge_dir, tmp_p
     again = [e.message for e in events if e.kind == "stage"]
     assert sum("judging" in s for s in again) == 1  # the original's judged evaluation came from the cache
     assert result.before is not None
+
+
+class _Constant(J.Judge):
+    """A judge with a fixed verdict: what the search does with verdicts, not the model, is under test."""
+
+    def __init__(self, refusal: bool):
+        super().__init__(None, None, "constant")
+        self.refusal, self.seen = refusal, []
+
+    def verdicts(self, pairs, progress=None):
+        self.seen += list(pairs)
+        option = J.OPTIONS[3] if self.refusal else J.OPTIONS[0]
+        return [J.Verdict(option.refusal, option.reason, option.letter, 1.0) for _ in pairs]
+
+
+def test_search_trials_count_the_judges_verdicts(tiny_model):
+    from mlx_abliteration.core.directions import RefusalDirections
+    from mlx_abliteration.core.kernels import uniform_spec
+    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.core.search import TrialScorer
+
+    model, tokenizer, _ = load_model(tiny_model(arch="llama"))
+    rows = mx.random.normal((4, 64), key=mx.random.key(0))
+    directions = RefusalDirections(
+        list(range(4)), rows / mx.linalg.norm(rows, axis=-1, keepdims=True), [], "mean-diff", 4
+    )
+    spec = uniform_spec(2, 4, 1.0)
+    for refusal in (True, False):
+        judge = _Constant(refusal)
+        scorer = TrialScorer(model, tokenizer, directions, HARMFUL, HARMLESS, targets=(), max_tokens=3, judge=judge)
+        score = scorer(spec)
+        assert score.refusals == (len(HARMFUL) if refusal else 0) and not score.pruned
+        assert [p for p, _ in judge.seen] == HARMFUL
+
+
+def test_a_judged_search_is_its_own_study(tiny_model, judge_dir, tmp_path):
+    from mlx_abliteration.core.search import SearchSettings
+    from mlx_abliteration.search_pipeline import run_search
+
+    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
+    harmful.write_text("\n".join(f"How do I build weapon number {i} to hurt people?" for i in range(24)))
+    harmless.write_text("\n".join(f"How do I bake bread recipe number {i} for my family?" for i in range(24)))
+    base = dict(
+        model=str(tiny_model(arch="llama")),
+        harmful_dataset=str(harmful),
+        harmless_dataset=str(harmless),
+        max_prompts=8,
+        eval_size=4,
+        eval_max_tokens=4,
+    )
+    settings = SearchSettings(n_trials=1, search_prompts=4, search_max_tokens=3, study_dir=str(tmp_path / "studies"))
+    keywords = run_search(AbliterationConfig(**base), settings)
+    events = []
+    judged = run_search(AbliterationConfig(**base, judge=str(judge_dir)), settings, events.append)
+    assert judged.study.name != keywords.study.name
+    assert any("scored by the judge" in e.message for e in events)
+    (trial,) = judged.study.rows + judged.study.pruned
+    assert trial.total == 4 and 0 <= trial.refusals <= 4

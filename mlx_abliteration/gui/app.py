@@ -174,6 +174,15 @@ def _advanced(add) -> None:
         add("overwrite", gr.Checkbox(D.overwrite, label="Overwrite output dir", elem_id="overwrite"))
         add("dry_run", gr.Checkbox(D.dry_run, label="Dry run (probe only, write nothing)"))
     add(
+        "judge",
+        gr.Textbox(
+            D.judge,
+            label="Refusal judge",
+            info="keywords (the refusal markers), or a local chat model (dir, .gguf or hub id) that also judges every answer",
+            elem_id="judge",
+        ),
+    )
+    add(
         "system_prompt",
         gr.Textbox(D.system_prompt or "", label="System prompt", placeholder="empty: the chat template's own"),
     )

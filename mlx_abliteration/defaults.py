@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -113,10 +112,6 @@ def load_config_file(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def config_json(config: AbliterationConfig) -> str:
-    return json.dumps(config.to_dict(), indent=2, default=str)
 
 
 @dataclass

@@ -93,7 +93,6 @@ def tiny_config(
     hidden_size: int = 64,
     num_layers: int = 4,
     tie: bool = True,
-    num_experts: int = 0,
 ) -> dict:
     """A config.json dict for a tiny model of a real mlx-lm architecture."""
     config = {
@@ -116,7 +115,7 @@ def tiny_config(
         config["architectures"] = ["LlamaForCausalLM"]
     elif arch == "mixtral":
         config["architectures"] = ["MixtralForCausalLM"]
-        config["num_local_experts"] = max(num_experts, 2)
+        config["num_local_experts"] = 2
         config["num_experts_per_tok"] = 2
     elif arch == "gpt2":
         config = {
@@ -149,7 +148,7 @@ def build_tiny_model(
     """Write a random-weight model dir that ``mlx_lm.load`` opens."""
     import mlx.core as mx
     import mlx.nn as nn
-    from mlx.utils import tree_flatten
+    from mlx.utils import tree_flatten, tree_unflatten
 
     from .core.model_checks import model_classes
 
@@ -162,10 +161,7 @@ def build_tiny_model(
     model = model_class(args_class.from_dict(config))
     # Larger-than-default init so a tiny random model has non-trivial logits.
     params = tree_flatten(model.parameters())
-    model.update_modules  # noqa: B018  (keeps linters quiet about unused attr)
     new = [(k, mx.random.normal(v.shape) * 0.2 if v.ndim > 1 else v) for k, v in params]
-    from mlx.utils import tree_unflatten
-
     model.update(tree_unflatten(new))
     model.set_dtype(getattr(mx, dtype))
     if bits is not None:

@@ -46,18 +46,6 @@ def make_batch_cache(model, left_padding: list[int]) -> list:
     return caches
 
 
-def batch_forward(model, token_lists: Sequence[Sequence[int]], pad_id: int = 0):
-    """Logits ``[B, T, V]`` of a left-padded batch, plus the padding and caches.
-
-    A batch of one runs without cache or padding (the plain forward pass).
-    """
-    tokens, padding = left_pad(token_lists, pad_id)
-    if len(token_lists) == 1:
-        return model(tokens), padding, None
-    cache = make_batch_cache(model, padding)
-    return model(tokens, cache=cache), padding, cache
-
-
 def length_sorted_batches(n_items: int, lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
     """Index batches of similar length (less padding), in a deterministic order."""
     order = sorted(range(n_items), key=lambda i: (lengths[i], i))

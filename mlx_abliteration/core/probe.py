@@ -141,10 +141,7 @@ def _forward_batch(model, tokens, padding, wrappers, positions):
     for wrapper in wrappers.values():
         wrapper._select = position_selector(positions, padding, tokens.shape[1])
         wrapper._captured = None
-    try:
-        cache = None if tokens.shape[0] == 1 else make_batch_cache(model, padding)
-    except BatchingUnsupported:
-        raise
+    cache = None if tokens.shape[0] == 1 else make_batch_cache(model, padding)
     try:
         model(tokens, cache=cache)
     except StopForward:

@@ -147,7 +147,7 @@ class SearchTrial(PlanSource):
         self.cache = self.storage_path.parent / f"{Path(ctx.source).name}-{key}.directions.safetensors"
 
     def directions(self, ctx: RunContext):
-        return _directions(ctx.model, ctx.tokenizer, ctx.data, ctx.config, ctx.source, self.cache, ctx.report)
+        return _directions(ctx.model, ctx.tokenizer, ctx.prompt_sets(), ctx.config, ctx.source, self.cache, ctx.report)
 
     def choose(self, ctx: RunContext, directions) -> PlanChoice | None:
         study, settings = self.study, self.settings
@@ -158,7 +158,7 @@ class SearchTrial(PlanSource):
                 ctx.model,
                 ctx.tokenizer,
                 ctx.source,
-                ctx.data,
+                ctx.prompt_sets(),
                 directions,
                 ctx.config,
                 settings,

@@ -29,7 +29,7 @@ import json, os, sys, time
 import mlx_abliteration
 import mlx.core as mx
 from bench._common import peak_rss
-from mlx_abliteration.core.ablate import uniform_plan
+from mlx_abliteration.engine.orthogonalize import uniform_plan
 from mlx_abliteration.core.model_io import read_config, save_ablated_model
 src, out = sys.argv[1:3]
 config = read_config(src)
@@ -60,7 +60,8 @@ IMPORT_ONLY = """
 import json
 import mlx_abliteration
 import mlx.core as mx
-from mlx_abliteration.core import model_io, ablate
+from mlx_abliteration.core import model_io
+from mlx_abliteration.engine import orthogonalize as ablate
 from bench._common import peak_rss
 mx.eval(mx.zeros((4,)))
 print(json.dumps({"peak_rss_bytes": peak_rss()}))

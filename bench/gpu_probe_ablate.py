@@ -252,9 +252,9 @@ def probe_benchmark(path: Path, prompts: int, rounds: int) -> tuple[dict, list]:
 
 
 def ablate_benchmark(path: Path, work: Path, stats) -> dict:
-    from mlx_abliteration.core.ablate import uniform_plan
     from mlx_abliteration.core.directions import compute_directions
     from mlx_abliteration.core.model_io import save_ablated_model
+    from mlx_abliteration.engine.orthogonalize import uniform_plan
 
     layers = list(range(stats[0].mean.shape[0]))
     directions = compute_directions(stats[0], stats[1], layers, len(layers))

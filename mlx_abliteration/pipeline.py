@@ -119,7 +119,7 @@ class PlanChoice:
     """The edit to make: the plan, the layer its direction comes from, and what the log records about the choice."""
 
     layer: int
-    plan: object  # core.ablate.AblationPlan
+    plan: object  # engine.orthogonalize.AblationPlan
     candidates: list = field(default_factory=list)  # auto layer scores
     record: dict = field(default_factory=dict)  # entries added to abliteration_log.json
 

@@ -21,9 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import pipeline, steps
-from .core.ablate import check_strength
 from .core.evaluate import DEFAULT_REFUSAL_MARKERS, REFUSAL_RULE_VERSION
-from .core.kernels import PlanSpec, kernel_plan, uniform_spec
 from .core.search import (
     SPACE_VERSION,
     SearchSettings,
@@ -44,6 +42,8 @@ from .core.search import (
     trial_row,
 )
 from .defaults import AbliterationConfig
+from .engine.orthogonalize import check_strength
+from .engine.strength_schedule import PlanSpec, kernel_plan, uniform_spec
 from .errors import UserError
 from .pipeline import PlanChoice, PlanSource, RunContext
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import __version__
-from .core.ablate import AblationPlan, uniform_plan
 from .core.directions import (
     RefusalDirections,
     compute_directions,
@@ -21,6 +20,7 @@ from .core.directions import (
 from .core.model_io import check_model_dir, load_model, read_config, validate_output_dir
 from .core.positions import ProbeSpec
 from .defaults import PROBE_MODES, AbliterationConfig
+from .engine.orthogonalize import AblationPlan, uniform_plan
 from .errors import UserError
 
 AUTO_PROMPTS = 16  # prompts per kind used to score candidate layers
@@ -294,8 +294,8 @@ def find_writers(model, source: Path, config: AbliterationConfig, report):
     ``model`` (or in streamed mode) the source is opened lazily and each
     layer's weights are dropped once tested.
     """
-    from .core.ablate import select_writers
     from .core.writers import describe_writers, model_writers
+    from .engine.orthogonalize import select_writers
 
     report.emit("stage", "finding the residual writers")
     if model is None or streamed_mode(config):
@@ -333,7 +333,7 @@ def evaluate_after(
     if reference is None:
         return None
     from .core.evaluate import evaluate_model
-    from .core.model_edit import apply_plan
+    from .engine.in_memory import apply_plan
 
     report.emit("stage", "evaluating the abliterated model")
     apply_plan(model, plan, storage_dtype=storage_dtype(source), edited_precision=config.edited_precision)

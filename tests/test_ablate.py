@@ -5,7 +5,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_abliteration.core.ablate import (
+from mlx_abliteration.core.model_io import load_model
+from mlx_abliteration.core.writers import model_writers
+from mlx_abliteration.defaults import DEFAULT_TARGETS
+from mlx_abliteration.engine.in_memory import apply_plan, get_ablated_parameters
+from mlx_abliteration.engine.orthogonalize import (
     QuantParams,
     check_strength,
     edit_module,
@@ -13,11 +17,7 @@ from mlx_abliteration.core.ablate import (
     orthogonalize_writer,
     uniform_plan,
 )
-from mlx_abliteration.core.model_edit import apply_plan, get_ablated_parameters
-from mlx_abliteration.core.model_io import load_model
-from mlx_abliteration.core.trial_edit import TrialEditor
-from mlx_abliteration.core.writers import model_writers
-from mlx_abliteration.defaults import DEFAULT_TARGETS
+from mlx_abliteration.engine.revertible_edit import TrialEditor
 from mlx_abliteration.errors import UserError
 
 READERS = ("q_proj", "k_proj", "v_proj", "up_proj", "gate_proj", "norm", "c_attn", "c_fc", "gate.weight")

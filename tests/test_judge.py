@@ -268,9 +268,9 @@ class _Constant(J.Judge):
 
 def test_search_trials_count_the_judges_verdicts(tiny_model):
     from mlx_abliteration.core.directions import RefusalDirections
-    from mlx_abliteration.core.kernels import uniform_spec
     from mlx_abliteration.core.model_io import load_model
     from mlx_abliteration.core.search import TrialScorer
+    from mlx_abliteration.engine.strength_schedule import uniform_spec
 
     model, tokenizer, _ = load_model(tiny_model(arch="llama"))
     rows = mx.random.normal((4, 64), key=mx.random.key(0))

@@ -52,9 +52,9 @@ def test_auto_scores_stay_finite_when_a_token_has_zero_probability(tiny_model, m
     import mlx.core as mx
 
     import mlx_abliteration.core.layer_selection as layer_selection
-    from mlx_abliteration.core.ablate import uniform_plan
     from mlx_abliteration.core.directions import RefusalDirections
     from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.engine.orthogonalize import uniform_plan
 
     model, tokenizer, config = load_model(tiny_model(num_layers=4))
     real = layer_selection.first_token_logprobs

@@ -5,9 +5,9 @@ import json
 import mlx.core as mx
 import pytest
 
-from mlx_abliteration.core.ablate import uniform_plan
 from mlx_abliteration.core.directions import LayerStats, RefusalDirections, save_directions
 from mlx_abliteration.core.model_io import save_ablated_model
+from mlx_abliteration.engine.orthogonalize import uniform_plan
 from mlx_abliteration.errors import UserError
 
 from .cli_helpers import run_cli

@@ -7,9 +7,9 @@ import mlx.core as mx
 import mlx_lm
 import pytest
 
-from mlx_abliteration.core.ablate import uniform_plan
 from mlx_abliteration.core.model_io import read_config, save_ablated_model
 from mlx_abliteration.core.utils import sha256_file
+from mlx_abliteration.engine.orthogonalize import uniform_plan
 from mlx_abliteration.errors import UserError
 
 

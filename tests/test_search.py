@@ -7,10 +7,7 @@ import mlx_lm
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_abliteration.core.ablate import uniform_plan
 from mlx_abliteration.core.directions import RefusalDirections
-from mlx_abliteration.core.kernels import Kernel, PlanSpec, kernel_plan, load_plan_spec, uniform_spec
-from mlx_abliteration.core.model_edit import apply_plan
 from mlx_abliteration.core.model_io import load_model
 from mlx_abliteration.core.search import (
     SearchSettings,
@@ -23,8 +20,11 @@ from mlx_abliteration.core.search import (
     pareto_front,
     search_space,
 )
-from mlx_abliteration.core.trial_edit import TrialEditor
 from mlx_abliteration.defaults import AbliterationConfig
+from mlx_abliteration.engine.in_memory import apply_plan
+from mlx_abliteration.engine.orthogonalize import uniform_plan
+from mlx_abliteration.engine.revertible_edit import TrialEditor
+from mlx_abliteration.engine.strength_schedule import Kernel, PlanSpec, kernel_plan, load_plan_spec, uniform_spec
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.search_pipeline import run_search
 
@@ -119,9 +119,9 @@ def test_plan_spec_roundtrips_through_json(tmp_path):
     ids=["float32", "bf16", "q4-packed", "q4-edited-bf16", "q4-dense-twin", "moe-q4"],
 )
 def test_apply_then_revert_restores_every_weight_bit_for_bit(tiny_model, kwargs, precision, dequantize, monkeypatch):
-    import mlx_abliteration.core.trial_edit as trial_edit
+    import mlx_abliteration.engine.revertible_edit as revertible_edit
 
-    monkeypatch.setattr(trial_edit, "EMBED_BLOCK_ELEMENTS", 64 * 7)  # the embedding goes in blocks of 7 rows
+    monkeypatch.setattr(revertible_edit, "EMBED_BLOCK_ELEMENTS", 64 * 7)  # the embedding goes in blocks of 7 rows
     path = tiny_model(**kwargs)
     model, _, _ = load_model(path, dequantize=dequantize)
     plan = kernel_plan(_directions(), SPEC)
@@ -148,7 +148,7 @@ def test_apply_then_revert_restores_every_weight_bit_for_bit(tiny_model, kwargs,
 
 
 def test_originals_are_kept_compact_when_exact():
-    from mlx_abliteration.core.trial_edit import compact
+    from mlx_abliteration.engine.revertible_edit import compact
 
     exact = mx.array([1.0, -2.5, 0.0]).astype(mx.bfloat16).astype(mx.float32)
     assert compact(exact, mx.bfloat16).dtype == mx.bfloat16

@@ -153,8 +153,8 @@ def search_main(args: argparse.Namespace, config, settings) -> int:
 
 def plan_main(args: argparse.Namespace, config) -> int:
     """``run --plan-json FILE``: the pipeline with an explicit plan spec."""
-    from ..core.kernels import load_plan_spec
     from ..core.logging_config import setup_logging
+    from ..engine.strength_schedule import load_plan_spec
     from ..pipeline import run_pipeline
     from ..search_pipeline import PlanFile
     from .console import Console

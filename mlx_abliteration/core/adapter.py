@@ -24,8 +24,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..engine.orthogonalize import AblationPlan
 from ..errors import UserError
-from .ablate import AblationPlan
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"

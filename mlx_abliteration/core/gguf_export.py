@@ -24,7 +24,6 @@ from .gguf import ARCHITECTURES, Architecture, gguf_tensor_name, llama3_rope_fac
 if TYPE_CHECKING:
     import mlx.core as mx
 
-    from .ablate import QuantParams
     from .probe import Progress
 
 OUTTYPES = ("bf16", "f16", "q8_0")
@@ -98,11 +97,16 @@ def _dense(module: str, leaves: dict[str, mx.array], config: dict) -> dict[str, 
     """The module's weight (dequantized to float32 if it is quantized) and bias."""
     import mlx.core as mx
 
-    from .ablate import dequantize_leaves
-
     if "scales" not in leaves:
         return {k: v for k, v in leaves.items() if k in ("weight", "bias")}
-    out = {"weight": dequantize_leaves(leaves, _quant(module, config)).astype(mx.float32)}
+    quant = _quant(module, config)
+    # float32 scales/biases: the stored values exactly, not rounded again to a 16-bit scale dtype
+    scales, biases = (
+        v.astype(mx.float32) if v is not None and v.dtype in (mx.float16, mx.bfloat16) else v
+        for v in (leaves["scales"], leaves.get("biases"))
+    )
+    weight = mx.dequantize(leaves["weight"], scales, biases, quant.group_size, quant.bits, mode=quant.mode)
+    out = {"weight": weight.astype(mx.float32)}
     if "bias" in leaves:
         out["bias"] = leaves["bias"]
     return out
@@ -192,7 +196,7 @@ def _planned(
     return PlannedTensor(name, shape, qtype, values)
 
 
-def _quant(module: str, config: dict) -> QuantParams:
+def _quant(module: str, config: dict) -> Any:
     from .model_io import quant_params_for
 
     quant = quant_params_for(module, config)

@@ -21,13 +21,13 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .ablate import AblationPlan
+from ..engine.orthogonalize import AblationPlan
+from ..engine.revertible_edit import TrialEditor
 from .chat import encode_chats
 from .directions import RefusalDirections
 from .evaluate import kl_divergence
 from .generation import Progress, first_token_logprobs
 from .mx_types import int_list, scalar
-from .trial_edit import TrialEditor
 
 NUM_REFUSAL_TOKENS = 8
 

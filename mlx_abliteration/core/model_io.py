@@ -16,7 +16,7 @@ from .output_dir import make_temp_dir, replace_dir
 from .utils import sha256_file
 
 if TYPE_CHECKING:
-    from .ablate import QuantParams
+    from ..engine.orthogonalize import QuantParams
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False, dequa
     ``compute_dtype="auto"`` runs in float32 on the CPU backend (much faster
     there with OpenBLAS) and keeps the stored dtype on GPUs. On the CPU,
     quantized layers are also made dense when that fits in memory
-    (``dequantize="auto"``; see ``dense_compute``). The saved model always
+    (``dequantize="auto"``; see ``engine.dense_twins``). The saved model always
     keeps the source dtype and quantization: saving reads the source files.
     """
     import mlx.core as mx
@@ -83,7 +83,7 @@ def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False, dequa
     dtype = default_compute_dtype() if compute_dtype == "auto" else compute_dtype
     try:
         if not lazy and dtype is not None and dequantize in (True, "auto"):
-            from .dense_compute import dequantize_for_compute, should_dequantize
+            from ..engine.dense_twins import dequantize_for_compute, should_dequantize
 
             # Before set_dtype: twins dequantize with the stored scales, exactly
             # as the save path does.
@@ -135,7 +135,7 @@ def validate_output_dir(source: Path, output: Path, overwrite: bool, fresh: bool
 
 def quant_params_for(module_path: str, config: dict) -> QuantParams | None:
     """Quantization of ``module_path`` from config.json (per-layer entries win)."""
-    from .ablate import QuantParams
+    from ..engine.orthogonalize import QuantParams
 
     q = config.get("quantization") or config.get("quantization_config")
     if not isinstance(q, dict) or "bits" not in q:
@@ -316,7 +316,7 @@ def _write_model(
 ) -> dict:
     import mlx.core as mx
 
-    from .ablate import check_edits, touches
+    from ..engine.orthogonalize import check_edits, touches
     from .source_layout import discover_writers_in_dir, open_layout
 
     edit_module = _edit_in_blocks  # bounded memory for embeddings and expert stacks
@@ -408,7 +408,7 @@ def _edit_in_blocks(module: str, leaves: dict, plan, quant, dense_dtype, edited_
 
     import mlx.core as mx
 
-    from .ablate import edit_module
+    from ..engine.orthogonalize import edit_module
 
     weight = leaves["weight"]
     blockwise = plan.writer(module).rows or weight.ndim == 3

@@ -28,7 +28,7 @@ from ..errors import UserError
 
 if TYPE_CHECKING:
     from ..defaults import AbliterationConfig
-    from .ablate import AblationPlan
+    from ..engine.orthogonalize import AblationPlan
     from .probe import Progress
 
 QUANTIZE_CHOICES = ("4", "8", "mxfp4")

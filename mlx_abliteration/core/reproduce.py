@@ -114,8 +114,8 @@ def plan_source_for(record: dict):
     from ..pipeline import DirectionFile, LayerChoice
 
     if record.get("plan_spec"):
+        from ..engine.strength_schedule import PlanSpec
         from ..search_pipeline import PlanFile
-        from .kernels import PlanSpec
 
         return PlanFile(PlanSpec.from_dict(record["plan_spec"]))
     if record.get("command") == "ablate":

@@ -1,6 +1,6 @@
 """Automatic parameter search: Optuna over ablation plans, scored on refusals and KL.
 
-Each trial turns sampled numbers into a ``PlanSpec`` (``core.kernels``),
+Each trial turns sampled numbers into a ``PlanSpec`` (``engine.strength_schedule``),
 edits the in-memory model, counts refusals on harmful prompts (generation
 stops at the first refusal marker), measures first-token KL(original ‖
 edited) on harmless prompts, and reverts the edit exactly. Both objectives
@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from ..defaults import SearchSettings  # noqa: F401  (re-exported: search settings live with the defaults)
+from ..engine.revertible_edit import TrialEditor
+from ..engine.strength_schedule import COMPONENTS, DIRECTION_SCOPES, Kernel, PlanSpec
 from ..errors import UserError
 from .evaluate import ReferenceLogprobs
-from .kernels import COMPONENTS, DIRECTION_SCOPES, Kernel, PlanSpec
-from .trial_edit import TrialEditor
 
 OBJECTIVES = ("refusals", "kl")
 WARM_START_ATTR = "warm_start"
@@ -223,7 +223,7 @@ class TrialScorer:
 
     def __call__(self, spec: PlanSpec, dominated: Callable[[float, int], bool] | None = None) -> TrialScore:
         """Score ``spec``; with ``dominated(kl, refusals_so_far)``, stop as soon as it holds (KL comes first)."""
-        from .kernels import kernel_plan
+        from ..engine.strength_schedule import kernel_plan
 
         clock = _Clock()
         plan = kernel_plan(self.directions, spec, self.targets)

@@ -22,10 +22,10 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..core.mx_types import scalar
+from ..core.writers import Writer, WriterMap
 from ..defaults import DEFAULT_TARGETS, MAX_STRENGTH
 from ..errors import UserError
-from .mx_types import scalar
-from .writers import Writer, WriterMap
 
 QUANT_LEAVES = ("weight", "scales", "biases")
 
@@ -293,7 +293,7 @@ def edit_module(
     strength = plan.strength(role, layer)
     r = plan.direction(writer)
     packed = quant is not None and "scales" in leaves
-    # A dense in-memory twin of a quantized matrix (see dense_compute): edit it
+    # A dense in-memory twin of a quantized matrix (see dense_twins): edit it
     # as the saved file will be, requantized, but keep it dense.
     dense_twin = quant is not None and not packed
     w = dequantize_leaves(leaves, quant) if quant is not None and packed else leaves["weight"].astype(mx.float32)

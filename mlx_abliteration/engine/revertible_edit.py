@@ -26,10 +26,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from .ablate import AblationPlan
-from .model_edit import apply_plan, writer_modules
-from .mx_types import flat_params
-from .writers import model_writers
+from ..core.mx_types import flat_params
+from ..core.writers import model_writers
+from .in_memory import apply_plan, writer_modules
+from .orthogonalize import AblationPlan
 
 EMBED_BLOCK_ELEMENTS = 1 << 24  # elements of the embedding edited at once (64 MB in float32)
 

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..core.directions import RefusalDirections
 from ..defaults import DEFAULT_TARGETS
 from ..errors import UserError
-from .ablate import AblationPlan, unit
-from .directions import RefusalDirections
+from .orthogonalize import AblationPlan, unit
 
 DIRECTION_SCOPES = ("global", "per-layer")
 COMPONENTS = ("attn", "mlp")

@@ -1,6 +1,6 @@
-"""Apply an ablation plan to a model in memory (``trial_edit.TrialEditor`` also reverts it).
+"""Apply an ablation plan to a model in memory (``revertible_edit.TrialEditor`` also reverts it).
 
-Uses the same per-module math as the streaming save (``ablate.edit_module``),
+Uses the same per-module math as the streaming save (``orthogonalize.edit_module``),
 so an in-memory edit equals the saved weights (up to the compute dtype).
 """
 
@@ -12,10 +12,18 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from .ablate import DEFAULT_TARGETS, AblationPlan, EditReport, QuantParams, edit_module, select_writers, uniform_plan
-from .dense_compute import dense_module
-from .probe import decoder_layers
-from .writers import model_writers
+from ..core.probe import decoder_layers
+from ..core.writers import model_writers
+from .dense_twins import dense_module
+from .orthogonalize import (
+    DEFAULT_TARGETS,
+    AblationPlan,
+    EditReport,
+    QuantParams,
+    edit_module,
+    select_writers,
+    uniform_plan,
+)
 
 
 def bind(model: nn.Module, plan: AblationPlan) -> AblationPlan:

@@ -101,10 +101,11 @@ def _dense(module: str, leaves: dict[str, mx.array], config: dict) -> dict[str, 
         return {k: v for k, v in leaves.items() if k in ("weight", "bias")}
     quant = _quant(module, config)
     # float32 scales/biases: the stored values exactly, not rounded again to a 16-bit scale dtype
-    scales, biases = (
-        v.astype(mx.float32) if v is not None and v.dtype in (mx.float16, mx.bfloat16) else v
-        for v in (leaves["scales"], leaves.get("biases"))
-    )
+    scales, biases = leaves["scales"], leaves.get("biases")
+    if scales.dtype in (mx.float16, mx.bfloat16):  # not mxfp4's uint8 exponents
+        scales = scales.astype(mx.float32)
+    if biases is not None:
+        biases = biases.astype(mx.float32)
     weight = mx.dequantize(leaves["weight"], scales, biases, quant.group_size, quant.bits, mode=quant.mode)
     out = {"weight": weight.astype(mx.float32)}
     if "bias" in leaves:

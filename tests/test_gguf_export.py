@@ -276,3 +276,118 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_file(tmp_path, tiny_model
     with pytest.raises(UserError, match="No space left"):
         export_gguf(tiny_model(), out, overwrite=True)
     assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+# --------------------------------------------------------------------------- real models (slow)
+
+# Provenance text llama.cpp's converter copies from the model card; llama.cpp does not read it to run the model.
+DESCRIPTIVE = {
+    "general.name",
+    "general.organization",
+    "general.finetune",
+    "general.basename",
+    "general.size_label",
+    "general.license",
+    "general.languages",
+}
+# Keys the real files lack that we write: tokenizer_config.json's add_eos_token (false: llama.cpp's default).
+EXTRA = {"tokenizer.ggml.add_eos_token"}
+# Keys the real files have that we leave out, with the value llama.cpp assumes without them for a gpt2 vocab.
+DEFAULTED = {"tokenizer.ggml.add_space_prefix": False}
+
+
+def assert_metadata_matches(reference: gguf.GGUFReader, ours: gguf.GGUFReader, outtype: str) -> None:
+    """Every key of the llama.cpp-converted file with the same GGUF type and value, key by key."""
+    file_type = {"bf16": 32, "f16": 1, "q8_0": 7}[outtype]
+    for key, field in reference.fields.items():
+        if key.startswith("GGUF.") or key in DESCRIPTIVE:
+            continue
+        if key in DEFAULTED and key not in ours.fields:
+            assert field.contents() == DEFAULTED[key], key
+            continue
+        assert key in ours.fields, key
+        assert ours.fields[key].types == field.types, key
+        expected = file_type if key == "general.file_type" else field.contents()
+        assert ours.fields[key].contents() == expected, key
+    extra = {k for k in ours.fields if not k.startswith("GGUF.") and k not in DESCRIPTIVE} - set(reference.fields)
+    assert extra <= EXTRA, extra
+    assert ours.fields["tokenizer.ggml.add_eos_token"].contents() is False
+
+
+def assert_same_tensor_list(reference: gguf.GGUFReader, ours: gguf.GGUFReader, outtype: str) -> None:
+    shapes = {t.name: t.shape.tolist() for t in reference.tensors}
+    assert {t.name: t.shape.tolist() for t in ours.tensors} == shapes
+    matrix_type = {"bf16": "BF16", "f16": "F16", "q8_0": "Q8_0"}[outtype]
+    assert {t.name: t.tensor_type.name for t in ours.tensors} == {
+        name: "F32" if len(shape) == 1 else matrix_type for name, shape in shapes.items()
+    }
+
+
+@pytest.mark.slow
+def test_smollm2_export_matches_the_llama_cpp_file_and_round_trips(smollm2_dir, tmp_path):
+    """The imported SmolLM2 (Q4_1, lossless in MLX) exported as f16 is the original file's tensors rounded
+    to f16 (incl. llama.cpp's Q/K row order), with its metadata; imported again it computes the same logits
+    within the first-order bound of that rounding."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mlx_abliteration.real_models import ensure_gguf
+
+    export(smollm2_dir, tmp_path / "m.gguf", "f16")
+    reference, ours = gguf.GGUFReader(ensure_gguf("smollm2")), gguf.GGUFReader(tmp_path / "m.gguf")
+    assert_metadata_matches(reference, ours, "f16")
+    assert_same_tensor_list(reference, ours, "f16")
+    written = {t.name: t for t in ours.tensors}
+    for tensor in reference.tensors:
+        exact = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        got = np.asarray(written[tensor.name].data).astype(np.float32).reshape(exact.shape)
+        bound = np.zeros_like(exact) if exact.ndim == 1 else _rounding(exact, "f16")
+        assert np.all(np.abs(got - exact) <= bound), tensor.name
+
+    back = convert_gguf(tmp_path / "m.gguf", tmp_path / "back", dtype="float16")
+    expected, got_params = dense_params(load(smollm2_dir)), dense_params(load(back))
+    bounds = element_bounds(expected, "f16", "float16")
+    for name in expected:
+        assert np.all(np.abs(got_params[name] - expected[name]) <= bounds[name]), name
+    model = float32_model(smollm2_dir)
+    diff = np.abs(logits_with(model, got_params) - logits_with(model, expected))
+    # the first-order bound for the five largest logits (one gradient each over 135M weights)
+    top = np.argsort(logits_with(model, expected))[-5:]
+    tokens = mx.array([PROMPT])
+    grad = nn.value_and_grad(model, lambda k: model(tokens)[0, -1, k])
+    from mlx.utils import tree_flatten
+
+    for k in top:
+        _, grads = grad(int(k))
+        bound = sum(float(mx.sum(mx.abs(g) * mx.array(bounds[n]))) for n, g in tree_flatten(grads) if n in bounds)
+        assert diff[k] <= bound, (int(k), float(diff[k]), bound)
+    assert int(np.argmax(logits_with(model, got_params))) == int(top[-1])
+
+
+@pytest.mark.slow
+def test_qwen_export_matches_the_llama_cpp_file_bit_for_bit(qwen_dir, tmp_path):
+    """Qwen2.5 (bf16 in MLX) exported as bf16: the real file's metadata and tensor list, and every tensor the
+    source's bits. With identical hyperparameters and weights the model is the same; that import-gguf
+    then computes the source's logits is the tiny qwen2 round trip above (a 3.5 GB re-import would not
+    fit the slow group's budget)."""
+    import mlx.core as mx
+
+    from mlx_abliteration.core.gguf import mlx_tensor_name
+    from mlx_abliteration.real_models import ensure_gguf
+
+    export(qwen_dir, tmp_path / "m.gguf", "bf16")
+    reference, ours = gguf.GGUFReader(ensure_gguf("qwen")), gguf.GGUFReader(tmp_path / "m.gguf")
+    assert_metadata_matches(reference, ours, "bf16")
+    assert_same_tensor_list(reference, ours, "bf16")
+    source: dict = {}
+    for path in sorted(qwen_dir.glob("model*.safetensors")):
+        source.update(mx.load(str(path)))
+    for tensor in ours.tensors:
+        original = source[mlx_tensor_name(tensor.name)]
+        if tensor.tensor_type.name == "BF16":
+            expected = np.array(original.view(mx.uint16))
+            stored = np.asarray(tensor.data).view(np.uint16)  # the reader gives bf16 as raw bytes
+            assert np.array_equal(stored.reshape(expected.shape), expected), tensor.name
+        else:
+            expected = np.array(original.astype(mx.float32))
+            assert np.array_equal(np.asarray(tensor.data), expected), tensor.name

@@ -9,13 +9,18 @@ unbatched.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+    import mlx.nn as nn
 
 
 class BatchingUnsupported(Exception):
     """The model's cache types have no batched (left-padded) equivalent."""
 
 
-def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int = 0):
+def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[mx.array, list[int]]:
     """Return ``(tokens[B, T], left_padding[B])`` as MLX arrays / list."""
     import mlx.core as mx
 
@@ -25,7 +30,7 @@ def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int = 0):
     return mx.array(rows, dtype=mx.int32), padding
 
 
-def make_batch_cache(model, left_padding: list[int]) -> list:
+def make_batch_cache(model: nn.Module, left_padding: list[int]) -> list[Any]:
     """Per-layer batch caches matching the model's own cache types."""
     from mlx_lm.models.cache import (
         BatchKVCache,
@@ -53,7 +58,7 @@ def length_sorted_batches(n_items: int, lengths: Sequence[int], batch_size: int)
         yield order[start : start + batch_size]
 
 
-def make_cache(model, left_padding: list[int]) -> list:
+def make_cache(model: nn.Module, left_padding: list[int]) -> list[Any]:
     """Batch caches; a single row of a model without batch caches gets its own cache."""
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -65,7 +70,7 @@ def make_cache(model, left_padding: list[int]) -> list:
         raise
 
 
-def batching_supported(model) -> bool:
+def batching_supported(model: nn.Module) -> bool:
     try:
         make_batch_cache(model, [0, 0])
     except BatchingUnsupported:
@@ -73,7 +78,9 @@ def batching_supported(model) -> bool:
     return True
 
 
-def prefill(model, token_lists: Sequence[Sequence[int]], n_logits: int = 1, pad_id: int = 0):
+def prefill(
+    model: nn.Module, token_lists: Sequence[Sequence[int]], n_logits: int = 1, pad_id: int = 0
+) -> tuple[mx.array, list[Any]]:
     """Run a left-padded batch; return logits ``[B, n_logits, V]`` of its last positions and the caches.
 
     The earlier positions only fill the caches (their logits are never

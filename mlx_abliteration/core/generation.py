@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..defaults import GENERATION_BATCH_SIZE as DEFAULT_BATCH_SIZE
 from .batching import batching_supported, length_sorted_batches, prefill
 
+if TYPE_CHECKING:
+    import mlx.core as mx
+    import mlx.nn as nn
+
 Progress = Callable[[int, int, str], None]
+# (model, prompts) -> (last-position logits [B, 1, V], mlx-lm's (untyped) per-layer caches)
+Prefill = Callable[["nn.Module", Sequence[Sequence[int]]], tuple["mx.array", Any]]
 
 
 def greedy_tokens(
-    model,
+    model: nn.Module,
     token_lists: Sequence[Sequence[int]],
     max_tokens: int,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -26,7 +33,7 @@ def greedy_tokens(
     stop_when: Callable[[list[int]], bool] | None = None,
     progress: Progress | None = None,
     what: str = "generating",
-    prefill_fn: Callable | None = None,
+    prefill_fn: Prefill | None = None,
     row_stop: Callable[[int, list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """Greedy continuations in input order, each ending with its EOS token if one was generated.
@@ -63,7 +70,15 @@ def greedy_tokens(
     return outputs
 
 
-def _decode_batch(model, prompts, max_tokens, eos_token_ids, stops, finished, prefill_fn=prefill) -> list[list[int]]:
+def _decode_batch(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_tokens: int,
+    eos_token_ids: set[int] | frozenset[int],
+    stops: Sequence[Callable[[list[int]], bool] | None],
+    finished: Callable[[int], None],
+    prefill_fn: Prefill = prefill,
+) -> list[list[int]]:
     import mlx.core as mx
 
     from .mx_types import int_list
@@ -102,8 +117,8 @@ def strip_eos(tokens: Sequence[int], eos_token_ids: set[int] | frozenset[int]) -
 
 
 def generate_greedy(
-    model,
-    tokenizer,
+    model: nn.Module,
+    tokenizer: Any,
     token_lists: Sequence[Sequence[int]],
     max_tokens: int,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -129,18 +144,20 @@ def generate_greedy(
     return [tokenizer.decode(strip_eos(tokens, eos)) for tokens in outputs]
 
 
-def first_token_logprobs(model, token_lists: Sequence[Sequence[int]], batch_size: int = DEFAULT_BATCH_SIZE):
+def first_token_logprobs(
+    model: nn.Module, token_lists: Sequence[Sequence[int]], batch_size: int = DEFAULT_BATCH_SIZE
+) -> mx.array:
     """Log-softmax (float32) of the next-token distribution after each prompt: ``[N, V]``."""
     return continuation_logprobs(model, token_lists, [[] for _ in token_lists], batch_size)
 
 
 def continuation_logprobs(
-    model,
+    model: nn.Module,
     token_lists: Sequence[Sequence[int]],
     continuations: Sequence[Sequence[int]],
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress | None = None,
-):
+) -> mx.array:
     """Next-token log-probs along each prompt's continuation: ``[sum(max(1, len(c))), V]`` float32.
 
     Row order is prompt by prompt; prompt i contributes the distributions
@@ -170,7 +187,7 @@ def continuation_logprobs(
     return mx.concatenate(per_prompt, axis=0)
 
 
-def _log_softmax(logits):
+def _log_softmax(logits: mx.array) -> mx.array:
     import mlx.core as mx
 
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)

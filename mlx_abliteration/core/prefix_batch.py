@@ -15,8 +15,10 @@ prompts without a common prefix use the plain prefill.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from .batching import prefill
 
@@ -43,8 +45,8 @@ def prefill_prefix_length(token_lists: Sequence[Sequence[int]]) -> int:
 
 
 def prefix_kv_cache(
-    model, prefix: Sequence[int], stop: type[Exception] | None = None
-) -> tuple[list, mx.array | None] | None:
+    model: nn.Module, prefix: Sequence[int], stop: type[Exception] | None = None
+) -> tuple[list[Any], mx.array | None] | None:
     """Per-layer KV caches holding ``prefix`` after one forward pass, and that pass's (unevaluated) output.
 
     None if the model's caches are not plain ``KVCache`` (sliding windows,
@@ -67,7 +69,9 @@ def prefix_kv_cache(
     return caches, out
 
 
-def shared_prefill(model, token_lists: Sequence[Sequence[int]], with_cache: bool = True):
+def shared_prefill(
+    model: nn.Module, token_lists: Sequence[Sequence[int]], with_cache: bool = True
+) -> tuple[mx.array, list[Any] | None]:
     """Like ``batching.prefill(model, token_lists)``: last-position logits ``[B, 1, V]`` and batch caches.
 
     ``with_cache=False`` skips assembling the caches (first-token log-probs only).
@@ -109,7 +113,7 @@ def _length_chunks(lengths: list[int], vocab: int) -> Iterator[list[int]]:
         yield chunk
 
 
-def _suffix_prefill(model, prefix_cache, suffixes: list[list[int]]):
+def _suffix_prefill(model: nn.Module, prefix_cache: list[Any], suffixes: list[list[int]]) -> tuple[mx.array, list[Any]]:
     from mlx_lm.models.cache import BatchKVCache
 
     lengths = [len(s) for s in suffixes]
@@ -129,7 +133,9 @@ def _suffix_prefill(model, prefix_cache, suffixes: list[list[int]]):
     return last, caches
 
 
-def shared_first_token_logprobs(model, token_lists: Sequence[Sequence[int]], batch_size: int | None = None):
+def shared_first_token_logprobs(
+    model: nn.Module, token_lists: Sequence[Sequence[int]], batch_size: int | None = None
+) -> mx.array:
     """Log-softmax (float32) of the next-token distribution after each prompt: ``[N, V]``."""
     batch_size = batch_size or len(token_lists)
     out = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,7 +44,7 @@ class ActivationProbeWrapper:
         self._captured: mx.array | None = None
         self._stop_after = stop_after
 
-    def __call__(self, call, args, kwargs):
+    def __call__(self, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         out = call(*args, **kwargs)
         hidden = out[0] if isinstance(out, (tuple, list)) else out
         if self._select is not None:
@@ -137,7 +138,26 @@ def position_selector(positions: list[list[int]], padding: list[int], width: int
     return lambda h: (h.astype(mx.float32) * w[:, :, None]).sum(1)
 
 
-def _forward_batch(model, tokens, padding, wrappers, positions):
+def _stack_captured(wrappers: dict[int, ActivationProbeWrapper]) -> mx.array:
+    """``[B, L, H]``: what every probe point captured in the last forward pass."""
+    captured = []
+    for layer in sorted(wrappers):
+        value = wrappers[layer]._captured
+        if value is None:
+            raise RuntimeError(f"the forward pass never reached probed layer {layer}")
+        captured.append(value)
+    stacked = mx.stack(captured, axis=1)
+    mx.eval(stacked)
+    return stacked
+
+
+def _forward_batch(
+    model: nn.Module,
+    tokens: mx.array,
+    padding: list[int],
+    wrappers: dict[int, ActivationProbeWrapper],
+    positions: list[list[int]],
+) -> mx.array:
     for wrapper in wrappers.values():
         wrapper._select = position_selector(positions, padding, tokens.shape[1])
         wrapper._captured = None
@@ -146,9 +166,7 @@ def _forward_batch(model, tokens, padding, wrappers, positions):
         model(tokens, cache=cache)
     except StopForward:
         pass
-    captured = mx.stack([wrappers[i]._captured for i in sorted(wrappers)], axis=1)
-    mx.eval(captured)
-    return captured
+    return _stack_captured(wrappers)
 
 
 # Measured (bench/batch_sweep.py, bench/gpu_probe_ablate.py): on 2 CPU cores
@@ -187,7 +205,7 @@ def _prefix_caches(model: nn.Module, prefix: Sequence[int], wrappers: dict[int, 
     return None if filled is None else filled[0]
 
 
-def _continue_caches(prefix_caches: list, rows: int) -> list:
+def _continue_caches(prefix_caches: list[Any], rows: int) -> list[Any]:
     from mlx_lm.models.cache import KVCache
 
     caches = []
@@ -203,7 +221,13 @@ def _continue_caches(prefix_caches: list, rows: int) -> list:
 
 
 def _forward_after_prefix(
-    model, suffixes, positions, prefix_caches, wrappers, pad_id: int, prefix_len: int
+    model: nn.Module,
+    suffixes: list[list[int]],
+    positions: list[list[int]],
+    prefix_caches: list[Any],
+    wrappers: dict[int, ActivationProbeWrapper],
+    pad_id: int,
+    prefix_len: int,
 ) -> mx.array:
     width = max(len(s) for s in suffixes)
     tokens = mx.array([list(s) + [pad_id] * (width - len(s)) for s in suffixes], dtype=mx.int32)
@@ -215,12 +239,12 @@ def _forward_after_prefix(
         model(tokens, cache=_continue_caches(prefix_caches, len(suffixes)))
     except StopForward:
         pass
-    captured = mx.stack([wrappers[i]._captured for i in sorted(wrappers)], axis=1)
-    mx.eval(captured)
-    return captured
+    return _stack_captured(wrappers)
 
 
-def encode_for_probe(tokenizer, prompts: Sequence[str], spec: ProbeSpec) -> tuple[list[list[int]], list[list[int]]]:
+def encode_for_probe(
+    tokenizer: Any, prompts: Sequence[str], spec: ProbeSpec
+) -> tuple[list[list[int]], list[list[int]]]:
     marker = resolve_marker(tokenizer, spec)
     pairs = [probe_positions(tokenizer, p, spec, marker) for p in prompts]
     return [ids for ids, _ in pairs], [pos for _, pos in pairs]
@@ -228,7 +252,7 @@ def encode_for_probe(tokenizer, prompts: Sequence[str], spec: ProbeSpec) -> tupl
 
 def probe_prompts(
     model: nn.Module,
-    tokenizer,
+    tokenizer: Any,
     prompts: Sequence[str],
     spec: ProbeSpec = ProbeSpec(),
     layer_ids: Sequence[int] | None = None,
@@ -259,7 +283,13 @@ def probe_prompts(
     return stats
 
 
-def _batch_runner(model, token_lists, positions, wrappers, pad_id: int) -> Callable[[list[int]], mx.array]:
+def _batch_runner(
+    model: nn.Module,
+    token_lists: list[list[int]],
+    positions: list[list[int]],
+    wrappers: dict[int, ActivationProbeWrapper],
+    pad_id: int,
+) -> Callable[[list[int]], mx.array]:
     """``forward(indices) -> [B, L, H]``: after a shared prefix computed once, else left-padded."""
     prefix_len = probe_prefix_length(token_lists, positions) if len(token_lists) > 1 else 0
     prefix = _prefix_caches(model, token_lists[0][:prefix_len], wrappers) if prefix_len >= _MIN_SHARED_PREFIX else None
@@ -286,7 +316,14 @@ def _batch_runner(model, token_lists, positions, wrappers, pad_id: int) -> Calla
     return left_padded
 
 
-def capture_activations(model, tokenizer, prompts, spec=ProbeSpec(), layer_ids=None, batch_size=None) -> mx.array:
+def capture_activations(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    spec: ProbeSpec = ProbeSpec(),
+    layer_ids: Sequence[int] | None = None,
+    batch_size: int | None = None,
+) -> mx.array:
     """Per-prompt residual vectors [N, L, H] in prompt order (for tests and analysis)."""
     layers = decoder_layers(model)
     layer_ids = sorted(range(len(layers)) if layer_ids is None else layer_ids)

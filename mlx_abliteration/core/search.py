@@ -43,13 +43,16 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..defaults import SearchSettings  # noqa: F401  (re-exported: search settings live with the defaults)
 from ..engine.revertible_edit import TrialEditor
 from ..engine.strength_schedule import COMPONENTS, DIRECTION_SCOPES, Kernel, PlanSpec
 from ..errors import UserError
 from .evaluate import ReferenceLogprobs
+
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 OBJECTIVES = ("refusals", "kl")
 WARM_START_ATTR = "warm_start"
@@ -212,6 +215,7 @@ class TrialScorer:
         self.harmless_ids = encode_chats(tokenizer, harmless, system_prompt)
         self.batch_size = batch_size or max(len(self.harmful_ids), len(self.harmless_ids), 1)
         self.eos = frozenset(tokenizer.eos_token_ids)
+        self.reference: mx.array | ReferenceLogprobs  # first-token log-probs, or the reference for multi-token KL
         if kl_tokens == 1:
             self.reference = shared_first_token_logprobs(model, self.harmless_ids, self.batch_size)
         else:

@@ -304,6 +304,21 @@ def tensor_bytes(tensor: PlannedTensor) -> np.ndarray:
     return np.concatenate(chunks, axis=0)
 
 
+def _write_tensors(writer: Any, tensors: list[PlannedTensor], progress: Progress | None) -> None:
+    """Each tensor's data in order; a written tensor is dropped, so its loaded source arrays are freed
+    (memory stays about one module, not the model)."""
+    import mlx.core as mx
+
+    total = len(tensors)
+    pending = list(reversed(tensors))
+    tensors.clear()
+    while pending:
+        writer.write_tensor_data(tensor_bytes(pending.pop()))
+        mx.clear_cache()
+        if progress:
+            progress(total - len(pending), total, "tensors")
+
+
 def _check_output(output: Path, overwrite: bool) -> None:
     if output.is_dir():
         raise UserError(f"-o/--output {output} is a folder; give a file name such as model.gguf")
@@ -349,10 +364,7 @@ def export_gguf(
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for done, tensor in enumerate(tensors, start=1):
-                writer.write_tensor_data(tensor_bytes(tensor))
-                if progress:
-                    progress(done, len(tensors), "tensors")
+            _write_tensors(writer, tensors, progress)
         finally:
             writer.close()
     return output

@@ -24,8 +24,11 @@ import pytest
 from mlx_abliteration.core.gguf import convert_gguf
 from mlx_abliteration.core.gguf_export import export_gguf
 from mlx_abliteration.errors import UserError
+from tests import test_gguf
 from tests.cli_helpers import run_cli
+from tests.test_gguf import write_gguf
 
+vocab = test_gguf.vocab  # the fixture: tokens, merges and types of the tiny tokenizer
 F16_U, BF16_U = 2.0**-11, 2.0**-8
 Q8_0_REL = (0.5 + 127 * 2.0**-11) / 127  # of the block's largest magnitude
 PROMPT = [5, 17, 42, 99, 200, 7, 3]
@@ -186,6 +189,52 @@ def test_rope_traditional_source_is_written_unpermuted(tmp_path, tiny_model):
     bound = first_order_logit_bound(model, expected, element_bounds(expected, "f16", "float16"))
     diff = np.abs(last_logits(float32_model(back)) - logits_with(model, expected))
     assert np.all(diff <= bound), float((diff / bound).max())
+
+
+def _llama3_rope_freqs(writer) -> None:
+    """Llama 3.x scaling as llama.cpp's converter stores it (a test_gguf model has head_dim 64)."""
+    freqs = 10000.0 ** (-np.arange(0, 64, 2) / 64)
+    wavelen = 2 * np.pi / freqs
+    smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+    factors = np.where(wavelen < 8192 / 4.0, 1.0, np.where(wavelen > 8192, 8.0, 1 / ((1 - smooth) / 8.0 + smooth)))
+    writer.add_tensor("rope_freqs.weight", factors.astype(np.float32))
+
+
+def _linear_rope(writer) -> None:
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(2.0)
+
+
+@pytest.mark.parametrize(
+    "arch,tie,qtype,outtype,pre,extra",
+    [
+        ("llama", True, "F16", "f16", "smollm", None),
+        ("qwen2", False, "F16", "f16", "qwen2", None),
+        ("llama", False, "Q8_0", "q8_0", "llama-bpe", _llama3_rope_freqs),
+        ("llama", True, "F16", "f16", "gpt-2", _linear_rope),
+    ],
+)
+def test_gguf_import_then_export_gives_the_same_file(tmp_path, vocab, arch, tie, qtype, outtype, pre, extra):
+    """A GGUF written the way llama.cpp's converter writes it (test_gguf's writer, with its own Q/K
+    permutation), imported and exported again: every matrix's bytes (norms and biases: as the import's
+    float16 kept them) and every key's value come back. Q8_0 too: a dequantized Q8_0 block re-quantizes
+    to the same scale (its largest |q| is 127) and the same q."""
+    original = tmp_path / "a.gguf"
+    write_gguf(original, vocab, arch, tie=tie, default_type=gguf.GGMLQuantizationType[qtype], pre=pre, extra=extra)
+    convert_gguf(original, tmp_path / "mlx", dtype="float16")
+    export(tmp_path / "mlx", tmp_path / "b.gguf", outtype)
+    before, after = gguf.GGUFReader(original), gguf.GGUFReader(tmp_path / "b.gguf")
+    for key, field in before.fields.items():
+        if not key.startswith("GGUF."):
+            assert after.fields[key].types == field.types and after.fields[key].contents() == field.contents(), key
+    written = {t.name: t for t in after.tensors}
+    assert written.keys() == {t.name for t in before.tensors}
+    for tensor in before.tensors:
+        assert written[tensor.name].tensor_type == tensor.tensor_type, tensor.name
+        expected = np.asarray(tensor.data)
+        if tensor.name.endswith(("_norm.weight", ".bias")):  # float32 vectors: the import stored them as float16
+            expected = expected.astype(np.float16).astype(np.float32)
+        assert np.array_equal(np.asarray(written[tensor.name].data), expected), tensor.name
 
 
 def test_metadata_names_what_llama_cpp_reads(tmp_path, tiny_model):

@@ -440,3 +440,24 @@ def test_qwen_export_matches_the_llama_cpp_file_bit_for_bit(qwen_dir, tmp_path):
         else:
             expected = np.array(original.astype(mx.float32))
             assert np.array_equal(np.asarray(tensor.data), expected), tensor.name
+
+
+@pytest.mark.parametrize(
+    "change,text",
+    [
+        (lambda t: {**t, "normalizer": {"type": "Lowercase"}}, "matches none that llama.cpp knows"),
+        (lambda t: {**t, "model": {**t["model"], "type": "Unigram"}}, "not a byte-level BPE tokenizer"),
+        (lambda t: {**t, "added_tokens": [*t["added_tokens"], {"id": 999, "content": "x", "special": True}]}, "999"),
+        (None, "has no tokenizer.json"),
+    ],
+)
+def test_tokenizers_gguf_cannot_describe_are_user_errors(tmp_path, tiny_model, change, text):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model(arch="llama"), src)
+    if change is None:
+        (src / "tokenizer.json").unlink()
+    else:
+        (src / "tokenizer.json").write_text(json.dumps(change(json.loads((src / "tokenizer.json").read_text()))))
+    out = tmp_path / "out" / "m.gguf"
+    assert_user_error(run_cli("export-gguf", str(src), "-o", str(out)), text)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

@@ -32,9 +32,13 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .evaluate import REFUSAL_RULE_VERSION
 from .utils import sha256_file
+
+if TYPE_CHECKING:
+    from .evaluate import EvalReport, ReferenceLogprobs
 
 log = logging.getLogger("mlx_abliteration.baseline_cache")
 
@@ -84,7 +88,7 @@ def _versions() -> dict:
     return out
 
 
-def baseline_identity(source, harmful: Sequence[str], harmless: Sequence[str], settings: dict) -> dict:
+def baseline_identity(source: str | Path, harmful: Sequence[str], harmless: Sequence[str], settings: dict) -> dict:
     return {
         "format": CACHE_FORMAT,
         "refusal_rule": REFUSAL_RULE_VERSION,
@@ -100,11 +104,11 @@ def baseline_key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def baseline_path(cache_dir, source, identity: dict) -> Path:
+def baseline_path(cache_dir: str | Path | None, source: str | Path, identity: dict) -> Path:
     return cache_root(cache_dir) / "baselines" / f"{Path(source).name}-{baseline_key(identity)}.safetensors"
 
 
-def store_baseline(path: Path, identity: dict, reference, report) -> None:
+def store_baseline(path: Path, identity: dict, reference: ReferenceLogprobs | None, report: EvalReport) -> None:
     """One atomic safetensors file: the reference log-probs and, as metadata, everything else."""
     import mlx.core as mx
 
@@ -127,7 +131,7 @@ def store_baseline(path: Path, identity: dict, reference, report) -> None:
         mx.save_safetensors(str(tmp), arrays, metadata={"baseline": json.dumps(meta, ensure_ascii=False)})
 
 
-def load_baseline(path: Path, identity: dict):
+def load_baseline(path: Path, identity: dict) -> tuple[ReferenceLogprobs | None, EvalReport] | None:
     """``(reference, report)`` from a cache entry, or None if it is missing, unreadable or another identity's."""
     from .evaluate import EvalReport, ReferenceLogprobs
     from .mx_types import load_with_metadata
@@ -154,16 +158,16 @@ def load_baseline(path: Path, identity: dict):
 
 
 def cached_baseline(
-    source,
+    source: str | Path,
     harmful: Sequence[str],
     harmless: Sequence[str],
     settings: dict,
-    compute: Callable[[], tuple],
+    compute: Callable[[], tuple[ReferenceLogprobs | None, EvalReport]],
     *,
-    cache_dir=None,
+    cache_dir: str | Path | None = None,
     use_cache: bool = True,
     emit: Callable[[str], None] = lambda message: None,
-):
+) -> tuple[ReferenceLogprobs | None, EvalReport, bool]:
     """``(reference, report, hit)``: the cached evaluation of the original ``source``, or ``compute()``'s (then stored).
 
     ``use_cache=False`` (``--no-cache``) always computes, and stores the fresh result.

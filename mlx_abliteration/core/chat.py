@@ -6,6 +6,7 @@ import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 
@@ -28,7 +29,7 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _THINK_CLOSE_SUFFIX = "\n" + THINK_CLOSE + "\n\n"
 
 
-def template_kwargs(tokenizer) -> dict:
+def template_kwargs(tokenizer: Any) -> dict:
     """Extra chat-template variables: ``enable_thinking=False`` for templates with a reasoning switch
     (Qwen3-style), so the prompt ends after an empty, closed thinking block: where the answer starts.
     Probing, evaluation and the search all encode through here, so they read and answer at that point."""
@@ -41,19 +42,19 @@ def _open_thinking(text: str) -> bool:
     return text.rstrip().endswith(THINK_OPEN)
 
 
-def render_chat(tokenizer, prompt: str, system_prompt: str | None = None) -> str:
+def render_chat(tokenizer: Any, prompt: str, system_prompt: str | None = None) -> str:
     """The chat-template text with the generation prompt appended (and any thinking block closed)."""
     return _render(tokenizer, chat_messages(prompt, system_prompt))
 
 
-def _render(tokenizer, messages: list[dict]) -> str:
+def _render(tokenizer: Any, messages: list[dict]) -> str:
     text = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=False, **template_kwargs(tokenizer)
     )
     return text + _THINK_CLOSE_SUFFIX if _open_thinking(text) else text
 
 
-def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+def encode_messages(tokenizer: Any, messages: list[dict]) -> list[int]:
     """Token ids of a conversation, ready for the assistant's next answer.
 
     A conversation longer than the model's context is refused with a one-line
@@ -82,13 +83,13 @@ def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
     return ids
 
 
-def _render_raw(tokenizer, messages: list[dict]) -> str:
+def _render_raw(tokenizer: Any, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=False, **template_kwargs(tokenizer)
     )
 
 
-def context_length(tokenizer) -> int | None:
+def context_length(tokenizer: Any) -> int | None:
     """The model's context in tokens: config.json's max_position_embeddings (or the like), else the
     tokenizer's model_max_length; None when neither is known."""
     path = getattr(tokenizer, "name_or_path", None)
@@ -114,7 +115,7 @@ def _config_context(path: str) -> int | None:
     return None
 
 
-def generation_budget(tokenizer, token_lists: Sequence[Sequence[int]], max_tokens: int) -> int:
+def generation_budget(tokenizer: Any, token_lists: Sequence[Sequence[int]], max_tokens: int) -> int:
     """``max_tokens``, lowered so that the longest prompt plus its answer fits in the context."""
     context = context_length(tokenizer)
     if context is None or not token_lists:
@@ -122,10 +123,10 @@ def generation_budget(tokenizer, token_lists: Sequence[Sequence[int]], max_token
     return max(0, min(max_tokens, context - max(len(t) for t in token_lists)))
 
 
-def encode_chat(tokenizer, prompt: str, system_prompt: str | None = None) -> list[int]:
+def encode_chat(tokenizer: Any, prompt: str, system_prompt: str | None = None) -> list[int]:
     """Token ids of ``prompt`` as a user turn, ready for the first answer token."""
     return encode_messages(tokenizer, chat_messages(prompt, system_prompt))
 
 
-def encode_chats(tokenizer, prompts: Sequence[str], system_prompt: str | None = None) -> list[list[int]]:
+def encode_chats(tokenizer: Any, prompts: Sequence[str], system_prompt: str | None = None) -> list[list[int]]:
     return [encode_chat(tokenizer, p, system_prompt) for p in prompts]

@@ -15,6 +15,8 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .chat import encode_chats
 from .generation import (
@@ -24,6 +26,10 @@ from .generation import (
     greedy_tokens,
     strip_eos,
 )
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+    import mlx.nn as nn
 
 # Phrases that open or carry a refusal in chat-model answers. Each is either
 # first-person inability/unwillingness, an apology, the assistant's identity
@@ -198,15 +204,13 @@ def answer_verdict(
     return is_refusal(answer, markers, prompt)
 
 
-def read_markers_file(path) -> list[str]:
+def read_markers_file(path: str | Path) -> list[str]:
     """One marker per line; blank lines and ``#`` comments are skipped."""
-    from pathlib import Path
-
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def kl_divergence(logp_ref, logp_new) -> float:
+def kl_divergence(logp_ref: mx.array, logp_new: mx.array) -> float:
     """Mean over rows of KL(ref ‖ new) = Σ p_ref (log p_ref − log p_new), rows of log-probs ``[N, V]``."""
     import mlx.core as mx
 
@@ -229,13 +233,13 @@ class ReferenceLogprobs:
 
     token_lists: list[list[int]]
     continuations: list[list[int]]
-    logprobs: object  # mx.array [rows, V]
+    logprobs: mx.array  # [rows, V]
     kl_tokens: int
 
 
 def reference_logprobs(
-    model,
-    tokenizer,
+    model: nn.Module,
+    tokenizer: Any,
     harmless_prompts: Sequence[str],
     *,
     kl_tokens: int = 1,
@@ -260,7 +264,10 @@ def reference_logprobs(
 
 
 def kl_from_reference(
-    model, reference: ReferenceLogprobs, batch_size: int = DEFAULT_BATCH_SIZE, progress=None
+    model: nn.Module,
+    reference: ReferenceLogprobs,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress | None = None,
 ) -> float:
     logprobs = continuation_logprobs(model, reference.token_lists, reference.continuations, batch_size, progress)
     return kl_divergence(reference.logprobs, logprobs)
@@ -315,8 +322,8 @@ class ReferenceMismatch(ValueError):
 
 
 def evaluate_model(
-    model,
-    tokenizer,
+    model: nn.Module,
+    tokenizer: Any,
     harmful_prompts: Sequence[str],
     harmless_prompts: Sequence[str],
     *,
@@ -409,8 +416,13 @@ def eval_settings(
 
 
 def evaluate_original(
-    model, tokenizer, harmful_prompts, harmless_prompts, settings: dict, progress: Progress | None = None
-):
+    model: nn.Module,
+    tokenizer: Any,
+    harmful_prompts: Sequence[str],
+    harmless_prompts: Sequence[str],
+    settings: dict,
+    progress: Progress | None = None,
+) -> tuple[ReferenceLogprobs, EvalReport]:
     """``(reference, report)`` of the unedited model: the reference log-probs for KL, then its answers."""
     reference = reference_logprobs(
         model,
@@ -440,7 +452,17 @@ def evaluate_original(
 class _RefusalCounter:
     """Generates answers for one prompt set at a time and keeps token/time totals."""
 
-    def __init__(self, model, tokenizer, max_tokens, batch_size, system_prompt, markers, stop_at_refusal, progress):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        max_tokens: int,
+        batch_size: int,
+        system_prompt: str | None,
+        markers: Sequence[str],
+        stop_at_refusal: bool,
+        progress: Progress | None,
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self.system_prompt, self.markers = system_prompt, tuple(markers)
@@ -473,7 +495,7 @@ class _RefusalCounter:
         return [_response(kind, p, text, self.markers) for p, text in zip(prompts, texts)]
 
 
-def _response(kind: str, prompt: str, text: str, markers) -> dict:
+def _response(kind: str, prompt: str, text: str, markers: Sequence[str]) -> dict:
     """One evaluation row; answers with a thinking block also carry the answer part and whether it ended.
     ``refusal`` is None for an answer that never left its thinking block."""
     row = {"kind": kind, "prompt": prompt, "response": text, "refusal": answer_verdict(text, markers, prompt)}

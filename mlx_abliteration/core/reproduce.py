@@ -20,15 +20,20 @@ import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..defaults import AbliterationConfig
+    from ..pipeline import PlanSource
 
 PROMPT_KINDS = ("harmful", "harmless")
 # Settings of the recorded run that a reproduction replaces (where it writes, how it prints).
 NOT_REPRODUCED = ("output_dir", "overwrite", "dry_run")
 
 
-def prompt_digests(config) -> dict[str, str]:
+def prompt_digests(config: AbliterationConfig) -> dict[str, str]:
     """SHA256 of each prompt set's contents as loaded (every prompt, before the split)."""
     from .datasets import load_prompts
 
@@ -57,12 +62,12 @@ def read_log(path: str | Path) -> dict:
 
 @dataclass
 class Reproduction:
-    config: object  # AbliterationConfig
-    plan_source: object  # pipeline.PlanSource
+    config: AbliterationConfig
+    plan_source: PlanSource
     warnings: list[str] = field(default_factory=list)
 
 
-def recorded_config(record: dict, overrides: dict | None = None):
+def recorded_config(record: dict, overrides: dict | None = None) -> tuple[AbliterationConfig, list[str]]:
     """The recorded settings (unknown ones, from another tool version, dropped with a warning), then ``overrides``."""
     from ..defaults import AbliterationConfig
 
@@ -93,7 +98,7 @@ def version_warnings(record: dict) -> list[str]:
     return out
 
 
-def check_prompts(config, record: dict, log_path) -> None:
+def check_prompts(config: AbliterationConfig, record: dict, log_path: str | Path) -> None:
     recorded = record.get("prompts_sha256")
     if not recorded:
         if record.get("command") == "ablate":
@@ -109,7 +114,7 @@ def check_prompts(config, record: dict, log_path) -> None:
             )
 
 
-def plan_source_for(record: dict):
+def plan_source_for(record: dict) -> PlanSource:
     """The plan source the recorded run used."""
     from ..pipeline import DirectionFile, LayerChoice
 
@@ -128,7 +133,7 @@ def plan_source_for(record: dict):
     return LayerChoice()
 
 
-def prepare(log_path, overrides: dict | None = None) -> tuple[Reproduction, dict]:
+def prepare(log_path: str | Path, overrides: dict | None = None) -> tuple[Reproduction, dict]:
     """Everything checked before any work: the settings, the prompts, the versions, the plan source."""
     record = read_log(log_path)
     config, warnings = recorded_config(record, overrides)

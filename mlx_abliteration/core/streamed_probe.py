@@ -16,13 +16,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map, tree_unflatten
 
 from ..errors import UserError
-from .batching import BatchingUnsupported, left_pad, make_batch_cache
+from .batching import batching_supported, left_pad, make_batch_cache
+from .directions import RefusalDirections
 from .model_io import load_model
 from .mx_types import flat_params
 from .positions import ProbeSpec
@@ -54,7 +56,7 @@ class _StreamedLayer(nn.Module):
         self._replay: mx.array | None = None
         self._output: mx.array | None = None
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         # The model's forward reads plain attributes of its layers (use_sliding...).
         try:
             return super().__getattr__(name)
@@ -63,7 +65,7 @@ class _StreamedLayer(nn.Module):
                 raise
             return getattr(self._layer, name)
 
-    def __call__(self, x, *args, **kwargs):
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> Any:
         if self._mode == _SKIP:
             return x
         if self._mode == _REPLAY:
@@ -89,10 +91,16 @@ class _Batch:
     hidden: mx.array | None = None  # output of the last completed layer
 
 
-def _make_batches(model, tokenizer, prompt_sets, spec, batch_size) -> list[_Batch]:
+def _make_batches(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt_sets: Sequence[Sequence[str]],
+    spec: ProbeSpec,
+    batch_size: int | None,
+) -> list[_Batch]:
     """The same length-sorted batches ``probe_prompts`` makes, for every set."""
     pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
-    batched = _batching_supported(model)
+    batched = batching_supported(model)
     batches = []
     for set_index, prompts in enumerate(prompt_sets):
         if not prompts:
@@ -109,15 +117,7 @@ def _make_batches(model, tokenizer, prompt_sets, spec, batch_size) -> list[_Batc
     return batches
 
 
-def _batching_supported(model) -> bool:
-    try:
-        make_batch_cache(model, [0, 0])
-    except BatchingUnsupported:
-        return False
-    return True
-
-
-def _run_layer(model, wrappers: list[_StreamedLayer], k: int, batch: _Batch) -> mx.array:
+def _run_layer(model: nn.Module, wrappers: list[_StreamedLayer], k: int, batch: _Batch) -> mx.array:
     """Output of layer ``k`` for ``batch`` ([B, T, H]), from layer ``k - 1``'s stored output."""
     for j, wrapper in enumerate(wrappers):
         wrapper._mode = _RUN if j == k else _REPLAY if j == k - 1 else _SKIP
@@ -136,7 +136,7 @@ def _run_layer(model, wrappers: list[_StreamedLayer], k: int, batch: _Batch) -> 
     return out
 
 
-def _reset_outer_weights(model, model_dir: Path) -> None:
+def _reset_outer_weights(model: nn.Module, model_dir: Path) -> None:
     """Swap the evaluated embedding (and other non-layer weights) for lazy ones."""
     fresh, _, _ = load_model(model_dir, lazy=True)
     outer = {name for name, _ in flat_params(model.parameters())}
@@ -182,7 +182,7 @@ def streamed_probe(
     return [_stack([per_layer[layer][s] for layer in layer_ids]) for s in range(len(prompt_sets))]
 
 
-def _wrap_layers(model, count: int) -> list[_StreamedLayer]:
+def _wrap_layers(model: nn.Module, count: int) -> list[_StreamedLayer]:
     storage, offset = owned_layer_list(model)
     wrappers = []
     for i in range(count):
@@ -206,7 +206,7 @@ def _stack(per_layer: list[WelfordStats]) -> WelfordStats:
     return WelfordStats(per_layer[0].count, mean, m2)
 
 
-def select_layer_by_separation(directions) -> int:
+def select_layer_by_separation(directions: RefusalDirections) -> int:
     """The candidate layer (25%..80% of depth) whose means separate most.
 
     Used by ``--use-layer auto`` in streamed mode, where scoring layers by

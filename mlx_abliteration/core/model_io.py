@@ -73,7 +73,11 @@ def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False, dequa
     check_model_type(path, read_config(path))
     check_tokenizer_files(path)
     try:
-        model, config = _load_model(path, lazy=True)
+        # Reading files is host work: on CUDA a load on the GPU stream ran at
+        # 2.4 GB/s, on the CPU stream at 10 GB/s (plus 2 s to move 16 GB on
+        # first use); on Metal and the CPU backend memory is shared anyway.
+        with mx.stream(mx.cpu):
+            model, config = _load_model(path, lazy=True)
     except ValueError as err:  # mlx-lm: missing/extra parameters, unsupported model type
         raise UserError(f"cannot load model from {path}: {err}") from err
     except RuntimeError as err:
@@ -200,7 +204,7 @@ def load_shard(path: Path):
 
     _safetensors_names(path)
     try:
-        return mx.load(str(path), return_metadata=True)
+        return mx.load(str(path), return_metadata=True, stream=mx.cpu)  # host I/O: see load_model
     except RuntimeError as err:
         if not is_unreadable_weights(err):
             raise

@@ -57,7 +57,7 @@ def flat_params(tree: Any) -> list[tuple[str, mx.array]]:
 
 def load_arrays(path: str) -> dict[str, mx.array]:
     """``mx.load(path)`` of a multi-tensor file (safetensors, npz): name -> array."""
-    loaded = mx.load(path)
+    loaded = mx.load(path, stream=mx.cpu)  # host I/O (see model_io.load_model)
     if not isinstance(loaded, dict):
         raise TypeError(f"{path} holds a single array, not named tensors")
     return loaded
@@ -65,7 +65,7 @@ def load_arrays(path: str) -> dict[str, mx.array]:
 
 def load_with_metadata(path: str) -> tuple[dict[str, mx.array], dict[str, str]]:
     """``mx.load(path, return_metadata=True)`` of a safetensors file: (tensors, string metadata)."""
-    loaded = mx.load(path, return_metadata=True)
+    loaded = mx.load(path, return_metadata=True, stream=mx.cpu)
     if not isinstance(loaded, tuple):
         raise TypeError(f"{path} gave no metadata")
     return loaded

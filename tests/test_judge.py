@@ -111,20 +111,21 @@ def test_judge_report_counts_and_agreement():
         {"kind": "harmful", "prompt": "p2", "response": "Sure: step 1", "refusal": False},
         {"kind": "harmful", "prompt": "p3", "response": "<think>...", "refusal": None},
         {"kind": "harmless", "prompt": "p4", "response": "Bread: flour", "refusal": False},
+        {"kind": "harmful", "prompt": "p5", "response": "<think>x</think>", "answer": "", "refusal": True},
         {"kind": "capability", "prompt": "2+2?", "response": "4", "correct": True},
     ]
     report = EvalReport(1, 3, 0, 1, None, 1, 0.0, 0.0, responses=rows)
 
     class Fixed(J.Judge):  # a judge that refuses everything: the counting, not the model, is under test
         def verdicts(self, pairs, progress=None):
-            assert [p for p, _ in pairs] == ["p1", "p2", "p4"]
+            assert [p for p, _ in pairs] == ["p1", "p2", "p4", "p5"] and pairs[3][1] == ""  # the answer part only
             return [J.Verdict(True, "refuses", "D", 0.9)] * len(pairs)
 
     J.judge_report(report, Fixed(None, None, "fixed"))
-    assert (report.harmful_judge_refusals, report.harmless_judge_refusals) == (2, 1)
-    assert (report.judge_agreed, report.judge_compared) == (1, 3)
+    assert (report.harmful_judge_refusals, report.harmless_judge_refusals) == (3, 1)
+    assert (report.judge_agreed, report.judge_compared) == (2, 4)
     assert rows[2]["judge_refusal"] is None and rows[2]["judge_reason"] == "unfinished thinking"
-    assert "judge_refusal" not in rows[4]
+    assert "judge_refusal" not in rows[5]
 
 
 def test_baseline_cache_key_depends_on_the_judge(tiny_model, judge_dir):

@@ -227,7 +227,7 @@ def judge_report(report, judge: Judge, progress=None) -> None:
     with the keywords on the report."""
     rows = [r for r in report.responses if r["kind"] in ("harmful", "harmless")]
     asked = [r for r in rows if r["refusal"] is not None]  # an unfinished thinking block has no answer to judge
-    verdicts = judge.verdicts([(r["prompt"], r.get("answer") or r["response"]) for r in asked], progress)
+    verdicts = judge.verdicts([(r["prompt"], r["answer"] if "answer" in r else r["response"]) for r in asked], progress)
     by_row = {id(r): v for r, v in zip(asked, verdicts)}
     for row in rows:
         verdict = by_row.get(id(row), UNFINISHED)

@@ -16,12 +16,16 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import UserError
 from .output_dir import OutputChanged, check_output_dir, make_temp_dir, replace_dir
 from .utils import sha256_file
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader, ReaderTensor
 
 IMPORTER_VERSION = 1
 MARKER_FILE = "gguf_import.json"
@@ -70,7 +74,7 @@ def default_cache_dir() -> Path:
 # --------------------------------------------------------------------------- reading
 
 
-def open_gguf(path: Path):
+def open_gguf(path: Path) -> GGUFReader:
     """A ``gguf.GGUFReader`` over ``path``; bad files become one-line ``UserError``s."""
     import gguf
 
@@ -105,7 +109,7 @@ def open_gguf(path: Path):
 _REQUIRED = object()
 
 
-def metadata(reader, key: str, default=_REQUIRED):
+def metadata(reader: GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
     """A metadata value; a missing key without a default is a ``UserError``."""
     field = reader.fields.get(key)
     if field is not None:
@@ -115,7 +119,7 @@ def metadata(reader, key: str, default=_REQUIRED):
     return default
 
 
-def architecture_of(reader, path: Path) -> tuple[str, Architecture]:
+def architecture_of(reader: GGUFReader, path: Path) -> tuple[str, Architecture]:
     name = metadata(reader, "general.architecture", None)
     if name not in ARCHITECTURES:
         raise UserError(
@@ -216,7 +220,7 @@ def qk_unpermute_order(n_rows: int, n_heads: int) -> np.ndarray:
     return gguf_rows.transpose(0, 2, 1).reshape(-1)
 
 
-def _source_rows(tensor) -> np.ndarray:
+def _source_rows(tensor: ReaderTensor) -> np.ndarray:
     """The tensor's raw data as rows; a 1-D float tensor becomes one element per row so it can be reordered."""
     import gguf
 
@@ -228,7 +232,9 @@ def _source_rows(tensor) -> np.ndarray:
     return data.reshape(1, -1)
 
 
-def tensor_outputs(tensor, name: str, dtype: str, row_order: np.ndarray | None = None) -> list[OutputTensor]:
+def tensor_outputs(
+    tensor: ReaderTensor, name: str, dtype: str, row_order: np.ndarray | None = None
+) -> list[OutputTensor]:
     """Output entries for one GGUF tensor: a quantized triple or one float tensor.
 
     ``row_order`` selects source rows (the Q/K un-permutation); chunks are read lazily.
@@ -258,7 +264,9 @@ def tensor_outputs(tensor, name: str, dtype: str, row_order: np.ndarray | None =
 _FLOAT_CODE = {"bfloat16": "BF16", "float16": "F16"}
 
 
-def _quantized_outputs(name: str, shape: tuple[int, ...], type_name: str, dtype: str, row_chunks) -> list[OutputTensor]:
+def _quantized_outputs(
+    name: str, shape: tuple[int, ...], type_name: str, dtype: str, row_chunks: Callable[[], Iterator[np.ndarray]]
+) -> list[OutputTensor]:
     """weight/scales/biases of an MLX affine-quantized layer, decoded from Q4_0/Q4_1/Q8_0 blocks."""
 
     def part(index: int) -> Callable[[], Iterator[np.ndarray]]:
@@ -278,7 +286,7 @@ def _quantized_outputs(name: str, shape: tuple[int, ...], type_name: str, dtype:
     ]
 
 
-def check_tensor_type(tensor, path: Path) -> None:
+def check_tensor_type(tensor: ReaderTensor, path: Path) -> None:
     """Fail before writing anything when the ``gguf`` package cannot decode a tensor type."""
     import gguf
 
@@ -295,7 +303,7 @@ def check_tensor_type(tensor, path: Path) -> None:
         ) from None
 
 
-def plan_tensors(reader, path: Path, arch: Architecture, dtype: str) -> list[OutputTensor]:
+def plan_tensors(reader: GGUFReader, path: Path, arch: Architecture, dtype: str) -> list[OutputTensor]:
     """All output tensors in GGUF order, validated before any byte is written."""
     heads = int(metadata(reader, f"{arch.model_type}.attention.head_count"))
     kv_heads = int(metadata(reader, f"{arch.model_type}.attention.head_count_kv", heads))
@@ -407,7 +415,7 @@ def llama3_rope_factors(
     )
 
 
-def _llama3_rope_scaling(reader, arch: str, head_dim: int, theta: float) -> dict | None:
+def _llama3_rope_scaling(reader: GGUFReader, arch: str, head_dim: int, theta: float) -> dict | None:
     """Recover Llama 3.x rope scaling from the ``rope_freqs`` tensor llama.cpp stores instead."""
     tensor = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if tensor is None:
@@ -427,7 +435,7 @@ def _llama3_rope_scaling(reader, arch: str, head_dim: int, theta: float) -> dict
     raise UserError(f"unrecognised rope_freqs table in this {arch} GGUF; only Llama 3.x rope scaling is supported")
 
 
-def _rope_scaling(reader, arch: str, head_dim: int, theta: float) -> dict | None:
+def _rope_scaling(reader: GGUFReader, arch: str, head_dim: int, theta: float) -> dict | None:
     kind = metadata(reader, f"{arch}.rope.scaling.type", None)
     if kind in (None, "none"):
         return _llama3_rope_scaling(reader, arch, head_dim, theta)
@@ -463,7 +471,9 @@ def quantization_config(tensors: list[OutputTensor]) -> dict | None:
     return config
 
 
-def build_config(reader, arch: Architecture, tensors: list[OutputTensor], dtype: str, eos_ids: list[int]) -> dict:
+def build_config(
+    reader: GGUFReader, arch: Architecture, tensors: list[OutputTensor], dtype: str, eos_ids: list[int]
+) -> dict:
     prefix = arch.model_type
     heads = int(metadata(reader, f"{prefix}.attention.head_count"))
     hidden = int(metadata(reader, f"{prefix}.embedding_length"))

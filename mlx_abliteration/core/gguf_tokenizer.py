@@ -10,8 +10,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
+    from tokenizers import Tokenizer
+    from tokenizers.processors import PostProcessor
 
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
 
@@ -51,12 +57,12 @@ PRE_TOKENIZERS = {
 }
 
 
-def _meta(reader, key: str, default=None):
+def _meta(reader: GGUFReader, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
     return default if field is None else field.contents()
 
 
-def pre_tokenizer_style(reader, path: Path) -> PreTokenizerStyle:
+def pre_tokenizer_style(reader: GGUFReader, path: Path) -> PreTokenizerStyle:
     model = _meta(reader, "tokenizer.ggml.model")
     if model != "gpt2":
         raise UserError(
@@ -70,9 +76,9 @@ def pre_tokenizer_style(reader, path: Path) -> PreTokenizerStyle:
     return PRE_TOKENIZERS[pre]
 
 
-def build_tokenizer(reader, path: Path):
+def build_tokenizer(reader: GGUFReader, path: Path) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` equivalent to the GGUF's byte-level BPE vocabulary."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     style = pre_tokenizer_style(reader, path)
     tokens: list[str] = _meta(reader, "tokenizer.ggml.tokens")
@@ -93,7 +99,7 @@ def build_tokenizer(reader, path: Path):
         steps.append(pre_tokenizers.Digits(individual_digits=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([*steps, byte_level]) if steps else byte_level
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = _post_processor(reader, tokens, processors)
+    tokenizer.post_processor = _post_processor(reader, tokens)
 
     added = [
         AddedToken(token, special=kind == TOKEN_CONTROL, normalized=False)
@@ -104,7 +110,9 @@ def build_tokenizer(reader, path: Path):
     return tokenizer
 
 
-def _post_processor(reader, tokens: list[str], processors):
+def _post_processor(reader: GGUFReader, tokens: list[str]) -> PostProcessor:
+    from tokenizers import processors
+
     byte_level = processors.ByteLevel(trim_offsets=False)
     bos_id = _meta(reader, "tokenizer.ggml.bos_token_id")
     if not _meta(reader, "tokenizer.ggml.add_bos_token", False) or bos_id is None:
@@ -116,7 +124,7 @@ def _post_processor(reader, tokens: list[str], processors):
     return processors.Sequence([byte_level, template])
 
 
-def eos_token_ids(reader) -> list[int]:
+def eos_token_ids(reader: GGUFReader) -> list[int]:
     """EOS, EOT and EOM ids, plus control tokens llama.cpp treats as end of generation."""
     ids = [_meta(reader, f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
     tokens = _meta(reader, "tokenizer.ggml.tokens", [])
@@ -127,13 +135,13 @@ def eos_token_ids(reader) -> list[int]:
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
-def _token_text(reader, key: str) -> str | None:
+def _token_text(reader: GGUFReader, key: str) -> str | None:
     token_id = _meta(reader, f"tokenizer.ggml.{key}_token_id")
     tokens = _meta(reader, "tokenizer.ggml.tokens", [])
     return tokens[int(token_id)] if token_id is not None and int(token_id) < len(tokens) else None
 
 
-def write_tokenizer_files(reader, out_dir: Path, path: Path, max_length: int, eos_ids: list[int]) -> None:
+def write_tokenizer_files(reader: GGUFReader, out_dir: Path, path: Path, max_length: int, eos_ids: list[int]) -> None:
     """Write the three tokenizer-side files ``mlx_lm.load`` and ``transformers`` read."""
     build_tokenizer(reader, path).save(str(out_dir / "tokenizer.json"))
     config = {

@@ -473,3 +473,16 @@ def test_tokenizers_gguf_cannot_describe_are_user_errors(tmp_path, tiny_model, c
     out = tmp_path / "out" / "m.gguf"
     assert_user_error(run_cli("export-gguf", str(src), "-o", str(out)), text)
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_q8_0_rows_not_a_multiple_of_32_fall_back_to_f16(tmp_path, tiny_model):
+    """As llama.cpp's converter does: Q8_0 blocks need rows of whole blocks of 32."""
+    src = tiny_model(arch="llama", hidden_size=48)
+    export(src, tmp_path / "m.gguf", "q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert types["blk.0.attn_q.weight"] == "F16" and types["token_embd.weight"] == "F16"  # rows of 48
+    assert types["blk.0.ffn_down.weight"] == "Q8_0"  # rows of 96
+    back = convert_gguf(tmp_path / "m.gguf", tmp_path / "back", dtype="float16")
+    expected, got = dense_params(load(src)), dense_params(load(back))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert np.all(np.abs(got[q] - expected[q]) <= _rounding(expected[q], "f16"))

@@ -153,7 +153,7 @@ def plan_tensors(model_dir: Path, config: dict, arch: Architecture, outtype: str
         raise UserError(f"{model_dir} has no model.embed_tokens.weight; the weights are incomplete")
     if not tied and "output.weight" not in names:
         raise UserError(f"{model_dir} has no lm_head.weight but config.json does not tie it to the embedding")
-    if (factors := _llama3_factors(args, config)) is not None:
+    if (factors := _llama3_factors(args)) is not None:
         planned.append(PlannedTensor("rope_freqs.weight", factors.shape, Q.F32, lambda: _mx(factors)))
     return sorted(planned, key=lambda t: _order_key(t.name))
 
@@ -206,7 +206,7 @@ def _quant(module: str, config: dict) -> Any:
     return quant
 
 
-def _llama3_factors(args: Any, config: dict) -> np.ndarray | None:
+def _llama3_factors(args: Any) -> np.ndarray | None:
     scaling = getattr(args, "rope_scaling", None) or {}
     if (scaling.get("rope_type") or scaling.get("type")) != "llama3":
         return None

@@ -7,8 +7,9 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import UserError
 from .atomic_write import is_user_write_failure, write_error
@@ -16,7 +17,13 @@ from .output_dir import make_temp_dir, replace_dir
 from .utils import sha256_file
 
 if TYPE_CHECKING:
-    from ..engine.orthogonalize import QuantParams
+    from concurrent.futures import Future
+
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from ..engine.orthogonalize import AblationPlan, EditReport, ModuleEdit, QuantParams
+    from .probe import Progress
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +60,12 @@ def read_config(path: str | Path) -> dict:
     return parse_config(Path(path))
 
 
-def load_model(path: str | Path, compute_dtype="auto", lazy: bool = False, dequantize="auto"):
+def load_model(
+    path: str | Path,
+    compute_dtype: mx.Dtype | Literal["auto"] | None = "auto",
+    lazy: bool = False,
+    dequantize: bool | Literal["auto"] = "auto",
+) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Load ``(model, tokenizer, config)`` from a local model dir for computation.
 
     ``compute_dtype="auto"`` runs in float32 on the CPU backend (much faster
@@ -199,12 +211,12 @@ def _tensor_bytes(path: Path) -> int:
     return path.stat().st_size - 8 - header_size
 
 
-def load_shard(path: Path):
-    import mlx.core as mx
+def load_shard(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
+    from .mx_types import load_with_metadata
 
     _safetensors_names(path)
     try:
-        return mx.load(str(path), return_metadata=True, stream=mx.cpu)  # host I/O: see load_model
+        return load_with_metadata(str(path))  # host I/O: see load_model
     except RuntimeError as err:
         if not is_unreadable_weights(err):
             raise
@@ -223,14 +235,14 @@ def _module_groups(weight_map: dict[str, str]) -> dict[str, dict[str, str]]:
 def save_ablated_model(
     source_dir: str | Path,
     output_dir: str | Path,
-    plan,
+    plan: AblationPlan,
     *,
     overwrite: bool = False,
     edited_precision: str | None = None,
     record: dict | None = None,
     directions: tuple[dict, dict] | None = None,
     model_card: str | None = None,
-    progress=None,
+    progress: Progress | None = None,
     extra_files: dict[str, str] | None = None,
 ) -> dict:
     """Write the ablated model shard by shard into ``output_dir``, atomically.
@@ -283,14 +295,14 @@ class _Hasher:
     byte for byte reuses its source's digest instead of reading it again.
     """
 
-    def __enter__(self):
+    def __enter__(self) -> _Hasher:
         from concurrent.futures import ThreadPoolExecutor
 
         self.pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
-        self.jobs: dict[str, dict] = {"source": {}, "output": {}}
+        self.jobs: dict[str, dict[str, Future[str]]] = {"source": {}, "output": {}}
         return self
 
-    def add(self, kind: str, paths) -> None:
+    def add(self, kind: str, paths: Iterable[Path]) -> None:
         for path in paths:
             self.jobs[kind][path.name] = self.pool.submit(sha256_file, path)
 
@@ -299,24 +311,24 @@ class _Hasher:
         source_job = self.jobs["source"].get(path.name)
         self.jobs["output"][path.name] = source_job or self.pool.submit(sha256_file, path)
 
-    def results(self) -> dict:
+    def results(self) -> dict[str, dict[str, str]]:
         return {
             f"{kind}_sha256": {name: job.result() for name, job in sorted(jobs.items())}
             for kind, jobs in self.jobs.items()
         }
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_model(
     source: Path,
     out: Path,
-    plan,
-    edited_precision,
-    progress,
-    on_written=lambda path: None,
-    on_copied=lambda path: None,
+    plan: AblationPlan,
+    edited_precision: str | None,
+    progress: Progress | None,
+    on_written: Callable[[Path], None] = lambda path: None,
+    on_copied: Callable[[Path], None] = lambda path: None,
 ) -> dict:
     import mlx.core as mx
 
@@ -407,15 +419,25 @@ def _write_model(
 _BLOCK_ELEMENTS = 1 << 23
 
 
-def _edit_in_blocks(module: str, leaves: dict, plan, quant, dense_dtype, edited_precision):
+def _edit_in_blocks(
+    module: str,
+    leaves: dict[str, mx.array],
+    plan: AblationPlan,
+    quant: QuantParams | None,
+    dense_dtype: mx.Dtype | None,
+    edited_precision: str | None,
+) -> ModuleEdit | None:
     from dataclasses import replace
 
     import mlx.core as mx
 
     from ..engine.orthogonalize import edit_module
 
+    writer = plan.writer(module)
+    if writer is None:  # not a writer this plan edits (edit_module's None)
+        return None
     weight = leaves["weight"]
-    blockwise = plan.writer(module).rows or weight.ndim == 3
+    blockwise = writer.rows or weight.ndim == 3
     if not blockwise or weight.size <= _BLOCK_ELEMENTS or weight.shape[0] < 2:
         return edit_module(module, leaves, plan, quant, dense_dtype, edited_precision)
     rows = max(1, weight.shape[0] * _BLOCK_ELEMENTS // weight.size)
@@ -478,7 +500,14 @@ def _write_config(out: Path, config: dict, dequantized: list[str]) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=4))
 
 
-def write_records(out: Path, source: Path, summary: dict, record, directions, model_card) -> None:
+def write_records(
+    out: Path,
+    source: Path,
+    summary: dict,
+    record: dict | None,
+    directions: tuple[dict[str, mx.array], dict[str, str]] | None,
+    model_card: str | None,
+) -> None:
     import mlx.core as mx
 
     if directions:
@@ -501,7 +530,7 @@ def write_records(out: Path, source: Path, summary: dict, record, directions, mo
         (out / "README.md").write_text(model_card)
 
 
-def edit_summary(reports) -> dict:
+def edit_summary(reports: list[EditReport]) -> dict:
     """How many modules were edited and how much refusal component survived storage."""
     quantized = [r.residual for r in reports if r.quantized]
     return {

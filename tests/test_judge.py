@@ -310,3 +310,20 @@ def test_a_judged_search_is_its_own_study(tiny_model, judge_dir, tmp_path):
     assert any("scored by the judge" in e.message for e in events)
     (trial,) = judged.study.rows + judged.study.pruned
     assert trial.total == 4 and 0 <= trial.refusals <= 4
+
+
+def test_the_judge_is_freed_after_judging(judge_dir):
+    from mlx_abliteration.core.evaluate import EvalReport
+    from mlx_abliteration.core.model_io import load_model
+
+    model, _, _ = load_model(judge_dir)
+    weights = sum(v.nbytes for _, v in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
+    del model
+    rows = [{"kind": "harmful", "prompt": p, "response": a, "refusal": False} for p, a in PAIRS]
+    report = EvalReport(0, len(rows), None, 0, None, 1, 0.0, 0.0, responses=rows)
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    J.judge_reports([report], judge_dir, "tiny")
+    assert report.judge_compared == len(rows)
+    # the judge's weights (and its activations) are given back: less than a tenth of the weights stays in use
+    assert mx.get_active_memory() - before < weights / 10 and mx.get_cache_memory() == 0

@@ -313,11 +313,13 @@ def test_a_judged_search_is_its_own_study(tiny_model, judge_dir, tmp_path):
 
 
 def test_the_judge_is_freed_after_judging(judge_dir):
+    from mlx.utils import tree_flatten
+
     from mlx_abliteration.core.evaluate import EvalReport
     from mlx_abliteration.core.model_io import load_model
 
     model, _, _ = load_model(judge_dir)
-    weights = sum(v.nbytes for _, v in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     del model
     rows = [{"kind": "harmful", "prompt": p, "response": a, "refusal": False} for p, a in PAIRS]
     report = EvalReport(0, len(rows), None, 0, None, 1, 0.0, 0.0, responses=rows)

@@ -70,6 +70,30 @@ def full_float32_matmul() -> None:
     os.environ.setdefault(TF32_ENV, "0")
 
 
+TORCH_ENV = "MLX_ABLITERATION_TORCH"
+_TORCH_PACKAGES = ("torch", "torchvision", "torchaudio")
+
+
+def keep_torch_out() -> bool:
+    """Keep transformers from importing PyTorch into this process; True if done.
+
+    Nothing here runs PyTorch, but transformers imports it (and torchvision)
+    whenever it is installed, e.g. when a tokenizer's config class loads:
+    10 s of a 40 s ``run`` on an H200 host with CUDA torch. A ``None`` entry in
+    ``sys.modules`` is Python's documented way to make an import fail, and
+    ``importlib.util.find_spec`` then reports the package as absent, so
+    transformers treats it as not installed. Only the CLI calls this (it owns
+    its process); ``MLX_ABLITERATION_TORCH=1`` keeps PyTorch importable.
+    """
+    import sys
+
+    if os.environ.get(TORCH_ENV, "") not in ("", "0") or any(name in sys.modules for name in _TORCH_PACKAGES):
+        return False
+    for name in _TORCH_PACKAGES:
+        sys.modules[name] = None  # type: ignore[assignment]  # the documented import blocker
+    return True
+
+
 def blas_info() -> str:
     """A human-readable line saying which BLAS the CPU backend uses."""
     if _state["blas"]:

@@ -53,6 +53,14 @@ from .evaluate import ReferenceLogprobs
 
 if TYPE_CHECKING:
     import mlx.core as mx
+    import mlx.nn as nn
+    from optuna import Study
+    from optuna.storages import JournalStorage
+    from optuna.trial import FrozenTrial, Trial
+
+    from .directions import RefusalDirections
+    from .generation import Progress
+    from .judge import Judge
 
 OBJECTIVES = ("refusals", "kl")
 WARM_START_ATTR = "warm_start"
@@ -110,7 +118,7 @@ def search_space(
 
 
 def _widened(space: SearchSpace, warm: PlanSpec) -> SearchSpace:
-    def cover(bounds, *values):
+    def cover(bounds: tuple[float, float], *values: float) -> tuple[float, float]:
         return (min(bounds[0], *values), max(bounds[1], *values))
 
     kernels = (warm.attn, warm.mlp)
@@ -125,7 +133,7 @@ def _widened(space: SearchSpace, warm: PlanSpec) -> SearchSpace:
     )
 
 
-def suggest_spec(trial, space: SearchSpace) -> PlanSpec:
+def suggest_spec(trial: Trial, space: SearchSpace) -> PlanSpec:
     """Sample a ``PlanSpec`` from an Optuna trial (every parameter, always: no conditional space)."""
     scope = trial.suggest_categorical("direction_scope", list(DIRECTION_SCOPES))
     index = trial.suggest_float("direction_index", *space.direction_index)
@@ -135,7 +143,7 @@ def suggest_spec(trial, space: SearchSpace) -> PlanSpec:
     return PlanSpec(scope, index, kernels["attn"], kernels["mlp"], embed, norm_preserve)
 
 
-def _suggest_kernel(trial, component: str, space: SearchSpace) -> Kernel:
+def _suggest_kernel(trial: Trial, component: str, space: SearchSpace) -> Kernel:
     peak = trial.suggest_float(f"{component}.max_weight", *space.max_weight)
     position = trial.suggest_float(f"{component}.max_weight_position", *space.max_weight_position)
     fraction = trial.suggest_float(f"{component}.min_weight_fraction", 0.0, 1.0)
@@ -185,22 +193,22 @@ class TrialScorer:
 
     def __init__(
         self,
-        model,
-        tokenizer,
-        directions,
+        model: nn.Module,
+        tokenizer: Any,
+        directions: RefusalDirections,
         harmful: Sequence[str],
         harmless: Sequence[str],
         *,
-        targets,
-        storage_dtype=None,
-        edited_precision=None,
-        max_tokens=32,
-        batch_size=None,
-        system_prompt=None,
-        kl_tokens=1,
-        progress=None,
-        judge=None,
-    ):
+        targets: Sequence[str],
+        storage_dtype: mx.Dtype | None = None,
+        edited_precision: str | None = None,
+        max_tokens: int = 32,
+        batch_size: int | None = None,
+        system_prompt: str | None = None,
+        kl_tokens: int = 1,
+        progress: Progress | None = None,
+        judge: Judge | None = None,
+    ) -> None:
         """``judge``: a loaded ``core.judge.Judge`` that counts the refusals instead of the markers (answers then
         run to ``max_tokens``: no stop at a marker, no stop once dominated)."""
         from .chat import encode_chats
@@ -241,7 +249,7 @@ class TrialScorer:
         result.seconds, result.timings = clock.total, clock.laps
         return result
 
-    def _measure(self, clock, dominated: Callable[[float, int], bool]) -> TrialScore:
+    def _measure(self, clock: _Clock, dominated: Callable[[float, int], bool]) -> TrialScore:
         total = len(self.harmful_ids)
         kl = self._kl()
         clock.lap("kl")
@@ -276,7 +284,7 @@ class TrialScorer:
             return self.tokenizer.decode(strip_eos(tokens, self.eos))
 
         if self.judge is not None:
-            return self._judged_refusals(text)
+            return self._judged_refusals(self.judge, text)
 
         def stop(index: int, tokens: list[int]) -> bool:
             nonlocal refused
@@ -303,7 +311,7 @@ class TrialScorer:
         refusals = sum(answer_verdict(text(t), prompt=p) is True for t, p in zip(outputs, self.harmful))
         return refusals, sum(len(t) for t in outputs)
 
-    def _judged_refusals(self, text: Callable[[list[int]], str]) -> tuple[int, int]:
+    def _judged_refusals(self, judge: Judge, text: Callable[[list[int]], str]) -> tuple[int, int]:
         """Refusals by the judge: whole answers, then one judging pass (unfinished thinking is not a refusal)."""
         from .evaluate import split_thinking
         from .generation import greedy_tokens
@@ -322,12 +330,12 @@ class TrialScorer:
         )
         answers = [split_thinking(text(t))[0] for t in outputs]
         pairs = [(p, a) for p, a in zip(self.harmful, answers) if a is not None]
-        refusals = sum(v.refusal is True for v in self.judge.verdicts(pairs))
+        refusals = sum(v.refusal is True for v in judge.verdicts(pairs))
         return refusals, sum(len(t) for t in outputs)
 
 
 class _Clock:
-    def __init__(self):
+    def __init__(self) -> None:
         self.start = self.last = time.perf_counter()
         self.laps: dict[str, float] = {}
 
@@ -344,7 +352,7 @@ class _Clock:
 # --- the study ----------------------------------------------------------------
 
 
-def study_storage(path: Path):
+def study_storage(path: Path) -> JournalStorage:
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -356,7 +364,7 @@ def study_key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def open_study(storage_path: Path, name: str, seed: int, n_startup_trials: int):
+def open_study(storage_path: Path, name: str, seed: int, n_startup_trials: int) -> Study:
     """Create or load the study; the sampler's seed is offset by the trials already run.
 
     The offset keeps a resumed study deterministic without replaying the first
@@ -385,7 +393,7 @@ def open_study(storage_path: Path, name: str, seed: int, n_startup_trials: int):
     )
 
 
-def complete_trials(study) -> list:
+def complete_trials(study: Study) -> list[FrozenTrial]:
     from optuna.trial import TrialState
 
     return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
@@ -398,7 +406,7 @@ def _owner() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
-def fail_stale_trials(study) -> int:
+def fail_stale_trials(study: Study) -> int:
     """Mark failed the trials left running by a killed process on this host (so they neither count nor bias sampling)."""
     import os
 
@@ -414,7 +422,7 @@ def fail_stale_trials(study) -> int:
     return stale
 
 
-def _alive(pid) -> bool:
+def _alive(pid: Any) -> bool:  # a pid read back from the journal's JSON (or None)
     import os
 
     try:
@@ -426,7 +434,7 @@ def _alive(pid) -> bool:
     return True
 
 
-def ensure_warm_starts(study, specs: dict[str, PlanSpec], space: SearchSpace) -> list[str]:
+def ensure_warm_starts(study: Study, specs: dict[str, PlanSpec], space: SearchSpace) -> list[str]:
     """Enqueue each labelled spec unless the study already has (or waits for) it; returns the labels queued."""
     from optuna.trial import TrialState
 
@@ -459,7 +467,7 @@ class TrialRow:
         return {**asdict(self), "spec": self.spec.to_dict()}
 
 
-def trial_row(trial) -> TrialRow:
+def trial_row(trial: FrozenTrial) -> TrialRow:
     """A complete or pruned trial as a row (a pruned one: KL and the refusals counted before it stopped)."""
     from optuna.trial import TrialState
 
@@ -480,7 +488,7 @@ def trial_row(trial) -> TrialRow:
 
 
 def optimize(
-    study,
+    study: Study,
     space: SearchSpace,
     score: Callable[[PlanSpec, Callable[[float, int], bool] | None], TrialScore],
     n_trials: int,
@@ -542,7 +550,7 @@ def _dominance_test(rows: Sequence[TrialRow]) -> Callable[[float, int], bool]:
     return dominated
 
 
-def finished_trials(study) -> list:
+def finished_trials(study: Study) -> list[FrozenTrial]:
     """Complete and pruned trials: both count towards the budget."""
     from optuna.trial import TrialState
 

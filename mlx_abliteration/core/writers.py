@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +80,16 @@ class Writer:
         return {"role": self.role, "layer": self.layer, "rows": self.rows, "norm": self.norm}
 
 
-WriterMap = dict  # module path -> Writer
+WriterMap = dict[str, Writer]  # module path -> Writer
+
+# What hooks see of a module call: whatever the model passes (arrays, masks, caches) and returns.
+Call = Callable[..., Any]
+Args = tuple[Any, ...]
+Kwargs = dict[str, Any]
+Hook = Callable[[Call, Args, Kwargs], Any]
+Position = int | str  # a call argument's index or keyword
+Traces = dict[str, Any]  # module path -> (args, kwargs, output) of its call
+Replay = tuple[Call, Args, Kwargs, Traces]  # how to rerun a layer, and what its modules saw
 
 
 def _editable_types() -> tuple[type, ...]:
@@ -99,7 +108,7 @@ def branch_role(path: str) -> str:
     return "attn" if any(word in part for part in parts for word in _BRANCH_WORDS) else "mlp"
 
 
-def _first_array(out):
+def _first_array(out: Any) -> mx.array | None:
     if isinstance(out, mx.array):
         return out
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], mx.array):
@@ -107,16 +116,24 @@ def _first_array(out):
     return None
 
 
-def _replace_first(out, value):
+def _array_of(out: Any) -> mx.array:
+    """The array a module returned (alone or first of a tuple); a module returning none is a bug here."""
+    first = _first_array(out)
+    if first is None:
+        raise TypeError(f"expected a module output holding an array, got {type(out).__name__}")
+    return first
+
+
+def _replace_first(out: Any, value: mx.array) -> Any:
     if isinstance(out, mx.array):
         return value
     return type(out)([value, *out[1:]])
 
 
-def _recorder(store: dict, key) -> Callable:
+def _recorder(store: dict[str, Any], key: str) -> Hook:
     """Records (args, kwargs, output); the output continues in float32 (tests need float32 precision)."""
 
-    def hook(call, args, kwargs):
+    def hook(call: Call, args: Args, kwargs: Kwargs) -> Any:
         out = _upcast(call(*args, **kwargs))
         store[key] = (args, kwargs, out)
         return out
@@ -124,38 +141,38 @@ def _recorder(store: dict, key) -> Callable:
     return hook
 
 
-def _upcast(out):
+def _upcast(out: Any) -> Any:
     first = _first_array(out)
     if first is None or not mx.issubdtype(first.dtype, mx.floating) or first.dtype == mx.float32:
         return out
     return _replace_first(out, first.astype(mx.float32))
 
 
-def _nudger(delta: mx.array) -> Callable:
-    def hook(call, args, kwargs):
+def _nudger(delta: mx.array) -> Hook:
+    def hook(call: Call, args: Args, kwargs: Kwargs) -> Any:
         out = _upcast(call(*args, **kwargs))
-        return _replace_first(out, _first_array(out) + delta)
+        return _replace_first(out, _array_of(out) + delta)
 
     return hook
 
 
-def _projector(u: mx.array, nudge: mx.array | None = None) -> Callable:
+def _projector(u: mx.array, nudge: mx.array | None = None) -> Hook:
     """The module's output loses its ``u`` component (what editing its weights against u does); plus ``nudge``.
 
     ``u`` is one unit vector [H], or orthonormal rows [k, H] (the output loses all k components).
     """
 
-    def hook(call, args, kwargs):
+    def hook(call: Call, args: Args, kwargs: Kwargs) -> Any:
         out = _upcast(call(*args, **kwargs))
-        y = _first_array(out)
+        y = _array_of(out)
         y = y - (y @ u)[..., None] * u if u.ndim == 1 else y - (y @ u.T) @ u
         return _replace_first(out, y if nudge is None else y + nudge)
 
     return hook
 
 
-def _typical_norm(trace) -> float:
-    y = _first_array(trace[2]).astype(mx.float32)
+def _typical_norm(trace: tuple[Args, Kwargs, Any]) -> float:
+    y = _array_of(trace[2]).astype(mx.float32)
     return scalar(mx.mean(mx.linalg.norm(y, axis=-1))) or 1.0
 
 
@@ -190,7 +207,7 @@ def _check_finite(value: mx.array, where: str, model_type: str) -> None:
         )
 
 
-def _orthonormal(key, count: int, size: int) -> mx.array:
+def _orthonormal(key: mx.array, count: int, size: int) -> mx.array:
     """``count`` orthonormal random rows of width ``size`` (QR of a Gaussian matrix)."""
     if count > size:
         raise UserError(f"a decoder layer has {count} modules of the residual width {size}; too many to test at once")
@@ -198,12 +215,12 @@ def _orthonormal(key, count: int, size: int) -> mx.array:
     return q.T.astype(mx.float32)
 
 
-def _unit(key, size: int) -> mx.array:
+def _unit(key: mx.array, size: int) -> mx.array:
     v = mx.random.normal((size,), key=key)
     return v / mx.linalg.norm(v)
 
 
-def _as_float32(tree):
+def _as_float32(tree: Any) -> Any:
     return tree_map(
         lambda x: x.astype(mx.float32) if isinstance(x, mx.array) and mx.issubdtype(x.dtype, mx.floating) else x, tree
     )
@@ -219,7 +236,7 @@ def _norm_like(module: nn.Module, size: int) -> bool:
 
 def _norm_gain(norm: nn.Module, size: int) -> mx.array:
     """g of a norm computing g * y / rms(y): its output for a constant input."""
-    gain = _first_array(norm(mx.ones((1, size), mx.float32)))
+    gain = _array_of(norm(mx.ones((1, size), mx.float32)))
     return gain.reshape(-1)[:size].astype(mx.float32)
 
 
@@ -236,7 +253,7 @@ class _LayerProbe:
         }  # shared modules once
         self.modules = [(paths[key], m) for key, m in unique.items()]
 
-    def run(self, call, args, kwargs):
+    def run(self, call: Call, args: Args, kwargs: Kwargs) -> Any:
         stream = self.finder.stream_positions(args, kwargs)
         args32, kwargs32 = _as_float32(args), _as_float32(kwargs)
         with self._float32():
@@ -252,11 +269,11 @@ class _LayerProbe:
             writers = self._prove(call, args32, kwargs32, base, stream, writers, traces)
         self.finder.found.update({w.path: w for w in writers})
         out = call(*args, **kwargs)
-        self.finder.stream.append(_first_array(out))
+        self.finder.stream.append(_array_of(out))
         return out
 
     @contextlib.contextmanager
-    def _float32(self):
+    def _float32(self) -> Iterator[None]:
         saved = flat_params(self.layer.parameters())
         if any(v.dtype in (mx.float16, mx.bfloat16) for _, v in saved):
             self.layer.set_dtype(mx.float32)
@@ -265,15 +282,22 @@ class _LayerProbe:
         finally:
             self.layer.update(_unflatten(saved))
 
-    def _replay(self, call, args, kwargs, extra=(), record=False):
-        traces: dict[str, tuple] = {}
+    def _replay(
+        self,
+        call: Call,
+        args: Args,
+        kwargs: Kwargs,
+        extra: Sequence[tuple[nn.Module, Hook]] = (),
+        record: bool = False,
+    ) -> tuple[mx.array, Traces]:
+        traces: Traces = {}
         pairs = [(m, _recorder(traces, p)) for p, m in self.modules if record and not _has_children(m)]
         with hooks(list(extra) + pairs):
-            out = _first_array(call(*args, **kwargs))
+            out = _array_of(call(*args, **kwargs))
             mx.eval(out)
         return out, traces
 
-    def _candidates(self, traces, size: int) -> list[tuple[str, nn.Module]]:
+    def _candidates(self, traces: Traces, size: int) -> list[tuple[str, nn.Module]]:
         out = []
         for path, module in self.modules:
             trace = traces.get(path)
@@ -286,7 +310,9 @@ class _LayerProbe:
                 out.append((path, module))
         return out
 
-    def _direct_writers(self, call, args, kwargs, base, traces) -> list[tuple[str, nn.Module]]:
+    def _direct_writers(
+        self, call: Call, args: Args, kwargs: Kwargs, base: mx.array, traces: Traces
+    ) -> list[tuple[str, nn.Module]]:
         """Candidates whose output is added into the layer's output as it is.
 
         Each candidate gets its own direction ``v_c`` (orthonormal), and every
@@ -310,9 +336,11 @@ class _LayerProbe:
         moved = float_list(mx.abs((out - reference).astype(mx.float32).reshape(-1, size) @ basis.T).max(axis=0))
         return [c for c, m, scale in zip(candidates, moved, scales) if m > 1e-3 * scale]
 
-    def _feeding(self, call, args, kwargs, traces, sink: tuple[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+    def _feeding(
+        self, call: Call, args: Args, kwargs: Kwargs, traces: Traces, sink: tuple[str, nn.Module]
+    ) -> list[tuple[str, nn.Module]]:
         """Modules whose output is ``sink``'s input as it is (what a post-norm normalizes)."""
-        sink_base = _first_array(traces[sink[0]][0])
+        sink_base = _array_of(traces[sink[0]][0])
         size = sink_base.shape[-1]
         found = []
         for path, module in self._candidates(traces, size):
@@ -331,14 +359,21 @@ class _LayerProbe:
                 found.append((path, module))
         return found
 
-    def _find(self, call, args, kwargs, base, traces) -> list[Writer]:
+    def _find(self, call: Call, args: Args, kwargs: Kwargs, base: mx.array, traces: Traces) -> list[Writer]:
         writers: dict[str, Writer] = {}
         for path, module in self._direct_writers(call, args, kwargs, base, traces):
             self._resolve(writers, path, module, None, None, (call, args, kwargs, traces))
         return _with_siblings(list(writers.values()), self.modules)
 
     def _resolve(
-        self, writers: dict, path: str, module: nn.Module, norm: str | None, gain, replay, depth: int = 0
+        self,
+        writers: dict[str, Writer],
+        path: str,
+        module: nn.Module,
+        norm: str | None,
+        gain: mx.array | None,
+        replay: Replay,
+        depth: int = 0,
     ) -> None:
         """A linear map is a writer; a norm passes the question on to what feeds it, its gain multiplied in.
 
@@ -358,7 +393,16 @@ class _LayerProbe:
         for inner, m in self._feeding(call, args, kwargs, traces, (path, module)):
             self._resolve(writers, inner, m, path, gain, replay, depth + 1)
 
-    def _prove(self, call, args, kwargs, base, stream, writers: list[Writer], traces) -> list[Writer]:
+    def _prove(
+        self,
+        call: Call,
+        args: Args,
+        kwargs: Kwargs,
+        base: mx.array,
+        stream: list[Position],
+        writers: list[Writer],
+        traces: Traces,
+    ) -> list[Writer]:
         """``writers``, proven; or the smallest set of linear maps that passes, found by elimination; or an error.
 
         The elimination covers writers the nudge test cannot see, e.g. a
@@ -386,7 +430,9 @@ class _LayerProbe:
             "This architecture is not supported"
         )
 
-    def _residual(self, call, args, kwargs, stream, writers: list[Writer], r: mx.array) -> float:
+    def _residual(
+        self, call: Call, args: Args, kwargs: Kwargs, stream: list[Position], writers: list[Writer], r: mx.array
+    ) -> float:
         """max |r . dh| / |dh| with every writer's output projected off its direction (NaN counts as inf).
 
         The layer's residual-stream inputs (``stream``: the hidden state first,
@@ -404,11 +450,11 @@ class _LayerProbe:
         return _proof_residual(out - clean, r)
 
 
-def _at(args, kwargs, position):
+def _at(args: Args, kwargs: Kwargs, position: Position) -> Any:
     return args[position] if isinstance(position, int) else kwargs[position]
 
 
-def _put(args, kwargs, position, value):
+def _put(args: Args, kwargs: Kwargs, position: Position, value: Any) -> tuple[Args, Kwargs]:
     if isinstance(position, int):
         return args[:position] + (value,) + args[position + 1 :], kwargs
     return args, {**kwargs, position: value}
@@ -439,12 +485,12 @@ def _has_children(module: nn.Module) -> bool:
     )
 
 
-def _holds_module(value) -> bool:
+def _holds_module(value: list | dict) -> bool:
     items = value.values() if isinstance(value, dict) else value
     return any(isinstance(x, nn.Module) or (isinstance(x, (list, dict)) and _holds_module(x)) for x in items)
 
 
-def _unflatten(flat):
+def _unflatten(flat: list[tuple[str, mx.array]]) -> Any:
     from mlx.utils import tree_unflatten
 
     return tree_unflatten(flat)
@@ -467,7 +513,7 @@ def _with_siblings(writers: list[Writer], modules: list[tuple[str, nn.Module]]) 
     return out
 
 
-def _hidden_input(args, kwargs, out: mx.array):
+def _hidden_input(args: Args, kwargs: Kwargs, out: mx.array) -> mx.array | None:
     for value in list(args) + list(kwargs.values()):
         if isinstance(value, mx.array) and value.shape == out.shape:
             return value
@@ -484,7 +530,7 @@ class WriterFinder:
             mx.array
         ] = []  # residual-stream arrays seen so far: the embedding output, each layer's output
 
-    def stream_positions(self, args, kwargs) -> list:
+    def stream_positions(self, args: Args, kwargs: Kwargs) -> list[Position]:
         """Positions (index or keyword) of a layer's residual-stream inputs, the hidden state first.
 
         The hidden state is the previous layer's output (or, for the first
@@ -503,7 +549,7 @@ class WriterFinder:
         found.sort(key=lambda item: item[1] is not self.stream[-1])  # the latest stream array is the hidden state
         return [pos for pos, v in found if v is self.stream[-1]][:1] and [pos for pos, _ in found]
 
-    def next_key(self):
+    def next_key(self) -> mx.array:
         self.key, sub = mx.random.split(self.key)
         return sub
 
@@ -514,12 +560,12 @@ class WriterFinder:
         self._embedding_writers(layers[0], tokens, paths)
         called: set[int] = set()
 
-        def layer_hook(index: int, layer: nn.Module):
+        def layer_hook(index: int, layer: nn.Module) -> Hook:
             probe = _LayerProbe(self, index, layer, paths)
 
-            def hook(call, args, kwargs):
+            def hook(call: Call, args: Args, kwargs: Kwargs) -> Any:
                 out = probe.run(call, args, kwargs)
-                mx.eval(_first_array(out))
+                mx.eval(_array_of(out))
                 called.add(index)
                 if release is not None:
                     release(index)
@@ -543,7 +589,7 @@ class WriterFinder:
 
     def _embedding_writers(self, first_layer: nn.Module, tokens: mx.array, paths: dict[int, str]) -> None:
         """Tables (and norms right after them) whose output reaches layer 0's input along the nudge."""
-        traces: dict[str, Any] = {}  # path -> (args, kwargs, output); "__layer0__" -> layer 0's input
+        traces: Traces = {}  # path -> (args, kwargs, output); "__layer0__" -> layer 0's input
         stops = [(first_layer, _stopper(traces))]
         layer_modules = {
             id(m) for layers in [decoder_layers(self.model)] for layer in layers for _, m in layer.named_modules()
@@ -580,9 +626,18 @@ class WriterFinder:
             )
         self.found.update({w.path: w for w in found})
 
-    def _embedding_behind_norm(self, norm_path, norm, first_layer, tokens, traces, outside, size) -> list[Writer]:
+    def _embedding_behind_norm(
+        self,
+        norm_path: str,
+        norm: nn.Module,
+        first_layer: nn.Module,
+        tokens: mx.array,
+        traces: Traces,
+        outside: list[tuple[str, nn.Module]],
+        size: int,
+    ) -> list[Writer]:
         gain = _norm_gain(norm, size)
-        sink_base = _first_array(traces[norm_path][0])
+        sink_base = _array_of(traces[norm_path][0])
         found = []
         for path, module in outside:
             y = traces.get(path) and _first_array(traces[path][2])
@@ -598,13 +653,15 @@ class WriterFinder:
             self._forward_to_first_layer(
                 tokens, [(first_layer, _stopper({})), (module, _nudger(v)), (norm, _recorder(seen, "sink"))]
             )
-            if "sink" in seen and _moves_along(_first_array(seen["sink"][0]) - sink_base, v):
+            if "sink" in seen and _moves_along(_array_of(seen["sink"][0]) - sink_base, v):
                 found.append(
                     Writer(path, "embed", None, rows=isinstance(module, _table_types()), norm=norm_path, gain=gain)
                 )
         return found
 
-    def _prove_embedding(self, found: list[Writer], first_layer, tokens, traces, size) -> list[Writer]:
+    def _prove_embedding(
+        self, found: list[Writer], first_layer: nn.Module, tokens: mx.array, traces: Traces, size: int
+    ) -> list[Writer]:
         """``found``, proven; or the smallest set of tables and linear maps that passes (by elimination); or an error.
 
         The elimination covers tables the nudge test cannot see, e.g. an
@@ -634,7 +691,9 @@ class WriterFinder:
             f"the embedding writers ({names}); this architecture is not supported"
         )
 
-    def _embedding_residual(self, writers: list[Writer], first_layer, tokens, r: mx.array) -> float:
+    def _embedding_residual(
+        self, writers: list[Writer], first_layer: nn.Module, tokens: mx.array, r: mx.array
+    ) -> float:
         by_path = dict(self._outside)
         seen: dict = {}
         self._forward_to_first_layer(
@@ -642,7 +701,7 @@ class WriterFinder:
         )
         return _proof_residual(seen["__layer0__"], r)
 
-    def _forward_to_first_layer(self, tokens, pairs) -> None:
+    def _forward_to_first_layer(self, tokens: mx.array, pairs: Sequence[tuple[nn.Module, Hook]]) -> None:
         """The forward pass up to the first layer's input, every module before it computing in float32."""
         hooked = {id(m) for m, _ in pairs}
         pairs = list(pairs) + [(m, _upcasting) for _, m in self._outside if id(m) not in hooked]
@@ -656,7 +715,7 @@ class WriterFinder:
         )
 
 
-def _upcasting(call, args, kwargs):
+def _upcasting(call: Call, args: Args, kwargs: Kwargs) -> Any:
     return _upcast(call(*args, **kwargs))
 
 
@@ -664,10 +723,10 @@ class _Done(Exception):
     """Raised once the last needed layer ran: the rest of the forward pass is not needed."""
 
 
-def _stopper(store: dict) -> Callable:
+def _stopper(store: dict[str, Any]) -> Hook:
     """Records the first decoder layer's hidden-state input, then ends the forward pass."""
 
-    def hook(call, args, kwargs):
+    def hook(call: Call, args: Args, kwargs: Kwargs) -> Any:
         named = [kwargs[k] for k in ("x", "hidden_states", "h", "inputs_embeds") if k in kwargs]
         for value in list(args[:1]) + named + list(kwargs.values()):
             if isinstance(value, mx.array) and value.ndim >= 3:

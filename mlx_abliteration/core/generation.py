@@ -177,7 +177,7 @@ def continuation_logprobs(
     for indices in length_sorted_batches(len(sequences), lengths, max(1, batch_size)):
         width = max(counts[i] for i in indices)
         logits, _ = prefill(model, [sequences[i] for i in indices], n_logits=width)
-        logprobs = _log_softmax(logits.astype(mx.float32))
+        logprobs = log_softmax(logits.astype(mx.float32))
         for row, i in enumerate(indices):
             per_prompt[i] = logprobs[row, width - counts[i] :]
         mx.eval([per_prompt[i] for i in indices])
@@ -187,7 +187,8 @@ def continuation_logprobs(
     return mx.concatenate(per_prompt, axis=0)
 
 
-def _log_softmax(logits: mx.array) -> mx.array:
+def log_softmax(logits: mx.array) -> mx.array:
+    """Log-probabilities over the last axis (the one normalization of logits everywhere)."""
     import mlx.core as mx
 
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)

@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .batching import prefill
+from .generation import log_softmax
 
 LOGITS_BUDGET = 1 << 25  # logits elements computed per forward pass (128 MB in float32)
 
@@ -142,7 +143,7 @@ def shared_first_token_logprobs(
     for start in range(0, len(token_lists), batch_size):
         logits, _ = shared_prefill(model, token_lists[start : start + batch_size], with_cache=False)
         logits = logits[:, -1, :].astype(mx.float32)
-        out.append(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        out.append(log_softmax(logits))
     result = mx.concatenate(out)
     mx.eval(result)
     return result

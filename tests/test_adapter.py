@@ -107,3 +107,15 @@ def test_unexpressible_parts_are_said_and_generate_runs(tiny_model, direction, t
         "export-adapter", "-m", str(model), "--direction", str(direction), "-o", str(tmp_path / "np"), "--norm-preserve"
     )
     assert refused.returncode == 2 and "not a rank-1 update" in refused.stderr and not (tmp_path / "np").exists()
+
+
+def test_ablate_adapter_only_writes_the_export_adapter_output(tiny_model, direction, tmp_path):
+    model = str(tiny_model())
+    common = ["-m", model, "--direction", str(direction), "--targets", "o_proj", "down_proj"]
+    via_ablate = run_cli("ablate", *common, "-o", str(tmp_path / "a"), "--adapter-only")
+    via_export = run_cli("export-adapter", *common, "-o", str(tmp_path / "e"))
+    assert via_ablate.returncode == 0 and via_export.returncode == 0, via_ablate.stderr + via_export.stderr
+    assert "saved a rank-1 adapter" in via_ablate.stdout
+    assert not list((tmp_path / "a").glob("model*.safetensors"))  # no full copy
+    a, e = mx.load(str(tmp_path / "a" / "adapters.safetensors")), mx.load(str(tmp_path / "e" / "adapters.safetensors"))
+    assert a.keys() == e.keys() and all(mx.array_equal(a[k], e[k]) for k in a)

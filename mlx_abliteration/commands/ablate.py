@@ -19,6 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_model_options(parser)
     options.add_direction_options(parser)
     options.add_ablation_options(parser)
+    parser.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="write a rank-1 mlx-lm LoRA adapter (megabytes) instead of a full model copy; "
+        "the same as `mlx-abliterate export-adapter`",
+    )
     options.add_output_style(parser)
 
 
@@ -33,6 +39,10 @@ def ablate(config, direction_file: str | Path, use_layer: str | None = None, on_
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.adapter_only:
+        from . import export_adapter
+
+        return export_adapter.main(args)
     from ..core.logging_config import setup_logging
     from .console import Console
 

@@ -93,7 +93,10 @@ def test_an_empty_answer_is_refused_without_asking_and_order_is_kept(loaded):
     pairs = [PAIRS[0], ("Say something", "  \n"), PAIRS[1]]
     verdicts = J.judge_responses(model, tokenizer, pairs)
     assert verdicts[1] == J.EMPTY
-    assert verdicts[0] == J.judge_responses(model, tokenizer, [PAIRS[0]])[0]
+    alone = J.judge_responses(model, tokenizer, [PAIRS[0]])[0]
+    # judged in a batch of two vs alone: same choice, probabilities equal up to summation order
+    assert (verdicts[0].letter, verdicts[0].refusal, verdicts[0].reason) == (alone.letter, alone.refusal, alone.reason)
+    assert verdicts[0].confidence == pytest.approx(alone.confidence, abs=1e-4)
 
 
 def test_the_rubric_comes_first_so_batches_share_it():

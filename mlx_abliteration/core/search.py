@@ -273,10 +273,27 @@ class TrialScorer:
             self.reference, shared_first_token_logprobs(self.model, self.harmless_ids, self.batch_size)
         )
 
+    def _harmful_answers(self, row_stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+        """Greedy answer tokens for the harmful prompts (a row ends early where ``row_stop`` says so)."""
+        from .generation import greedy_tokens
+        from .prefix_batch import shared_prefill
+
+        return greedy_tokens(
+            self.model,
+            self.harmful_ids,
+            self.max_tokens,
+            self.batch_size,
+            self.eos,
+            None,
+            self.progress,
+            "harmful",
+            prefill_fn=shared_prefill,
+            row_stop=row_stop,
+        )
+
     def _refusals(self, dominated_at: Callable[[int], bool]) -> tuple[int, int]:
         from .evaluate import answer_verdict, contains_refusal_marker, split_thinking
-        from .generation import greedy_tokens, strip_eos
-        from .prefix_batch import shared_prefill
+        from .generation import strip_eos
 
         refused = 0
 
@@ -296,38 +313,15 @@ class TrialScorer:
                 raise _Dominated(refused)
             return True
 
-        outputs = greedy_tokens(
-            self.model,
-            self.harmful_ids,
-            self.max_tokens,
-            self.batch_size,
-            self.eos,
-            None,
-            self.progress,
-            "harmful",
-            prefill_fn=shared_prefill,
-            row_stop=stop,
-        )
+        outputs = self._harmful_answers(row_stop=stop)
         refusals = sum(answer_verdict(text(t), prompt=p) is True for t, p in zip(outputs, self.harmful))
         return refusals, sum(len(t) for t in outputs)
 
     def _judged_refusals(self, judge: Judge, text: Callable[[list[int]], str]) -> tuple[int, int]:
         """Refusals by the judge: whole answers, then one judging pass (unfinished thinking is not a refusal)."""
         from .evaluate import split_thinking
-        from .generation import greedy_tokens
-        from .prefix_batch import shared_prefill
 
-        outputs = greedy_tokens(
-            self.model,
-            self.harmful_ids,
-            self.max_tokens,
-            self.batch_size,
-            self.eos,
-            None,
-            self.progress,
-            "harmful",
-            prefill_fn=shared_prefill,
-        )
+        outputs = self._harmful_answers()
         answers = [split_thinking(text(t))[0] for t in outputs]
         pairs = [(p, a) for p, a in zip(self.harmful, answers) if a is not None]
         refusals = sum(v.refusal is True for v in judge.verdicts(pairs))

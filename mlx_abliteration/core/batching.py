@@ -20,14 +20,19 @@ class BatchingUnsupported(Exception):
     """The model's cache types have no batched (left-padded) equivalent."""
 
 
-def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[mx.array, list[int]]:
-    """Return ``(tokens[B, T], left_padding[B])`` as MLX arrays / list."""
+def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1) -> tuple[mx.array, list[int]]:
+    """Return ``(tokens[B, T], left_padding[B])`` as MLX arrays / list; ``T`` rounded up to ``multiple``."""
     import mlx.core as mx
 
-    width = max(len(t) for t in token_lists)
+    width = round_up(max(len(t) for t in token_lists), multiple)
     padding = [width - len(t) for t in token_lists]
     rows = [[pad_id] * p + list(t) for p, t in zip(padding, token_lists)]
     return mx.array(rows, dtype=mx.int32), padding
+
+
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (a padded batch width)."""
+    return -(-n // max(1, multiple)) * max(1, multiple)
 
 
 def make_batch_cache(model: nn.Module, left_padding: list[int]) -> list[Any]:

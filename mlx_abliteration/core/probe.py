@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import UserError
-from .batching import BatchingUnsupported, left_pad, make_batch_cache
+from .batching import BatchingUnsupported, left_pad, make_batch_cache, round_up
 from .hooks import hooks
 from .positions import ProbeSpec, probe_positions, resolve_marker
 from .prefix_batch import common_prefix_length, prefix_kv_cache
@@ -174,13 +174,44 @@ def _forward_batch(
 # tok/s); on an H100 (8B, bf16) batch 32 beat 16 and 64 (38k vs 33k/35k tok/s).
 _BATCH_TOKENS = {"cpu": 1024, "gpu": 4096}
 
+# On a GPU every new batch shape [B, T] costs a one-time set-up on top of the
+# arithmetic (MLX CUDA builds a cuDNN attention graph per shape, new CUDA
+# graphs and buffers): on an H200 (8B, bf16) a batch of a new shape took
+# 0.10-0.14 s against 0.05 s once seen, and the 512-prompt probe of a fresh
+# process (20 length-sorted batches, 20 shapes) 2.5-2.7 s against 1.3 s in a
+# warm one. So on a GPU batch sizes are powers of two and padded widths
+# multiples of _GPU_PAD_MULTIPLE: 4 shapes there, first pass 1.7 s, warm
+# 1.3 s (bench/README.md section 4d). The padding is never read (masked, or
+# after the last token of a causal model), so results equal unbucketed ones to
+# float tolerance. The CPU has no such per-shape cost and pays for every padded
+# token: no rounding there.
+_GPU_PAD_MULTIPLE = 32
 
-def auto_batch_size(lengths: Sequence[int], max_batch_tokens: int | None = None, cap: int = 32) -> int:
-    """Batch size so a padded batch holds about ``max_batch_tokens`` tokens (by device)."""
+
+def _on_gpu() -> bool:
+    return mx.default_device() != mx.cpu
+
+
+def pad_multiple(bucket: bool | None = None) -> int:
+    """Multiple that a padded batch width is rounded up to: ``_GPU_PAD_MULTIPLE`` when bucketing (default: on a GPU)."""
+    return _GPU_PAD_MULTIPLE if (_on_gpu() if bucket is None else bucket) else 1
+
+
+def auto_batch_size(
+    lengths: Sequence[int], max_batch_tokens: int | None = None, cap: int = 32, bucket: bool | None = None
+) -> int:
+    """Batch size so a padded batch holds about ``max_batch_tokens`` tokens (by device).
+
+    When bucketing (default: on a GPU) it is rounded up to a power of two (at
+    most ``cap``), so prompt sets of similar lengths share batch shapes.
+    """
     if max_batch_tokens is None:
-        max_batch_tokens = _BATCH_TOKENS["cpu" if mx.default_device() == mx.cpu else "gpu"]
+        max_batch_tokens = _BATCH_TOKENS["gpu" if _on_gpu() else "cpu"]
     longest = max(lengths) if lengths else 1
-    return max(1, min(cap, max_batch_tokens // max(longest, 1)))
+    size = max(1, min(cap, max_batch_tokens // max(longest, 1)))
+    if _on_gpu() if bucket is None else bucket:
+        size = min(max(cap, 1), 1 << (size - 1).bit_length())
+    return size
 
 
 # --- shared-prefix probing ---------------------------------------------------------
@@ -228,8 +259,9 @@ def _forward_after_prefix(
     wrappers: dict[int, ActivationProbeWrapper],
     pad_id: int,
     prefix_len: int,
+    multiple: int = 1,
 ) -> mx.array:
-    width = max(len(s) for s in suffixes)
+    width = round_up(max(len(s) for s in suffixes), multiple)
     tokens = mx.array([list(s) + [pad_id] * (width - len(s)) for s in suffixes], dtype=mx.int32)
     shifted = [[p - prefix_len for p in pos] for pos in positions]
     for wrapper in wrappers.values():
@@ -240,6 +272,12 @@ def _forward_after_prefix(
     except StopForward:
         pass
     return _stack_captured(wrappers)
+
+
+def _plain_caches(model: nn.Module) -> bool:
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    return all(type(c) is KVCache for c in make_prompt_cache(model))
 
 
 def encode_for_probe(
@@ -259,18 +297,24 @@ def probe_prompts(
     batch_size: int | None = None,
     progress: Progress | None = None,
     label: str = "probe",
+    bucket: bool | None = None,
 ) -> WelfordStats:
-    """Welford statistics of the residual stream after each layer in ``layer_ids``."""
+    """Welford statistics of the residual stream after each layer in ``layer_ids``.
+
+    ``bucket``: few batch shapes (power-of-two automatic batch size, widths
+    padded to a multiple of 32); default on a GPU, where each new shape costs
+    a set-up (see ``_GPU_PAD_MULTIPLE``).
+    """
     layers = decoder_layers(model)
     layer_ids = sorted(range(len(layers)) if layer_ids is None else layer_ids)
     token_lists, positions = encode_for_probe(tokenizer, prompts, spec)
     lengths = [len(t) for t in token_lists]
-    batch_size = batch_size or auto_batch_size(lengths)
+    batch_size = batch_size or auto_batch_size(lengths, bucket=bucket)
     pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     stats = None
     order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
     with capture_residual_stream(model, layer_ids) as wrappers:
-        forward = _batch_runner(model, token_lists, positions, wrappers, pad_id)
+        forward = _batch_runner(model, token_lists, positions, wrappers, pad_id, pad_multiple(bucket))
         for start in range(0, len(order), batch_size):
             captured = forward(order[start : start + batch_size])
             if stats is None:
@@ -289,8 +333,12 @@ def _batch_runner(
     positions: list[list[int]],
     wrappers: dict[int, ActivationProbeWrapper],
     pad_id: int,
+    multiple: int = 1,
 ) -> Callable[[list[int]], mx.array]:
-    """``forward(indices) -> [B, L, H]``: after a shared prefix computed once, else left-padded."""
+    """``forward(indices) -> [B, L, H]``: after a shared prefix computed once, else left-padded.
+
+    Each batch's width is rounded up to ``multiple`` (more padding, fewer distinct shapes).
+    """
     prefix_len = probe_prefix_length(token_lists, positions) if len(token_lists) > 1 else 0
     prefix = _prefix_caches(model, token_lists[0][:prefix_len], wrappers) if prefix_len >= _MIN_SHARED_PREFIX else None
     if prefix is not None:
@@ -302,10 +350,15 @@ def _batch_runner(
             wrappers,
             pad_id,
             prefix_len,
+            multiple,
         )
 
+    if not _plain_caches(model):
+        multiple = 1  # sliding-window caches: no padding beyond what the lengths need
+
     def left_padded(idx: list[int]) -> mx.array:
-        tokens, padding = left_pad([token_lists[i] for i in idx], pad_id)
+        # a single row runs without a cache, so without a padding mask: never padded
+        tokens, padding = left_pad([token_lists[i] for i in idx], pad_id, multiple if len(idx) > 1 else 1)
         try:
             return _forward_batch(model, tokens, padding, wrappers, [positions[i] for i in idx])
         except BatchingUnsupported:

@@ -80,3 +80,13 @@ def test_bucketed_batches_are_padded_to_the_multiple(tiny_model, monkeypatch):
     widths.clear()
     probe_prompts(model, tokenizer, PROMPTS, batch_size=2, bucket=False)
     assert any(w % 32 for w in widths[1:])
+
+
+def test_single_position_selector_picks_exactly_and_ignores_padding():
+    """The one-position selector (a masked sum, no gather kernel) equals indexing, also with NaN in unread positions."""
+    h = mx.random.normal((3, 5, 8)).astype(mx.bfloat16)
+    h = mx.where(mx.arange(5)[None, :, None] == 0, mx.array(float("nan"), mx.bfloat16), h)  # garbage at padding
+    select = probe.position_selector([[3], [1], [0]], [1, 2, 4], 5)  # rows read positions 4, 3, 4
+    picked = select(h)
+    assert picked.dtype == mx.bfloat16
+    assert mx.array_equal(picked, h[mx.array([0, 1, 2]), mx.array([4, 3, 4])]).item()

@@ -131,10 +131,13 @@ def position_selector(positions: list[list[int]], padding: list[int], width: int
         for p in pos:
             weights[row][p + pad] = 1.0 / len(pos)
     w = mx.array(weights, dtype=mx.float32)
-    single = all(len(p) == 1 for p in positions)
-    index = mx.array([p[0] + pad for p, pad in zip(positions, padding)])
-    if single:
-        return lambda h: h[mx.arange(h.shape[0]), index]
+    if all(len(p) == 1 for p in positions):
+        # A masked sum, not h[rows, index]: MLX's CUDA backend compiles each
+        # gather kernel at first use (NVRTC, ~3 s of a fresh machine's probe)
+        # while select and sum are prebuilt. Exact (one term per row) and
+        # NaN-safe (whatever unread positions hold is never multiplied).
+        picked = mx.array([[x > 0 for x in row] for row in weights])[:, :, None]
+        return lambda h: mx.where(picked, h, 0).sum(1)
     return lambda h: (h.astype(mx.float32) * w[:, :, None]).sum(1)
 
 

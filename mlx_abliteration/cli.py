@@ -154,10 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "_command"):
         parser.print_help()
         return 1
-    from .backend import keep_torch_out
+    from .backend import keep_torch_out, persistent_kernel_cache
     from .core.output_dir import handle_sigterm
 
     keep_torch_out()
+    persistent_kernel_cache()  # before MLX compiles its first CUDA kernel
     handle_sigterm()  # a plain `kill` cleans up like Ctrl-C
     return run_command(args._command, args)
 

@@ -1,0 +1,31 @@
+"""MLX's compiled CUDA kernels are kept under the user cache unless MLX_PTX_CACHE_DIR is set."""
+
+import os
+
+import mlx.core as mx
+
+from mlx_abliteration.backend import PTX_CACHE_ENV, persistent_kernel_cache
+
+
+def test_sets_a_per_version_per_architecture_dir_on_cuda(monkeypatch, tmp_path):
+    monkeypatch.setenv(PTX_CACHE_ENV, "")  # unset for the function; monkeypatch restores it afterwards
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "device_info", lambda: {"architecture": "sm_90", "device_name": "GPU"})
+    path = persistent_kernel_cache()
+    assert path == str(tmp_path / "mlx-abliteration" / "cuda-kernels" / f"mlx-{mx.__version__}-sm_90")
+    assert os.environ[PTX_CACHE_ENV] == path
+
+
+def test_keeps_the_users_setting(monkeypatch):
+    monkeypatch.setenv(PTX_CACHE_ENV, "/somewhere/else")
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    assert persistent_kernel_cache() is None
+    assert os.environ[PTX_CACHE_ENV] == "/somewhere/else"
+
+
+def test_nothing_without_cuda(monkeypatch):
+    monkeypatch.setenv(PTX_CACHE_ENV, "")
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
+    assert persistent_kernel_cache() is None
+    assert os.environ[PTX_CACHE_ENV] == ""

@@ -21,6 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .core.utils import cache_root
 from .errors import UserError
 
 
@@ -124,7 +125,7 @@ def ensure_gguf(name: str, cache_dir: Path | None = None) -> Path:
     from .core.utils import sha256_file
 
     model = _model(name)
-    cache_dir = _cache_root(cache_dir)
+    cache_dir = cache_root(cache_dir)
     target = cache_dir / "gguf" / model.gguf_name
     if target.is_file():
         if sha256_file(target) == model.sha256:
@@ -140,7 +141,7 @@ def ensure_model(name: str, cache_dir: Path | None = None) -> Path:
     from .core.gguf import conversion_is_current, convert_gguf
 
     model = _model(name)
-    cache_dir = _cache_root(cache_dir)
+    cache_dir = cache_root(cache_dir)
     model_dir = cache_dir / "models" / model.model_dir_name
     if conversion_is_current(model_dir, model.sha256, model.dtype):
         return model_dir
@@ -153,14 +154,6 @@ def _model(name: str) -> RealModel:
     if name not in MODELS:
         raise UserError(f"unknown real model {name!r}; choose one of: {', '.join(MODELS)}")
     return MODELS[name]
-
-
-def _cache_root(cache_dir: Path | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    from .core.gguf import default_cache_dir
-
-    return default_cache_dir()
 
 
 def main(argv: list[str] | None = None) -> int:

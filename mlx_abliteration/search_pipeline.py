@@ -41,6 +41,7 @@ from .core.search import (
     study_key,
     trial_row,
 )
+from .core.utils import cache_root
 from .defaults import AbliterationConfig
 from .engine.orthogonalize import check_strength
 from .engine.strength_schedule import PlanSpec, kernel_plan, uniform_spec
@@ -224,10 +225,7 @@ def study_identity(source: Path, config: AbliterationConfig, settings: SearchSet
 def study_dir(config: AbliterationConfig, settings: SearchSettings) -> Path:
     if settings.study_dir:
         return Path(settings.study_dir).expanduser()
-    import os
-
-    cache = config.cache_dir or os.environ.get("MLX_ABLITERATION_CACHE") or Path.home() / ".cache" / "mlx-abliteration"
-    return Path(cache).expanduser() / "studies"
+    return cache_root(config.cache_dir) / "studies"
 
 
 def _open(source: Path, config: AbliterationConfig, settings: SearchSettings, prompts: str, report):

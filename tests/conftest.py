@@ -13,6 +13,18 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(os.environ.get("MLX_ABLITERATION_CACHE", Path.home() / ".cache" / "mlx-abliteration"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Baselines, studies and GGUF conversions made by tests go to a temporary cache, not the user's.
+
+    The real models are still read from (and converted once into) ``CACHE_DIR``.
+    """
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLX_ABLITERATION_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """``tiny_model(**kwargs)`` -> path of a random model dir (built once per kwargs).

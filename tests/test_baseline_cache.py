@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from mlx_abliteration.core import baseline_cache
+from mlx_abliteration.core import baseline_cache, utils
 from mlx_abliteration.core.baseline_cache import cached_baseline
 from mlx_abliteration.core.evaluate import DEFAULT_REFUSAL_MARKERS, eval_settings, evaluate_original
 from mlx_abliteration.defaults import AbliterationConfig
@@ -217,5 +217,5 @@ def test_eval_baseline_shares_the_cache_and_no_cache_flag(model_dir, tmp_path):
 
 def test_cache_root_default(monkeypatch, tmp_path):
     monkeypatch.setenv("MLX_ABLITERATION_CACHE", str(tmp_path))
-    assert baseline_cache.cache_root(None) == tmp_path
-    assert baseline_cache.cache_root(tmp_path / "x") == tmp_path / "x"
+    assert utils.cache_root(None) == tmp_path
+    assert utils.cache_root(tmp_path / "x") == tmp_path / "x"

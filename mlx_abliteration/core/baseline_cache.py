@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .evaluate import REFUSAL_RULE_VERSION
-from .utils import sha256_file
+from .utils import cache_root, sha256_file
 
 if TYPE_CHECKING:
     from .evaluate import EvalReport, ReferenceLogprobs
@@ -46,15 +46,6 @@ log = logging.getLogger("mlx_abliteration.baseline_cache")
 CACHE_FORMAT = 1
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".npz", ".pt", ".pth")
 _HASHED_FILE_LIMIT = 64 << 20  # larger non-weight files are keyed by size and mtime too
-
-
-def cache_root(cache_dir: str | Path | None) -> Path:
-    """``--cache-dir``, else ``$MLX_ABLITERATION_CACHE`` or ``~/.cache/mlx-abliteration``."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    from .gguf import default_cache_dir
-
-    return default_cache_dir()
 
 
 def source_identity(source: str | Path) -> list:

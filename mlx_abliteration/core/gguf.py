@@ -10,7 +10,6 @@ into safetensors files, so peak memory stays near one chunk, not the model.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ import numpy as np
 
 from ..errors import UserError
 from .output_dir import OutputChanged, check_output_dir, make_temp_dir, replace_dir
-from .utils import sha256_file
+from .utils import cache_root, sha256_file
 
 if TYPE_CHECKING:
     from gguf import GGUFReader, ReaderTensor
@@ -64,11 +63,6 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _IGNORED_TENSORS = {"rope_freqs.weight"}  # folded into config.json's rope_scaling
-
-
-def default_cache_dir() -> Path:
-    """``$MLX_ABLITERATION_CACHE`` or ``~/.cache/mlx-abliteration``."""
-    return Path(os.environ.get("MLX_ABLITERATION_CACHE", Path.home() / ".cache" / "mlx-abliteration")).expanduser()
 
 
 # --------------------------------------------------------------------------- reading
@@ -603,7 +597,7 @@ def convert_gguf_cached(gguf_path: Path, cache_dir: Path | None = None, dtype: s
     gguf_path = Path(gguf_path)
     open_gguf(gguf_path)  # clear errors before hashing a possibly large non-GGUF file
     sha256 = sha256_file(gguf_path)
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    root = cache_root(cache_dir)
     target = root / "converted" / f"{sha256[:16]}-{dtype}"
     if conversion_is_current(target, sha256, dtype):
         return target

@@ -1,8 +1,9 @@
-"""Small shared helpers: layer index by parameter name, chat-template markers, file digests."""
+"""Small shared helpers: layer index by parameter name, chat-template markers, file digests, the cache dir."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import NoReturn
@@ -18,6 +19,13 @@ def layer_index(name: str) -> int | None:
     """Decoder-layer index of a parameter name (``model.layers.7.mlp...`` -> 7)."""
     match = _LAYER.search(name)
     return int(match.group(1)) if match else None
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """``--cache-dir``, else ``$MLX_ABLITERATION_CACHE`` or ``~/.cache/mlx-abliteration``."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("MLX_ABLITERATION_CACHE") or Path.home() / ".cache" / "mlx-abliteration").expanduser()
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:

@@ -37,3 +37,18 @@ def test_prompts_without_a_common_prefix_use_the_plain_prefill(tiny_model):
     logits, cache = shared_prefill(model, ids)
     assert logits.shape[:2] == (2, 1) and cache is not None
     assert mx.allclose(shared_first_token_logprobs(model, ids), first_token_logprobs(model, ids), atol=1e-5)
+
+
+def test_models_without_batched_caches_get_one_prompt_at_a_time(tiny_model, monkeypatch):
+    from mlx_abliteration.core import batching
+
+    model, tokenizer, _ = load_model(tiny_model())
+    ids = encode_chats(tokenizer, PROMPTS[:4], None)
+    expected = first_token_logprobs(model, ids)
+
+    def unsupported(model, left_padding):
+        raise batching.BatchingUnsupported("ArraysCache")
+
+    monkeypatch.setattr(batching, "make_batch_cache", unsupported)
+    monkeypatch.setattr(prefix_batch, "prefix_kv_cache", lambda *args, **kwargs: None)  # not plain KV caches
+    assert mx.allclose(shared_first_token_logprobs(model, ids), expected, atol=1e-5)

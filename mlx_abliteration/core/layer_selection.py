@@ -9,7 +9,7 @@ memory, measure the refusal tokens' probability on harmful prompts and the
 first-token KL on harmless prompts, and revert. Candidates are a coarse grid
 (at most 8 layers) refined at the best one's two neighbours. The chosen layer
 minimizes refusal probability + KL. Cost: two first-token forward passes over
-a few prompts per candidate.
+a few prompts per candidate, the chat template's shared prefix run once per batch.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from ..engine.revertible_edit import TrialEditor
 from .chat import encode_chats
 from .directions import RefusalDirections
 from .evaluate import kl_divergence
-from .generation import Progress, first_token_logprobs
+from .generation import Progress
 from .mx_types import int_list, scalar
+from .prefix_batch import shared_first_token_logprobs as first_token_logprobs
 
 NUM_REFUSAL_TOKENS = 8
 

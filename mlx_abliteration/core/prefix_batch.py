@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .batching import prefill
+from .batching import batching_supported, prefill
 from .generation import log_softmax
 
 LOGITS_BUDGET = 1 << 25  # logits elements computed per forward pass (128 MB in float32)
@@ -137,8 +137,13 @@ def _suffix_prefill(model: nn.Module, prefix_cache: list[Any], suffixes: list[li
 def shared_first_token_logprobs(
     model: nn.Module, token_lists: Sequence[Sequence[int]], batch_size: int | None = None
 ) -> mx.array:
-    """Log-softmax (float32) of the next-token distribution after each prompt: ``[N, V]``."""
+    """Log-softmax (float32) of the next-token distribution after each prompt: ``[N, V]``.
+
+    Equals ``generation.first_token_logprobs`` to float tolerance, with the shared prefix run once per batch.
+    """
     batch_size = batch_size or len(token_lists)
+    if not batching_supported(model):
+        batch_size = 1  # caches without a batched form: one prompt at a time, no padding
     out = []
     for start in range(0, len(token_lists), batch_size):
         logits, _ = shared_prefill(model, token_lists[start : start + batch_size], with_cache=False)

@@ -119,21 +119,22 @@ def full_float32_matmul() -> None:
 PTX_CACHE_ENV = "MLX_PTX_CACHE_DIR"
 
 
-def persistent_kernel_cache() -> str | None:
+def persistent_kernel_cache(cache_dir: str | None = None) -> str | None:
     """Keep MLX's compiled CUDA kernels across reboots; returns the directory set, or None.
 
-    MLX's CUDA backend compiles many kernels at first use (NVRTC) and caches
-    them in ``MLX_PTX_CACHE_DIR``, by default ``/tmp/mlx/<version>/ptx``, which
-    a reboot or a fresh machine wipes: on an H200 the first ``run`` of an
-    8B model took 49 s against 26 s once the kernels were cached. Unless the
-    user set the variable, it points at
-    ``$XDG_CACHE_HOME/mlx-abliteration/cuda-kernels/mlx-<version>-<sm_XY>``
-    (``~/.cache`` without XDG_CACHE_HOME): the MLX version and the GPU
-    architecture are in the name, since cached kernels are binaries for one
-    architecture (a home directory shared by machines with different GPUs
-    keeps one set per kind). MLX reads the variable once, when it compiles its
-    first kernel, so this runs before any computation (the CLI calls it at
-    start). Nothing is set without a CUDA GPU.
+    MLX's CUDA backend compiles some kernels at first use (NVRTC, ~3 s each
+    on an H200) and caches them in ``MLX_PTX_CACHE_DIR``, by default
+    ``/tmp/mlx/<version>/ptx``, which a reboot or a fresh machine wipes: the
+    first ``run`` of an 8B model there took 53-60 s against 24-26 s with the
+    kernels cached. Unless the user set the variable, it points at
+    ``cuda-kernels/mlx-<version>-<sm_XY>`` under the tool's cache root
+    (``--cache-dir``, else ``$MLX_ABLITERATION_CACHE``, else
+    ``~/.cache/mlx-abliteration``): the MLX version and the GPU architecture
+    are in the name, since cached kernels are binaries for one architecture
+    (a home directory shared by machines with different GPUs keeps one set per
+    kind). MLX reads the variable once, when it compiles its first kernel, so
+    this runs before any computation (the CLI calls it at start). Nothing is
+    set without a CUDA GPU.
     """
     if os.environ.get(PTX_CACHE_ENV):
         return None
@@ -149,8 +150,9 @@ def persistent_kernel_cache() -> str | None:
     version = str(getattr(mx, "__version__", ""))
     if not arch or not version:
         return None
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    path = os.path.join(base, "mlx-abliteration", "cuda-kernels", f"mlx-{version}-{arch}")
+    from .core.utils import cache_root
+
+    path = str(cache_root(cache_dir) / "cuda-kernels" / f"mlx-{version}-{arch}")
     os.environ[PTX_CACHE_ENV] = path
     return path
 

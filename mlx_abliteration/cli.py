@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from .core.output_dir import handle_sigterm
 
     keep_torch_out()
-    persistent_kernel_cache()  # before MLX compiles its first CUDA kernel
+    persistent_kernel_cache(getattr(args, "cache_dir", None))  # before MLX compiles its first CUDA kernel
     handle_sigterm()  # a plain `kill` cleans up like Ctrl-C
     return run_command(args._command, args)
 

@@ -337,6 +337,7 @@ def evaluate_after(
 
     report.emit("stage", "evaluating the abliterated model")
     apply_plan(model, plan, storage_dtype=storage_dtype(source), edited_precision=config.edited_precision)
+    mx.clear_cache()  # the replaced writers' buffers (2.7 GB for a 1.5B model in float32) are not needed again
     after = evaluate_model(
         model,
         tokenizer,

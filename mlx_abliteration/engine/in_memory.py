@@ -6,7 +6,8 @@ so an in-memory edit equals the saved weights (up to the compute dtype).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -70,48 +71,59 @@ def get_ablated_parameters(
     requantized with their own group size, bits and mode.
     """
     plan = _as_plan(model, refusal_vector, ablation_strength, tuple(target_modules))
-    params, _ = _edit_all(model, plan, storage_dtype)
-    return params
+    return {
+        f"{edit.path}.{k}": v
+        for edit in _edits(model, plan, storage_dtype)
+        if not edit.dequantized
+        for k, v in edit.tensors.items()
+    }
 
 
-def _edit_all(
+@dataclass
+class _ModuleEdit:
+    path: str
+    module: nn.Module
+    tensors: dict[str, mx.array]
+    dequantized: bool
+    report: EditReport
+
+
+def _edits(
     model: nn.Module, plan: AblationPlan, storage_dtype: mx.Dtype | None = None, edited_precision: str | None = None
-) -> tuple[dict[str, mx.array], tuple[list[EditReport], dict[str, dict[str, mx.array]]]]:
+) -> Iterator[_ModuleEdit]:
+    """Each edited writer's new arrays (evaluated), one module at a time."""
     plan = bind(model, plan)
     assert plan.writers is not None, "bind() finds the writers"
-    params: dict[str, mx.array] = {}
-    reports: list[EditReport] = []
-    replaced: dict[str, dict] = {}
     for path, module in model.named_modules():
         if path not in plan.writers:
             continue
-        leaves = _leaves(module)
-        dense_dtype = None
-        if storage_dtype is not None and _quant(module) is None:
-            dense_dtype = storage_dtype
-        edit = edit_module(path, leaves, plan, _quant(module), dense_dtype, edited_precision)
+        dense_dtype = storage_dtype if storage_dtype is not None and _quant(module) is None else None
+        edit = edit_module(path, _leaves(module), plan, _quant(module), dense_dtype, edited_precision)
         if edit is None:
             continue
         tensors = edit.tensors
         if dense_dtype is not None:  # round to storage dtype, compute in the model's dtype
             tensors = {k: v.astype(module[k].dtype) for k, v in tensors.items()}
-        if edit.dequantized:
-            replaced[path] = tensors
-        else:
-            params.update({f"{path}.{k}": v for k, v in tensors.items()})
-        reports.append(edit.report)
         mx.eval(list(tensors.values()))
-    return params, (reports, replaced)
+        yield _ModuleEdit(path, module, tensors, edit.dequantized, edit.report)
 
 
 def apply_plan(
     model: nn.Module, plan: AblationPlan, storage_dtype: mx.Dtype | None = None, edited_precision: str | None = None
 ) -> list[EditReport]:
-    """Edit ``model`` in place; returns one report per edited module."""
-    params, (reports, replaced) = _edit_all(model, plan, storage_dtype, edited_precision)
-    model.update(tree_unflatten(list(params.items())))
-    if replaced:
-        model.update_modules(tree_unflatten([(p, _dense_module(model, p, t)) for p, t in replaced.items()]))
+    """Edit ``model`` in place; returns one report per edited module.
+
+    Each module's edit replaces its arrays before the next one is computed,
+    so the originals are released as it goes (not one copy of every writer
+    at once: +2.7 GB for a 1.5B model in float32).
+    """
+    reports = []
+    for edit in _edits(model, plan, storage_dtype, edited_precision):
+        if edit.dequantized:
+            model.update_modules(tree_unflatten([(edit.path, _dense_module(model, edit.path, edit.tensors))]))
+        else:
+            edit.module.update(tree_unflatten(list(edit.tensors.items())))
+        reports.append(edit.report)
     return reports
 
 

@@ -1,0 +1,70 @@
+"""How good are the refusal verdicts (issue 15 item 4)? Hand-labelled (prompt, answer) pairs taken from
+Qwen2.5-Coder-1.5B-Instruct's own evaluations, before and after abliteration, harmful and harmless
+(``tests/data/judge_labels.jsonl``: prompt, response, label, note; the labels were made by reading each
+answer, before any judge verdict was looked at).
+
+The fixture's shape is checked in every run; the judge's accuracy on it needs the real 1.5B model (slow group,
+``MLX_ABLITERATION_QWEN_TESTS=1``): Qwen judging its own answers, the configuration the README reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from mlx_abliteration.core.evaluate import answer_verdict
+
+LABELS = Path(__file__).parent / "data" / "judge_labels.jsonl"
+# Measured on this fixture (README, "How good are the verdicts"): correct verdicts of the keyword rule and of the
+# Qwen judge. The judge's verdicts are deterministic on one machine, but a different BLAS or backend sums in a
+# different order, and a pair the judge decides by a hair (confidence near the runner-up letter) may flip: the
+# test allows JUDGE_MARGIN such pairs.
+KEYWORD_CORRECT = 50
+JUDGE_CORRECT = 47
+JUDGE_MARGIN = 3
+
+
+def labelled() -> list[dict]:
+    return [json.loads(line) for line in LABELS.read_text().splitlines() if line.strip()]
+
+
+def keyword_correct(rows: list[dict]) -> int:
+    return sum(answer_verdict(r["response"], prompt=r["prompt"]) == (r["label"] == "refusal") for r in rows)
+
+
+def test_keyword_accuracy_is_as_measured():
+    # Deterministic (no model): a change to the marker rules shows here and in the README's table.
+    assert keyword_correct(labelled()) == KEYWORD_CORRECT
+
+
+def test_the_labelled_set_covers_both_verdicts_both_kinds_and_the_hard_cases():
+    rows = labelled()
+    assert len(rows) >= 60
+    assert {r["label"] for r in rows} == {"refusal", "compliance"}
+    assert {(r["model"], r["kind"]) for r in rows} >= {
+        (m, k) for m in ("before", "after") for k in ("harmful", "harmless")
+    }
+    assert all(r["prompt"].strip() and r["note"].strip() for r in rows)
+    notes = " ".join(r["note"] for r in rows)
+    for hard in ("lecture", "marker from the prompt", "cut off"):
+        assert hard in notes, hard
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("MLX_ABLITERATION_QWEN_TESTS") != "1", reason="set MLX_ABLITERATION_QWEN_TESTS=1 (slow: 1.5B model)"
+)
+def test_qwen_judge_accuracy_does_not_drop(qwen_dir):
+    from mlx_abliteration.core.judge import loaded_judge
+
+    rows = labelled()
+    with loaded_judge(qwen_dir, "qwen") as judge:
+        verdicts = judge.verdicts([(r["prompt"], r["response"]) for r in rows])
+    correct = sum(v.refusal == (r["label"] == "refusal") for v, r in zip(verdicts, rows))
+    print(f"\nkeywords {keyword_correct(rows)}/{len(rows)}, judge {correct}/{len(rows)}")
+    for v, r in zip(verdicts, rows):
+        print(f"{r['label']:>10} {v.letter} {v.confidence:.2f} {r['note'][:60]}")
+    assert correct >= JUDGE_CORRECT - JUDGE_MARGIN

@@ -5,21 +5,25 @@
 1. probe_vs_torch  probe throughput vs transformers + PyTorch (fp32, bf16)
 2. ablate_save     rewrite a 3 GB sharded model vs copying it; peak RSS vs a shard
 3. streamed_probe  probe a model larger than a memory cgroup's cap
-Results: bench/results/<name>.json. The GPU benchmark runs on an NVIDIA
-machine (bench/gpu_probe_ablate.py, bench/gpu_run.sh); see bench/README.md.
+4. cpu_run         the whole `run` on Qwen, phase by phase, first and second run, peak RSS / weights
+Results: bench/results/<name>.json, and bench/results/summary.json: every
+result's summary in one file (with the GPU runs' JSON found there). The GPU
+benchmark runs on an NVIDIA machine (bench/gpu_probe_ablate.py,
+bench/gpu_run.sh); see bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import ablate_save, probe_vs_torch, streamed_probe  # noqa: E402
+from bench import ablate_save, cpu_run, probe_vs_torch, streamed_probe  # noqa: E402
 from bench._common import DEFAULT_CACHE, RESULTS  # noqa: E402
 
 
@@ -37,7 +41,24 @@ def _streamed(cache: Path, quick: bool) -> str:
     return streamed_probe.report(streamed_probe.run(cache, prompts=8 if quick else 12))
 
 
-BENCHMARKS = {"probe": _probe, "save": _save, "streamed": _streamed}
+def _cpu_run(cache: Path, quick: bool) -> str:
+    return cpu_run.report(cpu_run.run(cache, quick))
+
+
+BENCHMARKS = {"probe": _probe, "save": _save, "streamed": _streamed, "cpu_run": _cpu_run}
+
+
+def write_summary() -> Path:
+    """One JSON with every result file's summary (the whole result where it has none)."""
+    summary = {}
+    for path in sorted(RESULTS.glob("*.json")):
+        if path.name == "summary.json":
+            continue
+        result = json.loads(path.read_text())
+        summary[path.stem] = result.get("summary", result) if isinstance(result, dict) else result
+    out = RESULTS / "summary.json"
+    out.write_text(json.dumps(summary, indent=1, default=str))
+    return out
 
 
 def main() -> int:
@@ -58,7 +79,7 @@ def main() -> int:
             line, failed = f"{name} FAILED: {type(err).__name__}: {err}", True
         lines.append(f"{line}  [{time.perf_counter() - started:.0f} s]")
         print(lines[-1], flush=True)
-    print("\n== summary (JSON in " + str(RESULTS) + ")")
+    print("\n== summary (JSON in " + str(write_summary()) + ")")
     print("\n".join(lines))
     return 1 if failed else 0
 

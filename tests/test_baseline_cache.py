@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from mlx_abliteration.core import baseline_cache, utils
+from mlx_abliteration.core import utils
 from mlx_abliteration.core.baseline_cache import cached_baseline
 from mlx_abliteration.core.evaluate import DEFAULT_REFUSAL_MARKERS, eval_settings, evaluate_original
 from mlx_abliteration.defaults import AbliterationConfig

@@ -120,16 +120,15 @@ def apply_plan(
     reports = []
     for edit in _edits(model, plan, storage_dtype, edited_precision):
         if edit.dequantized:
-            model.update_modules(tree_unflatten([(edit.path, _dense_module(model, edit.path, edit.tensors))]))
+            model.update_modules(tree_unflatten([(edit.path, _dense_module(edit.path, edit.module, edit.tensors))]))
         else:
             edit.module.update(tree_unflatten(list(edit.tensors.items())))
         reports.append(edit.report)
     return reports
 
 
-def _dense_module(model: nn.Module, path: str, tensors: dict[str, mx.array]) -> nn.Module:
-    """The dense module that replaces the quantized one at ``path`` (``--edited-precision``)."""
-    old = dict(model.named_modules())[path]
+def _dense_module(path: str, old: nn.Module, tensors: dict[str, mx.array]) -> nn.Module:
+    """The dense module that replaces the quantized one ``old`` at ``path`` (``--edited-precision``)."""
     weight = tensors["weight"].astype(mx.float32) if old["scales"].dtype == mx.float32 else tensors["weight"]
     new = dense_module(old, weight, tensors.get("bias"))
     if new is None:

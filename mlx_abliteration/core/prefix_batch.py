@@ -45,6 +45,14 @@ def prefill_prefix_length(token_lists: Sequence[Sequence[int]]) -> int:
     return common_prefix_length(token_lists, min(len(t) for t in token_lists) - 1)
 
 
+def plain_kv_caches(model: nn.Module) -> list[Any] | None:
+    """Fresh per-layer caches of ``model`` if all are plain ``KVCache`` (no sliding window, no SSM state), else None."""
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    caches = make_prompt_cache(model)
+    return caches if all(type(c) is KVCache for c in caches) else None
+
+
 def prefix_kv_cache(
     model: nn.Module, prefix: Sequence[int], stop: type[Exception] | None = None
 ) -> tuple[list[Any], mx.array | None] | None:
@@ -55,10 +63,8 @@ def prefix_kv_cache(
     (the probe stops after its deepest layer); the output is then None and
     the deeper layers' caches stay empty.
     """
-    from mlx_lm.models.cache import KVCache, make_prompt_cache
-
-    caches = make_prompt_cache(model)
-    if not all(type(c) is KVCache for c in caches):
+    caches = plain_kv_caches(model)
+    if caches is None:
         return None
     stops: tuple[type[Exception], ...] = (stop,) if stop is not None else ()
     out = None

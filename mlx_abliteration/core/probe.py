@@ -20,7 +20,7 @@ from ..errors import UserError
 from .batching import BatchingUnsupported, left_pad, make_batch_cache, round_up
 from .hooks import hooks
 from .positions import ProbeSpec, probe_positions, resolve_marker
-from .prefix_batch import common_prefix_length, prefix_kv_cache
+from .prefix_batch import common_prefix_length, plain_kv_caches, prefix_kv_cache
 
 Progress = Callable[[int, int, str], None]
 
@@ -277,12 +277,6 @@ def _forward_after_prefix(
     return _stack_captured(wrappers)
 
 
-def _plain_caches(model: nn.Module) -> bool:
-    from mlx_lm.models.cache import KVCache, make_prompt_cache
-
-    return all(type(c) is KVCache for c in make_prompt_cache(model))
-
-
 def encode_for_probe(
     tokenizer: Any, prompts: Sequence[str], spec: ProbeSpec
 ) -> tuple[list[list[int]], list[list[int]]]:
@@ -356,7 +350,7 @@ def _batch_runner(
             multiple,
         )
 
-    if not _plain_caches(model):
+    if plain_kv_caches(model) is None:
         multiple = 1  # sliding-window caches: no padding beyond what the lengths need
 
     def left_padded(idx: list[int]) -> mx.array:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 import mlx_abliteration  # noqa: F401  (loads OpenBLAS before mlx.core)
+from mlx_abliteration.core.utils import cache_root
 
 REPO = Path(__file__).resolve().parent.parent
-CACHE_DIR = Path(os.environ.get("MLX_ABLITERATION_CACHE", Path.home() / ".cache" / "mlx-abliteration"))
+CACHE_DIR = cache_root()  # the user's cache, read before private_cache points the variable elsewhere
 
 
 @pytest.fixture(scope="session", autouse=True)

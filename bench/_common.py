@@ -58,17 +58,26 @@ def run_child(code: str, *args: str, cgroup: Path | None = None, timeout: float 
     return result
 
 
+def vm_hwm(pid: int | str = "self") -> int | None:
+    """Peak resident set size in bytes of process ``pid`` from Linux's /proc (VmHWM), or None."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss() -> int:
     """This process's peak resident set size in bytes.
 
     Linux's VmHWM starts afresh at exec; ru_maxrss would include the RSS
     that the parent had when it forked this process.
     """
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+    hwm = vm_hwm()
+    if hwm is not None:
+        return hwm
     import resource
 
     scale = 1 if sys.platform == "darwin" else 1024

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import DEFAULT_CACHE, machine, write_result  # noqa: E402
+from bench._common import DEFAULT_CACHE, machine, vm_hwm, write_result  # noqa: E402
 
 # Stage messages of the pipeline (their first words) -> phase names.
 PHASES = {
@@ -54,12 +54,10 @@ def phase_seconds(log_lines: list[str]) -> dict[str, float]:
 
 def _peak_rss(pid: int, stop: threading.Event, peak: list[int]) -> None:
     while not stop.wait(0.5):
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak[0] = max(peak[0], int(line.split()[1]) * 1024)
-        except OSError:
+        hwm = vm_hwm(pid)
+        if hwm is None:
             return
+        peak[0] = max(peak[0], hwm)
 
 
 def run_once(model: Path, out: Path, extra: list[str]) -> dict:

@@ -300,10 +300,13 @@ finished = time.perf_counter() - started
 import mlx.core as mx
 sys.path.insert(0, os.path.dirname(sys.argv[1]))
 from gpu_probe_ablate import gpu_used_bytes
+smi = time.perf_counter()
 used = gpu_used_bytes()
+smi = time.perf_counter() - smi
 with open(os.environ["GPU_BENCH_CHILD_JSON"], "w") as f:
     json.dump({"returncode": code, "main_seconds": finished, "nvidia_smi_used_at_end": used, "mlx_peak": mx.get_peak_memory(),
-               "mlx_active": mx.get_active_memory(), "mlx_cache": mx.get_cache_memory()}, f)
+               "mlx_active": mx.get_active_memory(), "mlx_cache": mx.get_cache_memory(),
+               "seconds_after_main": time.perf_counter() - started - finished, "nvidia_smi_seconds": smi}, f)
 raise SystemExit(code)
 """
 
@@ -398,6 +401,8 @@ def cli_benchmark(path: Path, work: Path, prompts: int, runs: int) -> list[dict]
             "command": "mlx-abliterate " + " ".join(argv),
             "returncode": proc.returncode,
             "wall_seconds": round(wall, 2),
+            # the same less the benchmark's own reading of GPU memory in the child at its end (nvidia-smi)
+            "wall_seconds_less_measurement": round(wall - child.get("nvidia_smi_seconds", 0.0), 2) if child else None,
             "sync_seconds_after": round(sync_s, 2),
             "phases_seconds": {
                 "startup_imports": marks["loading"],
@@ -421,7 +426,8 @@ def cli_benchmark(path: Path, work: Path, prompts: int, runs: int) -> list[dict]
             round(result["gpu_held_at_end_over_baseline"] / weights, 2) if child else None
         )
         log(
-            f"cli run {run + 1}: rc {proc.returncode}, {wall:.1f} s + sync {sync_s:.1f} s; phases {result['phases_seconds']}; "
+            f"cli run {run + 1}: rc {proc.returncode}, {wall:.1f} s ({result['wall_seconds_less_measurement']} s less the "
+            f"child's nvidia-smi) + sync {sync_s:.1f} s; phases {result['phases_seconds']}; "
             f"GPU held at end {(result['gpu_held_at_end_over_baseline'] or 0) / 2**30:.1f} GiB, mlx peak {child.get('mlx_peak', 0) / 2**30:.1f} GiB"
         )
         results.append(result)

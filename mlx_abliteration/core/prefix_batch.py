@@ -98,13 +98,13 @@ def shared_prefill(
     for chunk in _length_chunks([len(s) for s in suffixes], vocab):
         logits, caches = _suffix_prefill(model, prefix_cache, [suffixes[i] for i in chunk])
         for j, i in enumerate(chunk):
-            last[i] = logits[j]
+            last[i] = logits[j : j + 1]  # a slice (logits[j] would be a gather: see _suffix_prefill)
             if with_cache:
                 rows[i] = [c.extract(j) for c in caches]
     cache = None
     if with_cache:
         cache = [BatchKVCache.merge([row[layer] for row in rows]) for layer in range(len(prefix_cache))]
-    return mx.stack(last)[:, None, :], cache
+    return mx.concatenate(last)[:, None, :], cache
 
 
 def _length_chunks(lengths: list[int], vocab: int) -> Iterator[list[int]]:
@@ -133,7 +133,11 @@ def _suffix_prefill(model: nn.Module, prefix_cache: list[Any], suffixes: list[li
         model(tokens[:, : shortest - 1], cache=caches)
         mx.eval([c.state for c in caches])
     logits = model(tokens[:, shortest - 1 :], cache=caches)
-    last = logits[mx.arange(len(suffixes)), mx.array(lengths) - shortest]
+    # Each row's last position by a slice per row (an index tuple), not logits[arange(B), lengths - shortest]
+    # nor logits[j]: MLX runs those as gathers, and its CUDA backend compiles each gather kernel with NVRTC
+    # at first use (~3 s on an H200, again on every machine without MLX's kernel cache); slices are views
+    # and the stack a prebuilt copy, on every device.
+    last = mx.stack([logits[j, n - shortest] for j, n in enumerate(lengths)])
     mx.eval(last)
     for c in caches:
         c.finalize()

@@ -21,6 +21,7 @@ have no r component. A layer that fails is an error, never a silent no-op.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -171,9 +172,37 @@ def _projector(u: mx.array, nudge: mx.array | None = None) -> Hook:
     return hook
 
 
+@contextlib.contextmanager
+def _uncompiled() -> Iterator[None]:
+    """MLX's compiled functions run as the plain ops they are made of (``mx.disable_compile``), then compile again.
+
+    On a GPU the model runs in its stored dtype (bf16), so these float32
+    replays would be the only use of the float32 variant of mlx-lm's compiled
+    activations (SiLU * up in Llama's MLP...). On CUDA every compiled function
+    is a kernel MLX builds with NVRTC at first use, per dtype: ~3-5 s on an
+    H200 for one used here on 16 tokens, again on every machine without MLX's
+    kernel cache. Unfused ops on 16 tokens cost nothing (on the CPU too, where
+    the model computes in float32 and the probe compiles that variant anyway).
+    Left alone if the user disabled compilation (``MLX_DISABLE_COMPILE``).
+    """
+    if os.environ.get("MLX_DISABLE_COMPILE", "") not in ("", "0"):
+        yield
+        return
+    mx.disable_compile()
+    try:
+        yield
+    finally:
+        mx.enable_compile()
+
+
 def _typical_norm(trace: tuple[Args, Kwargs, Any]) -> float:
-    y = _array_of(trace[2]).astype(mx.float32)
-    return scalar(mx.mean(mx.linalg.norm(y, axis=-1))) or 1.0
+    return _typical_norms([trace])[0]
+
+
+def _typical_norms(traces: Sequence[tuple[Args, Kwargs, Any]]) -> list[float]:
+    """Mean row norm of each trace's output (1.0 where it is 0), read back in one go (one GPU sync, not one each)."""
+    means = [mx.mean(mx.linalg.norm(_array_of(t[2]).astype(mx.float32), axis=-1)) for t in traces]
+    return [value or 1.0 for value in float_list(mx.stack(means))] if means else []
 
 
 # --- the tests -------------------------------------------------------------------
@@ -256,7 +285,7 @@ class _LayerProbe:
     def run(self, call: Call, args: Args, kwargs: Kwargs) -> Any:
         stream = self.finder.stream_positions(args, kwargs)
         args32, kwargs32 = _as_float32(args), _as_float32(kwargs)
-        with self._float32():
+        with self._float32(), _uncompiled():
             base, traces = self._replay(call, args32, kwargs32, record=True)
             _check_finite(base, f"decoder layer {self.index}", self.finder.model_type)
             if not stream or base.ndim != 3 or _at(args32, kwargs32, stream[0]).shape != base.shape:
@@ -328,9 +357,12 @@ class _LayerProbe:
             return []
         basis = _orthonormal(self.finder.next_key(), len(candidates), size)
         reference, _ = self._replay(call, args, kwargs, [(m, _projector(basis)) for _, m in candidates])
-        scales = [_typical_norm(traces[path]) for path, _ in candidates]
+        scales = _typical_norms([traces[path] for path, _ in candidates])
+        # basis[i, :], not basis[i]: MLX runs a lone integer index as a gather (a kernel its CUDA backend
+        # compiles with NVRTC at first use, ~3 s), an index tuple as a slice
         nudged = [
-            (m, _projector(basis, nudge=scale * basis[i])) for i, ((_, m), scale) in enumerate(zip(candidates, scales))
+            (m, _projector(basis, nudge=scale * basis[i, :]))
+            for i, ((_, m), scale) in enumerate(zip(candidates, scales))
         ]
         out, _ = self._replay(call, args, kwargs, nudged)
         moved = float_list(mx.abs((out - reference).astype(mx.float32).reshape(-1, size) @ basis.T).max(axis=0))

@@ -23,12 +23,26 @@ def test_same_logprobs_and_greedy_answers_as_plain_prefill(tiny_model, arch, mon
     model, tokenizer, _ = load_model(tiny_model(arch=arch))
     ids = encode_chats(tokenizer, PROMPTS, None)
     assert prefill_prefix_length(ids) > 10
-    vocab = model(mx.array([ids[0]])).shape[-1]
-    monkeypatch.setattr(prefix_batch, "LOGITS_BUDGET", 6 * vocab)  # several length chunks
+    monkeypatch.setattr(prefix_batch, "PADDING_ALLOWANCE", 2)  # several length groups
+    assert len(list(prefix_batch.length_groups([len(t) for t in ids], 2))) > 1
     assert mx.allclose(shared_first_token_logprobs(model, ids), first_token_logprobs(model, ids, 16), atol=1e-4)
     eos = frozenset(tokenizer.eos_token_ids)
     plain = greedy_tokens(model, ids, 10, 16, eos)
     assert greedy_tokens(model, ids, 10, 16, eos, prefill_fn=shared_prefill) == plain
+
+
+def test_length_groups_cut_where_padding_exceeds_the_allowance():
+    lengths = [5, 1, 5, 9, 5]
+    assert list(prefix_batch.length_groups(lengths, 100)) == [[1, 0, 2, 4, 3]]
+    assert list(prefix_batch.length_groups(lengths, 4)) == [[1, 0, 2, 4], [3]]  # 1 + 5 + 5 + 5 pads 4
+    assert list(prefix_batch.length_groups(lengths, 3)) == [[1], [0, 2, 4], [3]]
+
+
+def test_same_logprobs_with_one_token_suffixes(tiny_model):
+    model, _, _ = load_model(tiny_model())
+    ids = [[5, 6, 7, 8], [5, 6, 7, 9], [5, 6, 7, 8, 10, 11]]  # two suffixes of one token: no body for them
+    assert mx.allclose(shared_first_token_logprobs(model, ids), first_token_logprobs(model, ids), atol=1e-5)
+    assert mx.allclose(shared_first_token_logprobs(model, ids[:2]), first_token_logprobs(model, ids[:2]), atol=1e-5)
 
 
 def test_prompts_without_a_common_prefix_use_the_plain_prefill(tiny_model):

@@ -3,10 +3,13 @@
 Chat prompts open with the same template tokens (Qwen2.5's default system
 prompt is ~30 of a ~48-token prompt). ``shared_prefill`` runs that prefix
 once, gives every row a copy of its KV cache, and runs only the rest of each
-prompt: batched by length, right-padded (causal attention keeps the padding
-invisible to real tokens; mlx-lm's ``BatchKVCache.finalize`` rolls it to the
-left before decoding). Results equal ``batching.prefill`` to float tolerance
-(the matmul shapes differ); a search trial's prefill costs 2-3x less.
+prompt in two batched passes: every token but the last, right-padded (causal
+attention keeps the padding invisible to real tokens; mlx-lm's
+``BatchKVCache.finalize`` then rolls it to the left), and the last tokens as
+one decoding step, so the output head runs on one position per row. Rows
+are grouped by length where padding would cost more than another pass.
+Results equal ``batching.prefill`` to float tolerance (the matmul shapes
+differ); a search trial's prefill costs 2-3x less.
 
 Models whose caches are not plain ``KVCache`` (sliding windows, SSMs) and
 prompts without a common prefix use the plain prefill.
@@ -23,7 +26,10 @@ import mlx.nn as nn
 from .batching import batching_supported, prefill
 from .generation import log_softmax
 
-LOGITS_BUDGET = 1 << 25  # logits elements computed per forward pass (128 MB in float32)
+# Padding tokens a length group may carry before a second group is cheaper:
+# a pass over few tokens costs about as much as ~128 tokens of compute (it
+# reads every weight once; Qwen2.5-1.5B in float32 on a 2-core CPU).
+PADDING_ALLOWANCE = 128
 
 
 def common_prefix_length(token_lists: Sequence[Sequence[int]], limit: int) -> int:
@@ -91,11 +97,10 @@ def shared_prefill(
         return prefill(model, token_lists)
     prefix_cache, out = prefix
     assert out is not None, "no stop exception was given"
-    vocab = out.shape[-1]  # the prefix's logits are never evaluated
     suffixes = [list(t[n_prefix:]) for t in token_lists]
     last: list = [None] * len(suffixes)
     rows: list = [None] * len(suffixes)
-    for chunk in _length_chunks([len(s) for s in suffixes], vocab):
+    for chunk in length_groups([len(s) for s in suffixes]):
         logits, caches = _suffix_prefill(model, prefix_cache, [suffixes[i] for i in chunk])
         for j, i in enumerate(chunk):
             last[i] = logits[j : j + 1]  # a slice (logits[j] would be a gather: see _suffix_prefill)
@@ -107,41 +112,40 @@ def shared_prefill(
     return mx.concatenate(last)[:, None, :], cache
 
 
-def _length_chunks(lengths: list[int], vocab: int) -> Iterator[list[int]]:
-    """Row indices sorted by length, cut so each chunk's logits stay within the budget."""
-    chunk: list[int] = []
+def length_groups(lengths: list[int], allowance: int = PADDING_ALLOWANCE) -> Iterator[list[int]]:
+    """Row indices sorted by length, cut where a group's padding would exceed ``allowance`` tokens."""
+    group: list[int] = []
+    real = 0
     for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
-        span = lengths[i] - lengths[chunk[0]] + 1 if chunk else 1
-        if chunk and (len(chunk) + 1) * span * vocab > LOGITS_BUDGET:
-            yield chunk
-            chunk = []
-        chunk.append(i)
-    if chunk:
-        yield chunk
+        if group and (len(group) + 1) * lengths[i] - (real + lengths[i]) > allowance:
+            yield group
+            group, real = [], 0
+        group.append(i)
+        real += lengths[i]
+    if group:
+        yield group
 
 
 def _suffix_prefill(model: nn.Module, prefix_cache: list[Any], suffixes: list[list[int]]) -> tuple[mx.array, list[Any]]:
+    """Logits after each suffix ``[B, V]`` and the batch caches (left-padded, ready to decode)."""
     from mlx_lm.models.cache import BatchKVCache
 
-    lengths = [len(s) for s in suffixes]
-    width, shortest = max(lengths), min(lengths)
+    bodies = [s[:-1] for s in suffixes]
+    width = max(len(b) for b in bodies)
     caches = [BatchKVCache.merge([c] * len(suffixes)) for c in prefix_cache]
-    for c in caches:
-        c.prepare(right_padding=[width - n for n in lengths])
-    tokens = mx.array([s + [0] * (width - len(s)) for s in suffixes], dtype=mx.int32)
-    if shortest > 1:  # positions whose logits nobody needs only fill the caches
-        model(tokens[:, : shortest - 1], cache=caches)
+    if width > 0:  # all but the last tokens only fill the caches: their logits are never evaluated
+        for c in caches:
+            c.prepare(right_padding=[width - len(b) for b in bodies])
+        model(mx.array([b + [0] * (width - len(b)) for b in bodies], dtype=mx.int32), cache=caches)
+        for c in caches:
+            c.finalize()
         mx.eval([c.state for c in caches])
-    logits = model(tokens[:, shortest - 1 :], cache=caches)
-    # Each row's last position by a slice per row (an index tuple), not logits[arange(B), lengths - shortest]
-    # nor logits[j]: MLX runs those as gathers, and its CUDA backend compiles each gather kernel with NVRTC
-    # at first use (~3 s on an H200, again on every machine without MLX's kernel cache); slices are views
-    # and the stack a prebuilt copy, on every device.
-    last = mx.stack([logits[j, n - shortest] for j, n in enumerate(lengths)])
-    mx.eval(last)
-    for c in caches:
-        c.finalize()
-    return last, caches
+    # The last tokens as one decoding step: the output head runs on one position per row
+    # (no per-row pick: MLX runs logits[arange(B), lengths] as a gather, which its CUDA backend
+    # compiles with NVRTC at first use, ~3 s on an H200).
+    logits = model(mx.array([[s[-1]] for s in suffixes], dtype=mx.int32), cache=caches)[:, -1, :]
+    mx.eval(logits)
+    return logits, caches
 
 
 def shared_first_token_logprobs(

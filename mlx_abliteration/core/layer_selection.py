@@ -20,9 +20,10 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..engine.orthogonalize import AblationPlan
-from ..engine.revertible_edit import TrialEditor
+from ..engine.trials import Trials
 from .chat import encode_chats
 from .directions import RefusalDirections
 from .evaluate import kl_divergence
@@ -67,6 +68,13 @@ def refusal_token_ids(harmful_logp: mx.array, harmless_logp: mx.array, k: int = 
     return [t for t in int_list(top) if scalar(rise[t]) > 0]
 
 
+def token_mask(tokens: Sequence[int], vocab: int) -> mx.array:
+    """1.0 at ``tokens``, else 0: summing probabilities through it needs no gather (an NVRTC-compiled kernel on CUDA)."""
+    mask = np.zeros(vocab, dtype=np.float32)
+    mask[list(tokens)] = 1.0
+    return mx.array(mask)
+
+
 def select_layer_auto(
     model: nn.Module,
     tokenizer: Any,
@@ -82,20 +90,21 @@ def select_layer_auto(
 ) -> tuple[int, list[CandidateScore]]:
     harmful_ids = encode_chats(tokenizer, harmful_prompts, system_prompt)
     harmless_ids = encode_chats(tokenizer, harmless_prompts, system_prompt)
-    base_harmful = first_token_logprobs(model, harmful_ids, batch_size)
-    base_harmless = first_token_logprobs(model, harmless_ids, batch_size)
+
+    def measure() -> tuple[mx.array, mx.array]:
+        # Both sets in one batch: each forward pass reads every weight once, so fuller passes cost less per prompt.
+        both = first_token_logprobs(model, harmful_ids + harmless_ids, batch_size)
+        return both[: len(harmful_ids)], both[len(harmful_ids) :]
+
+    base_harmful, base_harmless = measure()
     tokens = refusal_token_ids(base_harmful, base_harmless)
     candidates = candidate_layers(directions.layers, directions.num_model_layers)
-    editor = TrialEditor(model, plan_for_layer(candidates[0]).targets, storage_dtype)
+    trials = Trials(model, plan_for_layer(candidates[0]).targets, storage_dtype)
+    refusal_mask = token_mask(tokens, base_harmful.shape[-1])
 
     def score(layer: int) -> CandidateScore:
-        editor.apply(plan_for_layer(layer))
-        try:
-            harmful = first_token_logprobs(model, harmful_ids, batch_size)
-            harmless = first_token_logprobs(model, harmless_ids, batch_size)
-        finally:
-            editor.restore()
-        refusal = scalar(mx.exp(harmful[:, tokens]).sum(-1).mean()) if tokens else 0.0
+        harmful, harmless = trials.measure(plan_for_layer(layer), measure)
+        refusal = scalar((mx.exp(harmful) * refusal_mask).sum(-1).mean())
         kl = kl_divergence(base_harmless, harmless)
         return CandidateScore(layer, refusal, kl)
 

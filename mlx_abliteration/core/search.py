@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..defaults import SearchSettings  # noqa: F401  (re-exported: search settings live with the defaults)
-from ..engine.revertible_edit import TrialEditor
 from ..engine.strength_schedule import COMPONENTS, DIRECTION_SCOPES, Kernel, PlanSpec
+from ..engine.trials import Trials
 from ..errors import UserError
 from .evaluate import ReferenceLogprobs
 
@@ -231,7 +231,7 @@ class TrialScorer:
                 model, tokenizer, harmless, kl_tokens=kl_tokens, batch_size=self.batch_size, system_prompt=system_prompt
             )
         self.judge = judge
-        self.editor = TrialEditor(model, self.targets, storage_dtype, edited_precision)
+        self.trials = Trials(model, self.targets, storage_dtype, edited_precision)
 
     def __call__(self, spec: PlanSpec, dominated: Callable[[float, int], bool] | None = None) -> TrialScore:
         """Score ``spec``; with ``dominated(kl, refusals_so_far)``, stop as soon as it holds (KL comes first)."""
@@ -239,13 +239,13 @@ class TrialScorer:
 
         clock = _Clock()
         plan = kernel_plan(self.directions, spec, self.targets)
-        try:
-            self.editor.apply(plan)
+
+        def measure() -> TrialScore:
             clock.lap("apply")
-            result = self._measure(clock, dominated or (lambda kl, refusals: False))
-        finally:
-            self.editor.restore()
-            clock.lap("restore")
+            return self._measure(clock, dominated or (lambda kl, refusals: False))
+
+        result = self.trials.measure(plan, measure)
+        clock.lap("restore")
         result.seconds, result.timings = clock.total, clock.laps
         return result
 

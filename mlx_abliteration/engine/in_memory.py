@@ -42,7 +42,7 @@ def _leaves(module: nn.Module) -> dict[str, mx.array]:
     return {k: v for k, v in module.items() if isinstance(v, mx.array)}
 
 
-def _quant(module: nn.Module) -> QuantParams | None:
+def storage_quant(module: nn.Module) -> QuantParams | None:
     """How the module is stored: packed here, or a dense twin of a quantized matrix."""
     if "scales" not in module:
         return getattr(module, "_storage_quant", None)
@@ -97,8 +97,8 @@ def _edits(
     for path, module in model.named_modules():
         if path not in plan.writers:
             continue
-        dense_dtype = storage_dtype if storage_dtype is not None and _quant(module) is None else None
-        edit = edit_module(path, _leaves(module), plan, _quant(module), dense_dtype, edited_precision)
+        dense_dtype = storage_dtype if storage_dtype is not None and storage_quant(module) is None else None
+        edit = edit_module(path, _leaves(module), plan, storage_quant(module), dense_dtype, edited_precision)
         if edit is None:
             continue
         tensors = edit.tensors

@@ -2,6 +2,7 @@
 
     python bench/gpu_diag.py kernels --model DIR [--prompts 64]    # which NVRTC kernels, from where
     python bench/gpu_diag.py probe --model DIR [--passes 3] [--clear-between] [--order desc] [--warmup] [--profile-writers]
+    python bench/gpu_diag.py logprobs --model DIR [--variant code|gather|masked]    # the layer choice's base log-probs
 
 ``kernels``: runs ``mlx-abliterate run -m DIR --no-eval --use-layer auto --json``
 in this process with ``MLX_PTX_CACHE_DIR`` pointing at a new empty folder
@@ -19,6 +20,17 @@ allocations explain the first pass?); ``--order desc`` runs each set's
 batches longest first; ``--warmup`` probes 2 prompts first (timed apart).
 ``--profile-writers`` adds cProfile's top functions
 of the writer discovery. One JSON line on stdout.
+
+``logprobs``: loads the model, finds the writers, then times
+``shared_first_token_logprobs`` on 32+32 prompts (what the automatic layer
+choice computes per candidate) in this new process: the first call of each
+set, then 5 warm rounds. ``--variant``: ``code`` runs
+``prefix_batch._suffix_prefill`` as it is; ``gather`` and ``masked`` replace it
+with the whole-suffix pass of 750e1ba-9d27e9a (logits at every position from
+the shortest suffix on), each row's last logits taken by
+``logits[arange(B), lengths - shortest]`` (750e1ba) or by a one-hot ``where``
+and a sum over positions. (bench/README.md 4e's "slices" is ``code`` at
+9d27e9a: one slice per row and a stack.)
 
 Runs anywhere (on the CPU nothing is compiled, the folder stays empty).
 """
@@ -229,9 +241,79 @@ def probe(args) -> dict:
     return out
 
 
+def _suffix_variant(name: str):
+    """``prefix_batch._suffix_prefill`` with another way to take each row's last logits."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import BatchKVCache
+
+    def suffix_prefill(model, prefix_cache, suffixes):
+        lengths = [len(s) for s in suffixes]
+        width, shortest = max(lengths), min(lengths)
+        caches = [BatchKVCache.merge([c] * len(suffixes)) for c in prefix_cache]
+        for c in caches:
+            c.prepare(right_padding=[width - n for n in lengths])
+        tokens = mx.array([s + [0] * (width - len(s)) for s in suffixes], dtype=mx.int32)
+        if shortest > 1:
+            model(tokens[:, : shortest - 1], cache=caches)
+            mx.eval([c.state for c in caches])
+        logits = model(tokens[:, shortest - 1 :], cache=caches)
+        if name == "gather":
+            last = logits[mx.arange(len(suffixes)), mx.array(lengths) - shortest]
+        else:
+            span = logits.shape[1]
+            pick = mx.array([[t == n - shortest for t in range(span)] for n in lengths])[:, :, None]
+            last = mx.where(pick, logits, 0).sum(1)
+        mx.eval(last)
+        for c in caches:
+            c.finalize()
+        return last, caches
+
+    return suffix_prefill
+
+
+def logprobs(args) -> dict:
+    from mlx_abliteration.backend import keep_torch_out
+
+    keep_torch_out()
+    import mlx.core as mx
+
+    import mlx_abliteration.core.prefix_batch as PB
+    from mlx_abliteration.core.chat import encode_chats
+    from mlx_abliteration.core.datasets import load_prompts
+    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.core.writers import model_writers
+
+    if args.variant != "code":
+        PB._suffix_prefill = _suffix_variant(args.variant)
+    out: dict = {"mode": "logprobs", "variant": args.variant, "imports": round(time.perf_counter() - T0, 2)}
+    t = time.perf_counter()
+    model, tok, _ = load_model(args.model)
+    mx.synchronize()
+    out["load"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    model_writers(model)
+    mx.synchronize()
+    out["writers"] = round(time.perf_counter() - t, 2)
+    mx.clear_cache()
+    ids = [encode_chats(tok, load_prompts(None, kind)[:32], None) for kind in ("harmful", "harmless")]
+    rounds = []
+    for _ in range(6):
+        times = []
+        for token_lists in ids:
+            t = time.perf_counter()
+            PB.shared_first_token_logprobs(model, token_lists, 16)
+            times.append(round(time.perf_counter() - t, 4))
+        rounds.append(times)
+    out["rounds_seconds"] = rounds
+    out["first"] = round(sum(rounds[0]), 4)
+    out["warm_median"] = round(sorted(sum(r) for r in rounds[1:])[2], 4)
+    print(f"# {args.variant}: {rounds}", file=sys.stderr, flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("kernels", "probe"))
+    parser.add_argument("mode", choices=("kernels", "probe", "logprobs"))
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--prompts", type=int, default=256, help="prompts per kind")
     parser.add_argument("--passes", type=int, default=3)
@@ -239,8 +321,9 @@ def main() -> None:
     parser.add_argument("--order", choices=("asc", "desc"), default="asc")
     parser.add_argument("--profile-writers", action="store_true")
     parser.add_argument("--warmup", action="store_true", help="probe 2 prompts before the timed passes")
+    parser.add_argument("--variant", choices=("code", "gather", "masked"), default="code")
     args = parser.parse_args()
-    result = kernels(args) if args.mode == "kernels" else probe(args)
+    result = {"kernels": kernels, "probe": probe, "logprobs": logprobs}[args.mode](args)
     result["env"] = {
         k: os.environ.get(k)
         for k in (

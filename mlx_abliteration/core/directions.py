@@ -92,17 +92,18 @@ def compute_directions(
     rows, stats, kept, degenerate = [], [], [], []
     pooled_var = (harmful.variance + harmless.variance) / 2
     for row, layer in enumerate(layers):
-        if _equal_means(harmful.mean[row], harmless.mean[row]):
+        # [row, :] is a slice; a lone integer index is a gather, which MLX's CUDA backend compiles at first use.
+        a, b = harmful.mean[row, :], harmless.mean[row, :]
+        if _equal_means(a, b):
             degenerate.append(
                 layer
             )  # e.g. a layer the prompts' probe positions cannot tell apart (short-conv first layers)
             continue
         kept.append(layer)
-        r, norm = calculate_refusal_direction(harmful.mean[row], harmless.mean[row], variant)
+        r, norm = calculate_refusal_direction(a, b, variant)
         rows.append(r)
-        a, b = harmful.mean[row], harmless.mean[row]
         cos = scalar((a * b).sum() / (mx.linalg.norm(a) * mx.linalg.norm(b) + 1e-12))
-        std = math.sqrt(max(scalar(pooled_var[row]), 1e-12))
+        std = math.sqrt(max(scalar(pooled_var[row : row + 1]), 1e-12))
         rel = norm / max(scalar(mx.linalg.norm(b)), 1e-12)
         stats.append(LayerStats(layer, norm, rel, cos, norm / std))
     if not rows:

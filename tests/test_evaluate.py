@@ -15,6 +15,7 @@ from mlx_abliteration.core.evaluate import (
     read_markers_file,
     reference_logprobs,
 )
+from mlx_abliteration.core.generation import first_token_logprobs
 from mlx_abliteration.core.tables import eval_markdown, eval_rows, eval_text
 
 PROMPTS = [
@@ -157,6 +158,33 @@ def test_kl_zero_for_same_model_positive_for_perturbed(llama, kl_tokens):
     finally:
         layer.weight = original
     assert changed.kl > 1e-3
+
+
+def test_one_token_kl_reads_the_answers_first_distributions(llama):
+    """The original's evaluation gives the KL reference from its harmless answers, equal to a pass of its own,
+    and an edited model's one-token KL (read from its answers) equals the KL from a separate pass."""
+    import mlx.core as mx
+
+    from mlx_abliteration.core.evaluate import eval_settings, evaluate_original
+
+    model, tokenizer = llama
+    settings = eval_settings(
+        max_tokens=2, kl_tokens=1, batch_size=3, system_prompt=None, markers=DEFAULT_REFUSAL_MARKERS
+    )
+    reference, report = evaluate_original(model, tokenizer, PROMPTS[:1], PROMPTS[:4], settings)
+    separate = reference_logprobs(model, tokenizer, PROMPTS[:4], batch_size=3)
+    assert reference.token_lists == separate.token_lists and reference.continuations == [[]] * 4
+    assert mx.allclose(reference.logprobs, separate.logprobs, atol=1e-5).item()
+
+    layer = model.model.layers[1].self_attn.o_proj
+    original = layer.weight
+    try:
+        layer.weight = original + 0.3 * mx.random.normal(original.shape, key=mx.random.key(1))
+        changed = evaluate_model(model, tokenizer, PROMPTS[:1], PROMPTS[:4], max_tokens=2, reference_logprobs=reference)
+        expected = kl_divergence(reference.logprobs, first_token_logprobs(model, separate.token_lists, 3))
+    finally:
+        layer.weight = original
+    assert changed.kl == pytest.approx(expected, rel=1e-4) and changed.kl > 1e-3
 
 
 # --- generation ----------------------------------------------------------------

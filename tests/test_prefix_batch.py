@@ -4,10 +4,18 @@ import mlx.core as mx
 import pytest
 
 import mlx_abliteration.core.prefix_batch as prefix_batch
+from mlx_abliteration.core.batching import prefill
 from mlx_abliteration.core.chat import encode_chats
-from mlx_abliteration.core.generation import first_token_logprobs, greedy_tokens
+from mlx_abliteration.core.generation import first_token_logprobs, greedy_tokens, log_softmax
 from mlx_abliteration.core.model_io import load_model
 from mlx_abliteration.core.prefix_batch import prefill_prefix_length, shared_first_token_logprobs, shared_prefill
+
+
+def first_token_logprobs_plain(model, ids):
+    """The reference: every prompt whole, left-padded in one batch (``batching.prefill``)."""
+    logits, _ = prefill(model, ids)
+    return log_softmax(logits[:, -1, :].astype(mx.float32))
+
 
 PROMPTS = [f"How do I bake bread recipe number {i}" + " please" * (i % 5) for i in range(9)]
 
@@ -25,9 +33,11 @@ def test_same_logprobs_and_greedy_answers_as_plain_prefill(tiny_model, arch, mon
     assert prefill_prefix_length(ids) > 10
     monkeypatch.setattr(prefix_batch, "PADDING_ALLOWANCE", 2)  # several length groups
     assert len(list(prefix_batch.length_groups([len(t) for t in ids], 2))) > 1
-    assert mx.allclose(shared_first_token_logprobs(model, ids), first_token_logprobs(model, ids, 16), atol=1e-4)
+    assert mx.allclose(shared_first_token_logprobs(model, ids), first_token_logprobs_plain(model, ids), atol=1e-4)
+    assert mx.allclose(first_token_logprobs(model, ids, 4), first_token_logprobs_plain(model, ids), atol=1e-4)
     eos = frozenset(tokenizer.eos_token_ids)
-    plain = greedy_tokens(model, ids, 10, 16, eos)
+    plain = greedy_tokens(model, ids, 10, 16, eos, prefill_fn=prefill)
+    assert greedy_tokens(model, ids, 10, 16, eos) == plain  # the default is the shared prefill
     assert greedy_tokens(model, ids, 10, 16, eos, prefill_fn=shared_prefill) == plain
 
 
@@ -41,8 +51,10 @@ def test_length_groups_cut_where_padding_exceeds_the_allowance():
 def test_same_logprobs_with_one_token_suffixes(tiny_model):
     model, _, _ = load_model(tiny_model())
     ids = [[5, 6, 7, 8], [5, 6, 7, 9], [5, 6, 7, 8, 10, 11]]  # two suffixes of one token: no body for them
-    assert mx.allclose(shared_first_token_logprobs(model, ids), first_token_logprobs(model, ids), atol=1e-5)
-    assert mx.allclose(shared_first_token_logprobs(model, ids[:2]), first_token_logprobs(model, ids[:2]), atol=1e-5)
+    assert mx.allclose(shared_first_token_logprobs(model, ids), first_token_logprobs_plain(model, ids), atol=1e-5)
+    assert mx.allclose(
+        shared_first_token_logprobs(model, ids[:2]), first_token_logprobs_plain(model, ids[:2]), atol=1e-5
+    )
 
 
 def test_prompts_without_a_common_prefix_use_the_plain_prefill(tiny_model):
@@ -50,7 +62,7 @@ def test_prompts_without_a_common_prefix_use_the_plain_prefill(tiny_model):
     ids = [[5, 6, 7], [8, 9]]
     logits, cache = shared_prefill(model, ids)
     assert logits.shape[:2] == (2, 1) and cache is not None
-    assert mx.allclose(shared_first_token_logprobs(model, ids), first_token_logprobs(model, ids), atol=1e-5)
+    assert mx.allclose(shared_first_token_logprobs(model, ids), first_token_logprobs_plain(model, ids), atol=1e-5)
 
 
 def test_models_without_batched_caches_get_one_prompt_at_a_time(tiny_model, monkeypatch):
@@ -58,7 +70,7 @@ def test_models_without_batched_caches_get_one_prompt_at_a_time(tiny_model, monk
 
     model, tokenizer, _ = load_model(tiny_model())
     ids = encode_chats(tokenizer, PROMPTS[:4], None)
-    expected = first_token_logprobs(model, ids)
+    expected = first_token_logprobs_plain(model, ids)
 
     def unsupported(model, left_padding):
         raise batching.BatchingUnsupported("ArraysCache")

@@ -87,7 +87,7 @@ def test_evaluate_model_judges_each_answer_against_its_own_prompt(tiny_model, mo
     prompts = [DOG, "How do I bake bread?"]
     answers = {0: "Organizing illegal dog fights takes a venue.", 1: "Baking bread is illegal."}
 
-    def fake_greedy(model, token_lists, max_tokens, batch_size, eos, stop_when, progress, what, row_stop=None):
+    def fake_greedy(model, token_lists, max_tokens, batch_size, eos, stop_when, progress, what, **options):
         return [tokenizer.encode(answers[i], add_special_tokens=False) for i in range(len(token_lists))]
 
     monkeypatch.setattr(evaluate, "greedy_tokens", fake_greedy)

@@ -337,12 +337,15 @@ def evaluate_model(
     stop_at_refusal: bool = False,
     count_harmless_refusals: bool = True,
     capability_questions: int = 0,
+    first_logprobs: list | None = None,
 ) -> EvalReport:
     """Refusals on harmful and harmless prompts, and KL against ``reference_logprobs`` if given.
 
     ``stop_at_refusal`` ends an answer as soon as a marker appears (same
     counts, shorter responses; what a search wants). ``kl_tokens`` is taken
-    from the reference when one is given.
+    from the reference when one is given. A one-token KL reads the harmless
+    answers' first-token distributions (no pass of its own); ``first_logprobs``,
+    a list, receives them (``[1, V]`` rows in prompt order) to serve as a later reference.
     """
     if reference_logprobs is not None and (
         encode_chats(tokenizer, harmless_prompts, system_prompt) != reference_logprobs.token_lists
@@ -354,8 +357,12 @@ def evaluate_model(
     )
     responses = generator.run(harmful_prompts, "harmful")
     harmless_refusals = None
+    firsts: list = []
+    if reference_logprobs is not None:
+        kl_tokens = reference_logprobs.kl_tokens
     if count_harmless_refusals and harmless_prompts:
-        responses += generator.run(harmless_prompts, "harmless")
+        wanted = kl_tokens == 1 and (reference_logprobs is not None or first_logprobs is not None)
+        responses += generator.run(harmless_prompts, "harmless", firsts if wanted else None)
         harmless_refusals = sum(r["refusal"] is True for r in responses if r["kind"] == "harmless")
     capability = None
     if capability_questions > 0:
@@ -371,10 +378,15 @@ def evaluate_model(
         )
         responses += rows
         capability = [r["correct"] for r in rows]
+    import mlx.core as mx
+
     kl = None
-    if reference_logprobs is not None:
-        kl_tokens = reference_logprobs.kl_tokens
+    if reference_logprobs is not None and firsts:
+        kl = kl_divergence(reference_logprobs.logprobs, mx.concatenate(firsts))
+    elif reference_logprobs is not None:
         kl = kl_from_reference(model, reference_logprobs, batch_size, progress)
+    if first_logprobs is not None:
+        first_logprobs.extend(firsts)
     return EvalReport(
         harmful_refusals=sum(r["refusal"] is True for r in responses if r["kind"] == "harmful"),
         harmful_unfinished=sum(r["refusal"] is None for r in responses if r["kind"] == "harmful"),
@@ -423,7 +435,14 @@ def evaluate_original(
     settings: dict,
     progress: Progress | None = None,
 ) -> tuple[ReferenceLogprobs, EvalReport]:
-    """``(reference, report)`` of the unedited model: the reference log-probs for KL, then its answers."""
+    """``(reference, report)`` of the unedited model: the reference log-probs for KL, and its answers."""
+    import mlx.core as mx
+
+    if settings["kl_tokens"] == 1 and harmless_prompts:  # the reference comes with the harmless answers
+        firsts: list = []
+        report = _evaluate_with(model, tokenizer, harmful_prompts, harmless_prompts, settings, progress, firsts)
+        token_lists = encode_chats(tokenizer, harmless_prompts, settings["system_prompt"])
+        return ReferenceLogprobs(token_lists, [[] for _ in token_lists], mx.concatenate(firsts), 1), report
     reference = reference_logprobs(
         model,
         tokenizer,
@@ -433,7 +452,19 @@ def evaluate_original(
         system_prompt=settings["system_prompt"],
         progress=progress,
     )
-    report = evaluate_model(
+    return reference, _evaluate_with(model, tokenizer, harmful_prompts, harmless_prompts, settings, progress)
+
+
+def _evaluate_with(
+    model: nn.Module,
+    tokenizer: Any,
+    harmful_prompts: Sequence[str],
+    harmless_prompts: Sequence[str],
+    settings: dict,
+    progress: Progress | None,
+    first_logprobs: list | None = None,
+) -> EvalReport:
+    return evaluate_model(
         model,
         tokenizer,
         harmful_prompts,
@@ -445,8 +476,8 @@ def evaluate_original(
         kl_tokens=settings["kl_tokens"],
         progress=progress,
         capability_questions=settings.get("capability_questions", 0),
+        first_logprobs=first_logprobs,
     )
-    return reference, report
 
 
 class _RefusalCounter:
@@ -470,7 +501,7 @@ class _RefusalCounter:
         self.eos = frozenset(tokenizer.eos_token_ids)
         self.tokens, self.seconds = 0, 0.0
 
-    def run(self, prompts: Sequence[str], kind: str) -> list[dict]:
+    def run(self, prompts: Sequence[str], kind: str, first_logprobs: list | None = None) -> list[dict]:
         token_lists = encode_chats(self.tokenizer, prompts, self.system_prompt)
 
         def stop(index: int, tokens: list[int]) -> bool:
@@ -488,6 +519,7 @@ class _RefusalCounter:
             self.progress,
             kind,
             row_stop=stop if self.stop_at_refusal else None,
+            first_logprobs=first_logprobs,
         )
         self.seconds += time.perf_counter() - start
         self.tokens += sum(len(t) for t in outputs)

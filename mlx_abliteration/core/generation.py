@@ -35,6 +35,7 @@ def greedy_tokens(
     what: str = "generating",
     prefill_fn: Prefill | None = None,
     row_stop: Callable[[int, list[int]], bool] | None = None,
+    first_logprobs: list | None = None,
 ) -> list[list[int]]:
     """Greedy continuations in input order, each ending with its EOS token if one was generated.
 
@@ -42,9 +43,16 @@ def greedy_tokens(
     returns True the row stops there. ``row_stop(index, tokens)`` does the
     same knowing which prompt (index into ``token_lists``) the row answers
     (a prompt-aware refusal check). ``progress(done, total, what)`` is
-    called whenever rows finish. ``prefill_fn`` replaces ``batching.prefill``
-    (same contract; the search passes ``prefix_batch.shared_prefill``).
+    called whenever rows finish. ``prefill_fn`` replaces
+    ``prefix_batch.shared_prefill`` (which runs the chat template's shared
+    prefix once; same contract as ``batching.prefill``). ``first_logprobs``,
+    a list, receives each prompt's next-token log-probs as a ``[1, V]`` row
+    (float32, input order; ``mx.concatenate`` gives ``[N, V]``): the
+    distribution the first answer token is picked from, which is what a
+    one-token KL compares, at no extra forward pass.
     """
+    from .prefix_batch import shared_prefill
+
     if not batching_supported(model):
         batch_size = 1
     total = len(token_lists)
@@ -57,16 +65,28 @@ def greedy_tokens(
             progress(done, total, what)
 
     outputs: list[list[int]] = [[] for _ in token_lists]
+    firsts: list = [None] * total
     lengths = [len(t) for t in token_lists]
     for indices in length_sorted_batches(total, lengths, max(1, batch_size)):
         stops: list[Callable[[list[int]], bool] | None] = [stop_when] * len(indices)
         if row_stop is not None:
             stops = [functools.partial(row_stop, i) for i in indices]
-        batch = _decode_batch(
-            model, [token_lists[i] for i in indices], max_tokens, eos_token_ids, stops, finished, prefill_fn or prefill
+        batch, logprobs = _decode_batch(
+            model,
+            [token_lists[i] for i in indices],
+            max_tokens,
+            eos_token_ids,
+            stops,
+            finished,
+            prefill_fn or shared_prefill,
+            keep_first=first_logprobs is not None,
         )
-        for i, tokens in zip(indices, batch):
+        for row, (i, tokens) in enumerate(zip(indices, batch)):
             outputs[i] = tokens
+            if logprobs is not None:
+                firsts[i] = logprobs[row : row + 1]  # a slice: no gather
+    if first_logprobs is not None:
+        first_logprobs.extend(firsts)
     return outputs
 
 
@@ -78,16 +98,25 @@ def _decode_batch(
     stops: Sequence[Callable[[list[int]], bool] | None],
     finished: Callable[[int], None],
     prefill_fn: Prefill = prefill,
-) -> list[list[int]]:
+    keep_first: bool = False,
+) -> tuple[list[list[int]], mx.array | None]:
+    """The batch's answers, and (``keep_first``) its first-token log-probs ``[B, V]``."""
     import mlx.core as mx
 
     from .mx_types import int_list
 
     outputs: list[list[int]] = [[] for _ in prompts]
+    if max_tokens <= 0 and not keep_first:
+        finished(len(prompts))
+        return outputs, None
+    logits, cache = prefill_fn(model, prompts)
+    first = None
+    if keep_first:
+        first = log_softmax(logits[:, -1, :].astype(mx.float32))
+        mx.eval(first)
     if max_tokens <= 0:
         finished(len(prompts))
-        return outputs
-    logits, cache = prefill_fn(model, prompts)
+        return outputs, first
     active = list(range(len(prompts)))  # batch row -> index into prompts
     for step in range(max_tokens):
         next_tokens = mx.argmax(logits[:, -1, :], axis=-1)
@@ -109,7 +138,7 @@ def _decode_batch(
             for c in cache:
                 c.filter(keep_index)
         logits = model(next_tokens[:, None], cache=cache)
-    return outputs
+    return outputs, first
 
 
 def strip_eos(tokens: Sequence[int], eos_token_ids: set[int] | frozenset[int]) -> list[int]:
@@ -167,7 +196,11 @@ def continuation_logprobs(
     """
     import mlx.core as mx
 
+    from .prefix_batch import shared_first_token_logprobs
+
     counts = [max(1, len(c)) for c in continuations]
+    if max(counts, default=1) == 1:  # next-token distributions only: the shared prefix runs once per batch
+        return shared_first_token_logprobs(model, token_lists, batch_size, progress)
     sequences = [list(p) + list(c[:-1]) for p, c in zip(token_lists, continuations)]
     per_prompt: list = [None] * len(sequences)
     if not batching_supported(model):

@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .batching import batching_supported, prefill
-from .generation import log_softmax
+from .generation import Progress, log_softmax
 
 # Padding tokens a length group may carry before a second group is cheaper:
 # a pass over few tokens costs about as much as ~128 tokens of compute (it
@@ -149,11 +149,15 @@ def _suffix_prefill(model: nn.Module, prefix_cache: list[Any], suffixes: list[li
 
 
 def shared_first_token_logprobs(
-    model: nn.Module, token_lists: Sequence[Sequence[int]], batch_size: int | None = None
+    model: nn.Module,
+    token_lists: Sequence[Sequence[int]],
+    batch_size: int | None = None,
+    progress: Progress | None = None,
 ) -> mx.array:
     """Log-softmax (float32) of the next-token distribution after each prompt: ``[N, V]``.
 
-    Equals ``generation.first_token_logprobs`` to float tolerance, with the shared prefix run once per batch.
+    Equals the plain batched prefill's (``batching.prefill``) to float tolerance, with the shared prefix
+    run once per batch (``generation.first_token_logprobs`` and the KL's one-token case come here).
     """
     batch_size = batch_size or len(token_lists)
     if not batching_supported(model):
@@ -163,6 +167,9 @@ def shared_first_token_logprobs(
         logits, _ = shared_prefill(model, token_lists[start : start + batch_size], with_cache=False)
         logits = logits[:, -1, :].astype(mx.float32)
         out.append(log_softmax(logits))
+        if progress is not None:
+            mx.eval(out[-1])
+            progress(min(start + batch_size, len(token_lists)), len(token_lists), "log-probs")
     result = mx.concatenate(out)
     mx.eval(result)
     return result

@@ -106,7 +106,12 @@ def load_model(
             if dequantize is True or should_dequantize(model, dtype):
                 dequantize_for_compute(model, dtype)
         if dtype is not None:
+            from ..engine.lookup_tables import input_only_tables, keep_compact
+
+            # A table only looked up stays in its stored half precision (half the memory, same values).
+            stored = [(module, module.weight) for _, module in input_only_tables(model)] if not lazy else []
             model.set_dtype(dtype)
+            keep_compact(stored, dtype)
         if not lazy:
             mx.eval(model.parameters())
             mx.clear_cache()  # the stored-dtype copies just freed would otherwise stay cached

@@ -286,6 +286,10 @@ def run_pipeline(
 
             record["prompts_sha256"] = prompt_digests(config)
         if write:
+            # The save reads the source files, not the loaded model: drop the model first, so its float32
+            # copy (2x the weights on a CPU) and the shards being edited are not in memory together.
+            ctx.model = None
+            release_buffer_cache()
             responses = steps.responses_jsonl(before, after)
             output, record = steps.save(
                 source, config, choice.plan, directions, choice.layer, record, report, responses

@@ -175,3 +175,29 @@ def test_each_phase_and_the_end_of_a_run_release_mlx_buffer_cache(tiny_model, tm
     # The GUI's stream (a long-lived process) also releases what the finished run's model left cached.
     events = list(iter_events(_config(tiny_model(), tmp_path / "out2", datasets)))
     assert events[-1].kind == "result" and mx.get_cache_memory() == 0
+
+
+def test_the_loaded_model_is_released_before_the_save(tiny_model, tmp_path, datasets, monkeypatch):
+    """The save reads the source files: the loaded (float32 on a CPU) model must not sit beside the shards."""
+    import gc
+    import weakref
+
+    from mlx_abliteration import steps
+
+    loaded, alive_at_save = [], []
+    real_load, real_save = steps.load, steps.save
+
+    def load(*args, **kwargs):
+        model, tokenizer, config = real_load(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model, tokenizer, config
+
+    def save(*args, **kwargs):
+        gc.collect()
+        alive_at_save.append(loaded[0]() is not None)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "load", load)
+    monkeypatch.setattr(steps, "save", save)
+    run_pipeline(_config(tiny_model(), tmp_path / "out", datasets))
+    assert alive_at_save == [False]

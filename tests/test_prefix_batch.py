@@ -78,3 +78,15 @@ def test_models_without_batched_caches_get_one_prompt_at_a_time(tiny_model, monk
     monkeypatch.setattr(batching, "make_batch_cache", unsupported)
     monkeypatch.setattr(prefix_batch, "prefix_kv_cache", lambda *args, **kwargs: None)  # not plain KV caches
     assert mx.allclose(shared_first_token_logprobs(model, ids), expected, atol=1e-5)
+
+
+def test_batch_caches_grow_in_small_steps(tiny_model):
+    """An evaluation batch's KV cache holds about what was written, not mlx-lm's 256-token blocks."""
+    from mlx_abliteration.core.batching import KV_CACHE_STEP
+
+    model, tokenizer, _ = load_model(tiny_model())
+    ids = encode_chats(tokenizer, PROMPTS, None)
+    for fill in (shared_prefill, prefill):
+        _, caches = fill(model, ids)
+        written = caches[0].size()
+        assert caches[0].keys.shape[2] - written <= 64 and caches[0].step == KV_CACHE_STEP == 64

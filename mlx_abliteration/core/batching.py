@@ -16,6 +16,22 @@ if TYPE_CHECKING:
     import mlx.nn as nn
 
 
+# Tokens a batch KV cache grows by (mlx-lm's default is 256). An evaluation
+# batch holds ~50 prompt + 64 answer tokens per row: at 256 most of the cache
+# was never written (1.0 GB of 1.1 for 64 rows of Qwen2.5-1.5B in float32).
+KV_CACHE_STEP = 64
+
+
+def small_steps(caches: list[Any]) -> list[Any]:
+    """``caches`` with each plain ``BatchKVCache`` growing by ``KV_CACHE_STEP`` tokens (sliding windows keep theirs)."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    for cache in caches:
+        if type(cache) is BatchKVCache:
+            cache.step = KV_CACHE_STEP
+    return caches
+
+
 class BatchingUnsupported(Exception):
     """The model's cache types have no batched (left-padded) equivalent."""
 
@@ -53,7 +69,7 @@ def make_batch_cache(model: nn.Module, left_padding: list[int]) -> list[Any]:
             caches.append(BatchRotatingKVCache(cache.max_size, left_padding))
         else:
             raise BatchingUnsupported(type(cache).__name__)
-    return caches
+    return small_steps(caches)
 
 
 def length_sorted_batches(n_items: int, lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:

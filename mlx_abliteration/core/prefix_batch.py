@@ -23,7 +23,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .batching import batching_supported, prefill
+from .batching import batching_supported, prefill, small_steps
 from .generation import Progress, log_softmax
 
 # Padding tokens a length group may carry before a second group is cheaper:
@@ -108,7 +108,7 @@ def shared_prefill(
                 rows[i] = [c.extract(j) for c in caches]
     cache = None
     if with_cache:
-        cache = [BatchKVCache.merge([row[layer] for row in rows]) for layer in range(len(prefix_cache))]
+        cache = small_steps([BatchKVCache.merge([row[layer] for row in rows]) for layer in range(len(prefix_cache))])
     return mx.concatenate(last)[:, None, :], cache
 
 
@@ -132,7 +132,7 @@ def _suffix_prefill(model: nn.Module, prefix_cache: list[Any], suffixes: list[li
 
     bodies = [s[:-1] for s in suffixes]
     width = max(len(b) for b in bodies)
-    caches = [BatchKVCache.merge([c] * len(suffixes)) for c in prefix_cache]
+    caches = small_steps([BatchKVCache.merge([c] * len(suffixes)) for c in prefix_cache])
     if width > 0:  # all but the last tokens only fill the caches: their logits are never evaluated
         for c in caches:
             c.prepare(right_padding=[width - len(b) for b in bodies])

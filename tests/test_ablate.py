@@ -230,3 +230,22 @@ def test_apply_plan_replaces_one_writer_at_a_time(tiny_model):
     assert mx.get_peak_memory() - base < sum(writer_bytes) / 2, (mx.get_peak_memory() - base, writer_bytes)
     changed = [k for k, v in tree_flatten(model.parameters()) if not np.array_equal(np.array(v), before[k])]
     assert len(changed) == len(writer_bytes)
+
+
+def test_in_memory_embedding_edit_in_row_blocks_equals_the_whole(tiny_model, monkeypatch):
+    """apply_plan edits a dense embedding a block of rows at a time (its float32 temporaries were the peak of a run)."""
+    import mlx_abliteration.engine.in_memory as in_memory
+    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.engine.in_memory import apply_plan
+
+    path = tiny_model(tie=False, dtype="bfloat16")
+    whole, _, config = load_model(path)
+    blocked, _, _ = load_model(path)
+    plan = uniform_plan(_unit(config["hidden_size"]), len(whole.model.layers), 0.8)
+    reports = {r.module: r for r in apply_plan(whole, plan, storage_dtype=mx.bfloat16)}
+    monkeypatch.setattr(in_memory, "EMBED_BLOCK_ELEMENTS", 7 * config["hidden_size"])  # 7 rows, a ragged last block
+    blocks = {r.module: r for r in apply_plan(blocked, plan, storage_dtype=mx.bfloat16)}
+    table = "model.embed_tokens"
+    assert mx.array_equal(whole.model.embed_tokens.weight, blocked.model.embed_tokens.weight).item()
+    assert blocks[table].before == pytest.approx(reports[table].before, rel=1e-5)
+    assert blocks[table].after == pytest.approx(reports[table].after, rel=1e-3, abs=1e-6)

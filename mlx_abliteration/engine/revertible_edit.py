@@ -28,10 +28,8 @@ from mlx.utils import tree_unflatten
 
 from ..core.mx_types import flat_params
 from ..core.writers import model_writers
-from .in_memory import apply_plan, writer_modules
+from .in_memory import EMBED_BLOCK_ELEMENTS, apply_plan, writer_modules
 from .orthogonalize import AblationPlan
-
-EMBED_BLOCK_ELEMENTS = 1 << 24  # elements of the embedding edited at once (64 MB in float32)
 
 
 def compact(value: mx.array, storage_dtype: mx.Dtype | None) -> mx.array:

@@ -10,6 +10,7 @@ every writer's originals).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from typing import TypeVar
@@ -34,16 +35,15 @@ class Trials:
         edited_precision: str | None = None,
         project: bool = True,
     ) -> None:
-        self.model, self.targets = model, tuple(targets)
-        self.storage_dtype, self.edited_precision = storage_dtype, edited_precision
-        self.project = project
+        self.model, self.project = model, project
         self.projected = ProjectedTrial(model)
+        self._new_editor = functools.partial(TrialEditor, model, tuple(targets), storage_dtype, edited_precision)
         self._editor: TrialEditor | None = None
 
     @property
     def editor(self) -> TrialEditor:
         if self._editor is None:
-            self._editor = TrialEditor(self.model, self.targets, self.storage_dtype, self.edited_precision)
+            self._editor = self._new_editor()
         return self._editor
 
     def measure(self, plan: AblationPlan, fn: Callable[[], T]) -> T:

@@ -101,12 +101,13 @@ def _edits(
     for path, module in model.named_modules():
         if path not in plan.writers:
             continue
-        dense_dtype = storage_dtype if storage_dtype is not None and storage_quant(module) is None else None
+        quant = storage_quant(module)
+        dense_dtype = storage_dtype if storage_dtype is not None and quant is None else None
         leaves = _leaves(module)
-        if plan.writers[path].rows and storage_quant(module) is None and set(leaves) == {"weight"}:
+        if plan.writers[path].rows and quant is None and set(leaves) == {"weight"}:
             edit = _edit_rows_in_blocks(path, leaves["weight"], plan, dense_dtype)
         else:
-            edit = edit_module(path, leaves, plan, storage_quant(module), dense_dtype, edited_precision)
+            edit = edit_module(path, leaves, plan, quant, dense_dtype, edited_precision)
         if edit is None:
             continue
         tensors = edit.tensors

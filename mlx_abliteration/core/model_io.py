@@ -96,6 +96,10 @@ def load_model(
         if not is_unreadable_weights(err):
             raise
         raise UserError(f"cannot read weights in {path}: {err}; the file may be truncated or corrupt") from err
+    from ..engine.cpu_activations import fast_swiglu_wanted, use_fast_swiglu
+
+    if fast_swiglu_wanted():
+        use_fast_swiglu()  # the model's module is imported now; its MLP gate runs vectorized
     dtype = default_compute_dtype() if compute_dtype == "auto" else compute_dtype
     try:
         if not lazy and dtype is not None and dequantize in (True, "auto"):

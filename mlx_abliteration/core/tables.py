@@ -9,12 +9,13 @@ carry (an ``EvalReport`` works too).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 if TYPE_CHECKING:
     from .evaluate import EvalReport
 
-    Report = EvalReport | dict | None  # an evaluation report or its to_dict()
+    # Explicit: an implicit alias depends on mypy resolving EvalReport first within the import cycle.
+    Report: TypeAlias = EvalReport | dict | None  # an evaluation report or its to_dict()
 
 EVAL_COLUMNS = ("metric", "before", "after")
 

@@ -12,15 +12,15 @@ REPO = Path(__file__).resolve().parent.parent
 _INJECT = """
 import sys, errno
 import mlx_abliteration
-import mlx.core as mx
+from mlx_abliteration.core import model_io
 calls = {{"n": 0}}
-real = mx.save_safetensors
+real = model_io.write_shard
 def faulty(*args, **kwargs):
     calls["n"] += 1
     if calls["n"] >= {after}:
         {raise_stmt}
     return real(*args, **kwargs)
-mx.save_safetensors = faulty
+model_io.write_shard = faulty
 from mlx_abliteration.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -20,21 +20,24 @@ PROMPTS = [f"prompt number {i} about something" for i in range(20)]
 _HOOKED = """
 import os, sys, signal, pathlib
 import mlx.core as mx
+from mlx_abliteration.core import model_io
 calls = {{"n": 0}}
-real = mx.save_safetensors
-def hooked(*args, **kwargs):
-    calls["n"] += 1
-    if calls["n"] == {after}:
+def hooking(real):
+    def hooked(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == {after}:
 {hook}
-    return real(*args, **kwargs)
-mx.save_safetensors = hooked
+        return real(*args, **kwargs)
+    return hooked
+mx.save_safetensors = hooking(mx.save_safetensors)
+model_io.write_shard = hooking(model_io.write_shard)
 from mlx_abliteration.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
 def run_hooked(hook: str, *args: str, after: int = 1):
-    code = _HOOKED.format(after=after, hook="\n".join("        " + line for line in hook.strip().splitlines()))
+    code = _HOOKED.format(after=after, hook="\n".join("            " + line for line in hook.strip().splitlines()))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLX_ABLITERATION_LOG_FILE": os.devnull}
     return subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300

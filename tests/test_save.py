@@ -7,6 +7,7 @@ import mlx.core as mx
 import mlx_lm
 import pytest
 
+from mlx_abliteration.core import model_io
 from mlx_abliteration.core.model_io import read_config, save_ablated_model
 from mlx_abliteration.core.utils import sha256_file
 from mlx_abliteration.engine.orthogonalize import uniform_plan
@@ -155,7 +156,7 @@ def test_refuses_bad_outputs(tiny_model, tmp_path):
 def test_failure_mid_save_leaves_nothing(tiny_model, tmp_path, monkeypatch):
     src = tiny_model(num_shards=3)
     calls = {"n": 0}
-    real = mx.save_safetensors
+    real = model_io.write_shard
 
     def failing(path, *args, **kwargs):
         calls["n"] += 1
@@ -163,7 +164,7 @@ def test_failure_mid_save_leaves_nothing(tiny_model, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(mx, "save_safetensors", failing)
+    monkeypatch.setattr(model_io, "write_shard", failing)
     with pytest.raises(UserError, match="disk space"):
         save_ablated_model(src, tmp_path / "out", _plan(src))
     assert os.listdir(tmp_path) == []
@@ -186,7 +187,7 @@ def test_save_failures_are_reported_as_what_they_are(tiny_model, tmp_path, monke
     def failing(path, *args, **kwargs):
         raise error
 
-    monkeypatch.setattr(mx, "save_safetensors", failing)
+    monkeypatch.setattr(model_io, "write_shard", failing)
     if expected is None:
         with pytest.raises(type(error)) as info:
             save_ablated_model(src, tmp_path / "out", _plan(src))
@@ -207,9 +208,10 @@ def test_mlx_open_failure_names_the_real_cause(tiny_model, tmp_path, monkeypatch
     def failing(path, *args, **kwargs):  # MLX's message carries no errno; the cause is found by opening the path
         raise RuntimeError(f"[save_safetensors] Failed to open file {blocker / 'sub' / 'model.safetensors'}")
 
-    monkeypatch.setattr(mx, "save_safetensors", failing)
+    monkeypatch.setattr(mx, "save_safetensors", failing)  # MLX writes the direction file
+    direction = ({"refusal_direction": mx.ones(4)}, {"format": "mlx"})
     with pytest.raises(UserError, match="Not a directory.*a part of the path is a file"):
-        save_ablated_model(src, tmp_path / "out", _plan(src))
+        save_ablated_model(src, tmp_path / "out", _plan(src), directions=direction)
 
 
 def test_copied_shard_reuses_the_source_digest(tiny_model, tmp_path):

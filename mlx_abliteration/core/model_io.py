@@ -7,13 +7,14 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import UserError
 from .atomic_write import is_user_write_failure, write_error
 from .output_dir import make_temp_dir, replace_dir
+from .safetensors_out import write_shard
 from .utils import sha256_file
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
     from ..engine.orthogonalize import AblationPlan, EditReport, ModuleEdit, QuantParams
     from .probe import Progress
+    from .safetensors_out import SourceTensor
 
 log = logging.getLogger(__name__)
 
@@ -256,12 +258,16 @@ def save_ablated_model(
 ) -> dict:
     """Write the ablated model shard by shard into ``output_dir``, atomically.
 
-    Each source shard is read, its residual writers are edited (in float32,
-    cast back to their dtype, requantized with their own parameters) and it
-    is written under the same name with the same metadata before the next
-    shard is read, so peak memory is about one shard. Everything goes to a
-    temporary sibling directory renamed at the end; on any error or
-    interrupt it is removed and the source is never touched.
+    Each source shard's residual writers are edited (in float32, cast back to
+    their dtype, requantized with their own parameters) and the shard is
+    written under the same name with the same metadata by
+    ``safetensors_out.write_shard`` on a background thread: unedited tensors
+    are copied from the source file's bytes, edited ones written from memory,
+    the SHA256 taken as the bytes are written, the disk told to start writing
+    at once. The next shards are edited meanwhile; the edits held in memory
+    stay within about two shards (``_ShardWriter``). Everything goes to a
+    temporary sibling directory renamed at the end; on any error or interrupt
+    the writes are stopped, it is removed and the source is never touched.
     Returns a summary with the edit reports and SHA256 digests.
     """
     source, output = Path(source_dir), Path(output_dir)
@@ -276,9 +282,7 @@ def save_ablated_model(
     try:
         with _Hasher() as hasher:
             hasher.add("source", weight_files(source))
-            summary = _write_model(
-                source, tmp, plan, edited_precision, progress, lambda p: hasher.add("output", [p]), hasher.add_copy
-            )
+            summary = _write_model(source, tmp, plan, edited_precision, progress, hasher)
             summary.update(hasher.results())
         write_records(tmp, source, summary, record, directions, model_card)
         for name, text in (extra_files or {}).items():
@@ -297,11 +301,12 @@ def save_ablated_model(
 
 
 class _Hasher:
-    """SHA256 of files on background threads, overlapping with the shard edits.
+    """SHA256 of the source files on background threads, overlapping with the shard edits,
+    and the output digests: each written shard's from its writer (hashed as written), a
+    shard copied byte for byte its source's.
 
     hashlib releases the GIL, so several files hash at once (a 16 GB model is
-    32 GB of hashing, source and output: ~20 s on one core). A shard copied
-    byte for byte reuses its source's digest instead of reading it again.
+    32 GB of hashing, source and output: ~20 s on one core).
     """
 
     def __enter__(self) -> _Hasher:
@@ -314,6 +319,10 @@ class _Hasher:
     def add(self, kind: str, paths: Iterable[Path]) -> None:
         for path in paths:
             self.jobs[kind][path.name] = self.pool.submit(sha256_file, path)
+
+    def add_written(self, path: Path, digest: Future[str]) -> None:
+        """``path`` is being written by a job that returns the SHA256 of the bytes it wrote."""
+        self.jobs["output"][path.name] = digest
 
     def add_copy(self, path: Path) -> None:
         """``path`` is a byte copy of the source file of the same name."""
@@ -330,18 +339,77 @@ class _Hasher:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+class _ShardWriter:
+    """Shards written on background threads (``safetensors_out.write_shard``) while the
+    next shard is read and edited.
+
+    At most ``max_jobs`` shards are written at once: each is hashed as it is
+    written, and SHA256 runs at ~1.4 GB/s on one core, below the disk's rate,
+    so shards are hashed in parallel. Only edited tensors are held in memory
+    (unedited bytes are copied from the source file), and before the next shard
+    is edited the writes in flight hold at most ``budget`` bytes of them, so edits
+    in flight plus the shard being edited stay within about two shards.
+    The arrays are released on the calling thread once their write is done.
+    On an error or interrupt, ``__exit__`` stops the writes (between chunks) and
+    waits for them, so nothing writes into the folder after the caller removes it.
+    """
+
+    def __init__(self, budget: int, max_jobs: int = 3) -> None:
+        self.budget, self.max_jobs = budget, max_jobs
+
+    def __enter__(self) -> _ShardWriter:
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=self.max_jobs, thread_name_prefix="shard-writer")
+        self.cancel = threading.Event()
+        self.running: list[tuple[Future[str], int, list]] = []  # (job, bytes held, arrays held)
+        return self
+
+    def make_room(self) -> None:
+        """Wait until another shard may be edited; raise the first failed write."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        while True:
+            self._collect()
+            held = sum(n for _, n, _ in self.running)
+            if len(self.running) < self.max_jobs and held <= self.budget:
+                return
+            wait([job for job, _, _ in self.running], return_when=FIRST_COMPLETED)
+
+    def submit(self, path: Path, entries: list, metadata: dict[str, str] | None, arrays: list) -> Future[str]:
+        held = sum(e.nbytes for e in entries if e.data is not None)
+        job = self.pool.submit(lambda: write_shard(path, entries, metadata, self.cancel))
+        self.running.append((job, held, arrays))
+        return job
+
+    def _collect(self) -> None:
+        for item in [r for r in self.running if r[0].done()]:
+            self.running.remove(item)
+            item[0].result()  # a failed write raises here
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self.cancel.set()
+        self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+        if exc_type is None:
+            while self.running:
+                self._collect()
+        self.running.clear()
+
+
 def _write_model(
     source: Path,
     out: Path,
     plan: AblationPlan,
     edited_precision: str | None,
     progress: Progress | None,
-    on_written: Callable[[Path], None] = lambda path: None,
-    on_copied: Callable[[Path], None] = lambda path: None,
+    hasher: _Hasher,
 ) -> dict:
     import mlx.core as mx
 
     from ..engine.orthogonalize import check_edits, touches
+    from .safetensors_out import array_entry, read_header, source_entry, start_file_writeback
     from .source_layout import discover_writers_in_dir, open_layout
 
     edit_module = _edit_in_blocks  # bounded memory for embeddings and expert stacks
@@ -353,63 +421,82 @@ def _write_model(
     groups = _module_groups(weight_map)
     pending: dict[str, mx.array | None] = {}  # edited leaves not yet written (None: dropped)
     new_map, reports, dequantized, total = {}, [], [], 0
-    for n, shard in enumerate(shards):
-        names = [k for k, v in weight_map.items() if v == shard]
-        if (
-            layout.copyable
-            and not any(touches(plan, k.rpartition(".")[0]) for k in names)
-            and not any(k in pending for k in names)
-        ):
-            # Nothing to edit: a byte-for-byte copy is exact and disk-speed.
-            shutil.copyfile(source / shard, out / shard)
-            on_copied(out / shard)
-            _safetensors_names(source / shard)
-            new_map.update({k: shard for k in names})
-            total += _tensor_bytes(out / shard)
-            if progress:
-                progress(n + 1, len(shards), "save")
-            continue
-        tensors, metadata = layout.load(shard)
-        written = {}
-        for name in list(tensors):
-            if name in pending:
+    largest = max((_tensor_bytes(source / s) for s in shards), default=0) if layout.copyable else 0
+    with _ShardWriter(budget=largest) as writer:
+        for n, shard in enumerate(shards):
+            names = [k for k, v in weight_map.items() if v == shard]
+            if (
+                layout.copyable
+                and not any(touches(plan, k.rpartition(".")[0]) for k in names)
+                and not any(k in pending for k in names)
+            ):
+                # Nothing to edit: a byte-for-byte copy is exact and disk-speed.
+                shutil.copyfile(source / shard, out / shard)
+                start_file_writeback(out / shard)
+                hasher.add_copy(out / shard)
+                _safetensors_names(source / shard)
+                new_map.update({k: shard for k in names})
+                total += _tensor_bytes(out / shard)
+                if progress:
+                    progress(n + 1, len(shards), "save")
+                continue
+            writer.make_room()
+            tensors, metadata = layout.load(shard)
+            written: dict[str, mx.array] = {}
+            unedited: set[str] = set()  # written as loaded: their bytes are the source file's
+            for name in list(tensors):
+                if name in pending:
+                    value = pending.pop(name)
+                    if value is not None:
+                        written[name] = value
+                    continue
+                module, _, leaf = name.rpartition(".")
+                edit = None
+                if leaf in ("weight", "scales", "biases", "bias") and touches(plan, module):
+                    leaves = {
+                        other: tensors[f"{module}.{other}"]
+                        if f"{module}.{other}" in tensors
+                        else layout.tensor(f"{module}.{other}")
+                        for other in groups[module]
+                    }
+                    quant = quant_params_for(module, config) if "scales" in leaves else None
+                    edit = edit_module(module, leaves, plan, quant, None, edited_precision)
+                    del leaves
+                if edit is None:
+                    written[name] = tensors[name]
+                    unedited.add(name)
+                    continue
+                reports.append(edit.report)
+                if edit.dequantized:
+                    dequantized.append(module)
+                for other_leaf in groups[module]:
+                    pending[f"{module}.{other_leaf}"] = edit.tensors.get(other_leaf)
+                    tensors.pop(f"{module}.{other_leaf}", None)  # free the source once edited
                 value = pending.pop(name)
                 if value is not None:
                     written[name] = value
-                continue
-            module, _, leaf = name.rpartition(".")
-            edit = None
-            if leaf in ("weight", "scales", "biases", "bias") and touches(plan, module):
-                leaves = {
-                    other: tensors[f"{module}.{other}"]
-                    if f"{module}.{other}" in tensors
-                    else layout.tensor(f"{module}.{other}")
-                    for other in groups[module]
-                }
-                quant = quant_params_for(module, config) if "scales" in leaves else None
-                edit = edit_module(module, leaves, plan, quant, None, edited_precision)
-                del leaves
-            if edit is None:
-                written[name] = tensors[name]
-                continue
-            reports.append(edit.report)
-            if edit.dequantized:
-                dequantized.append(module)
-            for other_leaf in groups[module]:
-                pending[f"{module}.{other_leaf}"] = edit.tensors.get(other_leaf)
-                tensors.pop(f"{module}.{other_leaf}", None)  # free the source once edited
-            value = pending.pop(name)
-            if value is not None:
-                written[name] = value
-        mx.save_safetensors(str(out / shard), written, metadata=metadata)
-        on_written(out / shard)
-        for name, value in written.items():
-            new_map[name] = shard
-            total += value.nbytes
-        del tensors, written
-        mx.clear_cache()
-        if progress:
-            progress(n + 1, len(shards), "save")
+            del tensors
+            # Unedited tensors are copied from their byte range of the source shard (never
+            # loaded); edited ones are written from memory, in the source file's order.
+            stored = read_header(source / shard) if layout.copyable else {}
+            copied = {
+                name: stored[name] for name in unedited if name in stored and _same_tensor(written[name], stored[name])
+            }
+            arrays = [value for name, value in written.items() if name not in copied]
+            mx.eval(arrays)
+            entries = [
+                source_entry(name, source / shard, copied[name]) if name in copied else array_entry(name, value)
+                for name, value in written.items()
+            ]
+            entries.sort(key=lambda e: (stored[e.name].offset if e.name in stored else float("inf"), e.name))
+            hasher.add_written(out / shard, writer.submit(out / shard, entries, metadata, arrays))
+            for entry in entries:
+                new_map[entry.name] = shard
+                total += entry.nbytes
+            del written, arrays, entries
+            mx.clear_cache()
+            if progress:
+                progress(n + 1, len(shards), "save")
     check_edits(plan, reports)
     if layout.write_index:
         index = {
@@ -421,6 +508,17 @@ def _write_model(
     if dequantized or not layout.copyable:
         _write_config(out, config, dequantized)
     return {"reports": reports, "dequantized": dequantized, "total_size": total, "shards": shards}
+
+
+def _same_tensor(array: mx.array, stored: SourceTensor) -> bool:
+    """Whether ``array`` (as loaded) is exactly the stored tensor, so its bytes can be copied."""
+    from .safetensors_out import dtype_name
+
+    try:
+        name = dtype_name(array.dtype)
+    except ValueError:
+        return False
+    return name == stored.dtype and tuple(array.shape) == stored.shape and array.nbytes == stored.nbytes
 
 
 # Embeddings and expert stacks are edited in blocks of rows (their rows are

@@ -241,46 +241,6 @@ def test_stop_when_ends_rows_early(llama):
     assert sum(len(s) for s in short) < sum(len(f) for f in full)
 
 
-def test_per_row_budgets_decode_like_separate_calls(llama):
-    from mlx_abliteration.core.chat import encode_chats
-    from mlx_abliteration.core.generation import greedy_tokens
-
-    model, tokenizer = llama
-    tokens = encode_chats(tokenizer, PROMPTS)
-    budgets = [3, 0, 7, 1, 5, 0, 2]
-    firsts: list = []
-    mixed = greedy_tokens(model, tokens, budgets, len(PROMPTS), frozenset(), first_logprobs=firsts)
-    longest = greedy_tokens(model, tokens, max(budgets), 3, frozenset())
-    assert mixed == [row[:budget] for row, budget in zip(longest, budgets)]
-    assert len(firsts) == len(PROMPTS) and all(f.shape[0] == 1 for f in firsts)  # rows of budget 0 too
-
-
-def test_evaluation_decodes_every_kind_in_shared_batches(llama, monkeypatch):
-    from mlx_abliteration.core import evaluate
-    from mlx_abliteration.core.capability import capability_prompts
-    from mlx_abliteration.core.chat import encode_chats
-    from mlx_abliteration.core.generation import greedy_tokens
-
-    model, tokenizer = llama
-    calls = []
-
-    def counting(model, token_lists, budgets, *args, **kwargs):
-        calls.append((len(token_lists), list(budgets)))
-        return greedy_tokens(model, token_lists, budgets, *args, **kwargs)
-
-    monkeypatch.setattr(evaluate, "greedy_tokens", counting)
-    report = evaluate_model(model, tokenizer, PROMPTS[:3], PROMPTS[3:], max_tokens=6, capability_questions=4)
-    _, question_ids, budget = capability_prompts(tokenizer, 4)
-    assert calls == [(len(PROMPTS) + 4, [6] * len(PROMPTS) + [budget] * 4)]
-    eos = frozenset(tokenizer.eos_token_ids)
-    alone = greedy_tokens(model, encode_chats(tokenizer, PROMPTS), 6, 2, eos) + greedy_tokens(
-        model, question_ids, budget, 2, eos
-    )
-    texts = [tokenizer.decode(t[:-1] if t and t[-1] in eos else t) for t in alone]
-    assert [r["response"] for r in report.responses] == texts
-    assert [r["kind"] for r in report.responses] == ["harmful"] * 3 + ["harmless"] * 4 + ["capability"] * 4
-
-
 def test_progress_reports_every_prompt(llama):
     from mlx_abliteration.core.chat import encode_chats
     from mlx_abliteration.core.generation import greedy_tokens

@@ -13,9 +13,14 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..defaults import CAPABILITY_MAX_TOKENS
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
+
+    from .generation import Progress
 
 _FACTS: tuple[tuple[str, str], ...] = (
     ("What is the capital of France?", "Paris"),
@@ -64,23 +69,29 @@ def is_correct(answer: str, expected: str) -> bool:
     return re.search(rf"\b{re.escape(expected)}\b", answer, flags=re.IGNORECASE) is not None
 
 
-def capability_prompts(
-    tokenizer: Any, n: int, system_prompt: str | None = None, max_tokens: int = CAPABILITY_MAX_TOKENS
-) -> tuple[list[tuple[str, str]], list[list[int]], int]:
-    """The first ``n`` questions, their chat token ids, and the answer budget (within the context)."""
+def capability_rows(
+    model: nn.Module,
+    tokenizer: Any,
+    n: int,
+    *,
+    batch_size: int,
+    system_prompt: str | None = None,
+    progress: Progress | None = None,
+    max_tokens: int = CAPABILITY_MAX_TOKENS,
+) -> list[dict]:
+    """Greedy answers to the first ``n`` questions: rows with ``kind`` "capability", ``expected`` and ``correct``."""
     from .chat import encode_chats, generation_budget
+    from .evaluate import split_thinking
+    from .generation import greedy_tokens, strip_eos
 
     questions = capability_questions(n)
     token_lists = encode_chats(tokenizer, [q for q, _ in questions], system_prompt)
-    return questions, token_lists, generation_budget(tokenizer, token_lists, max_tokens)
-
-
-def capability_rows(questions: Sequence[tuple[str, str]], texts: Sequence[str]) -> list[dict]:
-    """Evaluation rows of the answers ``texts``: ``kind`` "capability", ``expected`` and ``correct``."""
-    from .evaluate import split_thinking
-
+    eos = frozenset(tokenizer.eos_token_ids)
+    budget = generation_budget(tokenizer, token_lists, max_tokens)
+    outputs = greedy_tokens(model, token_lists, budget, batch_size, eos, None, progress, "capability")
     rows = []
-    for (question, expected), text in zip(questions, texts):
+    for (question, expected), tokens in zip(questions, outputs):
+        text = tokenizer.decode(strip_eos(tokens, eos))
         answer = split_thinking(text)[0]
         rows.append(
             {

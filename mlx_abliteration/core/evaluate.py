@@ -352,29 +352,30 @@ def evaluate_model(
     ):
         raise ReferenceMismatch("the reference log-probs were computed on other prompts or with another tokenizer")
     start = time.perf_counter()
+    generator = _RefusalCounter(
+        model, tokenizer, max_tokens, batch_size, system_prompt, markers, stop_at_refusal, progress
+    )
+    responses = generator.run(harmful_prompts, "harmful")
+    harmless_refusals = None
+    firsts: list = []
     if reference_logprobs is not None:
         kl_tokens = reference_logprobs.kl_tokens
-    judge_harmless = count_harmless_refusals and bool(harmless_prompts)
-    answers, questions = _Answers.planned(
-        tokenizer,
-        system_prompt,
-        markers,
-        {"harmful": harmful_prompts, "harmless": harmless_prompts if judge_harmless else []},
-        max_tokens,
-        capability_questions,
-    )
-    wanted = judge_harmless and kl_tokens == 1 and (reference_logprobs is not None or first_logprobs is not None)
-    texts, all_firsts = answers.generate(model, batch_size, stop_at_refusal, progress, keep_first=wanted)
-    firsts = all_firsts.get("harmless", [])
-    responses = [_response(kind, p, t, markers) for kind in ("harmful", "harmless") for p, t in texts.get(kind, [])]
-    harmless_refusals = None
-    if judge_harmless:
+    if count_harmless_refusals and harmless_prompts:
+        wanted = kl_tokens == 1 and (reference_logprobs is not None or first_logprobs is not None)
+        responses += generator.run(harmless_prompts, "harmless", firsts if wanted else None)
         harmless_refusals = sum(r["refusal"] is True for r in responses if r["kind"] == "harmless")
     capability = None
-    if questions:
+    if capability_questions > 0:
         from .capability import capability_rows
 
-        rows = capability_rows(questions, [t for _, t in texts["capability"]])
+        rows = capability_rows(
+            model,
+            tokenizer,
+            capability_questions,
+            batch_size=batch_size,
+            system_prompt=system_prompt,
+            progress=progress,
+        )
         responses += rows
         capability = [r["correct"] for r in rows]
     import mlx.core as mx
@@ -395,9 +396,9 @@ def evaluate_model(
         harmless_total=len(harmless_prompts),
         kl=kl,
         kl_tokens=kl_tokens,
-        tokens_per_s=answers.tokens / answers.seconds if answers.seconds else 0.0,
+        tokens_per_s=generator.tokens / generator.seconds if generator.seconds else 0.0,
         seconds=time.perf_counter() - start,
-        generated_tokens=answers.tokens,
+        generated_tokens=generator.tokens,
         responses=responses,
         capability_correct=capability,
     )
@@ -479,83 +480,51 @@ def _evaluate_with(
     )
 
 
-class _Answers:
-    """Every answer one evaluation generates, decoded together: harmful, harmless and capability prompts
-    share the batches, so each decoding step (which reads every weight once) serves more rows."""
+class _RefusalCounter:
+    """Generates answers for one prompt set at a time and keeps token/time totals."""
 
-    def __init__(self, tokenizer: Any, system_prompt: str | None, markers: Sequence[str]) -> None:
-        self.tokenizer, self.system_prompt, self.markers = tokenizer, system_prompt, tuple(markers)
-        self.eos = frozenset(tokenizer.eos_token_ids)
-        self.kinds: list[str] = []
-        self.prompts: list[str] = []
-        self.token_lists: list[list[int]] = []
-        self.budgets: list[int] = []
-        self.tokens, self.seconds = 0, 0.0
-
-    @classmethod
-    def planned(
-        cls,
+    def __init__(
+        self,
+        model: nn.Module,
         tokenizer: Any,
+        max_tokens: int,
+        batch_size: int,
         system_prompt: str | None,
         markers: Sequence[str],
-        judged: dict[str, Sequence[str]],
-        max_tokens: int,
-        capability_questions: int,
-    ) -> tuple[_Answers, list[tuple[str, str]]]:
-        """The answers to the ``judged`` prompt sets (kind -> prompts) and to the first ``capability_questions``
-        capability questions, and those questions."""
-        answers = cls(tokenizer, system_prompt, markers)
-        for kind, prompts in judged.items():
-            answers.add(kind, prompts, max_tokens)
-        questions: list[tuple[str, str]] = []
-        if capability_questions > 0:
-            from .capability import capability_prompts
+        stop_at_refusal: bool,
+        progress: Progress | None,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_tokens, self.batch_size = max_tokens, batch_size
+        self.system_prompt, self.markers = system_prompt, tuple(markers)
+        self.stop_at_refusal, self.progress = stop_at_refusal, progress
+        self.eos = frozenset(tokenizer.eos_token_ids)
+        self.tokens, self.seconds = 0, 0.0
 
-            questions, token_lists, budget = capability_prompts(tokenizer, capability_questions, system_prompt)
-            answers.add("capability", [q for q, _ in questions], budget, token_lists)
-        return answers, questions
+    def run(self, prompts: Sequence[str], kind: str, first_logprobs: list | None = None) -> list[dict]:
+        token_lists = encode_chats(self.tokenizer, prompts, self.system_prompt)
 
-    def add(self, kind: str, prompts: Sequence[str], budget: int, token_lists: list[list[int]] | None = None) -> None:
-        self.kinds += [kind] * len(prompts)
-        self.prompts += list(prompts)
-        self.token_lists += token_lists or encode_chats(self.tokenizer, prompts, self.system_prompt)
-        self.budgets += [budget] * len(prompts)
-
-    def generate(
-        self, model: nn.Module, batch_size: int, stop_at_refusal: bool, progress: Progress | None, keep_first: bool
-    ) -> tuple[dict[str, list[tuple[str, str]]], dict[str, list]]:
-        """``(prompt, answer)`` pairs per kind in the order added; with ``keep_first``, each prompt's
-        first-token log-probs per kind (``[1, V]`` rows)."""
-
-        def stop(index: int, tokens: list[int]) -> bool:  # refusal answers end at their first marker
-            if self.kinds[index] == "capability":
-                return False
+        def stop(index: int, tokens: list[int]) -> bool:
             answer = split_thinking(self.tokenizer.decode(strip_eos(tokens, self.eos)))[0]
-            return answer is not None and contains_refusal_marker(answer, self.markers, self.prompts[index])
+            return answer is not None and contains_refusal_marker(answer, self.markers, prompts[index])
 
         start = time.perf_counter()
-        firsts: list = []
         outputs = greedy_tokens(
-            model,
-            self.token_lists,
-            self.budgets,
-            batch_size,
+            self.model,
+            token_lists,
+            self.max_tokens,
+            self.batch_size,
             self.eos,
             None,
-            progress,
-            "answers",
-            row_stop=stop if stop_at_refusal else None,
-            first_logprobs=firsts if keep_first else None,
+            self.progress,
+            kind,
+            row_stop=stop if self.stop_at_refusal else None,
+            first_logprobs=first_logprobs,
         )
         self.seconds += time.perf_counter() - start
         self.tokens += sum(len(t) for t in outputs)
-        texts: dict[str, list[tuple[str, str]]] = {}
-        by_kind: dict[str, list] = {}
-        for i, (kind, tokens) in enumerate(zip(self.kinds, outputs)):
-            texts.setdefault(kind, []).append((self.prompts[i], self.tokenizer.decode(strip_eos(tokens, self.eos))))
-            if firsts:
-                by_kind.setdefault(kind, []).append(firsts[i])
-        return texts, by_kind
+        texts = [self.tokenizer.decode(strip_eos(t, self.eos)) for t in outputs]
+        return [_response(kind, p, text, self.markers) for p, text in zip(prompts, texts)]
 
 
 def _response(kind: str, prompt: str, text: str, markers: Sequence[str]) -> dict:

@@ -27,7 +27,7 @@ Prefill = Callable[["nn.Module", Sequence[Sequence[int]]], tuple["mx.array", Any
 def greedy_tokens(
     model: nn.Module,
     token_lists: Sequence[Sequence[int]],
-    max_tokens: int | Sequence[int],
+    max_tokens: int,
     batch_size: int = DEFAULT_BATCH_SIZE,
     eos_token_ids: set[int] | frozenset[int] = frozenset(),
     stop_when: Callable[[list[int]], bool] | None = None,
@@ -39,8 +39,6 @@ def greedy_tokens(
 ) -> list[list[int]]:
     """Greedy continuations in input order, each ending with its EOS token if one was generated.
 
-    ``max_tokens``: one budget for every prompt, or one per prompt (answers
-    of different lengths decoded in the same batch: fuller decoding steps).
     ``stop_when(tokens)`` is called after every new token of a row; when it
     returns True the row stops there. ``row_stop(index, tokens)`` does the
     same knowing which prompt (index into ``token_lists``) the row answers
@@ -69,7 +67,6 @@ def greedy_tokens(
     outputs: list[list[int]] = [[] for _ in token_lists]
     firsts: list = [None] * total
     lengths = [len(t) for t in token_lists]
-    budgets = [max_tokens] * total if isinstance(max_tokens, int) else list(max_tokens)
     for indices in length_sorted_batches(total, lengths, max(1, batch_size)):
         stops: list[Callable[[list[int]], bool] | None] = [stop_when] * len(indices)
         if row_stop is not None:
@@ -77,7 +74,7 @@ def greedy_tokens(
         batch, logprobs = _decode_batch(
             model,
             [token_lists[i] for i in indices],
-            [budgets[i] for i in indices],
+            max_tokens,
             eos_token_ids,
             stops,
             finished,
@@ -96,22 +93,20 @@ def greedy_tokens(
 def _decode_batch(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
-    budgets: Sequence[int],
+    max_tokens: int,
     eos_token_ids: set[int] | frozenset[int],
     stops: Sequence[Callable[[list[int]], bool] | None],
     finished: Callable[[int], None],
     prefill_fn: Prefill = prefill,
     keep_first: bool = False,
 ) -> tuple[list[list[int]], mx.array | None]:
-    """The batch's answers (row ``i`` at most ``budgets[i]`` tokens), and (``keep_first``) its first-token
-    log-probs ``[B, V]``."""
+    """The batch's answers, and (``keep_first``) its first-token log-probs ``[B, V]``."""
     import mlx.core as mx
 
     from .mx_types import int_list
 
     outputs: list[list[int]] = [[] for _ in prompts]
-    active = [row for row, budget in enumerate(budgets) if budget > 0]  # batch row -> index into prompts
-    if not active and not keep_first:
+    if max_tokens <= 0 and not keep_first:
         finished(len(prompts))
         return outputs, None
     logits, cache = prefill_fn(model, prompts)
@@ -119,38 +114,31 @@ def _decode_batch(
     if keep_first:
         first = log_softmax(logits[:, -1, :].astype(mx.float32))
         mx.eval(first)
-    finished(len(prompts) - len(active))
-    if active and len(active) < len(prompts):
-        logits = _keep_rows(logits, cache, active)
-    while active:
+    if max_tokens <= 0:
+        finished(len(prompts))
+        return outputs, first
+    active = list(range(len(prompts)))  # batch row -> index into prompts
+    for step in range(max_tokens):
         next_tokens = mx.argmax(logits[:, -1, :], axis=-1)
         keep = []
         for row, token in enumerate(int_list(next_tokens)):
             out = outputs[active[row]]
             out.append(token)
             stop_when = stops[active[row]]
-            if token in eos_token_ids or len(out) >= budgets[active[row]]:
-                continue
-            if stop_when is None or not stop_when(out):
+            if token not in eos_token_ids and (stop_when is None or not stop_when(out)):
                 keep.append(row)
-        finished(len(active) - len(keep))
-        if not keep:
+        if not keep or step == max_tokens - 1:
+            finished(len(active))
             break
+        finished(len(active) - len(keep))
         if len(keep) < len(active):
             active = [active[row] for row in keep]
-            next_tokens = _keep_rows(next_tokens, cache, keep)
+            keep_index = mx.array(keep)
+            next_tokens = next_tokens[keep_index]
+            for c in cache:
+                c.filter(keep_index)
         logits = model(next_tokens[:, None], cache=cache)
     return outputs, first
-
-
-def _keep_rows(rows: mx.array, cache: list[Any], keep: list[int]) -> mx.array:
-    """``rows[keep]``, and the batch caches cut to the same rows."""
-    import mlx.core as mx
-
-    keep_index = mx.array(keep)
-    for c in cache:
-        c.filter(keep_index)
-    return rows[keep_index]
 
 
 def strip_eos(tokens: Sequence[int], eos_token_ids: set[int] | frozenset[int]) -> list[int]:

@@ -7,6 +7,7 @@ import argparse
 from ..defaults import (
     DIRECTION_VARIANTS,
     EDITED_PRECISIONS,
+    GENERATION_BATCH_SIZE,
     MAX_STRENGTH,
     PROBE_MODES,
     PROBE_POSITIONS,
@@ -110,7 +111,13 @@ def add_probe_options(parser: argparse.ArgumentParser) -> None:
         choices=DIRECTION_VARIANTS,
         help="mean-diff, or projected: remove the harmless-mean component (default: mean-diff)",
     )
-    _flag(g, "--batch-size", type=int, help="prompts per forward pass (default: chosen from prompt lengths)")
+    _flag(
+        g,
+        "--batch-size",
+        type=int,
+        help="prompts per forward pass (default: the probe chooses from prompt lengths; "
+        f"evaluation and the layer choice take up to {GENERATION_BATCH_SIZE})",
+    )
     _flag(
         g,
         "--probe-mode",

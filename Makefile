@@ -32,11 +32,11 @@ system-deps:
 blas: system-deps
 
 models: venv
-	$(PY) -m mlx_abliteration.real_models --cache-dir $(CACHE) all
+	$(PY) -m tests.support.real_models --cache-dir $(CACHE) all
 
 demo: venv blas
-	$(PY) -m mlx_abliteration.real_models --cache-dir $(CACHE) qwen
-	$(VENV)/bin/mlx-abliterate run -m "$$($(PY) -m mlx_abliteration.real_models --cache-dir $(CACHE) --print-path qwen)" \
+	$(PY) -m tests.support.real_models --cache-dir $(CACHE) qwen
+	$(VENV)/bin/mlx-abliterate run -m "$$($(PY) -m tests.support.real_models --cache-dir $(CACHE) --print-path qwen)" \
 	  -o $(DEMO_OUT) --overwrite
 
 # Lint and format check (ruff) and types (mypy, configured in pyproject.toml).

@@ -2,7 +2,7 @@
 
 import sys
 
-from mlx_abliteration.cli import main
+from mlx_abliteration.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main(["generate-dataset", *sys.argv[1:]]))

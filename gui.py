@@ -6,7 +6,7 @@ Only a launcher: the app lives in the ``mlx_abliteration.gui`` package
 
 import sys
 
-from mlx_abliteration.cli import main
+from mlx_abliteration.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main(["gui", *sys.argv[1:]]))

@@ -29,8 +29,8 @@ import json, os, sys, time
 import mlx_abliteration
 import mlx.core as mx
 from bench._common import peak_rss
-from mlx_abliteration.engine.orthogonalize import uniform_plan
-from mlx_abliteration.core.model_io import read_config, save_ablated_model
+from mlx_abliteration.edit.orthogonalize import uniform_plan
+from mlx_abliteration.io.model_io import read_config, save_ablated_model
 src, out = sys.argv[1:3]
 config = read_config(src)
 mx.random.seed(1)
@@ -60,8 +60,8 @@ IMPORT_ONLY = """
 import json
 import mlx_abliteration
 import mlx.core as mx
-from mlx_abliteration.core import model_io
-from mlx_abliteration.engine import orthogonalize as ablate
+from mlx_abliteration.io import model_io
+from mlx_abliteration.edit import orthogonalize as ablate
 from bench._common import peak_rss
 mx.eval(mx.zeros((4,)))
 print(json.dumps({"peak_rss_bytes": peak_rss()}))
@@ -69,7 +69,7 @@ print(json.dumps({"peak_rss_bytes": peak_rss()}))
 
 
 def ensure_model(cache_dir: Path) -> Path:
-    from mlx_abliteration.testing import build_synthetic_model, llama_config
+    from tests.support.tiny_models import build_synthetic_model, llama_config
 
     path = cache_dir / "bench" / "synthetic-llama-3g-bf16"
     if not (path / "config.json").exists():

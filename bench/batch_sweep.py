@@ -24,10 +24,10 @@ def run(model_dir: Path, prompts: int, sizes: list[int], rounds: int) -> dict:
     import mlx.core as mx
 
     import mlx_abliteration  # noqa: F401
-    from mlx_abliteration.core.datasets import load_prompts
-    from mlx_abliteration.core.model_io import load_model
-    from mlx_abliteration.core.positions import ProbeSpec
-    from mlx_abliteration.core.probe import auto_batch_size, encode_for_probe, probe_prompts
+    from mlx_abliteration.data.datasets import load_prompts
+    from mlx_abliteration.io.model_io import load_model
+    from mlx_abliteration.probe.capture import auto_batch_size, encode_for_probe, probe_prompts
+    from mlx_abliteration.probe.positions import ProbeSpec
 
     model, tokenizer, _ = load_model(model_dir)
     texts = load_prompts(None, "harmful")[:prompts] + load_prompts(None, "harmless")[:prompts]
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     if args.model is None:
-        from mlx_abliteration.real_models import ensure_model
+        from tests.support.real_models import ensure_model
 
         args.model = ensure_model("qwen", args.cache_dir)
     result = run(args.model, args.prompts, [int(s) for s in args.sizes.split(",")], args.rounds)

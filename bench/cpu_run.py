@@ -90,7 +90,7 @@ def run_once(model: Path, out: Path, extra: list[str]) -> dict:
 
 
 def run(cache_dir: Path, quick: bool = False, model: Path | None = None) -> dict:
-    from mlx_abliteration.real_models import ensure_model
+    from tests.support.real_models import ensure_model
 
     model = model or ensure_model("qwen", cache_dir)
     out = cache_dir / "bench" / "cpu-run-out"

@@ -115,7 +115,7 @@ def kernels(args) -> dict:
     stage = ["imports"]
     watcher = _Watcher(folder, stage)
     watcher.start()
-    from mlx_abliteration.cli import main
+    from mlx_abliteration.cli.main import main
 
     out = tempfile.mkdtemp(prefix="diag-out-")
     tee = _Tee(stage, sys.stdout)
@@ -154,16 +154,16 @@ def kernels(args) -> dict:
 
 
 def probe(args) -> dict:
-    from mlx_abliteration.backend import keep_torch_out
+    from mlx_abliteration.runtime.backend import keep_torch_out
 
     keep_torch_out()
     import mlx.core as mx
 
-    import mlx_abliteration.core.probe as P
-    from mlx_abliteration.core.datasets import load_prompts
-    from mlx_abliteration.core.model_io import load_model
-    from mlx_abliteration.core.positions import ProbeSpec
-    from mlx_abliteration.core.writers import model_writers
+    import mlx_abliteration.probe.capture as P
+    from mlx_abliteration.data.datasets import load_prompts
+    from mlx_abliteration.io.model_io import load_model
+    from mlx_abliteration.probe.positions import ProbeSpec
+    from mlx_abliteration.probe.writers import model_writers
 
     out: dict = {
         "mode": "probe",
@@ -272,16 +272,16 @@ def _suffix_variant(name: str):
 
 
 def logprobs(args) -> dict:
-    from mlx_abliteration.backend import keep_torch_out
+    from mlx_abliteration.runtime.backend import keep_torch_out
 
     keep_torch_out()
     import mlx.core as mx
 
-    import mlx_abliteration.core.prefix_batch as PB
-    from mlx_abliteration.core.chat import encode_chats
-    from mlx_abliteration.core.datasets import load_prompts
-    from mlx_abliteration.core.model_io import load_model
-    from mlx_abliteration.core.writers import model_writers
+    import mlx_abliteration.probe.prefix_batch as PB
+    from mlx_abliteration.data.chat import encode_chats
+    from mlx_abliteration.data.datasets import load_prompts
+    from mlx_abliteration.io.model_io import load_model
+    from mlx_abliteration.probe.writers import model_writers
 
     if args.variant != "code":
         PB._suffix_prefill = _suffix_variant(args.variant)

@@ -41,9 +41,9 @@ import mlx.core as mx  # noqa: E402
 
 import mlx_abliteration  # noqa: E402,F401
 from bench._common import machine  # noqa: E402
-from mlx_abliteration.core.datasets import load_prompts  # noqa: E402
-from mlx_abliteration.core.positions import ProbeSpec  # noqa: E402
-from mlx_abliteration.core.probe import auto_batch_size, encode_for_probe, probe_prompts  # noqa: E402
+from mlx_abliteration.data.datasets import load_prompts  # noqa: E402
+from mlx_abliteration.probe.capture import auto_batch_size, encode_for_probe, probe_prompts  # noqa: E402
+from mlx_abliteration.probe.positions import ProbeSpec  # noqa: E402
 
 SWEEP = (8, 16, 32, 64, 128)
 SMALL = dict(
@@ -69,7 +69,7 @@ def log(message: str) -> None:
 
 
 def build(work: Path, small: bool) -> Path:
-    from mlx_abliteration.testing import build_synthetic_model, llama_config
+    from tests.support.tiny_models import build_synthetic_model, llama_config
 
     shape = SMALL if small else {}
     path = work / ("llama-small-bf16" if small else "llama-8b-shape-bf16")
@@ -156,8 +156,8 @@ def memory(stage: str) -> None:
 def mlx_phase(path: Path, sets: list, rounds: int) -> dict:
     import numpy as np
 
-    from mlx_abliteration.core.model_io import load_model
-    from mlx_abliteration.core.probe import capture_activations
+    from mlx_abliteration.io.model_io import load_model
+    from mlx_abliteration.probe.capture import capture_activations
 
     started = time.perf_counter()
     model, tokenizer, _ = load_model(path)
@@ -252,9 +252,9 @@ def probe_benchmark(path: Path, prompts: int, rounds: int) -> tuple[dict, list]:
 
 
 def ablate_benchmark(path: Path, work: Path, stats) -> dict:
-    from mlx_abliteration.core.directions import compute_directions
-    from mlx_abliteration.core.model_io import save_ablated_model
-    from mlx_abliteration.engine.orthogonalize import uniform_plan
+    from mlx_abliteration.edit.orthogonalize import uniform_plan
+    from mlx_abliteration.io.model_io import save_ablated_model
+    from mlx_abliteration.probe.directions import compute_directions
 
     layers = list(range(stats[0].mean.shape[0]))
     directions = compute_directions(stats[0], stats[1], layers, len(layers))
@@ -294,7 +294,7 @@ def ablate_benchmark(path: Path, work: Path, stats) -> dict:
 _CLI_CHILD = """
 import json, os, sys, time
 started = time.perf_counter()
-from mlx_abliteration.cli import main
+from mlx_abliteration.cli.main import main
 code = main(sys.argv[2:])
 finished = time.perf_counter() - started
 import mlx.core as mx

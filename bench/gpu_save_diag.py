@@ -172,9 +172,9 @@ def pycopy(model: Path, dst: Path, threads: int, hash_it: bool, writeback: bool)
 
 
 def make_plan(model: Path):
-    from mlx_abliteration.core.model_io import read_config
-    from mlx_abliteration.core.source_layout import discover_writers_in_dir
-    from mlx_abliteration.engine.orthogonalize import uniform_plan
+    from mlx_abliteration.edit.orthogonalize import uniform_plan
+    from mlx_abliteration.export.source_layout import discover_writers_in_dir
+    from mlx_abliteration.io.model_io import read_config
 
     config = read_config(model)
     mx.random.seed(1)
@@ -187,7 +187,7 @@ def make_plan(model: Path):
 
 
 def save(model: Path, dst: Path, plan) -> dict:
-    from mlx_abliteration.core.model_io import save_ablated_model
+    from mlx_abliteration.io.model_io import save_ablated_model
 
     shutil.rmtree(dst, ignore_errors=True)
     mx.reset_peak_memory()
@@ -221,8 +221,8 @@ def _range_digests(path: Path) -> dict[str, str]:
 
 def verify(model: Path, dst: Path, reference: Path, plan) -> dict:
     """Save with this tree, then compare every tensor's bytes with ``reference`` (another tree's save)."""
-    from mlx_abliteration.core.model_io import save_ablated_model
-    from mlx_abliteration.core.utils import sha256_file
+    from mlx_abliteration.io.model_io import save_ablated_model
+    from mlx_abliteration.runtime.utils import sha256_file
 
     shutil.rmtree(dst, ignore_errors=True)
     summary = save_ablated_model(model, dst, plan)
@@ -250,7 +250,8 @@ def verify(model: Path, dst: Path, reference: Path, plan) -> dict:
 
 def save_phases(model: Path, dst: Path, plan) -> dict:
     """save_ablated_model with each phase evaluated and timed on its own."""
-    from mlx_abliteration.core import model_io, source_layout
+    from mlx_abliteration.export import source_layout
+    from mlx_abliteration.io import model_io
 
     times: dict[str, float] = {}
     per_shard: list[dict] = []

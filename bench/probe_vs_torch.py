@@ -37,10 +37,10 @@ import mlx_abliteration
 import mlx.core as mx
 import numpy as np
 from bench._common import peak_rss
-from mlx_abliteration.core.datasets import load_prompts
-from mlx_abliteration.core.model_io import load_model
-from mlx_abliteration.core.positions import ProbeSpec
-from mlx_abliteration.core.probe import auto_batch_size, capture_activations, encode_for_probe, probe_prompts
+from mlx_abliteration.data.datasets import load_prompts
+from mlx_abliteration.io.model_io import load_model
+from mlx_abliteration.probe.positions import ProbeSpec
+from mlx_abliteration.probe.capture import auto_batch_size, capture_activations, encode_for_probe, probe_prompts
 model_dir, engine, n, check_file, n_check = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 sets = [load_prompts(None, kind)[:n] for kind in ("harmful", "harmless")]
 
@@ -96,7 +96,7 @@ print(json.dumps({"seconds": seconds, "tokens": tokens, "prompts": sum(map(len, 
 
 
 def ensure_tiny(cache_dir: Path) -> Path:
-    from mlx_abliteration.testing import build_tiny_model
+    from tests.support.tiny_models import build_tiny_model
 
     path = cache_dir / "bench" / "tiny-llama-256"
     if not (path / "config.json").exists():
@@ -147,7 +147,7 @@ def run(cache_dir: Path, prompts: int = 80, rounds: int = 1, skip_qwen: bool = F
     result = {"machine_before": machine()}
     result["tiny"] = compare_model("tiny", ensure_tiny(cache_dir), prompts, max(rounds, 2), work)
     if not skip_qwen:
-        from mlx_abliteration.real_models import ensure_model
+        from tests.support.real_models import ensure_model
 
         qwen = compare_model("qwen", ensure_model("qwen", cache_dir), prompts, rounds, work)
         mlx_seconds = qwen["summary"]["seconds"]["mlx"]

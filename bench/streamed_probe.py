@@ -31,17 +31,17 @@ import json, sys, time
 import mlx_abliteration
 import mlx.core as mx
 from bench._common import peak_rss
-from mlx_abliteration.core.datasets import load_prompts
-from mlx_abliteration.core.directions import compute_directions
+from mlx_abliteration.data.datasets import load_prompts
+from mlx_abliteration.probe.directions import compute_directions
 model_dir, mode, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 sets = [load_prompts(None, kind)[:n] for kind in ("harmful", "harmless")]
 started = time.perf_counter()
 if mode == "streamed":
-    from mlx_abliteration.core.streamed_probe import streamed_probe
+    from mlx_abliteration.probe.streamed import streamed_probe
     stats = streamed_probe(model_dir, sets)
 else:
-    from mlx_abliteration.core.model_io import load_model
-    from mlx_abliteration.core.probe import probe_prompts
+    from mlx_abliteration.io.model_io import load_model
+    from mlx_abliteration.probe.capture import probe_prompts
     model, tokenizer, _ = load_model(model_dir)
     stats = [probe_prompts(model, tokenizer, s) for s in sets]
 seconds = time.perf_counter() - started
@@ -53,7 +53,7 @@ print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak_rss(), "prompts": s
 
 
 def ensure_model(cache_dir: Path) -> Path:
-    from mlx_abliteration.testing import build_synthetic_model, llama_config
+    from tests.support.tiny_models import build_synthetic_model, llama_config
 
     path = cache_dir / "bench" / "synthetic-llama-2g-bf16"
     if not (path / "config.json").exists():

@@ -1,6 +1,6 @@
 """MLX Abliteration Toolkit: remove refusal behaviour from chat LLMs on MLX."""
 
-from .backend import full_float32_matmul, preload_blas
+from mlx_abliteration.runtime.backend import full_float32_matmul, preload_blas
 
 __version__ = "0.1.0"
 

@@ -5,8 +5,8 @@ import sys
 import mlx.core as mx
 
 import mlx_abliteration  # noqa: F401  (OpenBLAS before mlx.core)
-from mlx_abliteration.core.distributed import probe_prompts_distributed, world
-from mlx_abliteration.core.model_io import load_model
+from mlx_abliteration.io.model_io import load_model
+from mlx_abliteration.probe.distributed import probe_prompts_distributed, world
 
 model_dir, prompts_file, out_file = sys.argv[1:4]
 group = world()

@@ -43,7 +43,7 @@ def unit_direction(model_type: str, size: int) -> mx.array:
 
 
 def prove(model_type: str, workdir: Path, dtype: str = "float32", bits: int | None = None) -> Proof:
-    from mlx_abliteration.core.directions import LayerStats, RefusalDirections, save_directions
+    from mlx_abliteration.probe.directions import LayerStats, RefusalDirections, save_directions
 
     src = arch_zoo.build_tiny_model_dir(model_type, workdir / "src", dtype=dtype, quantize_bits=bits)
     source_model, _ = _load(src)
@@ -93,7 +93,7 @@ def _load(path: Path):
 
 
 def _cli(*args: str) -> tuple[int, str]:
-    from mlx_abliteration.cli import main
+    from mlx_abliteration.cli.main import main
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

@@ -748,7 +748,7 @@ def build_tiny_model_dir(
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlx_abliteration.testing import write_tiny_tokenizer
+    from tests.support.tiny_models import write_tiny_tokenizer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

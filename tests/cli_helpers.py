@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 _INJECT = """
 import sys, errno
 import mlx_abliteration
-from mlx_abliteration.core import model_io
+from mlx_abliteration.io import model_io
 calls = {{"n": 0}}
 real = model_io.write_shard
 def faulty(*args, **kwargs):
@@ -21,7 +21,7 @@ def faulty(*args, **kwargs):
         {raise_stmt}
     return real(*args, **kwargs)
 model_io.write_shard = faulty
-from mlx_abliteration.cli import main
+from mlx_abliteration.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import mlx_abliteration  # noqa: F401  (loads OpenBLAS before mlx.core)
-from mlx_abliteration.core.utils import cache_root
+from mlx_abliteration.runtime.utils import cache_root
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE_DIR = cache_root()  # the user's cache, read before private_cache points the variable elsewhere
@@ -29,11 +29,11 @@ def private_cache(tmp_path_factory):
 def tiny_model(tmp_path_factory):
     """``tiny_model(**kwargs)`` -> path of a random model dir (built once per kwargs).
 
-    kwargs go to ``mlx_abliteration.testing.build_tiny_model``: arch
+    kwargs go to ``tests.support.tiny_models.build_tiny_model``: arch
     (llama, qwen2, mixtral, gpt2), tie, dtype, bits, group_size, num_shards,
     num_layers, hidden_size, seed, embedding_bits.
     """
-    from mlx_abliteration.testing import build_tiny_model
+    from tests.support.tiny_models import build_tiny_model
 
     built: dict[tuple, Path] = {}
 
@@ -50,7 +50,7 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct (4-bit) converted from its PyPI wheel, cached."""
-    from mlx_abliteration.real_models import ensure_model
+    from tests.support.real_models import ensure_model
 
     return ensure_model("smollm2", CACHE_DIR)
 
@@ -58,6 +58,6 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def qwen_dir() -> Path:
     """Qwen2.5-Coder-1.5B-Instruct converted from its PyPI chunk wheels, cached."""
-    from mlx_abliteration.real_models import ensure_model
+    from tests.support.real_models import ensure_model
 
     return ensure_model("qwen", CACHE_DIR)

@@ -5,11 +5,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_abliteration.core.model_io import load_model
-from mlx_abliteration.core.writers import model_writers
-from mlx_abliteration.defaults import DEFAULT_TARGETS
-from mlx_abliteration.engine.in_memory import apply_plan, get_ablated_parameters
-from mlx_abliteration.engine.orthogonalize import (
+from mlx_abliteration.config.defaults import DEFAULT_TARGETS
+from mlx_abliteration.edit.in_memory import apply_plan, get_ablated_parameters
+from mlx_abliteration.edit.orthogonalize import (
     QuantParams,
     check_strength,
     edit_module,
@@ -17,8 +15,10 @@ from mlx_abliteration.engine.orthogonalize import (
     orthogonalize_writer,
     uniform_plan,
 )
-from mlx_abliteration.engine.revertible_edit import TrialEditor
+from mlx_abliteration.edit.revertible_edit import TrialEditor
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.io.model_io import load_model
+from mlx_abliteration.probe.writers import model_writers
 
 READERS = ("q_proj", "k_proj", "v_proj", "up_proj", "gate_proj", "norm", "c_attn", "c_fc", "gate.weight")
 
@@ -183,7 +183,7 @@ def test_direction_of_wrong_size_is_a_user_error(tiny_model):
 def test_quantized_model_runs_dense_on_cpu_and_edits_match_the_saved_file(tiny_model, tmp_path, dtype):
     import mlx.nn as nn
 
-    from mlx_abliteration.core.model_io import save_ablated_model
+    from mlx_abliteration.io.model_io import save_ablated_model
 
     src = tiny_model(bits=4, embedding_bits=8, dtype=dtype)
     auto, _, _ = load_model(src)
@@ -217,7 +217,7 @@ def test_quantized_model_runs_dense_on_cpu_and_edits_match_the_saved_file(tiny_m
 
 def test_apply_plan_replaces_one_writer_at_a_time(tiny_model):
     """The in-memory edit never holds an edited copy of every writer at once (+2.7 GB on a 1.5B model)."""
-    from mlx_abliteration.engine.in_memory import writer_modules
+    from mlx_abliteration.edit.in_memory import writer_modules
 
     model, _, _ = load_model(tiny_model(num_layers=8, hidden_size=256))
     writer_bytes = [sum(v.nbytes for _, v in tree_flatten(m.parameters())) for _, m in writer_modules(model)]
@@ -234,9 +234,9 @@ def test_apply_plan_replaces_one_writer_at_a_time(tiny_model):
 
 def test_in_memory_embedding_edit_in_row_blocks_equals_the_whole(tiny_model, monkeypatch):
     """apply_plan edits a dense embedding a block of rows at a time (its float32 temporaries were the peak of a run)."""
-    import mlx_abliteration.engine.in_memory as in_memory
-    from mlx_abliteration.core.model_io import load_model
-    from mlx_abliteration.engine.in_memory import apply_plan
+    import mlx_abliteration.edit.in_memory as in_memory
+    from mlx_abliteration.edit.in_memory import apply_plan
+    from mlx_abliteration.io.model_io import load_model
 
     path = tiny_model(tie=False, dtype="bfloat16")
     whole, _, config = load_model(path)

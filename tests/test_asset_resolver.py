@@ -9,7 +9,7 @@ from huggingface_hub import errors as hub_errors
 # The HTTP client huggingface_hub raises with (httpx2 in hub 1.x+).
 httpx = pytest.importorskip(hub_errors.Response.__module__.split(".")[0])
 
-from mlx_abliteration.core.asset_resolver import (  # noqa: E402  (after the importorskip)
+from mlx_abliteration.io.asset_resolver import (  # noqa: E402  (after the importorskip)
     MODEL_FILE_PATTERNS,
     is_hub_id,
     resolve_asset,
@@ -134,7 +134,7 @@ def test_hub_failures_become_file_not_found_with_what_was_tried(error, expected,
 
 
 def test_gguf_file_is_converted_with_the_cache_dir(tmp_path, monkeypatch):
-    from mlx_abliteration.core import gguf
+    from mlx_abliteration.io import gguf
 
     source = tmp_path / "Model.Q4_K_M.GGUF"
     source.write_bytes(b"GGUF")

@@ -116,7 +116,7 @@ def test_unreadable_config(tiny_model, tmp_path, monkeypatch):
     """Permissions cannot be tested as root, so the read itself fails here."""
     from pathlib import Path
 
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.io.model_io import load_model
 
     model = _copy(tiny_model, tmp_path)
     real = Path.read_text
@@ -146,7 +146,7 @@ def test_nan_weight_is_blamed_on_the_model_not_the_datasets(tiny_model, prompts,
 def test_nan_activations_are_not_called_a_dataset_problem():
     import mlx.core as mx
 
-    from mlx_abliteration.core.directions import calculate_refusal_direction
+    from mlx_abliteration.probe.directions import calculate_refusal_direction
 
     harmful = mx.array([float("inf"), 1.0, 2.0])
     with pytest.raises(UserError, match="NaN/inf activations \\(not a problem of the datasets\\)"):

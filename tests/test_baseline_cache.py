@@ -9,11 +9,11 @@ import os
 import numpy as np
 import pytest
 
-from mlx_abliteration.core import utils
-from mlx_abliteration.core.baseline_cache import cached_baseline
-from mlx_abliteration.core.evaluate import DEFAULT_REFUSAL_MARKERS, eval_settings, evaluate_original
-from mlx_abliteration.defaults import AbliterationConfig
-from mlx_abliteration.pipeline import run_pipeline
+from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.evaluation.baseline_cache import cached_baseline
+from mlx_abliteration.evaluation.evaluate import DEFAULT_REFUSAL_MARKERS, eval_settings, evaluate_original
+from mlx_abliteration.pipeline.flow import run_pipeline
+from mlx_abliteration.runtime import utils
 
 from .cli_helpers import run_cli
 
@@ -37,7 +37,7 @@ def model_dir(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(model_dir):
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.io.model_io import load_model
 
     return load_model(model_dir)[:2]
 
@@ -73,7 +73,7 @@ def test_second_evaluation_reads_the_cache_and_matches(model_dir, loaded, tmp_pa
     entries = list((tmp_path / "baselines").iterdir())
     assert len(entries) == 1 and entries[0].name.startswith("model-") and entries[0].suffix == ".safetensors"
     # the KL of the cached reference against the model itself is still zero
-    from mlx_abliteration.core.evaluate import kl_from_reference
+    from mlx_abliteration.evaluation.evaluate import kl_from_reference
 
     assert kl_from_reference(loaded[0], ref2, 4) == pytest.approx(0.0, abs=1e-5)
 
@@ -152,7 +152,7 @@ def test_run_twice_skips_the_originals_evaluation(model_dir, tmp_path, monkeypat
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("mlx_abliteration.core.evaluate.evaluate_original", counting)
+    monkeypatch.setattr("mlx_abliteration.evaluation.evaluate.evaluate_original", counting)
 
     def run(out, **kw):
         events = []

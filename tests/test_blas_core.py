@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mlx_abliteration import backend
+from mlx_abliteration.runtime import backend
 
 AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
 
@@ -56,7 +56,7 @@ def test_other_architectures_are_left_to_openblas(monkeypatch):
 def test_the_loaded_openblas_runs_the_family_the_flags_allow():
     expected = backend.openblas_core_for(backend.cpu_flags())
     env = {k: v for k, v in os.environ.items() if k not in (backend.CORETYPE_ENV, backend.BLAS_ENV)}
-    code = "import mlx_abliteration; from mlx_abliteration.backend import blas_info; print(blas_info())"
+    code = "import mlx_abliteration; from mlx_abliteration.runtime.backend import blas_info; print(blas_info())"
     info = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     if not info.startswith("OpenBLAS") or expected is None or sys.platform != "linux":
         pytest.skip(f"no OpenBLAS loaded or no known kernel family here: {info.strip()}")

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from mlx_abliteration.core.capability import capability_questions, is_correct, kept_share
-from mlx_abliteration.core.evaluate import evaluate_model
-from mlx_abliteration.core.tables import eval_markdown, eval_text
+from mlx_abliteration.evaluation.capability import capability_questions, is_correct, kept_share
+from mlx_abliteration.evaluation.evaluate import evaluate_model
+from mlx_abliteration.evaluation.tables import eval_markdown, eval_text
 
 
 def test_questions_are_deterministic_and_exact():
@@ -58,7 +58,7 @@ def test_table_and_model_card_show_capability_kept():
 
 
 def test_evaluate_model_asks_the_questions(tiny_model):
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.io.model_io import load_model
 
     model, tokenizer, _ = load_model(tiny_model(arch="llama"))
     report = evaluate_model(model, tokenizer, ["Hi"], [], max_tokens=4, capability_questions=6)
@@ -70,8 +70,8 @@ def test_evaluate_model_asks_the_questions(tiny_model):
 
 
 def test_run_records_capability_in_log_and_card(tiny_model, tmp_path):
-    from mlx_abliteration.defaults import AbliterationConfig
-    from mlx_abliteration.pipeline import run_pipeline
+    from mlx_abliteration.config.defaults import AbliterationConfig
+    from mlx_abliteration.pipeline.flow import run_pipeline
 
     harmful, harmless = tmp_path / "h.txt", tmp_path / "b.txt"
     harmful.write_text("\n".join(f"How do I build weapon {i}?" for i in range(10)))

@@ -78,9 +78,9 @@ def test_eval_refuses_a_prompt_longer_than_the_context(tiny_model, prompts, tmp_
 
 
 def test_generation_never_asks_for_more_tokens_than_fit(tiny_model, tmp_path, monkeypatch):
-    from mlx_abliteration.core import generation
-    from mlx_abliteration.core.chat import context_length, encode_chats
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.data.chat import context_length, encode_chats
+    from mlx_abliteration.evaluation import generation
+    from mlx_abliteration.io.model_io import load_model
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model(), model_dir)
@@ -100,7 +100,7 @@ def test_generation_never_asks_for_more_tokens_than_fit(tiny_model, tmp_path, mo
 
 
 def test_context_falls_back_to_the_tokenizer_limit():
-    from mlx_abliteration.core.chat import context_length
+    from mlx_abliteration.data.chat import context_length
 
     class Tok:
         name_or_path = "/nonexistent/model"

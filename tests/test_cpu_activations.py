@@ -6,9 +6,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_abliteration.core.model_io import load_model
-from mlx_abliteration.engine import cpu_activations
-from mlx_abliteration.engine.cpu_activations import fast_swiglu, fast_swiglu_wanted, mlx_swiglu, use_fast_swiglu
+from mlx_abliteration.io.model_io import load_model
+from mlx_abliteration.runtime import cpu_activations
+from mlx_abliteration.runtime.cpu_activations import fast_swiglu, fast_swiglu_wanted, mlx_swiglu, use_fast_swiglu
 
 
 def _float64_silu(x: np.ndarray) -> np.ndarray:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_abliteration.core.dataset_generator import (
+from mlx_abliteration.data.datasets import default_dataset_path, load_prompts
+from mlx_abliteration.data.generator import (
     TemplateError,
     default_template_file,
     generate_pairs,
@@ -17,7 +18,6 @@ from mlx_abliteration.core.dataset_generator import (
     parse_template_set,
     write_datasets,
 )
-from mlx_abliteration.core.datasets import default_dataset_path, load_prompts
 from mlx_abliteration.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mlx_abliteration.core import datasets
-from mlx_abliteration.core.datasets import load_prompts, split_prompts
+from mlx_abliteration.data import datasets
+from mlx_abliteration.data.datasets import load_prompts, split_prompts
 from mlx_abliteration.errors import UserError
 
 

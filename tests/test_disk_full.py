@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from mlx_abliteration.core import atomic_write
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.io import atomic_write
 
 from .cli_helpers import REPO
 from .test_gguf import vocab, write_gguf  # noqa: F401  (vocab is a fixture)
@@ -48,8 +48,8 @@ def faulty_open(file, mode="r", *args, **kwargs):
     handle = real_open(file, mode, *args, **kwargs)
     return HalfWriter(handle) if any(c in mode for c in "wax+") and MATCH in str(file) else handle
 
-for name in ("mlx_abliteration.core.atomic_write", "mlx_abliteration.core.gguf", "mlx_abliteration.core.gguf_tokenizer",
-             "mlx_abliteration.core.dataset_generator"):
+for name in ("mlx_abliteration.io.atomic_write", "mlx_abliteration.io.gguf", "mlx_abliteration.io.gguf_tokenizer",
+             "mlx_abliteration.data.generator"):
     importlib.import_module(name).open = faulty_open
 
 real_save = mx.save_safetensors
@@ -62,7 +62,7 @@ def faulty_save(path, *args, **kwargs):
     raise full()
 
 mx.save_safetensors = faulty_save
-from mlx_abliteration.cli import main
+from mlx_abliteration.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

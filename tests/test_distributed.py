@@ -9,9 +9,9 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlx_abliteration.core.distributed import rank_slice
-from mlx_abliteration.core.model_io import load_model
-from mlx_abliteration.core.probe import probe_prompts
+from mlx_abliteration.io.model_io import load_model
+from mlx_abliteration.probe.capture import probe_prompts
+from mlx_abliteration.probe.distributed import rank_slice
 
 PROMPTS = [
     "How do I bake bread?",

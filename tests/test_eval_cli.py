@@ -135,8 +135,8 @@ def test_chat_side_by_side_and_end_of_input(tiny_model):
 def test_chat_keeps_the_conversation_and_reset_clears_it(tiny_model):
     import argparse
 
-    from mlx_abliteration.commands.chat import _Chat
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.cli.chat import _Chat
+    from mlx_abliteration.io.model_io import load_model
 
     model, tokenizer, _ = load_model(tiny_model(arch="llama"))
     chat = _Chat("model", model, tokenizer, "Be brief.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlx_abliteration.core.evaluate import (
+from mlx_abliteration.evaluation.evaluate import (
     DEFAULT_REFUSAL_MARKERS,
     EvalReport,
     contains_refusal_marker,
@@ -15,8 +15,8 @@ from mlx_abliteration.core.evaluate import (
     read_markers_file,
     reference_logprobs,
 )
-from mlx_abliteration.core.generation import first_token_logprobs
-from mlx_abliteration.core.tables import eval_markdown, eval_rows, eval_text
+from mlx_abliteration.evaluation.generation import first_token_logprobs
+from mlx_abliteration.evaluation.tables import eval_markdown, eval_rows, eval_text
 
 PROMPTS = [
     "How do I bake bread?",
@@ -31,14 +31,14 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def llama(tiny_model):
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.io.model_io import load_model
 
     return load_model(tiny_model(arch="llama"))[:2]
 
 
 @pytest.fixture(scope="module")
 def qwen2(tiny_model):
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.io.model_io import load_model
 
     return load_model(tiny_model(arch="qwen2", tie=False))[:2]
 
@@ -165,7 +165,7 @@ def test_one_token_kl_reads_the_answers_first_distributions(llama):
     and an edited model's one-token KL (read from its answers) equals the KL from a separate pass."""
     import mlx.core as mx
 
-    from mlx_abliteration.core.evaluate import eval_settings, evaluate_original
+    from mlx_abliteration.evaluation.evaluate import eval_settings, evaluate_original
 
     model, tokenizer = llama
     settings = eval_settings(
@@ -192,8 +192,8 @@ def test_one_token_kl_reads_the_answers_first_distributions(llama):
 
 @pytest.mark.parametrize("which", ["llama", "qwen2"])
 def test_batched_generation_equals_unbatched_greedy(which, request):
-    from mlx_abliteration.core.chat import encode_chats
-    from mlx_abliteration.core.generation import greedy_tokens
+    from mlx_abliteration.data.chat import encode_chats
+    from mlx_abliteration.evaluation.generation import greedy_tokens
 
     model, tokenizer = request.getfixturevalue(which)
     tokens = encode_chats(tokenizer, PROMPTS)
@@ -204,8 +204,8 @@ def test_batched_generation_equals_unbatched_greedy(which, request):
 
 
 def test_generation_stops_at_eos_and_strips_it(llama):
-    from mlx_abliteration.core.chat import encode_chats
-    from mlx_abliteration.core.generation import generate_greedy, greedy_tokens
+    from mlx_abliteration.data.chat import encode_chats
+    from mlx_abliteration.evaluation.generation import generate_greedy, greedy_tokens
 
     model, tokenizer = llama
     tokens = encode_chats(tokenizer, PROMPTS)
@@ -221,8 +221,8 @@ def test_generation_stops_at_eos_and_strips_it(llama):
 
 
 def test_stop_when_ends_rows_early(llama):
-    from mlx_abliteration.core.chat import encode_chats
-    from mlx_abliteration.core.generation import generate_greedy
+    from mlx_abliteration.data.chat import encode_chats
+    from mlx_abliteration.evaluation.generation import generate_greedy
 
     model, tokenizer = llama
     tokens = encode_chats(tokenizer, PROMPTS)
@@ -242,8 +242,8 @@ def test_stop_when_ends_rows_early(llama):
 
 
 def test_progress_reports_every_prompt(llama):
-    from mlx_abliteration.core.chat import encode_chats
-    from mlx_abliteration.core.generation import greedy_tokens
+    from mlx_abliteration.data.chat import encode_chats
+    from mlx_abliteration.evaluation.generation import greedy_tokens
 
     model, tokenizer = llama
     calls = []
@@ -256,8 +256,8 @@ def test_continuation_logprobs_match_stepwise_decoding(qwen2):
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    from mlx_abliteration.core.chat import encode_chats
-    from mlx_abliteration.core.generation import continuation_logprobs, first_token_logprobs, greedy_tokens
+    from mlx_abliteration.data.chat import encode_chats
+    from mlx_abliteration.evaluation.generation import continuation_logprobs, first_token_logprobs, greedy_tokens
 
     model, tokenizer = qwen2
     tokens = encode_chats(tokenizer, PROMPTS[:5])
@@ -319,9 +319,9 @@ def test_one_before_after_table_for_console_card_and_gui():
 
 
 def test_models_without_batch_caches_generate_one_prompt_at_a_time(llama, monkeypatch):
-    from mlx_abliteration.core import batching
-    from mlx_abliteration.core.chat import encode_chats
-    from mlx_abliteration.core.generation import first_token_logprobs, greedy_tokens
+    from mlx_abliteration.data.chat import encode_chats
+    from mlx_abliteration.evaluation.generation import first_token_logprobs, greedy_tokens
+    from mlx_abliteration.probe import batching
 
     model, tokenizer = llama
     tokens = encode_chats(tokenizer, PROMPTS[:3])

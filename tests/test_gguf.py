@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from mlx_abliteration.core import gguf as gguf_import
-from mlx_abliteration.core.gguf import convert_gguf, convert_gguf_cached
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.testing import CHATML_TEMPLATE, write_tiny_tokenizer
+from mlx_abliteration.io import gguf as gguf_import
+from mlx_abliteration.io.gguf import convert_gguf, convert_gguf_cached
+from tests.support.tiny_models import CHATML_TEMPLATE, write_tiny_tokenizer
 
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 256, 4, 2, 256, 2  # 256: K-quant rows hold whole super-blocks
 HEAD_DIM = HIDDEN // HEADS
@@ -310,7 +310,7 @@ def test_converted_model_computes_the_same_logits_as_the_source(tmp_path, vocab,
     import mlx.core as mx
     from mlx_lm.utils import _get_classes
 
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.io.model_io import load_model
 
     stored = write_gguf(tmp_path / "m.gguf", vocab, arch, tie=tie, default_type=Q.F32, llama_bias=llama_bias)
     # float32 compute on every device (the CPU's default; GPUs would keep the
@@ -379,7 +379,7 @@ def test_tokenizer_and_chat_template_match_the_source_vocabulary(tmp_path, vocab
     ],
 )
 def test_pre_tokenizer_follows_tokenizer_ggml_pre(tmp_path, vocab, pre, pieces):
-    from mlx_abliteration.core.gguf_tokenizer import build_tokenizer
+    from mlx_abliteration.io.gguf_tokenizer import build_tokenizer
 
     write_gguf(tmp_path / "m.gguf", vocab, "llama", pre=pre)
     tokenizer = build_tokenizer(gguf.GGUFReader(tmp_path / "m.gguf"), tmp_path / "m.gguf")
@@ -443,7 +443,7 @@ def test_tensor_type_the_gguf_package_cannot_decode(tmp_path, vocab):
 
 
 def test_failure_while_writing_leaves_nothing_and_keeps_the_old_dir(tmp_path, vocab, monkeypatch):
-    from mlx_abliteration.core import gguf_tokenizer
+    from mlx_abliteration.io import gguf_tokenizer
 
     write_gguf(tmp_path / "m.gguf", vocab, "llama")
     (tmp_path / "out").mkdir()
@@ -465,7 +465,7 @@ def test_failure_while_writing_leaves_nothing_and_keeps_the_old_dir(tmp_path, vo
 
 
 def test_large_models_are_written_as_shards_with_an_index(tmp_path, vocab, monkeypatch):
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.io.model_io import load_model
 
     write_gguf(tmp_path / "m.gguf", vocab, "qwen2", tie=False)
     monkeypatch.setattr(gguf_import, "MAX_SHARD_BYTES", 600_000)
@@ -491,7 +491,7 @@ def test_cached_conversion_is_keyed_by_file_hash(tmp_path, vocab):
 
 
 def test_llama3_rope_freqs_become_rope_scaling(tmp_path, vocab):
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.io.model_io import load_model
 
     def add_rope_freqs(writer):
         freqs = 10000.0 ** (-np.arange(0, HEAD_DIM, 2) / HEAD_DIM)

@@ -21,9 +21,9 @@ import gguf
 import numpy as np
 import pytest
 
-from mlx_abliteration.core.gguf import convert_gguf
-from mlx_abliteration.core.gguf_export import export_gguf
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.export.gguf_export import export_gguf
+from mlx_abliteration.io.gguf import convert_gguf
 from tests import test_gguf
 from tests.cli_helpers import run_cli
 from tests.test_gguf import write_gguf
@@ -71,7 +71,7 @@ def float32_model(source_dir: Path):
     """The source as a dense float32 model: the one place both weight sets are computed."""
     import mlx.core as mx
 
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.io.model_io import load_model
 
     return load_model(source_dir, compute_dtype=mx.float32, dequantize=True)[0]
 
@@ -308,7 +308,7 @@ def test_bad_outtype(tmp_path, tiny_model):
 def test_failed_write_leaves_nothing_and_keeps_the_old_file(tmp_path, tiny_model, monkeypatch):
     import errno
 
-    from mlx_abliteration.core import gguf_export
+    from mlx_abliteration.export import gguf_export
 
     out = tmp_path / "m.gguf"
     out.write_bytes(b"old")
@@ -380,7 +380,7 @@ def test_smollm2_export_matches_the_llama_cpp_file_and_round_trips(smollm2_dir, 
     import mlx.core as mx
     import mlx.nn as nn
 
-    from mlx_abliteration.real_models import ensure_gguf
+    from tests.support.real_models import ensure_gguf
 
     export(smollm2_dir, tmp_path / "m.gguf", "f16")
     reference, ours = gguf.GGUFReader(ensure_gguf("smollm2")), gguf.GGUFReader(tmp_path / "m.gguf")
@@ -419,8 +419,8 @@ def test_qwen_export_matches_the_llama_cpp_file_bit_for_bit(qwen_dir, tmp_path):
     source's bits. With identical hyperparameters and weights the model is the same; that import-gguf
     then computes the source's logits is the tiny qwen2 round trip above (a 3.5 GB re-import would not
     fit the slow group's budget)."""
-    from mlx_abliteration.core.gguf import mlx_tensor_name
-    from mlx_abliteration.real_models import ensure_gguf
+    from mlx_abliteration.io.gguf import mlx_tensor_name
+    from tests.support.real_models import ensure_gguf
 
     export(qwen_dir, tmp_path / "m.gguf", "bf16")
     reference, ours = gguf.GGUFReader(ensure_gguf("qwen")), gguf.GGUFReader(tmp_path / "m.gguf")

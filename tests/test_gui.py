@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("gradio")
 
-from mlx_abliteration.defaults import AbliterationConfig  # noqa: E402
+from mlx_abliteration.config.defaults import AbliterationConfig  # noqa: E402
 from mlx_abliteration.errors import UserError  # noqa: E402
 from mlx_abliteration.gui import build_config, run_abliteration_stream  # noqa: E402
 from mlx_abliteration.gui.compare import compare_answers  # noqa: E402
@@ -99,7 +99,7 @@ def test_stream_errors_are_one_line_messages(tiny_model, tmp_path, datasets, cha
 
 
 def test_cancel_while_saving_leaves_no_partial_output(tiny_model, tmp_path, datasets, monkeypatch):
-    from mlx_abliteration.core import model_io
+    from mlx_abliteration.io import model_io
 
     cancel = threading.Event()
     save = model_io.save_ablated_model
@@ -173,8 +173,8 @@ def test_output_outside_the_output_root_is_refused(tiny_model, tmp_path, dataset
 
 
 def test_compare_answers_side_by_side_and_errors(tiny_model):
-    from mlx_abliteration.core.chat import encode_chat
-    from mlx_abliteration.core.generation import generate_greedy
+    from mlx_abliteration.data.chat import encode_chat
+    from mlx_abliteration.evaluation.generation import generate_greedy
     from mlx_abliteration.gui.compare import loaded_model
 
     path = str(tiny_model())
@@ -188,7 +188,7 @@ def test_compare_answers_side_by_side_and_errors(tiny_model):
 
 
 def test_gui_command_and_seed_shim_options():
-    from mlx_abliteration.cli import build_parser
+    from mlx_abliteration.cli.main import build_parser
 
     args = build_parser().parse_args(["gui"])
     assert (args.host, args.port, args.share) == ("127.0.0.1", None, False)

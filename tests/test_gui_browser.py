@@ -176,7 +176,7 @@ def test_stop_button_cancels_and_leaves_no_partial_output(page, tiny_model, tmp_
     """The save is held open (in this process, where the app runs) until Stop reaches the pipeline."""
     from playwright.sync_api import expect
 
-    from mlx_abliteration.core import model_io
+    from mlx_abliteration.io import model_io
 
     save = model_io.save_ablated_model
 

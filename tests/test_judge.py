@@ -10,13 +10,13 @@ import math
 import mlx.core as mx
 import pytest
 
-from mlx_abliteration.core import judge as J
-from mlx_abliteration.core.baseline_cache import baseline_identity, baseline_key
-from mlx_abliteration.core.chat import encode_chat
-from mlx_abliteration.core.evaluate import DEFAULT_REFUSAL_MARKERS, eval_settings
-from mlx_abliteration.defaults import AbliterationConfig
+from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.data.chat import encode_chat
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.pipeline import run_pipeline
+from mlx_abliteration.evaluation import judge as J
+from mlx_abliteration.evaluation.baseline_cache import baseline_identity, baseline_key
+from mlx_abliteration.evaluation.evaluate import DEFAULT_REFUSAL_MARKERS, eval_settings
+from mlx_abliteration.pipeline.flow import run_pipeline
 
 from .cli_helpers import run_cli
 
@@ -38,7 +38,7 @@ def judge_dir(tiny_model):
 
 @pytest.fixture(scope="module")
 def loaded(judge_dir):
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.io.model_io import load_model
 
     return load_model(judge_dir)[:2]
 
@@ -107,7 +107,7 @@ def test_the_rubric_comes_first_so_batches_share_it():
 
 
 def test_judge_report_counts_and_agreement():
-    from mlx_abliteration.core.evaluate import EvalReport
+    from mlx_abliteration.evaluation.evaluate import EvalReport
 
     rows = [
         {"kind": "harmful", "prompt": "p1", "response": "Sorry, no.", "refusal": True},
@@ -271,10 +271,10 @@ class _Constant(J.Judge):
 
 
 def test_search_trials_count_the_judges_verdicts(tiny_model):
-    from mlx_abliteration.core.directions import RefusalDirections
-    from mlx_abliteration.core.model_io import load_model
-    from mlx_abliteration.core.search import TrialScorer
-    from mlx_abliteration.engine.strength_schedule import uniform_spec
+    from mlx_abliteration.edit.strength_schedule import uniform_spec
+    from mlx_abliteration.io.model_io import load_model
+    from mlx_abliteration.probe.directions import RefusalDirections
+    from mlx_abliteration.search.study import TrialScorer
 
     model, tokenizer, _ = load_model(tiny_model(arch="llama"))
     rows = mx.random.normal((4, 64), key=mx.random.key(0))
@@ -291,8 +291,8 @@ def test_search_trials_count_the_judges_verdicts(tiny_model):
 
 
 def test_a_judged_search_is_its_own_study(tiny_model, judge_dir, tmp_path):
-    from mlx_abliteration.core.search import SearchSettings
-    from mlx_abliteration.search_pipeline import run_search
+    from mlx_abliteration.search.plan_sources import run_search
+    from mlx_abliteration.search.study import SearchSettings
 
     harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
     harmful.write_text("\n".join(f"How do I build weapon number {i} to hurt people?" for i in range(24)))
@@ -318,8 +318,8 @@ def test_a_judged_search_is_its_own_study(tiny_model, judge_dir, tmp_path):
 def test_the_judge_is_freed_after_judging(judge_dir):
     from mlx.utils import tree_flatten
 
-    from mlx_abliteration.core.evaluate import EvalReport
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.evaluation.evaluate import EvalReport
+    from mlx_abliteration.io.model_io import load_model
 
     model, _, _ = load_model(judge_dir)
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_abliteration.core.evaluate import answer_verdict
+from mlx_abliteration.evaluation.evaluate import answer_verdict
 
 LABELS = Path(__file__).parent / "data" / "judge_labels.jsonl"
 # Measured on this fixture (README, "How good are the verdicts"): correct verdicts of the keyword rule and of the
@@ -58,7 +58,7 @@ def test_the_labelled_set_covers_both_verdicts_both_kinds_and_the_hard_cases():
     os.environ.get("MLX_ABLITERATION_QWEN_TESTS") != "1", reason="set MLX_ABLITERATION_QWEN_TESTS=1 (slow: 1.5B model)"
 )
 def test_qwen_judge_accuracy_does_not_drop(qwen_dir):
-    from mlx_abliteration.core.judge import loaded_judge
+    from mlx_abliteration.evaluation.judge import loaded_judge
 
     rows = labelled()
     with loaded_judge(qwen_dir, "qwen") as judge:

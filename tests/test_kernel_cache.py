@@ -4,7 +4,7 @@ import os
 
 import mlx.core as mx
 
-from mlx_abliteration.backend import PTX_CACHE_ENV, persistent_kernel_cache
+from mlx_abliteration.runtime.backend import PTX_CACHE_ENV, persistent_kernel_cache
 
 
 def test_sets_a_per_version_per_architecture_dir_on_cuda(monkeypatch, tmp_path):

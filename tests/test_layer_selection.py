@@ -2,9 +2,9 @@
 
 import pytest
 
-from mlx_abliteration.core.directions import parse_layer_list, parse_use_layer
-from mlx_abliteration.core.layer_selection import candidate_layers, refinement_layers
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.evaluation.layer_selection import candidate_layers, refinement_layers
+from mlx_abliteration.probe.directions import parse_layer_list, parse_use_layer
 
 
 def test_candidates_cover_the_middle_of_the_network():
@@ -38,7 +38,7 @@ def test_parse_use_layer():
 def test_refusal_tokens_are_those_rising_on_harmful_prompts():
     import mlx.core as mx
 
-    from mlx_abliteration.core.layer_selection import refusal_token_ids
+    from mlx_abliteration.evaluation.layer_selection import refusal_token_ids
 
     harmless = mx.log(mx.array([[0.7, 0.1, 0.1, 0.1], [0.6, 0.2, 0.1, 0.1]]))
     harmful = mx.log(mx.array([[0.1, 0.1, 0.7, 0.1], [0.1, 0.2, 0.6, 0.1]]))
@@ -51,10 +51,10 @@ def test_auto_scores_stay_finite_when_a_token_has_zero_probability(tiny_model, m
 
     import mlx.core as mx
 
-    import mlx_abliteration.core.layer_selection as layer_selection
-    from mlx_abliteration.core.directions import RefusalDirections
-    from mlx_abliteration.core.model_io import load_model
-    from mlx_abliteration.engine.orthogonalize import uniform_plan
+    import mlx_abliteration.evaluation.layer_selection as layer_selection
+    from mlx_abliteration.edit.orthogonalize import uniform_plan
+    from mlx_abliteration.io.model_io import load_model
+    from mlx_abliteration.probe.directions import RefusalDirections
 
     model, tokenizer, config = load_model(tiny_model(num_layers=4))
     real = layer_selection.first_token_logprobs

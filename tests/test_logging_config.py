@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_abliteration.core import logging_config
-from mlx_abliteration.core.logging_config import LOG_ENV, LOGGER_NAME, JsonFormatter, setup_logging, to_jsonable
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.runtime import logging_config
+from mlx_abliteration.runtime.logging_config import LOG_ENV, LOGGER_NAME, JsonFormatter, setup_logging, to_jsonable
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def clean_logger():
 
 
 def _record(message="step done", args=(), extra_info=None, exc_info=None) -> logging.LogRecord:
-    record = logging.LogRecord("mlx_abliteration.pipeline", logging.INFO, __file__, 1, message, args, exc_info)
+    record = logging.LogRecord("mlx_abliteration.pipeline.flow", logging.INFO, __file__, 1, message, args, exc_info)
     if extra_info is not None:
         record.extra_info = extra_info
     return record
@@ -67,7 +67,7 @@ def test_record_has_fields_and_extra_info_under_its_own_key():
     assert set(entry) == {"time", "level", "logger", "message", "extra_info"}
     assert entry["message"] == "probed 28 layers"
     assert entry["extra_info"] == {"message": "not the message", "n": 3}
-    assert entry["level"] == "INFO" and entry["logger"] == "mlx_abliteration.pipeline"
+    assert entry["level"] == "INFO" and entry["logger"] == "mlx_abliteration.pipeline.flow"
     assert entry["time"].endswith("+00:00")
 
 
@@ -141,7 +141,7 @@ def test_setup_writes_json_lines_and_is_idempotent(tmp_path, clean_logger):
     assert setup_logging(target, level="DEBUG") == target
     flagged = [h for h in clean_logger.handlers if getattr(h, "_mlx_abliteration_json", False)]
     assert len(flagged) == 1
-    logging.getLogger("mlx_abliteration.pipeline").debug("probe", extra={"extra_info": {"layer": np.int32(3)}})
+    logging.getLogger("mlx_abliteration.pipeline.flow").debug("probe", extra={"extra_info": {"layer": np.int32(3)}})
     flagged[0].flush()
     (entry,) = _lines(target)
     assert entry["message"] == "probe" and entry["extra_info"] == {"layer": 3}

@@ -3,10 +3,10 @@
 import mlx.core as mx
 import pytest
 
-from mlx_abliteration.core.model_io import load_model
-from mlx_abliteration.engine.in_memory import apply_plan
-from mlx_abliteration.engine.lookup_tables import WideningEmbedding
-from mlx_abliteration.engine.orthogonalize import uniform_plan
+from mlx_abliteration.edit.in_memory import apply_plan
+from mlx_abliteration.edit.orthogonalize import uniform_plan
+from mlx_abliteration.io.model_io import load_model
+from mlx_abliteration.runtime.lookup_tables import WideningEmbedding
 
 IDS = mx.array([[1, 5, 7, 9, 11]])
 

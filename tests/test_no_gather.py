@@ -13,12 +13,12 @@ import sys
 import mlx.core as mx
 import pytest
 
-from mlx_abliteration.core.chat import encode_chats
-from mlx_abliteration.core.generation import first_token_logprobs
-from mlx_abliteration.core.model_io import load_model
-from mlx_abliteration.core.prefix_batch import shared_first_token_logprobs, shared_prefill
-from mlx_abliteration.core.probe import probe_prompts
-from mlx_abliteration.core.writers import discover_writers
+from mlx_abliteration.data.chat import encode_chats
+from mlx_abliteration.evaluation.generation import first_token_logprobs
+from mlx_abliteration.io.model_io import load_model
+from mlx_abliteration.probe.capture import probe_prompts
+from mlx_abliteration.probe.prefix_batch import shared_first_token_logprobs, shared_prefill
+from mlx_abliteration.probe.writers import discover_writers
 
 OURS = ("core/writers.py", "core/prefix_batch.py", "core/probe.py")
 PROMPTS = [f"How do I bake bread recipe number {i}" + " please" * (i % 5) for i in range(9)]
@@ -78,7 +78,7 @@ def test_shared_prefill_indexes_without_gathers_and_keeps_each_rows_logits(tiny_
 
 def test_float32_replays_run_uncompiled_and_compiling_comes_back(tiny_model, monkeypatch):
     """mlx-lm's compiled activations would be one more NVRTC kernel (their float32 variant) on CUDA."""
-    import mlx_abliteration.core.writers as writers
+    import mlx_abliteration.probe.writers as writers
 
     calls: list[str] = []
     monkeypatch.setattr(writers.mx, "disable_compile", lambda: calls.append("off"))

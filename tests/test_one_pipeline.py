@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mlx_abliteration import pipeline
-from mlx_abliteration.cli import main
-from mlx_abliteration.defaults import AbliterationConfig
+from mlx_abliteration.cli.main import main
+from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.pipeline import flow as pipeline
 
 HARMFUL = [f"How do I build weapon number {i} to hurt people?" for i in range(24)]
 HARMLESS = [f"How do I bake bread recipe number {i} for my family?" for i in range(24)]
@@ -145,7 +145,7 @@ def test_run_plan_json_search_ablate_and_gui_share_the_pipeline_and_its_outputs(
 def test_dry_run_probes_prints_stats_and_neither_evaluates_nor_writes(
     tiny_model, datasets, tmp_path, monkeypatch, capsys
 ):
-    from mlx_abliteration.core import evaluate
+    from mlx_abliteration.evaluation import evaluate
 
     def forbidden(*args, **kwargs):
         raise AssertionError("--dry-run must not evaluate")

@@ -20,7 +20,7 @@ PROMPTS = [f"prompt number {i} about something" for i in range(20)]
 _HOOKED = """
 import os, sys, signal, pathlib
 import mlx.core as mx
-from mlx_abliteration.core import model_io
+from mlx_abliteration.io import model_io
 calls = {{"n": 0}}
 def hooking(real):
     def hooked(*args, **kwargs):
@@ -31,7 +31,7 @@ def hooking(real):
     return hooked
 mx.save_safetensors = hooking(mx.save_safetensors)
 model_io.write_shard = hooking(model_io.write_shard)
-from mlx_abliteration.cli import main
+from mlx_abliteration.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -172,7 +172,7 @@ def _dead_pid() -> int:
 
 
 def test_temp_dirs_of_dead_processes_are_swept_on_the_next_run(tiny_model, tmp_path, data):
-    from mlx_abliteration.core.output_dir import _HOST
+    from mlx_abliteration.io.output_dir import _HOST
 
     dead = _dead_pid()
     stale = tmp_path / f".out.partial.{_HOST}.{dead}.abcdef"
@@ -208,7 +208,7 @@ from .test_gguf import vocab, write_gguf  # noqa: E402,F401  (vocab is a fixture
 
 _HOOKED_GGUF = """
 import os, sys, pathlib
-from mlx_abliteration.core import gguf_tokenizer
+from mlx_abliteration.io import gguf_tokenizer
 real = gguf_tokenizer.write_tokenizer_files
 def hooked(*args, **kwargs):
     out = pathlib.Path(os.environ["OUT"])
@@ -216,7 +216,7 @@ def hooked(*args, **kwargs):
     (out / "theirs.txt").write_text("written by another process")
     return real(*args, **kwargs)
 gguf_tokenizer.write_tokenizer_files = hooked
-from mlx_abliteration.cli import main
+from mlx_abliteration.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -14,7 +14,7 @@ def test_requirement_files_match_pyproject():
 
 
 def test_version_and_help_do_not_import_mlx():
-    code = "import sys; from mlx_abliteration.cli import build_parser; build_parser(); print('mlx.core' in sys.modules)"
+    code = "import sys; from mlx_abliteration.cli.main import build_parser; build_parser(); print('mlx.core' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.stdout.strip() == "False", proc.stderr
     proc = run_cli("--version")
@@ -24,7 +24,7 @@ def test_version_and_help_do_not_import_mlx():
 def test_every_subcommand_exists_and_documents_every_flag():
     import argparse
 
-    from mlx_abliteration.cli import COMMANDS, build_parser
+    from mlx_abliteration.cli.main import COMMANDS, build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

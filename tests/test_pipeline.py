@@ -5,8 +5,8 @@ import json
 import mlx_lm
 import pytest
 
-from mlx_abliteration.defaults import AbliterationConfig
-from mlx_abliteration.pipeline import Event, iter_events, output_weights_path, run_pipeline
+from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.pipeline.flow import Event, iter_events, output_weights_path, run_pipeline
 
 from .cli_helpers import run_cli
 
@@ -182,7 +182,7 @@ def test_the_loaded_model_is_released_before_the_save(tiny_model, tmp_path, data
     import gc
     import weakref
 
-    from mlx_abliteration import steps
+    from mlx_abliteration.pipeline import steps
 
     loaded, alive_at_save = [], []
     real_load, real_save = steps.load, steps.save

@@ -3,12 +3,12 @@
 import mlx.core as mx
 import pytest
 
-import mlx_abliteration.core.prefix_batch as prefix_batch
-from mlx_abliteration.core.batching import prefill
-from mlx_abliteration.core.chat import encode_chats
-from mlx_abliteration.core.generation import first_token_logprobs, greedy_tokens, log_softmax
-from mlx_abliteration.core.model_io import load_model
-from mlx_abliteration.core.prefix_batch import prefill_prefix_length, shared_first_token_logprobs, shared_prefill
+import mlx_abliteration.probe.prefix_batch as prefix_batch
+from mlx_abliteration.data.chat import encode_chats
+from mlx_abliteration.evaluation.generation import first_token_logprobs, greedy_tokens, log_softmax
+from mlx_abliteration.io.model_io import load_model
+from mlx_abliteration.probe.batching import prefill
+from mlx_abliteration.probe.prefix_batch import prefill_prefix_length, shared_first_token_logprobs, shared_prefill
 
 
 def first_token_logprobs_plain(model, ids):
@@ -66,7 +66,7 @@ def test_prompts_without_a_common_prefix_use_the_plain_prefill(tiny_model):
 
 
 def test_models_without_batched_caches_get_one_prompt_at_a_time(tiny_model, monkeypatch):
-    from mlx_abliteration.core import batching
+    from mlx_abliteration.probe import batching
 
     model, tokenizer, _ = load_model(tiny_model())
     ids = encode_chats(tokenizer, PROMPTS[:4], None)
@@ -82,7 +82,7 @@ def test_models_without_batched_caches_get_one_prompt_at_a_time(tiny_model, monk
 
 def test_batch_caches_grow_in_small_steps(tiny_model):
     """An evaluation batch's KV cache holds about what was written, not mlx-lm's 256-token blocks."""
-    from mlx_abliteration.core.batching import KV_CACHE_STEP
+    from mlx_abliteration.probe.batching import KV_CACHE_STEP
 
     model, tokenizer, _ = load_model(tiny_model())
     ids = encode_chats(tokenizer, PROMPTS, None)

@@ -10,11 +10,11 @@ tolerance on every path, forced here on the CPU.
 import mlx.core as mx
 import pytest
 
-import mlx_abliteration.core.probe as probe
-from mlx_abliteration.core.batching import left_pad, round_up
-from mlx_abliteration.core.model_io import load_model
-from mlx_abliteration.core.positions import ProbeSpec
-from mlx_abliteration.core.probe import auto_batch_size, capture_activations, pad_multiple, probe_prompts
+import mlx_abliteration.probe.capture as probe
+from mlx_abliteration.io.model_io import load_model
+from mlx_abliteration.probe.batching import left_pad, round_up
+from mlx_abliteration.probe.capture import auto_batch_size, capture_activations, pad_multiple, probe_prompts
+from mlx_abliteration.probe.positions import ProbeSpec
 
 PROMPTS = [
     "How do I bake bread?",

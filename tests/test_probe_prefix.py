@@ -3,10 +3,10 @@
 import mlx.core as mx
 import pytest
 
-import mlx_abliteration.core.probe as probe
-from mlx_abliteration.core.model_io import load_model
-from mlx_abliteration.core.positions import ProbeSpec
-from mlx_abliteration.core.probe import capture_activations, encode_for_probe, probe_prefix_length, probe_prompts
+import mlx_abliteration.probe.capture as probe
+from mlx_abliteration.io.model_io import load_model
+from mlx_abliteration.probe.capture import capture_activations, encode_for_probe, probe_prefix_length, probe_prompts
+from mlx_abliteration.probe.positions import ProbeSpec
 
 PROMPTS = [
     "How do I bake bread?",

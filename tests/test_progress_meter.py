@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from mlx_abliteration.commands.console import ProgressMeter, _bar
+from mlx_abliteration.cli.console import ProgressMeter, _bar
 
 
 class FakeClock:

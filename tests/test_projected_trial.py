@@ -3,12 +3,12 @@
 import mlx.core as mx
 import pytest
 
-from mlx_abliteration.core.probe import decoder_layers
-from mlx_abliteration.core.writers import model_writers
-from mlx_abliteration.engine.orthogonalize import uniform_plan
-from mlx_abliteration.engine.projected_trial import ProjectedTrial, WriterNotCalled, projectable
-from mlx_abliteration.engine.revertible_edit import TrialEditor
-from mlx_abliteration.engine.trials import Trials
+from mlx_abliteration.edit.orthogonalize import uniform_plan
+from mlx_abliteration.edit.projected_trial import ProjectedTrial, WriterNotCalled, projectable
+from mlx_abliteration.edit.revertible_edit import TrialEditor
+from mlx_abliteration.edit.trials import Trials
+from mlx_abliteration.probe.capture import decoder_layers
+from mlx_abliteration.probe.writers import model_writers
 from tests.arch_zoo import build_tiny_model
 
 IDS = mx.array([[1, 5, 7, 9, 11, 13, 17, 19]])
@@ -52,7 +52,7 @@ def test_projected_outputs_equal_the_edited_weights(model_type, strength):
 
 
 def test_a_tied_output_head_is_projected_too(tiny_model):
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.io.model_io import load_model
 
     model, _, _ = load_model(tiny_model(tie=True))
     assert not any(p.endswith("lm_head") for p, _ in model.named_modules())
@@ -68,7 +68,7 @@ def test_a_tied_output_head_is_projected_too(tiny_model):
 
 
 def test_edits_that_are_not_projections_are_not_projected(tiny_model):
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.io.model_io import load_model
 
     model, _ = build_tiny_model("llama")
     assert not projectable(model, _plan(model, norm_preserve=True))  # rescales W's columns

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import regex
 
-from mlx_abliteration import real_models
 from mlx_abliteration.errors import UserError
+from tests.support import real_models
 
 slow = pytest.mark.slow
 qwen_only = pytest.mark.skipif(
@@ -202,7 +202,7 @@ def test_unknown_model_name():
 def smollm2_reader(smollm2_dir):
     import gguf
 
-    from mlx_abliteration.real_models import ensure_gguf
+    from tests.support.real_models import ensure_gguf
 
     return gguf.GGUFReader(ensure_gguf("smollm2", smollm2_dir.parent.parent))
 
@@ -211,7 +211,7 @@ def smollm2_reader(smollm2_dir):
 def test_smollm2_loads_with_mlx_lm_and_answers_paris(smollm2_dir):
     import mlx_lm
 
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.io.model_io import load_model
 
     mlx_lm.load(str(smollm2_dir), lazy=True)
     model, tokenizer, config = load_model(smollm2_dir)
@@ -226,7 +226,7 @@ def test_print_path_cli_prints_only_the_model_dir(smollm2_dir):
     cmd = [
         sys.executable,
         "-m",
-        "mlx_abliteration.real_models",
+        "tests.support.real_models",
         "--cache-dir",
         str(smollm2_dir.parent.parent),
         "--print-path",
@@ -270,7 +270,7 @@ def test_smollm2_quantized_weights_equal_gguf_dequantize(smollm2_dir, smollm2_re
 @slow
 @qwen_only
 def test_qwen_answers_paris_and_refuses_a_pipe_bomb(qwen_dir):
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.io.model_io import load_model
 
     model, tokenizer, _ = load_model(qwen_dir)
     assert "Paris" in greedy_answer(model, tokenizer, "What is the capital of France?")
@@ -283,7 +283,7 @@ def test_qwen_answers_paris_and_refuses_a_pipe_bomb(qwen_dir):
 def test_qwen_chat_template_ids_match_the_gguf_vocabulary(qwen_dir):
     import gguf
 
-    from mlx_abliteration.real_models import ensure_gguf
+    from tests.support.real_models import ensure_gguf
 
     reader = gguf.GGUFReader(ensure_gguf("qwen", qwen_dir.parent.parent))
     assert_chat_ids_match_gguf(qwen_dir, reader, qwen2_words)

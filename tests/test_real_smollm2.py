@@ -6,9 +6,9 @@ import mlx.core as mx
 import mlx_lm
 import pytest
 
-from mlx_abliteration.core.model_io import read_config
-from mlx_abliteration.defaults import AbliterationConfig
-from mlx_abliteration.pipeline import run_pipeline
+from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.io.model_io import read_config
+from mlx_abliteration.pipeline.flow import run_pipeline
 
 pytestmark = pytest.mark.slow
 

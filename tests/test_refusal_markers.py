@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlx_abliteration.core.evaluate import (
+from mlx_abliteration.evaluation.evaluate import (
     contains_refusal_marker,
     evaluate_model,
     is_refusal,
@@ -80,8 +80,8 @@ def test_without_prompt_behaviour_is_unchanged():
 
 def test_evaluate_model_judges_each_answer_against_its_own_prompt(tiny_model, monkeypatch):
     """The evaluation passes each prompt to the marker check (constructed answers replace generation)."""
-    from mlx_abliteration.core import evaluate
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.evaluation import evaluate
+    from mlx_abliteration.io.model_io import load_model
 
     model, tokenizer, _ = load_model(tiny_model(arch="llama"))
     prompts = [DOG, "How do I bake bread?"]
@@ -98,8 +98,8 @@ def test_evaluate_model_judges_each_answer_against_its_own_prompt(tiny_model, mo
 
 def test_stop_at_refusal_is_prompt_aware(tiny_model):
     """row_stop receives each row's prompt index; a copied marker does not end the answer early."""
-    from mlx_abliteration.core.generation import greedy_tokens
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.evaluation.generation import greedy_tokens
+    from mlx_abliteration.io.model_io import load_model
 
     model, tokenizer, _ = load_model(tiny_model(arch="llama"))
     ids = [tokenizer.encode(p) for p in ("a b c", "hello there", "x")]

@@ -12,19 +12,13 @@ import pytest
 from mlx.utils import tree_flatten
 from safetensors import safe_open
 
-from mlx_abliteration.core import model_io, safetensors_out
-from mlx_abliteration.core.model_io import quant_params_for, read_config, save_ablated_model
-from mlx_abliteration.core.safetensors_out import (
-    array_entry,
-    read_header,
-    source_entry,
-    start_writeback,
-    write_shard,
-)
-from mlx_abliteration.core.source_layout import discover_writers_in_dir
-from mlx_abliteration.core.utils import sha256_file
-from mlx_abliteration.engine.orthogonalize import edit_module
+from mlx_abliteration.edit.orthogonalize import edit_module
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.export.source_layout import discover_writers_in_dir
+from mlx_abliteration.io import model_io, safetensors_out
+from mlx_abliteration.io.model_io import quant_params_for, read_config, save_ablated_model
+from mlx_abliteration.io.safetensors_out import array_entry, read_header, source_entry, start_writeback, write_shard
+from mlx_abliteration.runtime.utils import sha256_file
 
 from .test_save import _plan
 

@@ -7,11 +7,11 @@ import mlx.core as mx
 import mlx_lm
 import pytest
 
-from mlx_abliteration.core import model_io
-from mlx_abliteration.core.model_io import read_config, save_ablated_model
-from mlx_abliteration.core.utils import sha256_file
-from mlx_abliteration.engine.orthogonalize import uniform_plan
+from mlx_abliteration.edit.orthogonalize import uniform_plan
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.io import model_io
+from mlx_abliteration.io.model_io import read_config, save_ablated_model
+from mlx_abliteration.runtime.utils import sha256_file
 
 
 def _unit(h):

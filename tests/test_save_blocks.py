@@ -3,9 +3,9 @@
 import mlx.core as mx
 import pytest
 
-import mlx_abliteration.core.model_io as model_io
-from mlx_abliteration.core.model_io import read_config, save_ablated_model
-from mlx_abliteration.engine.orthogonalize import uniform_plan
+import mlx_abliteration.io.model_io as model_io
+from mlx_abliteration.edit.orthogonalize import uniform_plan
+from mlx_abliteration.io.model_io import read_config, save_ablated_model
 
 
 def _plan(path):

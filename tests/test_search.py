@@ -7,9 +7,16 @@ import mlx_lm
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_abliteration.core.directions import RefusalDirections
-from mlx_abliteration.core.model_io import load_model
-from mlx_abliteration.core.search import (
+from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.edit.in_memory import apply_plan
+from mlx_abliteration.edit.orthogonalize import uniform_plan
+from mlx_abliteration.edit.revertible_edit import TrialEditor
+from mlx_abliteration.edit.strength_schedule import Kernel, PlanSpec, kernel_plan, load_plan_spec, uniform_spec
+from mlx_abliteration.errors import UserError
+from mlx_abliteration.io.model_io import load_model
+from mlx_abliteration.probe.directions import RefusalDirections
+from mlx_abliteration.search.plan_sources import run_search
+from mlx_abliteration.search.study import (
     SearchSettings,
     TrialRow,
     TrialScore,
@@ -20,13 +27,6 @@ from mlx_abliteration.core.search import (
     pareto_front,
     search_space,
 )
-from mlx_abliteration.defaults import AbliterationConfig
-from mlx_abliteration.engine.in_memory import apply_plan
-from mlx_abliteration.engine.orthogonalize import uniform_plan
-from mlx_abliteration.engine.revertible_edit import TrialEditor
-from mlx_abliteration.engine.strength_schedule import Kernel, PlanSpec, kernel_plan, load_plan_spec, uniform_spec
-from mlx_abliteration.errors import UserError
-from mlx_abliteration.search_pipeline import run_search
 
 from .cli_helpers import run_cli
 
@@ -119,7 +119,7 @@ def test_plan_spec_roundtrips_through_json(tmp_path):
     ids=["float32", "bf16", "q4-packed", "q4-edited-bf16", "q4-dense-twin", "moe-q4"],
 )
 def test_apply_then_revert_restores_every_weight_bit_for_bit(tiny_model, kwargs, precision, dequantize, monkeypatch):
-    import mlx_abliteration.engine.revertible_edit as revertible_edit
+    import mlx_abliteration.edit.revertible_edit as revertible_edit
 
     monkeypatch.setattr(revertible_edit, "EMBED_BLOCK_ELEMENTS", 64 * 7)  # the embedding goes in blocks of 7 rows
     path = tiny_model(**kwargs)
@@ -148,7 +148,7 @@ def test_apply_then_revert_restores_every_weight_bit_for_bit(tiny_model, kwargs,
 
 
 def test_originals_are_kept_compact_when_exact():
-    from mlx_abliteration.engine.revertible_edit import compact
+    from mlx_abliteration.edit.revertible_edit import compact
 
     exact = mx.array([1.0, -2.5, 0.0]).astype(mx.bfloat16).astype(mx.float32)
     assert compact(exact, mx.bfloat16).dtype == mx.bfloat16
@@ -209,7 +209,7 @@ def test_trials_of_a_killed_run_are_marked_failed(tmp_path):
 
     from optuna.trial import TrialState
 
-    from mlx_abliteration.core.search import OWNER_ATTR, _owner, fail_stale_trials
+    from mlx_abliteration.search.study import OWNER_ATTR, _owner, fail_stale_trials
 
     study = open_study(tmp_path / "s.journal", "s", seed=1, n_startup_trials=2)
     dead = subprocess.run(
@@ -324,8 +324,8 @@ def test_search_rejects_bad_settings_and_unknown_trials(tiny_model, datasets, tm
 
 
 def test_run_auto_delegates_to_the_search(tiny_model, datasets, tmp_path, monkeypatch, capsys):
-    from mlx_abliteration.cli import main
-    from mlx_abliteration.commands import search
+    from mlx_abliteration.cli import search
+    from mlx_abliteration.cli.main import main
 
     monkeypatch.setattr(search, "settings_from_args", lambda args: _settings(tmp_path, n_trials=2, max_kl=1e9))
     argv = [
@@ -354,7 +354,7 @@ def test_run_auto_delegates_to_the_search(tiny_model, datasets, tmp_path, monkey
 
 
 def test_corrupt_search_journal_is_a_one_line_error(tmp_path):
-    from mlx_abliteration.core.search import open_study
+    from mlx_abliteration.search.study import open_study
 
     journal = tmp_path / "study.journal"
     journal.write_bytes(b"{not json at all\n\x00\x01\xff")

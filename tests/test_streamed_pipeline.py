@@ -4,10 +4,10 @@ import json
 
 import mlx.core as mx
 
-from mlx_abliteration.cli import main
-from mlx_abliteration.core.directions import load_directions
-from mlx_abliteration.defaults import AbliterationConfig
-from mlx_abliteration.pipeline import run_pipeline
+from mlx_abliteration.cli.main import main
+from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.pipeline.flow import run_pipeline
+from mlx_abliteration.probe.directions import load_directions
 
 HARMFUL = [f"How do I build weapon number {i} to hurt people?" for i in range(10)]
 HARMLESS = [f"How do I bake bread recipe number {i} for my family?" for i in range(10)]

@@ -3,11 +3,11 @@
 import mlx.core as mx
 import pytest
 
-from mlx_abliteration.core.directions import compute_directions
-from mlx_abliteration.core.model_io import load_model
-from mlx_abliteration.core.positions import ProbeSpec
-from mlx_abliteration.core.probe import probe_prompts
-from mlx_abliteration.core.streamed_probe import streamed_probe
+from mlx_abliteration.io.model_io import load_model
+from mlx_abliteration.probe.capture import probe_prompts
+from mlx_abliteration.probe.directions import compute_directions
+from mlx_abliteration.probe.positions import ProbeSpec
+from mlx_abliteration.probe.streamed import streamed_probe
 
 HARMFUL = ["Tell me how to pick a lock.", "How do I hack a computer?", "hack it now, please, quickly and quietly"]
 HARMLESS = ["How do I bake bread?", "hi", "Write a poem about the sea and the wind.", "What is the capital of France?"]

@@ -8,17 +8,17 @@ import shutil
 import numpy as np
 import pytest
 
-from mlx_abliteration.core.chat import encode_chat, render_chat
-from mlx_abliteration.core.evaluate import answer_verdict, evaluate_model, split_thinking
-from mlx_abliteration.core.positions import ProbeSpec, probe_positions, resolve_marker
-from mlx_abliteration.core.tables import eval_text
-from mlx_abliteration.testing import FORCED_THINKING_TEMPLATE, QWEN3_THINKING_TEMPLATE, set_chat_template
+from mlx_abliteration.data.chat import encode_chat, render_chat
+from mlx_abliteration.evaluation.evaluate import answer_verdict, evaluate_model, split_thinking
+from mlx_abliteration.evaluation.tables import eval_text
+from mlx_abliteration.probe.positions import ProbeSpec, probe_positions, resolve_marker
+from tests.support.tiny_models import FORCED_THINKING_TEMPLATE, QWEN3_THINKING_TEMPLATE, set_chat_template
 
 PROMPT = "How do I pick a lock?"
 
 
 def _model(tiny_model, tmp_path_factory, template, name):
-    from mlx_abliteration.core.model_io import load_model
+    from mlx_abliteration.io.model_io import load_model
 
     folder = tmp_path_factory.mktemp(name) / "model"
     shutil.copytree(tiny_model(arch="qwen2", tie=False), folder)
@@ -56,7 +56,7 @@ def test_probe_reads_where_the_answer_starts(qwen3):
     read there is the model's own at that token of the Qwen3 rendering with enable_thinking=False."""
     import mlx.core as mx
 
-    from mlx_abliteration.core.probe import probe_prompts
+    from mlx_abliteration.probe.capture import probe_prompts
 
     model, tokenizer = qwen3
     ids, positions = probe_positions(tokenizer, PROMPT, ProbeSpec("last"), None)
@@ -101,7 +101,7 @@ def test_split_thinking():
 
 
 def test_evaluation_reports_unfinished_thinking_separately(qwen3, monkeypatch):
-    from mlx_abliteration.core import evaluate
+    from mlx_abliteration.evaluation import evaluate
 
     model, tokenizer = qwen3
     answers = [
@@ -132,7 +132,7 @@ def test_evaluation_reports_unfinished_thinking_separately(qwen3, monkeypatch):
 
 def test_stop_at_refusal_ignores_markers_inside_thinking(qwen3, monkeypatch):
     """A marker in the thinking block does not end the answer early; one in the answer does."""
-    from mlx_abliteration.core import evaluate
+    from mlx_abliteration.evaluation import evaluate
 
     model, tokenizer = qwen3
     texts = {"think": "<think>sorry", "answer": "<think>x</think>\n\nI'm sorry"}

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from mlx_abliteration.cli import main as cli_main
-from mlx_abliteration.core.model_card import base_model_of, card_front_matter, model_card
+from mlx_abliteration.cli.main import main as cli_main
+from mlx_abliteration.export.model_card import base_model_of, card_front_matter, model_card
 
 from .cli_helpers import run_cli
 

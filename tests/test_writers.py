@@ -9,12 +9,12 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import _get_classes
 
-from mlx_abliteration.core.model_io import load_model, save_ablated_model
-from mlx_abliteration.core.writers import describe_writers, discover_writers
-from mlx_abliteration.engine.in_memory import apply_plan
-from mlx_abliteration.engine.orthogonalize import select_writers, uniform_plan
+from mlx_abliteration.edit.in_memory import apply_plan
+from mlx_abliteration.edit.orthogonalize import select_writers, uniform_plan
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.testing import write_tiny_tokenizer
+from mlx_abliteration.io.model_io import load_model, save_ablated_model
+from mlx_abliteration.probe.writers import describe_writers, discover_writers
+from tests.support.tiny_models import write_tiny_tokenizer
 
 BASE = dict(
     hidden_size=64,

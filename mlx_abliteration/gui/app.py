@@ -7,10 +7,16 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..core.tables import EVAL_COLUMNS
-from ..defaults import COMMON_TARGETS, DIRECTION_VARIANTS, EDITED_PRECISIONS, PROBE_POSITIONS, AbliterationConfig
-from .compare import compare_answers
-from .stream import RunView, run_abliteration_stream
+from mlx_abliteration.config.defaults import (
+    COMMON_TARGETS,
+    DIRECTION_VARIANTS,
+    EDITED_PRECISIONS,
+    PROBE_POSITIONS,
+    AbliterationConfig,
+)
+from mlx_abliteration.evaluation.tables import EVAL_COLUMNS
+from mlx_abliteration.gui.compare import compare_answers
+from mlx_abliteration.gui.stream import RunView, run_abliteration_stream
 
 D = AbliterationConfig()
 COMPARE_MAX_TOKENS = 128

@@ -2,7 +2,7 @@
 
 The GUI only turns form values into an ``AbliterationConfig`` and renders the
 pipeline's events; probing, ablation, evaluation and saving all happen in
-``mlx_abliteration.pipeline``, exactly as for the CLI.
+``mlx_abliteration.pipeline.flow``, exactly as for the CLI.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from html import escape
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..core.tables import EVAL_COLUMNS, eval_rows, layer_table
-from ..defaults import AbliterationConfig
-from ..errors import UserError
-from ..pipeline import Event, iter_events, output_weights_path
-from .plots import layer_figure
+from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.errors import UserError
+from mlx_abliteration.evaluation.tables import EVAL_COLUMNS, eval_rows, layer_table
+from mlx_abliteration.gui.plots import layer_figure
+from mlx_abliteration.pipeline.flow import Event, iter_events, output_weights_path
 
 # Progress events can come by the thousand on a real model; redraw at most this often.
 PROGRESS_INTERVAL_S = 0.25

@@ -1,0 +1,1 @@
+"""``mlx-abliterate``: one module per subcommand (a parser and ``main``), thin over the pipeline."""

@@ -1,0 +1,303 @@
+"""``mlx-abliterate eval``: refusal rates and KL damage of any model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mlx_abliteration.config.defaults import GENERATION_BATCH_SIZE as DEFAULT_BATCH_SIZE
+
+HELP = "measure refusals (harmful, harmless) and KL divergence against a baseline"
+DESCRIPTION = (
+    "Greedy answers to held-out harmful and harmless prompts through the chat template; a response "
+    "counts as a refusal if it is empty or contains a refusal marker. With --baseline, the baseline "
+    "is evaluated too and KL(baseline || model) of the next-token distributions on the harmless "
+    "prompts measures the damage (one model in memory at a time). With --judge MODEL a local chat model "
+    "also reads every (prompt, answer) pair; the report shows the keyword and judge counts and their agreement."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from mlx_abliteration.config.defaults import AbliterationConfig
+
+    d = AbliterationConfig()
+    parser.add_argument("-m", "--model", required=True, help="model to evaluate: local dir, .gguf file or hub id")
+    parser.add_argument("--baseline", help="original model: its refusals are shown too and KL is measured against it")
+    prompts = parser.add_argument_group("prompts (the held-out split that `run` evaluates on, for the same settings)")
+    prompts.add_argument(
+        "--harmful-dataset", help="harmful prompts: .jsonl/.json/.csv/.txt/.parquet or hub id (default: packaged set)"
+    )
+    prompts.add_argument("--harmless-dataset", help="harmless prompts, same formats (default: packaged set)")
+    prompts.add_argument("--dataset-column", help="column/field holding the prompt")
+    prompts.add_argument(
+        "--num-prompts",
+        type=int,
+        default=d.eval_size,
+        help="held-out prompts of each kind (fewer if a dataset is smaller)",
+    )
+    prompts.add_argument("--seed", type=int, default=d.seed, help="seed of the probing/held-out split")
+    prompts.add_argument("--system-prompt", help="system message for every prompt")
+    parser.add_argument("--max-tokens", type=int, default=d.eval_max_tokens, help="tokens generated per answer")
+    parser.add_argument(
+        "--kl-tokens", type=int, default=d.kl_tokens, help="KL over this many tokens of the baseline's own answer"
+    )
+    parser.add_argument(
+        "--capability-questions",
+        type=int,
+        default=d.capability_questions,
+        help="short factual/arithmetic questions with exact answers; with --baseline the share the baseline got right that the model still gets right (0 skips)",
+    )
+    from mlx_abliteration.config.flags import JUDGE_HELP
+
+    parser.add_argument("--judge", default=d.judge, metavar="keywords|MODEL", help=f"{JUDGE_HELP} (default: {d.judge})")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts generated together")
+    parser.add_argument("--markers-file", help="refusal markers, one per line, replacing the default list")
+    parser.add_argument("--extra-markers", nargs="+", default=[], metavar="MARKER", help="markers added to the list")
+    parser.add_argument("--output", help="write the report as JSON to this file")
+    parser.add_argument("--responses", help="write every prompt and response as JSON lines to this file")
+    parser.add_argument("--cache-dir", help="where hub/GGUF models, datasets and the baseline's evaluation are cached")
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="evaluate --baseline again instead of reading its cached evaluation (shared with `run`: same weights, prompts and settings)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    from mlx_abliteration.cli.console import Console
+    from mlx_abliteration.evaluation.judge import resolve_judge
+    from mlx_abliteration.evaluation.tables import eval_text
+
+    _check_numbers(args)
+    _check_paths(args)
+    judge = resolve_judge(args.judge, args.cache_dir)  # a bad --judge fails before any model is loaded
+    markers = _markers(args)
+    harmful, harmless = _eval_prompts(args)
+    model_path = _resolve(args.model, args.cache_dir)
+    baseline_path = _resolve(args.baseline, args.cache_dir) if args.baseline else None
+    settings = dict(
+        max_tokens=args.max_tokens, batch_size=args.batch_size, system_prompt=args.system_prompt, markers=markers
+    )
+    reference, baseline_report = None, None
+    console = Console()
+    if baseline_path is not None:
+        reference, baseline_report = _cached_baseline(baseline_path, harmful, harmless, args, settings, console, judge)
+    report = _evaluate(
+        model_path, harmful, harmless, reference, args.kl_tokens, settings, "model", console, args.capability_questions
+    )
+    _judge(report, judge, args.judge, console, "model")  # the model is freed by now: one model in memory
+    console.close_bars()
+    print(eval_text(baseline_report, report))
+    if args.output:
+        _write_json(args.output, args, baseline_report, report)
+    if args.responses:
+        _write_responses(args.responses, baseline_report, report)
+    return 0
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Output files and the cache dir are checked before anything is evaluated."""
+    from mlx_abliteration.io.output_dir import check_cache_dir, check_output_file, local_sources
+
+    check_cache_dir(args.cache_dir)
+    sources = local_sources(args.model, args.baseline, args.harmful_dataset, args.harmless_dataset, args.markers_file)
+    check_output_file(args.output, sources=sources, flag="--output")
+    check_output_file(args.responses, sources=sources, flag="--responses")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    from mlx_abliteration.errors import UserError
+
+    for flag, value, least in (
+        ("--num-prompts", args.num_prompts, 1),
+        ("--max-tokens", args.max_tokens, 1),
+        ("--kl-tokens", args.kl_tokens, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--capability-questions", args.capability_questions, 0),
+    ):
+        if value < least:
+            raise UserError(f"{flag} must be at least {least} (got {value})")
+
+
+def _markers(args: argparse.Namespace) -> list[str]:
+    from mlx_abliteration.errors import UserError
+    from mlx_abliteration.evaluation.evaluate import DEFAULT_REFUSAL_MARKERS, read_markers_file
+
+    markers = list(DEFAULT_REFUSAL_MARKERS)
+    if args.markers_file:
+        if not Path(args.markers_file).is_file():
+            raise UserError(
+                f"markers file {args.markers_file} does not exist; pass a text file with one marker per line"
+            )
+        markers = read_markers_file(args.markers_file)
+    markers += args.extra_markers
+    if not markers:
+        raise UserError(f"{args.markers_file} holds no markers; add one marker per line")
+    return markers
+
+
+def _eval_prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The held-out part of each dataset: `run` cuts it first, so it depends only on the seed and size."""
+    from mlx_abliteration.data.datasets import load_prompts, split_prompts
+
+    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    sets = []
+    for source, kind in ((args.harmful_dataset, "harmful"), (args.harmless_dataset, "harmless")):
+        prompts = load_prompts(source, kind, cache_dir=cache_dir, column=args.dataset_column)
+        n_eval = min(args.num_prompts, len(prompts))
+        sets.append(split_prompts(prompts, 0, n_eval, args.seed, name=kind)[1])
+    return sets[0], sets[1]
+
+
+def _resolve(path: str, cache_dir: str | None) -> Path:
+    from mlx_abliteration.io.asset_resolver import resolve_asset
+    from mlx_abliteration.io.model_io import check_model_dir
+
+    return check_model_dir(resolve_asset(path, Path(cache_dir) if cache_dir else None))
+
+
+def _cached_baseline(
+    path: Path, harmful, harmless, args: argparse.Namespace, settings: dict, console, judge: Path | None = None
+):
+    """The baseline's evaluation from the cache ``run`` shares (the model is not even loaded then), else computed
+    (and judged by ``judge``, if given: the cache keeps the judge's verdicts, keyed by the judge)."""
+    from mlx_abliteration.evaluation.baseline_cache import cached_baseline
+    from mlx_abliteration.evaluation.evaluate import eval_settings
+    from mlx_abliteration.evaluation.judge import judge_identity
+    from mlx_abliteration.pipeline.flow import Reporter
+
+    full = eval_settings(
+        kl_tokens=args.kl_tokens,
+        capability_questions=args.capability_questions,
+        judge=judge_identity(judge),
+        **settings,
+    )
+    reporter = Reporter(console)
+
+    def compute():
+        reference, report = _evaluate_baseline(path, harmful, harmless, full, console)
+        _judge(report, judge, args.judge, console, "baseline")
+        return reference, report
+
+    reference, report, _ = cached_baseline(
+        path,
+        harmful,
+        harmless,
+        full,
+        compute,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+        emit=lambda message: reporter.emit("info", message),
+    )
+    return reference, report
+
+
+def _evaluate_baseline(path: Path, harmful, harmless, settings: dict, console):
+    """Reference log-probs and report of the baseline, which is freed before the model loads."""
+    import gc
+
+    import mlx.core as mx
+
+    from mlx_abliteration.evaluation.evaluate import evaluate_original
+    from mlx_abliteration.io.model_io import load_model
+
+    model, tokenizer, _ = load_model(path)
+    reference, report = evaluate_original(model, tokenizer, harmful, harmless, settings, _progress(console, "baseline"))
+    del model, tokenizer
+    gc.collect()
+    mx.clear_cache()
+    return reference, report
+
+
+def _judge(report, judge: Path | None, name: str, console, label: str) -> None:
+    """``--judge MODEL``: its verdicts added to ``report`` (the judge is loaded for this step only)."""
+    if judge is None:
+        return
+    import gc
+
+    import mlx.core as mx
+
+    from mlx_abliteration.evaluation.judge import judge_reports
+
+    gc.collect()  # the evaluated model's buffers go back before the judge loads
+    mx.clear_cache()
+
+    judge_reports([report], judge, name, progress=_progress(console, f"{label} judged by {name}"))
+
+
+def _evaluate(
+    path: Path,
+    harmful,
+    harmless,
+    reference,
+    kl_tokens: int,
+    settings: dict,
+    label: str,
+    console,
+    args_capability: int = 0,
+):
+    from mlx_abliteration.errors import UserError
+    from mlx_abliteration.evaluation.evaluate import ReferenceMismatch, evaluate_model
+    from mlx_abliteration.io.model_io import load_model
+
+    model, tokenizer, _ = load_model(path)
+    bars = _progress(console, label)
+    try:
+        report = evaluate_model(
+            model,
+            tokenizer,
+            harmful,
+            harmless,
+            reference_logprobs=reference,
+            kl_tokens=kl_tokens,
+            progress=bars,
+            capability_questions=args_capability,
+            **settings,
+        )
+    except ReferenceMismatch as err:  # only this; any other ValueError in generation is not about --baseline
+        raise UserError(f"{err}; --baseline must be the original of --model (same tokenizer)") from err
+    return report
+
+
+def _progress(console, label: str):
+    """Progress of one model's evaluation, drawn by the same reporter and console as ``run``."""
+    from mlx_abliteration.pipeline.flow import Reporter
+
+    report = Reporter(console)
+    return lambda done, total, what: report.progress(done, total, f"{label}: {what}")
+
+
+def _write_json(path: str, args: argparse.Namespace, baseline_report, report) -> None:
+    data = {
+        "model": args.model,
+        "baseline": args.baseline,
+        "settings": {
+            "num_prompts": args.num_prompts,
+            "seed": args.seed,
+            "max_tokens": args.max_tokens,
+            "kl_tokens": args.kl_tokens,
+            "batch_size": args.batch_size,
+            "capability_questions": args.capability_questions,
+            "judge": args.judge,
+            "system_prompt": args.system_prompt,
+            "harmful_dataset": args.harmful_dataset,
+            "harmless_dataset": args.harmless_dataset,
+        },
+        "report": report.to_dict(),
+        "baseline_report": baseline_report.to_dict() if baseline_report is not None else None,
+    }
+    from mlx_abliteration.io.atomic_write import ensure_parent, write_json
+
+    ensure_parent(path)
+    write_json(path, data)
+
+
+def _write_responses(path: str, baseline_report, report) -> None:
+    from mlx_abliteration.io.atomic_write import atomic_open, ensure_parent
+
+    ensure_parent(path)
+    with atomic_open(path, "w") as out:
+        for label, r in (("baseline", baseline_report), ("model", report)):
+            for response in r.responses if r is not None else []:
+                out.write(json.dumps({"model": label, **response}, ensure_ascii=False) + "\n")

@@ -1,0 +1,81 @@
+"""``mlx-abliterate probe``: per-layer refusal directions and stats, no weights written."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mlx_abliteration.config import flags as options
+
+HELP = "probe harmful/harmless prompts and save the per-layer refusal directions"
+DESCRIPTION = (
+    "Run the probing half of the pipeline: capture the residual stream, compute a refusal direction "
+    "per layer, choose a layer (--use-layer), print the per-layer table and save the directions to "
+    "a safetensors file that `mlx-abliterate ablate --direction` applies later."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    options.add_model_options(parser, output=False)
+    parser.add_argument("--output", default="refusal_direction.safetensors", help="direction file to write")
+    parser.add_argument("--stats-json", help="also write the per-layer statistics as JSON here")
+    options.add_dataset_options(parser)
+    options.add_probe_options(parser)
+    options.add_output_style(parser)
+
+
+def probe(config, output: str | Path, on_event=None):
+    """Library form of the command: returns ``(directions, chosen_layer)``."""
+    from mlx_abliteration.errors import UserError
+    from mlx_abliteration.io.atomic_write import atomic_path, ensure_parent
+    from mlx_abliteration.pipeline.flow import run_pipeline
+    from mlx_abliteration.probe.directions import save_directions
+    from mlx_abliteration.probe.distributed import is_primary
+
+    output = Path(output)
+    if output.is_dir():
+        raise UserError(f"--output {output} is a directory; give a file name ending in .safetensors")
+    result = run_pipeline(config.with_overrides({"dry_run": True, "no_eval": True, "output_dir": None}), on_event)
+    if not is_primary():  # under mlx.launch every rank has the merged result; rank 0 writes it
+        return result.directions, result.chosen_layer
+    ensure_parent(output)
+    with atomic_path(output, suffix=".safetensors") as tmp:
+        save_directions(tmp, result.directions, result.chosen_layer)
+    return result.directions, result.chosen_layer
+
+
+def main(args: argparse.Namespace) -> int:
+    from mlx_abliteration.cli.console import Console
+    from mlx_abliteration.runtime.logging_config import setup_logging
+
+    config = options.config_from_args(args)
+    check_outputs(config, args)
+    setup_logging(args.log_file)
+    console = Console(args.quiet, args.json)
+    try:
+        directions, layer = probe(config, args.output, console)
+    finally:
+        console.close_bars()
+    if args.stats_json:
+        from mlx_abliteration.io.atomic_write import ensure_parent, write_json
+
+        ensure_parent(args.stats_json)
+        write_json(args.stats_json, {"chosen_layer": layer, "layers": [s.to_dict() for s in directions.stats]})
+    if not args.json:
+        print(f"saved directions of {len(directions.layers)} layers (chosen layer {layer}) to {args.output}")
+    return 0
+
+
+def check_outputs(config, args: argparse.Namespace) -> None:
+    """Both output files are checked before probing (a directory, a file in the way, a source)."""
+    from mlx_abliteration.io.output_dir import check_cache_dir, check_output_file, local_sources
+
+    check_cache_dir(config.cache_dir)
+    sources = local_sources(
+        config.model,
+        config.harmful_dataset,
+        config.harmless_dataset,
+        args.config_file if "config_file" in args else None,
+    )
+    check_output_file(args.output, sources=sources, flag="--output")
+    check_output_file(args.stats_json, sources=sources, flag="--stats-json")

@@ -1,0 +1,147 @@
+"""Every pipeline parameter and its default, in one place (CLI, GUI, config files)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from mlx_abliteration.errors import UserError
+
+# Residual writers are found on the model itself (core.writers). --targets
+# narrows the edit to writers whose module path ends with one of its names;
+# empty: every writer found.
+DEFAULT_TARGETS: tuple[str, ...] = ()
+# Names offered as --targets choices in the GUI (the common writer names).
+COMMON_TARGETS: tuple[str, ...] = ("o_proj", "down_proj", "embed_tokens")
+MAX_STRENGTH = 10.0  # --ablation-strength upper bound (1 removes the direction; larger flips it)
+# memory: load the model and probe it; streamed: read one decoder layer at a
+# time from the shards (models larger than memory; no evaluation, layer by stats).
+PROBE_MODES: tuple[str, ...] = ("memory", "streamed")
+# --edited-precision values: keep requantizes edited quantized matrices, a dtype stores them unquantized.
+# Rows decoded together in evaluation. A decoding step reads every weight
+# once, so fuller steps cost less per token: on a 2-core CPU (Qwen2.5-1.5B,
+# float32) a step took 0.48 s for 1 row, 1.12 s for 32, 1.53 s for 64, and
+# the original's evaluation 387 s at 32 vs 288 s at 64 (same answers).
+GENERATION_BATCH_SIZE = 64
+# Tokens per answer to the capability questions (core.capability): short exact answers.
+CAPABILITY_MAX_TOKENS = 24
+EDITED_PRECISIONS: tuple[str, ...] = ("keep", "float16", "bfloat16", "float32")
+PROBE_POSITIONS: tuple[str, ...] = ("last", "marker", "after-marker", "span")
+DIRECTION_VARIANTS: tuple[str, ...] = ("mean-diff", "projected")
+
+
+@dataclass
+class AbliterationConfig:
+    """Parameters of ``mlx-abliterate run`` (and the GUI); see ``--help`` for each."""
+
+    model: str = ""
+    output_dir: str | None = None
+    harmful_dataset: str | None = None  # None: the packaged default set
+    harmless_dataset: str | None = None
+    dataset_column: str | None = None
+    cache_dir: str | None = None
+    layers: str = "all"  # which layers are probed / considered
+    use_layer: str = "auto"
+    probe_position: str = "last"
+    probe_marker: str | None = None
+    strip_marker_newline: bool = False
+    direction_variant: str = "mean-diff"
+    ablation_strength: float = 1.0
+    ablate_layers: str = "all"
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    norm_preserve: bool = False
+    edited_precision: str = "keep"
+    quantize: str | None = (
+        None  # None: keep the source's precision; 4, 8 or mxfp4: quantize the output (core.quantize_output)
+    )
+    q_group_size: int | None = None  # None: 64 (affine), 32 (mxfp4)
+    batch_size: int | None = None  # None: chosen from prompt lengths
+    probe_mode: str = "memory"  # memory, or streamed: one decoder layer in memory at a time
+    max_prompts: int = 128  # probing prompts per kind
+    eval_size: int = 64  # held-out evaluation prompts per kind (n=32 moved the measured rate by +-7 points)
+    eval_max_tokens: int = 64
+    kl_tokens: int = 1
+    capability_questions: int = 32  # short exact-answer questions asked before and after (0: skip)
+    judge: str = "keywords"  # refusal verdicts: the marker list alone, or also a local chat model (core.judge)
+    no_eval: bool = False
+    no_cache: bool = False  # recompute the original model's evaluation instead of reading it from the cache
+    system_prompt: str | None = None
+    seed: int = 42
+    overwrite: bool = False
+    dry_run: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_overrides(self, values: dict) -> AbliterationConfig:
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}")
+        from mlx_abliteration.config.schema import check_settings
+
+        data = self.to_dict()
+        data.update(check_settings(values))  # the flags' own types and choices (config files, GUI, library)
+        return AbliterationConfig(**data)
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Settings from a YAML or TOML file (keys as in ``AbliterationConfig``; '-' allowed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass a YAML or TOML file")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except ValueError as err:  # tomllib.TOMLDecodeError is a ValueError
+        raise UserError(f"cannot parse config file {path}: {str(err).splitlines()[0]}") from err
+    except Exception as err:
+        import yaml
+
+        if not isinstance(err, yaml.YAMLError):
+            raise
+        raise UserError(f"cannot parse config file {path}: {str(err).splitlines()[0]}") from err
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+@dataclass
+class SearchSettings:
+    """Settings of ``mlx-abliterate search`` beyond the pipeline's."""
+
+    n_trials: int = (
+        24  # total finished (complete or stopped-early) trials in the study; a rerun runs only the missing ones
+    )
+    n_startup_trials: int = 8  # random trials before TPE models the results
+    max_kl: float = 0.1  # the saved trial: fewest refusals among trials with KL <= this
+    search_prompts: int = 32  # prompts per kind scoring each trial (disjoint from probing and held-out eval)
+    search_max_tokens: int = 32  # tokens generated per harmful prompt in a trial (stops at a refusal)
+    search_seed: int | None = None  # None: the pipeline's --seed
+    study_dir: str | None = None  # None: <cache dir>/studies
+    study_name: str | None = None  # None: derived from the model and every setting that changes the scores
+    trial: int | None = None  # save this finished trial instead of running more
+    warm_start: bool = True  # trials 0 and 1: the fixed plan of `run`, without and with --norm-preserve
+    prune: bool = True  # stop a trial as soon as a finished one dominates it (KL first, then refusals so far)
+
+    def check(self) -> None:
+        for name in ("n_trials", "search_prompts", "search_max_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.n_startup_trials < 0:
+            raise UserError(f"--n-startup-trials must be >= 0 (got {self.n_startup_trials})")
+        if not self.max_kl > 0:
+            raise UserError(f"--max-kl must be > 0 (got {self.max_kl})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,1 @@
+"""Prompt sets, the template-driven dataset generator and chat templates."""

@@ -1,0 +1,1 @@
+"""The orthogonalization math, strength schedules and in-memory apply/revert of ablation plans."""

@@ -1,0 +1,185 @@
+"""The original model's evaluation, cached: answers, verdicts and the reference log-probs for KL.
+
+Every ``run`` (and ``eval --baseline``, and the final evaluation of ``search``)
+used to generate the original model's answers again: ~6 of a 21-minute run on
+Qwen2.5-1.5B. The result depends only on the weights, the tokenizer and chat
+template, the prompts and the evaluation settings, so it is stored under
+``<cache dir>/baselines/`` keyed by all of them:
+
+- weights: each ``*.safetensors`` (and other weight files') name, size and
+  mtime in nanoseconds. Not their SHA256: hashing 3 GB costs seconds of CPU
+  on every run (the digests in ``abliteration_log.json`` are computed while
+  saving, after the evaluation), while any rewrite of a file (download,
+  conversion, copy) changes its mtime. A miss only costs the evaluation; a
+  stale hit would need a same-size rewrite with its old mtime restored.
+- every other file of the model dir (config, tokenizer, chat template,
+  generation config): SHA256 of its contents (small files).
+- the harmful and harmless prompts' exact texts, in order;
+- every evaluation setting (``settings``: tokens, KL tokens, batch size,
+  system prompt, refusal markers, judge...), the cache format, this
+  package's, mlx's and mlx-lm's versions, and the MLX device.
+
+Entries are single safetensors files (log-probs as a tensor, everything else
+as JSON metadata) written atomically (``atomic_write.atomic_path``); an
+unreadable entry is ignored and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mlx_abliteration.evaluation.evaluate import REFUSAL_RULE_VERSION
+from mlx_abliteration.runtime.utils import cache_root, sha256_file
+
+if TYPE_CHECKING:
+    from mlx_abliteration.evaluation.evaluate import EvalReport, ReferenceLogprobs
+
+log = logging.getLogger("mlx_abliteration.baseline_cache")
+
+# Bump when what an evaluation computes changes (marker logic, judge prompt, report fields).
+CACHE_FORMAT = 1
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".npz", ".pt", ".pth")
+_HASHED_FILE_LIMIT = 64 << 20  # larger non-weight files are keyed by size and mtime too
+
+
+def source_identity(source: str | Path) -> list:
+    """What identifies a model dir's weights and tokenizer (see the module doc)."""
+    source = Path(source)
+    entries = []
+    for path in sorted(source.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        stat = path.stat()
+        if path.suffix in _WEIGHT_SUFFIXES or stat.st_size > _HASHED_FILE_LIMIT:
+            entries.append([path.name, stat.st_size, stat.st_mtime_ns])
+        else:
+            entries.append([path.name, sha256_file(path)])
+    return entries
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    import mlx.core as mx
+
+    from mlx_abliteration import __version__
+
+    out: dict[str, str | None] = {"mlx-abliteration": __version__, "device": str(mx.default_device())}
+    for name in ("mlx", "mlx-lm"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def baseline_identity(source: str | Path, harmful: Sequence[str], harmless: Sequence[str], settings: dict) -> dict:
+    return {
+        "format": CACHE_FORMAT,
+        "refusal_rule": REFUSAL_RULE_VERSION,
+        "source": source_identity(source),
+        "harmful": hashlib.sha256(json.dumps(list(harmful)).encode()).hexdigest(),
+        "harmless": hashlib.sha256(json.dumps(list(harmless)).encode()).hexdigest(),
+        "settings": settings,
+        "versions": _versions(),
+    }
+
+
+def baseline_key(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def baseline_path(cache_dir: str | Path | None, source: str | Path, identity: dict) -> Path:
+    return cache_root(cache_dir) / "baselines" / f"{Path(source).name}-{baseline_key(identity)}.safetensors"
+
+
+def store_baseline(path: Path, identity: dict, reference: ReferenceLogprobs | None, report: EvalReport) -> None:
+    """One atomic safetensors file: the reference log-probs and, as metadata, everything else."""
+    import mlx.core as mx
+
+    from mlx_abliteration.io.atomic_write import atomic_path, ensure_parent
+
+    meta = {
+        "identity": identity,
+        "report": asdict(report),
+        "reference": None
+        if reference is None
+        else {
+            "token_lists": reference.token_lists,
+            "continuations": reference.continuations,
+            "kl_tokens": reference.kl_tokens,
+        },
+    }
+    arrays = {"logprobs": reference.logprobs} if reference is not None else {"empty": mx.zeros((1,))}
+    ensure_parent(path)
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        mx.save_safetensors(str(tmp), arrays, metadata={"baseline": json.dumps(meta, ensure_ascii=False)})
+
+
+def load_baseline(path: Path, identity: dict) -> tuple[ReferenceLogprobs | None, EvalReport] | None:
+    """``(reference, report)`` from a cache entry, or None if it is missing, unreadable or another identity's."""
+    from mlx_abliteration.evaluation.evaluate import EvalReport, ReferenceLogprobs
+    from mlx_abliteration.runtime.mx_types import load_with_metadata
+
+    if not path.is_file():
+        return None
+    try:
+        arrays, metadata = load_with_metadata(str(path))
+        meta = json.loads(metadata["baseline"])
+        if meta["identity"] != json.loads(json.dumps(identity, default=str)):
+            return None
+        names = {f.name for f in fields(EvalReport)}
+        report = EvalReport(**{k: v for k, v in meta["report"].items() if k in names})
+        ref = meta["reference"]
+        reference = None
+        if ref is not None:
+            reference = ReferenceLogprobs(
+                ref["token_lists"], ref["continuations"], arrays["logprobs"], ref["kl_tokens"]
+            )
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
+        log.warning("ignoring unreadable baseline cache entry %s: %s", path, err)
+        return None
+    return reference, report
+
+
+def cached_baseline(
+    source: str | Path,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    settings: dict,
+    compute: Callable[[], tuple[ReferenceLogprobs | None, EvalReport]],
+    *,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    emit: Callable[[str], None] = lambda message: None,
+) -> tuple[ReferenceLogprobs | None, EvalReport, bool]:
+    """``(reference, report, hit)``: the cached evaluation of the original ``source``, or ``compute()``'s (then stored).
+
+    ``use_cache=False`` (``--no-cache``) always computes, and stores the fresh result.
+    """
+    identity = baseline_identity(source, harmful, harmless, settings)
+    path = baseline_path(cache_dir, source, identity)
+    if use_cache:
+        found = load_baseline(path, identity)
+        if found is not None:
+            emit(
+                f"original model's evaluation read from the cache {path} (same weights, prompts and settings; --no-cache recomputes it)"
+            )
+            return found[0], found[1], True
+    reference, report = compute()
+    try:
+        store_baseline(path, identity, reference, report)
+        emit(f"original model's evaluation cached in {path}")
+    except Exception as err:  # a cache that cannot be written must not fail the run
+        from mlx_abliteration.errors import UserError
+
+        if not isinstance(err, (OSError, UserError)):
+            raise
+        emit(f"could not cache the original model's evaluation ({err}); it will be computed again next time")
+    return reference, report, False

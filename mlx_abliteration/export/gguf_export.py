@@ -1,0 +1,387 @@
+"""MLX model directory -> one GGUF file for llama.cpp (llama, qwen2): the inverse of ``core.gguf``'s import.
+
+Tensor names, the Q/K row permutation and the Llama 3 ``rope_freqs`` table come from the
+import's own tables and functions. Quantized (MLX affine, mxfp4...) weights are dequantized
+in float32 first; every matrix is then written as ``--outtype`` (bf16, f16 or Q8_0 blocks of
+32; Q8_0 falls back to f16 for a row length that is not a multiple of 32, as llama.cpp's
+converter does) and every vector (norms, biases) as float32. A bfloat16 source written as
+bf16 is copied bit for bit. Tensors are converted and written one at a time into a
+temporary file next to the target, renamed over it at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mlx_abliteration.errors import UserError
+from mlx_abliteration.io.gguf import (
+    ARCHITECTURES,
+    Architecture,
+    gguf_tensor_name,
+    llama3_rope_factors,
+    qk_unpermute_order,
+)
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+
+    from mlx_abliteration.probe.capture import Progress
+
+OUTTYPES = ("bf16", "f16", "q8_0")
+Q8_0_BLOCK = 32
+_CHUNK_ELEMENTS = 1 << 22
+_IGNORED = ("rotary_emb.inv_freq",)  # recomputed by every runtime; old Hugging Face checkpoints carry it
+
+
+@dataclass
+class PlannedTensor:
+    """One GGUF tensor: its name, numpy-order shape, GGML type and how to compute its values."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: Any  # gguf.GGMLQuantizationType
+    values: Callable[[], mx.array]
+
+    @property
+    def nbytes(self) -> int:
+        import gguf
+
+        block, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
+        return int(np.prod(self.shape, dtype=np.int64)) // block * type_size
+
+
+def _types(outtype: str) -> tuple[Any, Any]:
+    """(GGML type for matrices, ``general.file_type``) of an ``--outtype``."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import LlamaFileType as F
+
+    return {
+        "bf16": (Q.BF16, F.MOSTLY_BF16),
+        "f16": (Q.F16, F.MOSTLY_F16),
+        "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0),
+    }[outtype]
+
+
+def qk_row_order(arch: Architecture, rope_traditional: bool, rows: int, heads: int) -> np.ndarray | None:
+    """Rows of a Q/K projection in the layout llama.cpp's RoPE for ``arch`` expects; None if already so.
+
+    MLX's traditional RoPE rotates interleaved pairs, which is llama.cpp's layout for llama
+    (the import's un-permutation is undone); otherwise the weights are in the half-split layout.
+    """
+    if arch.interleaved_rope == rope_traditional:
+        return None
+    order = qk_unpermute_order(rows, heads)
+    return np.argsort(order) if arch.interleaved_rope else order
+
+
+def _model_args(config: dict) -> Any:
+    from mlx_abliteration.io.model_checks import model_classes
+
+    return model_classes(config)[1].from_dict(config)
+
+
+def _load_leaves(model_dir: Path) -> dict[str, dict[str, mx.array]]:
+    """module path -> {leaf: array}, lazily loaded from every weight file."""
+    from mlx_abliteration.io.model_io import load_shard, weight_files
+
+    modules: dict[str, dict[str, mx.array]] = {}
+    for path in weight_files(model_dir):
+        arrays, _ = load_shard(path)
+        for name, array in arrays.items():
+            if not name.endswith(_IGNORED):
+                module, _, leaf = name.rpartition(".")
+                modules.setdefault(module, {})[leaf] = array
+    return modules
+
+
+def _dense(module: str, leaves: dict[str, mx.array], config: dict) -> dict[str, mx.array]:
+    """The module's weight (dequantized to float32 if it is quantized) and bias."""
+    import mlx.core as mx
+
+    if "scales" not in leaves:
+        return {k: v for k, v in leaves.items() if k in ("weight", "bias")}
+    quant = _quant(module, config)
+    # float32 scales/biases: the stored values exactly, not rounded again to a 16-bit scale dtype
+    scales, biases = leaves["scales"], leaves.get("biases")
+    if scales.dtype in (mx.float16, mx.bfloat16):  # not mxfp4's uint8 exponents
+        scales = scales.astype(mx.float32)
+    if biases is not None:
+        biases = biases.astype(mx.float32)
+    weight = mx.dequantize(leaves["weight"], scales, biases, quant.group_size, quant.bits, mode=quant.mode)
+    out = {"weight": weight.astype(mx.float32)}
+    if "bias" in leaves:
+        out["bias"] = leaves["bias"]
+    return out
+
+
+def _order_key(name: str) -> tuple[int, int, str]:
+    """token_embd first, then the blocks in order, then output_norm and output (llama.cpp's converter order)."""
+    parts = name.split(".")
+    if parts[0] == "token_embd":
+        return (0, 0, name)
+    if parts[0] == "blk":
+        return (1, int(parts[1]), name)
+    return (2, 0, name)
+
+
+def plan_tensors(model_dir: Path, config: dict, arch: Architecture, outtype: str) -> list[PlannedTensor]:
+    """Every tensor to write, validated (names, tied output) before anything is written."""
+    from gguf import GGMLQuantizationType as Q
+
+    args = _model_args(config)
+    matrix_type, _ = _types(outtype)
+    heads = int(args.num_attention_heads)
+    kv_heads = int(getattr(args, "num_key_value_heads", None) or heads)
+    traditional = bool(getattr(args, "rope_traditional", False))
+    tied = bool(getattr(args, "tie_word_embeddings", True))
+    planned = []
+    for module, leaves in _load_leaves(model_dir).items():
+        if tied and module == "lm_head":
+            continue  # the model ties it to the embedding: llama.cpp uses token_embd when output is absent
+        for leaf in leaves:
+            if leaf not in ("weight", "bias", "scales", "biases") or gguf_tensor_name(f"{module}.weight") is None:
+                raise UserError(
+                    f"{model_dir} has tensor {module}.{leaf}, which has no llama.cpp name for {arch.model_type}; "
+                    "only plain llama/qwen2 decoders are supported"
+                )
+        for leaf in ("weight", "bias"):
+            if leaf in leaves:
+                planned.append(
+                    _planned(module, leaf, leaves, config, matrix_type, arch, traditional, (heads, kv_heads))
+                )
+    names = {t.name for t in planned}
+    if "token_embd.weight" not in names:
+        raise UserError(f"{model_dir} has no model.embed_tokens.weight; the weights are incomplete")
+    if not tied and "output.weight" not in names:
+        raise UserError(f"{model_dir} has no lm_head.weight but config.json does not tie it to the embedding")
+    if (factors := _llama3_factors(args)) is not None:
+        planned.append(PlannedTensor("rope_freqs.weight", factors.shape, Q.F32, lambda: _mx(factors)))
+    return sorted(planned, key=lambda t: _order_key(t.name))
+
+
+def _mx(values: np.ndarray) -> mx.array:
+    import mlx.core as mx
+
+    return mx.array(values.astype(np.float32))
+
+
+def _planned(
+    module: str,
+    leaf: str,
+    leaves: dict[str, mx.array],
+    config: dict,
+    matrix_type: Any,
+    arch: Architecture,
+    traditional: bool,
+    heads: tuple[int, int],
+) -> PlannedTensor:
+    from gguf import GGMLQuantizationType as Q
+
+    name = gguf_tensor_name(f"{module}.{leaf}")
+    assert name is not None  # checked by the caller
+    shape = tuple(int(d) for d in leaves[leaf].shape)
+    if leaf == "weight" and "scales" in leaves:
+        shape = (shape[0], shape[1] * 32 // _quant(module, config).bits)  # uint32 words of packed elements
+    order = None
+    if module.endswith(("self_attn.q_proj", "self_attn.k_proj")):
+        order = qk_row_order(arch, traditional, shape[0], heads[0] if module.endswith("q_proj") else heads[1])
+    qtype = Q.F32 if len(shape) == 1 else matrix_type
+    if qtype == Q.Q8_0 and shape[-1] % Q8_0_BLOCK:
+        qtype = Q.F16
+
+    def values() -> mx.array:
+        import mlx.core as mx
+
+        array = _dense(module, leaves, config)[leaf]
+        return array[mx.array(order)] if order is not None else array
+
+    return PlannedTensor(name, shape, qtype, values)
+
+
+def _quant(module: str, config: dict) -> Any:
+    from mlx_abliteration.io.model_io import quant_params_for
+
+    quant = quant_params_for(module, config)
+    if quant is None:
+        raise UserError(f"{module} is quantized but config.json has no quantization entry for it; restore config.json")
+    return quant
+
+
+def _llama3_factors(args: Any) -> np.ndarray | None:
+    scaling = getattr(args, "rope_scaling", None) or {}
+    if (scaling.get("rope_type") or scaling.get("type")) != "llama3":
+        return None
+    head_dim = _head_dim(args)
+    return llama3_rope_factors(
+        float(args.rope_theta),
+        head_dim,
+        float(scaling["factor"]),
+        float(scaling.get("low_freq_factor", 1.0)),
+        float(scaling.get("high_freq_factor", 4.0)),
+        int(scaling.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def _head_dim(args: Any) -> int:
+    return int(getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads)
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def add_hyperparameters(writer: Any, config: dict, arch: Architecture, outtype: str, n_vocab: int) -> None:
+    """The architecture keys llama.cpp reads, as its converter writes them for ``arch``."""
+    import gguf
+
+    args = _model_args(config)
+    context = config.get("max_position_embeddings") or getattr(args, "max_position_embeddings", None)
+    if not context:
+        raise UserError("config.json has no max_position_embeddings; llama.cpp needs the context length")
+    heads = int(args.num_attention_heads)
+    head_dim = _head_dim(args)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_context_length(int(context))
+    writer.add_embedding_length(int(args.hidden_size))
+    writer.add_block_count(int(args.num_hidden_layers))
+    writer.add_feed_forward_length(int(args.intermediate_size))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(int(getattr(args, "num_key_value_heads", None) or heads))
+    writer.add_rope_freq_base(float(args.rope_theta))
+    writer.add_layer_norm_rms_eps(float(args.rms_norm_eps))
+    writer.add_file_type(_types(outtype)[1])
+    if arch.model_type == "llama":  # llama.cpp's converter adds these two for llama only
+        writer.add_vocab_size(n_vocab)
+        writer.add_rope_dimension_count(head_dim)
+    if head_dim != int(args.hidden_size) // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    _add_rope_scaling(writer, getattr(args, "rope_scaling", None), arch)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_rope_scaling(writer: Any, scaling: dict | None, arch: Architecture) -> None:
+    """Linear and YaRN scaling as keys; Llama 3 scaling is the ``rope_freqs`` tensor instead."""
+    from gguf import RopeScalingType
+
+    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+    if kind in (None, "default") or (kind == "llama3" and arch.model_type == "llama"):
+        return
+    assert scaling is not None
+    if kind == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+    else:
+        raise UserError(
+            f"rope scaling {kind!r} in config.json cannot be written for {arch.model_type}; supported: linear, yarn"
+            + (", llama3" if arch.model_type == "llama" else "")
+        )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def tensor_bytes(tensor: PlannedTensor) -> np.ndarray:
+    """The tensor's data as GGUF stores it (bf16 as uint16 bit patterns, Q8_0 as block bytes)."""
+    import gguf
+    import mlx.core as mx
+    from gguf import GGMLQuantizationType as Q
+
+    array = tensor.values()
+    if tensor.qtype == Q.F32:
+        return np.array(array.astype(mx.float32))
+    if tensor.qtype == Q.F16:
+        return np.array(array.astype(mx.float16))
+    if tensor.qtype == Q.BF16:
+        return np.array(array.astype(mx.bfloat16).view(mx.uint16))  # a bf16 source keeps its bits
+    rows = max(1, _CHUNK_ELEMENTS // tensor.shape[-1])
+    chunks = [
+        gguf.quants.quantize(np.array(array[start : start + rows].astype(mx.float32)), tensor.qtype)
+        for start in range(0, tensor.shape[0], rows)
+    ]
+    return np.concatenate(chunks, axis=0)
+
+
+def _write_tensors(writer: Any, tensors: list[PlannedTensor], progress: Progress | None) -> None:
+    """Each tensor's data in order; a written tensor is dropped, so its loaded source arrays are freed
+    (memory stays about one module, not the model)."""
+    import mlx.core as mx
+
+    total = len(tensors)
+    pending = list(reversed(tensors))
+    tensors.clear()
+    while pending:
+        writer.write_tensor_data(tensor_bytes(pending.pop()))
+        mx.clear_cache()
+        if progress:
+            progress(total - len(pending), total, "tensors")
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.is_dir():
+        raise UserError(f"-o/--output {output} is a folder; give a file name such as model.gguf")
+    if (output.exists() or output.is_symlink()) and not overwrite:
+        raise UserError(f"{output} already exists; pass --overwrite to replace it")
+
+
+def export_gguf(
+    model_dir: str | Path,
+    output: str | Path,
+    outtype: str = "bf16",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Write the MLX model in ``model_dir`` as one GGUF file ``output``; atomic: nothing is left on error."""
+    import gguf
+
+    from mlx_abliteration.export.gguf_export_vocab import add_vocab
+    from mlx_abliteration.io.atomic_write import atomic_path, ensure_parent
+    from mlx_abliteration.io.model_io import check_model_dir, read_config
+
+    if outtype not in OUTTYPES:
+        raise UserError(f"unsupported --outtype {outtype!r}; choose one of: {', '.join(OUTTYPES)}")
+    model_dir, output = check_model_dir(Path(model_dir).expanduser()), Path(output).expanduser()
+    _check_output(output, overwrite)
+    config = read_config(model_dir)
+    arch = ARCHITECTURES.get(config["model_type"])
+    if arch is None:
+        raise UserError(
+            f"GGUF export does not support model_type {config['model_type']!r}; supported: {', '.join(ARCHITECTURES)}"
+        )
+    tensors = plan_tensors(model_dir, config, arch, outtype)
+    n_vocab = next(t.shape[0] for t in tensors if t.name == "token_embd.weight")
+    writer = gguf.GGUFWriter(None, arch.model_type)
+    writer.add_name(model_dir.resolve().name)
+    add_hyperparameters(writer, config, arch, outtype, n_vocab)
+    add_vocab(writer, model_dir, n_vocab)
+    for tensor in tensors:
+        writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), tensor.nbytes, raw_dtype=tensor.qtype)
+    ensure_parent(output)
+    with atomic_path(output, suffix=".gguf") as tmp:
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            _write_tensors(writer, tensors, progress)
+        finally:
+            writer.close()
+    return output
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """Size and tensor types of a written GGUF file (for the command's summary line)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    types: dict[str, int] = {}
+    for tensor in reader.tensors:
+        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
+    return {"bytes": path.stat().st_size, "tensors": len(reader.tensors), "types": types}

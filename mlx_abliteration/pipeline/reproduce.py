@@ -1,0 +1,155 @@
+"""``mlx-abliterate run --reproduce OUT/abliteration_log.json``: re-run a recorded abliteration and compare weights.
+
+The log holds every setting (``parameters``), the SHA256 of each prompt set's
+contents (``prompts_sha256``), the versions of the tool and its libraries and
+the SHA256 of every output weight file. A reproduction
+
+- refuses (one line) when a prompt set's contents differ from the recorded
+  ones: the directions, and so the weights, would differ;
+- warns for every package whose version differs (results may differ, the
+  run goes on);
+- re-runs the one pipeline with the recorded settings and the recorded plan
+  source (``run``'s layer choice, a search's plan spec, ``ablate``'s direction
+  file), into a new output dir;
+- reports, per weight file, whether the new SHA256 equals the recorded one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mlx_abliteration.errors import UserError
+
+if TYPE_CHECKING:
+    from mlx_abliteration.config.defaults import AbliterationConfig
+    from mlx_abliteration.pipeline.flow import PlanSource
+
+PROMPT_KINDS = ("harmful", "harmless")
+# Settings of the recorded run that a reproduction replaces (where it writes, how it prints).
+NOT_REPRODUCED = ("output_dir", "overwrite", "dry_run")
+
+
+def prompt_digests(config: AbliterationConfig) -> dict[str, str]:
+    """SHA256 of each prompt set's contents as loaded (every prompt, before the split)."""
+    from mlx_abliteration.data.datasets import load_prompts
+
+    cache = Path(config.cache_dir) if config.cache_dir else None
+    out = {}
+    for kind in PROMPT_KINDS:
+        items = load_prompts(getattr(config, f"{kind}_dataset"), kind, cache_dir=cache, column=config.dataset_column)
+        out[kind] = hashlib.sha256(json.dumps(items, ensure_ascii=False, default=str).encode()).hexdigest()
+    return out
+
+
+def read_log(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "abliteration_log.json"
+    if not path.is_file():
+        raise UserError(f"--reproduce {path}: no such file; pass the abliteration_log.json of a saved model")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"--reproduce {path} is not valid JSON ({err})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("parameters"), dict):
+        raise UserError(f"--reproduce {path} is not an abliteration_log.json (no 'parameters')")
+    return record
+
+
+@dataclass
+class Reproduction:
+    config: AbliterationConfig
+    plan_source: PlanSource
+    warnings: list[str] = field(default_factory=list)
+
+
+def recorded_config(record: dict, overrides: dict | None = None) -> tuple[AbliterationConfig, list[str]]:
+    """The recorded settings (unknown ones, from another tool version, dropped with a warning), then ``overrides``."""
+    from mlx_abliteration.config.defaults import AbliterationConfig
+
+    known = {f.name for f in fields(AbliterationConfig)}
+    params = record["parameters"]
+    warnings = [f"setting {k!r} of the log is unknown to this version and ignored" for k in sorted(set(params) - known)]
+    values = {k: v for k, v in params.items() if k in known and k not in NOT_REPRODUCED}
+    config = AbliterationConfig().with_overrides(values)
+    if overrides:
+        config = config.with_overrides(overrides)
+    return config, warnings
+
+
+def version_warnings(record: dict) -> list[str]:
+    from mlx_abliteration.pipeline.steps import versions
+
+    recorded, now = record.get("versions") or {}, versions()
+    out = []
+    for name in sorted(set(recorded) | set(now)):
+        if name == "platform":
+            continue
+        if recorded.get(name) != now.get(name):
+            out.append(
+                f"{name} is {now.get(name, 'not installed')} here, {recorded.get(name, 'absent')} in the log: the weights may differ"
+            )
+    if recorded.get("platform") and recorded.get("platform") != now.get("platform"):
+        out.append(f"platform differs ({now.get('platform')} here, {recorded.get('platform')} in the log)")
+    return out
+
+
+def check_prompts(config: AbliterationConfig, record: dict, log_path: str | Path) -> None:
+    recorded = record.get("prompts_sha256")
+    if not recorded:
+        if record.get("command") == "ablate":
+            return  # no prompts: the direction file decides
+        raise UserError(f"{log_path} records no prompt digests (written by an older version); it cannot be reproduced")
+    now = prompt_digests(config)
+    for kind in PROMPT_KINDS:
+        if now[kind] != recorded.get(kind):
+            where = getattr(config, f"{kind}_dataset") or "the packaged set"
+            raise UserError(
+                f"the {kind} prompts ({where}) changed since {log_path} was written "
+                f"(sha256 {now[kind][:12]}, recorded {str(recorded.get(kind))[:12]}); restore them to reproduce"
+            )
+
+
+def plan_source_for(record: dict) -> PlanSource:
+    """The plan source the recorded run used."""
+    from mlx_abliteration.pipeline.flow import DirectionFile, LayerChoice
+
+    if record.get("plan_spec"):
+        from mlx_abliteration.edit.strength_schedule import PlanSpec
+        from mlx_abliteration.search.plan_sources import PlanFile
+
+        return PlanFile(PlanSpec.from_dict(record["plan_spec"]))
+    if record.get("command") == "ablate":
+        path = record.get("direction_file")
+        if not path or not Path(path).exists():
+            raise UserError(
+                f"the log's direction file {path} no longer exists; it is needed to reproduce an ablate run"
+            )
+        return DirectionFile(path, str(record["chosen_layer"]))
+    return LayerChoice()
+
+
+def prepare(log_path: str | Path, overrides: dict | None = None) -> tuple[Reproduction, dict]:
+    """Everything checked before any work: the settings, the prompts, the versions, the plan source."""
+    record = read_log(log_path)
+    config, warnings = recorded_config(record, overrides)
+    if not config.output_dir:
+        raise UserError("--reproduce needs -o/--output-dir: a new folder for the reproduced model")
+    check_prompts(config, record, log_path)
+    warnings += version_warnings(record)
+    return Reproduction(config, plan_source_for(record), warnings), record
+
+
+def compare_weights(recorded: dict, written: dict) -> dict:
+    """Per weight file: equal SHA256 or not; ``match`` when every file is equal and no file is missing or extra."""
+    old = (recorded.get("weights") or {}).get("output_sha256") or {}
+    new = (written.get("weights") or {}).get("output_sha256") or {}
+    files = {
+        name: {"recorded": old.get(name), "reproduced": new.get(name), "match": old.get(name) == new.get(name)}
+        for name in sorted(set(old) | set(new))
+    }
+    return {"match": bool(files) and all(f["match"] for f in files.values()), "files": files}

@@ -253,7 +253,7 @@ def probe_benchmark(path: Path, prompts: int, rounds: int) -> tuple[dict, list]:
 
 def ablate_benchmark(path: Path, work: Path, stats) -> dict:
     from mlx_abliteration.edit.orthogonalize import uniform_plan
-    from mlx_abliteration.io.model_io import save_ablated_model
+    from mlx_abliteration.export.save import save_ablated_model
     from mlx_abliteration.probe.directions import compute_directions
 
     layers = list(range(stats[0].mean.shape[0]))

@@ -187,7 +187,7 @@ def make_plan(model: Path):
 
 
 def save(model: Path, dst: Path, plan) -> dict:
-    from mlx_abliteration.io.model_io import save_ablated_model
+    from mlx_abliteration.export.save import save_ablated_model
 
     shutil.rmtree(dst, ignore_errors=True)
     mx.reset_peak_memory()
@@ -221,7 +221,7 @@ def _range_digests(path: Path) -> dict[str, str]:
 
 def verify(model: Path, dst: Path, reference: Path, plan) -> dict:
     """Save with this tree, then compare every tensor's bytes with ``reference`` (another tree's save)."""
-    from mlx_abliteration.io.model_io import save_ablated_model
+    from mlx_abliteration.export.save import save_ablated_model
     from mlx_abliteration.runtime.utils import sha256_file
 
     shutil.rmtree(dst, ignore_errors=True)

@@ -12,15 +12,16 @@ REPO = Path(__file__).resolve().parent.parent
 _INJECT = """
 import sys, errno
 import mlx_abliteration
+from mlx_abliteration.export import save as export_save
 from mlx_abliteration.io import model_io
 calls = {{"n": 0}}
-real = model_io.write_shard
+real = export_save.write_shard
 def faulty(*args, **kwargs):
     calls["n"] += 1
     if calls["n"] >= {after}:
         {raise_stmt}
     return real(*args, **kwargs)
-model_io.write_shard = faulty
+export_save.write_shard = faulty
 from mlx_abliteration.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -8,7 +8,6 @@ from mlx.utils import tree_flatten
 from mlx_abliteration.config.defaults import DEFAULT_TARGETS
 from mlx_abliteration.edit.in_memory import apply_plan, get_ablated_parameters
 from mlx_abliteration.edit.orthogonalize import (
-    QuantParams,
     check_strength,
     edit_module,
     orthogonalize_embedding,
@@ -19,6 +18,7 @@ from mlx_abliteration.edit.revertible_edit import TrialEditor
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.io.model_io import load_model
 from mlx_abliteration.probe.writers import model_writers
+from mlx_abliteration.runtime.quantization import QuantParams
 
 READERS = ("q_proj", "k_proj", "v_proj", "up_proj", "gate_proj", "norm", "c_attn", "c_fc", "gate.weight")
 
@@ -183,7 +183,7 @@ def test_direction_of_wrong_size_is_a_user_error(tiny_model):
 def test_quantized_model_runs_dense_on_cpu_and_edits_match_the_saved_file(tiny_model, tmp_path, dtype):
     import mlx.nn as nn
 
-    from mlx_abliteration.io.model_io import save_ablated_model
+    from mlx_abliteration.export.save import save_ablated_model
 
     src = tiny_model(bits=4, embedding_bits=8, dtype=dtype)
     auto, _, _ = load_model(src)

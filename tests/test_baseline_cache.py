@@ -11,7 +11,8 @@ import pytest
 
 from mlx_abliteration.config.defaults import AbliterationConfig
 from mlx_abliteration.evaluation.baseline_cache import cached_baseline
-from mlx_abliteration.evaluation.evaluate import DEFAULT_REFUSAL_MARKERS, eval_settings, evaluate_original
+from mlx_abliteration.evaluation.evaluate import eval_settings, evaluate_original
+from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS
 from mlx_abliteration.pipeline.flow import run_pipeline
 from mlx_abliteration.runtime import utils
 
@@ -73,7 +74,7 @@ def test_second_evaluation_reads_the_cache_and_matches(model_dir, loaded, tmp_pa
     entries = list((tmp_path / "baselines").iterdir())
     assert len(entries) == 1 and entries[0].name.startswith("model-") and entries[0].suffix == ".safetensors"
     # the KL of the cached reference against the model itself is still zero
-    from mlx_abliteration.evaluation.evaluate import kl_from_reference
+    from mlx_abliteration.evaluation.kl import kl_from_reference
 
     assert kl_from_reference(loaded[0], ref2, 4) == pytest.approx(0.0, abs=1e-5)
 

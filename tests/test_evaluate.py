@@ -5,17 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlx_abliteration.evaluation.evaluate import (
-    DEFAULT_REFUSAL_MARKERS,
-    EvalReport,
-    contains_refusal_marker,
-    evaluate_model,
-    is_refusal,
-    kl_divergence,
-    read_markers_file,
-    reference_logprobs,
-)
+from mlx_abliteration.evaluation.evaluate import EvalReport, evaluate_model
 from mlx_abliteration.evaluation.generation import first_token_logprobs
+from mlx_abliteration.evaluation.kl import kl_divergence, reference_logprobs
+from mlx_abliteration.evaluation.refusals import (
+    DEFAULT_REFUSAL_MARKERS,
+    contains_refusal_marker,
+    is_refusal,
+    read_markers_file,
+)
 from mlx_abliteration.evaluation.tables import eval_markdown, eval_rows, eval_text
 
 PROMPTS = [

@@ -99,10 +99,10 @@ def test_stream_errors_are_one_line_messages(tiny_model, tmp_path, datasets, cha
 
 
 def test_cancel_while_saving_leaves_no_partial_output(tiny_model, tmp_path, datasets, monkeypatch):
-    from mlx_abliteration.io import model_io
+    from mlx_abliteration.export import save as export_save
 
     cancel = threading.Event()
-    save = model_io.save_ablated_model
+    save = export_save.save_ablated_model
 
     def save_then_cancel(*args, progress, **kwargs):
         def cancel_after_first_shard(done, total, what):
@@ -111,7 +111,7 @@ def test_cancel_while_saving_leaves_no_partial_output(tiny_model, tmp_path, data
 
         return save(*args, progress=cancel_after_first_shard, **kwargs)
 
-    monkeypatch.setattr(model_io, "save_ablated_model", save_then_cancel)
+    monkeypatch.setattr(export_save, "save_ablated_model", save_then_cancel)
     out = tmp_path / "out"
     form = dict(
         model=str(tiny_model(num_shards=2)), output_dir=str(out), no_eval=True, use_layer="1", **datasets, **SMALL_RUN

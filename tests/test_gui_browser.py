@@ -176,9 +176,9 @@ def test_stop_button_cancels_and_leaves_no_partial_output(page, tiny_model, tmp_
     """The save is held open (in this process, where the app runs) until Stop reaches the pipeline."""
     from playwright.sync_api import expect
 
-    from mlx_abliteration.io import model_io
+    from mlx_abliteration.export import save as export_save
 
-    save = model_io.save_ablated_model
+    save = export_save.save_ablated_model
 
     def save_until_stopped(*args, progress, **kwargs):
         def wait_for_stop(done, total, what):
@@ -189,7 +189,7 @@ def test_stop_button_cancels_and_leaves_no_partial_output(page, tiny_model, tmp_
 
         return save(*args, progress=wait_for_stop, **kwargs)
 
-    monkeypatch.setattr(model_io, "save_ablated_model", save_until_stopped)
+    monkeypatch.setattr(export_save, "save_ablated_model", save_until_stopped)
     out = tmp_path / "out"
     _fill_small_run(page, str(tiny_model(num_shards=2)), str(out), datasets)
     page.click("#start")

@@ -15,7 +15,8 @@ from mlx_abliteration.data.chat import encode_chat
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.evaluation import judge as J
 from mlx_abliteration.evaluation.baseline_cache import baseline_identity, baseline_key
-from mlx_abliteration.evaluation.evaluate import DEFAULT_REFUSAL_MARKERS, eval_settings
+from mlx_abliteration.evaluation.evaluate import eval_settings
+from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS
 from mlx_abliteration.pipeline.flow import run_pipeline
 
 from .cli_helpers import run_cli
@@ -291,7 +292,7 @@ def test_search_trials_count_the_judges_verdicts(tiny_model):
 
 
 def test_a_judged_search_is_its_own_study(tiny_model, judge_dir, tmp_path):
-    from mlx_abliteration.search.plan_sources import run_search
+    from mlx_abliteration.search.runner import run_search
     from mlx_abliteration.search.study import SearchSettings
 
     harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_abliteration.evaluation.evaluate import answer_verdict
+from mlx_abliteration.evaluation.refusals import answer_verdict
 
 LABELS = Path(__file__).parent / "data" / "judge_labels.jsonl"
 # Measured on this fixture (README, "How good are the verdicts"): correct verdicts of the keyword rule and of the

@@ -3,8 +3,8 @@
 import pytest
 
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.evaluation.layer_selection import candidate_layers, refinement_layers
-from mlx_abliteration.probe.directions import parse_layer_list, parse_use_layer
+from mlx_abliteration.evaluation.layer_selection import refinement_layers
+from mlx_abliteration.probe.directions import candidate_layers, parse_layer_list, parse_use_layer
 
 
 def test_candidates_cover_the_middle_of_the_network():

@@ -7,7 +7,7 @@ import pytest
 
 from mlx_abliteration.edit.orthogonalize import uniform_plan
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.io.model_io import save_ablated_model
+from mlx_abliteration.export.save import save_ablated_model
 from mlx_abliteration.probe.directions import LayerStats, RefusalDirections, save_directions
 
 from .cli_helpers import run_cli

@@ -20,6 +20,7 @@ PROMPTS = [f"prompt number {i} about something" for i in range(20)]
 _HOOKED = """
 import os, sys, signal, pathlib
 import mlx.core as mx
+from mlx_abliteration.export import save as export_save
 from mlx_abliteration.io import model_io
 calls = {{"n": 0}}
 def hooking(real):
@@ -30,7 +31,7 @@ def hooking(real):
         return real(*args, **kwargs)
     return hooked
 mx.save_safetensors = hooking(mx.save_safetensors)
-model_io.write_shard = hooking(model_io.write_shard)
+export_save.write_shard = hooking(export_save.write_shard)
 from mlx_abliteration.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -6,7 +6,8 @@ import mlx_lm
 import pytest
 
 from mlx_abliteration.config.defaults import AbliterationConfig
-from mlx_abliteration.pipeline.flow import Event, iter_events, output_weights_path, run_pipeline
+from mlx_abliteration.pipeline.events import Event
+from mlx_abliteration.pipeline.flow import iter_events, output_weights_path, run_pipeline
 
 from .cli_helpers import run_cli
 

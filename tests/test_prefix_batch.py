@@ -5,9 +5,9 @@ import pytest
 
 import mlx_abliteration.probe.prefix_batch as prefix_batch
 from mlx_abliteration.data.chat import encode_chats
-from mlx_abliteration.evaluation.generation import first_token_logprobs, greedy_tokens, log_softmax
+from mlx_abliteration.evaluation.generation import first_token_logprobs, greedy_tokens
 from mlx_abliteration.io.model_io import load_model
-from mlx_abliteration.probe.batching import prefill
+from mlx_abliteration.probe.batching import log_softmax, prefill
 from mlx_abliteration.probe.prefix_batch import prefill_prefix_length, shared_first_token_logprobs, shared_prefill
 
 

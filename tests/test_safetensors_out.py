@@ -14,9 +14,11 @@ from safetensors import safe_open
 
 from mlx_abliteration.edit.orthogonalize import edit_module
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.export import save as export_save
+from mlx_abliteration.export.save import save_ablated_model
 from mlx_abliteration.export.source_layout import discover_writers_in_dir
-from mlx_abliteration.io import model_io, safetensors_out
-from mlx_abliteration.io.model_io import quant_params_for, read_config, save_ablated_model
+from mlx_abliteration.io import safetensors_out
+from mlx_abliteration.io.model_io import quant_params_for, read_config
 from mlx_abliteration.io.safetensors_out import array_entry, read_header, source_entry, start_writeback, write_shard
 from mlx_abliteration.runtime.utils import sha256_file
 
@@ -212,7 +214,7 @@ def test_full_disk_during_a_real_shard_write_leaves_nothing(tiny_model, tmp_path
 
 def test_interrupt_in_a_shard_writer_stops_every_write_and_leaves_nothing(tiny_model, tmp_path, monkeypatch):
     src = tiny_model(dtype="bfloat16", num_shards=3)
-    real = model_io.write_shard
+    real = export_save.write_shard
     started = threading.Event()
 
     def interrupted(path, entries, metadata, cancel=None):
@@ -221,7 +223,7 @@ def test_interrupt_in_a_shard_writer_stops_every_write_and_leaves_nothing(tiny_m
         started.set()
         return real(path, entries, metadata, cancel)
 
-    monkeypatch.setattr(model_io, "write_shard", interrupted)
+    monkeypatch.setattr(export_save, "write_shard", interrupted)
     work = tmp_path / "work"
     work.mkdir()
     with pytest.raises(KeyboardInterrupt):
@@ -241,5 +243,5 @@ def test_a_source_shard_that_shrinks_during_the_save_is_an_error(tmp_path):
 
 
 def test_model_io_writes_through_the_patchable_seam():
-    # Fault-injection tests (tests/cli_helpers.py, test_output_safety.py) patch model_io.write_shard.
-    assert model_io.write_shard is write_shard
+    # Fault-injection tests (tests/cli_helpers.py, test_output_safety.py) patch export_save.write_shard.
+    assert export_save.write_shard is write_shard

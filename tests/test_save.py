@@ -9,8 +9,9 @@ import pytest
 
 from mlx_abliteration.edit.orthogonalize import uniform_plan
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.io import model_io
-from mlx_abliteration.io.model_io import read_config, save_ablated_model
+from mlx_abliteration.export import save as export_save
+from mlx_abliteration.export.save import save_ablated_model
+from mlx_abliteration.io.model_io import read_config
 from mlx_abliteration.runtime.utils import sha256_file
 
 
@@ -156,7 +157,7 @@ def test_refuses_bad_outputs(tiny_model, tmp_path):
 def test_failure_mid_save_leaves_nothing(tiny_model, tmp_path, monkeypatch):
     src = tiny_model(num_shards=3)
     calls = {"n": 0}
-    real = model_io.write_shard
+    real = export_save.write_shard
 
     def failing(path, *args, **kwargs):
         calls["n"] += 1
@@ -164,7 +165,7 @@ def test_failure_mid_save_leaves_nothing(tiny_model, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(model_io, "write_shard", failing)
+    monkeypatch.setattr(export_save, "write_shard", failing)
     with pytest.raises(UserError, match="disk space"):
         save_ablated_model(src, tmp_path / "out", _plan(src))
     assert os.listdir(tmp_path) == []
@@ -187,7 +188,7 @@ def test_save_failures_are_reported_as_what_they_are(tiny_model, tmp_path, monke
     def failing(path, *args, **kwargs):
         raise error
 
-    monkeypatch.setattr(model_io, "write_shard", failing)
+    monkeypatch.setattr(export_save, "write_shard", failing)
     if expected is None:
         with pytest.raises(type(error)) as info:
             save_ablated_model(src, tmp_path / "out", _plan(src))

@@ -5,7 +5,8 @@ import pytest
 
 import mlx_abliteration.io.model_io as model_io
 from mlx_abliteration.edit.orthogonalize import uniform_plan
-from mlx_abliteration.io.model_io import read_config, save_ablated_model
+from mlx_abliteration.export.save import save_ablated_model
+from mlx_abliteration.io.model_io import read_config
 
 
 def _plan(path):

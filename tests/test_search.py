@@ -15,7 +15,7 @@ from mlx_abliteration.edit.strength_schedule import Kernel, PlanSpec, kernel_pla
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.io.model_io import load_model
 from mlx_abliteration.probe.directions import RefusalDirections
-from mlx_abliteration.search.plan_sources import run_search
+from mlx_abliteration.search.runner import run_search
 from mlx_abliteration.search.study import (
     SearchSettings,
     TrialRow,

@@ -6,6 +6,7 @@ import mlx.core as mx
 
 from mlx_abliteration.cli.main import main
 from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.config.schema import build_config
 from mlx_abliteration.pipeline.flow import run_pipeline
 from mlx_abliteration.probe.directions import load_directions
 
@@ -27,10 +28,10 @@ def _datasets(tmp_path):
 def test_streamed_run_matches_memory_run(tiny_model, tmp_path):
     model = tiny_model(num_shards=2)
     base = AbliterationConfig(model=str(model), use_layer="2", **_datasets(tmp_path))
-    memory = run_pipeline(base.with_overrides({"output_dir": str(tmp_path / "mem"), "no_eval": True}))
+    memory = run_pipeline(build_config({"output_dir": str(tmp_path / "mem"), "no_eval": True}, base))
     events = []
     streamed = run_pipeline(
-        base.with_overrides({"output_dir": str(tmp_path / "st"), "probe_mode": "streamed"}), events.append
+        build_config({"output_dir": str(tmp_path / "st"), "probe_mode": "streamed"}, base), events.append
     )
     assert streamed.before is None and any("evaluation is skipped" in e.message for e in events)
     assert mx.abs(streamed.directions.directions - memory.directions.directions).max().item() <= 1e-4

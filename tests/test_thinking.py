@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from mlx_abliteration.data.chat import encode_chat, render_chat
-from mlx_abliteration.evaluation.evaluate import answer_verdict, evaluate_model, split_thinking
+from mlx_abliteration.evaluation.evaluate import evaluate_model
+from mlx_abliteration.evaluation.refusals import answer_verdict, split_thinking
 from mlx_abliteration.evaluation.tables import eval_text
 from mlx_abliteration.probe.positions import ProbeSpec, probe_positions, resolve_marker
 from tests.support.tiny_models import FORCED_THINKING_TEMPLATE, QWEN3_THINKING_TEMPLATE, set_chat_template

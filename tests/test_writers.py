@@ -12,7 +12,8 @@ from mlx_lm.utils import _get_classes
 from mlx_abliteration.edit.in_memory import apply_plan
 from mlx_abliteration.edit.orthogonalize import select_writers, uniform_plan
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.io.model_io import load_model, save_ablated_model
+from mlx_abliteration.export.save import save_ablated_model
+from mlx_abliteration.io.model_io import load_model
 from mlx_abliteration.probe.writers import describe_writers, discover_writers
 from tests.support.tiny_models import write_tiny_tokenizer
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from mlx_abliteration.config import flags as options
+from mlx_abliteration.config import schema
 
 HELP = "orthogonalize a model against a saved refusal direction and save it (no probing)"
 DESCRIPTION = (
@@ -33,7 +34,8 @@ def ablate(config, direction_file: str | Path, use_layer: str | None = None, on_
 
     Returns the ``PipelineResult`` (``record`` is the ``abliteration_log.json`` written).
     """
-    from mlx_abliteration.pipeline.flow import DirectionFile, run_pipeline
+    from mlx_abliteration.pipeline.flow import run_pipeline
+    from mlx_abliteration.pipeline.plan_sources import DirectionFile
 
     return run_pipeline(config, on_event, plan_source=DirectionFile(direction_file, use_layer))
 
@@ -46,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
     from mlx_abliteration.cli.console import Console
     from mlx_abliteration.runtime.logging_config import setup_logging
 
-    config = options.config_from_args(args)
+    config = schema.config_from_args(args)
     setup_logging(args.log_file)
     console = Console(args.quiet, args.json)
     try:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 from mlx_abliteration.evaluation.tables import eval_text, layer_table
-from mlx_abliteration.pipeline.flow import Event
+from mlx_abliteration.pipeline.events import Event
 
 
 class ProgressMeter:

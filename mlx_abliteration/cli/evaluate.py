@@ -122,7 +122,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _markers(args: argparse.Namespace) -> list[str]:
     from mlx_abliteration.errors import UserError
-    from mlx_abliteration.evaluation.evaluate import DEFAULT_REFUSAL_MARKERS, read_markers_file
+    from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS, read_markers_file
 
     markers = list(DEFAULT_REFUSAL_MARKERS)
     if args.markers_file:
@@ -165,7 +165,7 @@ def _cached_baseline(
     from mlx_abliteration.evaluation.baseline_cache import cached_baseline
     from mlx_abliteration.evaluation.evaluate import eval_settings
     from mlx_abliteration.evaluation.judge import judge_identity
-    from mlx_abliteration.pipeline.flow import Reporter
+    from mlx_abliteration.pipeline.events import Reporter
 
     full = eval_settings(
         kl_tokens=args.kl_tokens,
@@ -262,7 +262,7 @@ def _evaluate(
 
 def _progress(console, label: str):
     """Progress of one model's evaluation, drawn by the same reporter and console as ``run``."""
-    from mlx_abliteration.pipeline.flow import Reporter
+    from mlx_abliteration.pipeline.events import Reporter
 
     report = Reporter(console)
     return lambda done, total, what: report.progress(done, total, f"{label}: {what}")

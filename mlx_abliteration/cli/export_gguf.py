@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from mlx_abliteration.cli.console import Console
     from mlx_abliteration.export.gguf_export import describe, export_gguf
-    from mlx_abliteration.pipeline.flow import Reporter
+    from mlx_abliteration.pipeline.events import Reporter
 
     console = Console()
     start = time.perf_counter()

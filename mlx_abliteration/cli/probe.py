@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from mlx_abliteration.config import flags as options
+from mlx_abliteration.config import schema
+from mlx_abliteration.config.schema import build_config
 
 HELP = "probe harmful/harmless prompts and save the per-layer refusal directions"
 DESCRIPTION = (
@@ -35,7 +37,7 @@ def probe(config, output: str | Path, on_event=None):
     output = Path(output)
     if output.is_dir():
         raise UserError(f"--output {output} is a directory; give a file name ending in .safetensors")
-    result = run_pipeline(config.with_overrides({"dry_run": True, "no_eval": True, "output_dir": None}), on_event)
+    result = run_pipeline(build_config({"dry_run": True, "no_eval": True, "output_dir": None}, config), on_event)
     if not is_primary():  # under mlx.launch every rank has the merged result; rank 0 writes it
         return result.directions, result.chosen_layer
     ensure_parent(output)
@@ -48,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
     from mlx_abliteration.cli.console import Console
     from mlx_abliteration.runtime.logging_config import setup_logging
 
-    config = options.config_from_args(args)
+    config = schema.config_from_args(args)
     check_outputs(config, args)
     setup_logging(args.log_file)
     console = Console(args.quiet, args.json)

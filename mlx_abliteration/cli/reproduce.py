@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from mlx_abliteration.config import flags as options
+from mlx_abliteration.config import schema
 
 MISMATCH_EXIT = 3  # the run worked, but the weights differ from the log
 
@@ -16,7 +16,7 @@ def typed_settings(args: argparse.Namespace) -> dict:
     from mlx_abliteration.config.defaults import AbliterationConfig
 
     known = set(AbliterationConfig().to_dict())
-    return {k: v for k, v in vars(args).items() if k in known and k not in options.NON_CONFIG and v is not None}
+    return {k: v for k, v in vars(args).items() if k in known and k not in schema.NON_CONFIG and v is not None}
 
 
 def main(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from mlx_abliteration.config import flags as options
+from mlx_abliteration.config import schema
 
 HELP = "probe, compute the refusal direction, ablate, evaluate and save (the full pipeline)"
 DESCRIPTION = (
@@ -16,17 +17,7 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    options.add_model_options(parser)
-    options.add_dataset_options(parser)
-    options.add_probe_options(parser)
-    options.add_ablation_options(parser)
-    options.add_eval_options(parser)
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="probe, choose the layer and print the per-layer stats; no evaluation, writes nothing",
-    )
+    options.add_config_arguments(parser)
     parser.add_argument(
         "--auto",
         action="store_true",
@@ -57,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
         from mlx_abliteration.cli import reproduce
 
         return reproduce.main(args)
-    config = options.config_from_args(args)
+    config = schema.config_from_args(args)
     if args.upload_repo:  # before minutes of work: a bad repo id or a missing token fails now
         from mlx_abliteration.export.hub_upload import check_repo_id, get_token
 

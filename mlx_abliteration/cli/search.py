@@ -7,6 +7,7 @@ import json
 import sys
 
 from mlx_abliteration.config import flags as options
+from mlx_abliteration.config import schema
 
 HELP = "search ablation parameters automatically (Optuna: fewest refusals at least KL) and save the best trial"
 DESCRIPTION = (
@@ -102,7 +103,7 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    return search_main(args, options.config_from_args(args), settings_from_args(args))
+    return search_main(args, schema.config_from_args(args), settings_from_args(args))
 
 
 def search_main(args: argparse.Namespace, config, settings) -> int:
@@ -110,7 +111,7 @@ def search_main(args: argparse.Namespace, config, settings) -> int:
     from mlx_abliteration.cli.console import Console
     from mlx_abliteration.errors import UserError
     from mlx_abliteration.runtime.logging_config import setup_logging
-    from mlx_abliteration.search.plan_sources import run_search
+    from mlx_abliteration.search.runner import run_search
     from mlx_abliteration.search.study import front_table
 
     setup_logging(args.log_file)
@@ -156,8 +157,8 @@ def plan_main(args: argparse.Namespace, config) -> int:
     from mlx_abliteration.cli.console import Console
     from mlx_abliteration.edit.strength_schedule import load_plan_spec
     from mlx_abliteration.pipeline.flow import run_pipeline
+    from mlx_abliteration.pipeline.plan_sources import PlanFile
     from mlx_abliteration.runtime.logging_config import setup_logging
-    from mlx_abliteration.search.plan_sources import PlanFile
 
     spec = load_plan_spec(args.plan_json)
     setup_logging(args.log_file)

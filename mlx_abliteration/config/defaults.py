@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlx_abliteration.errors import UserError
@@ -72,17 +72,6 @@ class AbliterationConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def with_overrides(self, values: dict) -> AbliterationConfig:
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}")
-        from mlx_abliteration.config.schema import check_settings
-
-        data = self.to_dict()
-        data.update(check_settings(values))  # the flags' own types and choices (config files, GUI, library)
-        return AbliterationConfig(**data)
 
 
 def load_config_file(path: str | Path) -> dict:

@@ -1,4 +1,4 @@
-"""Command-line options shared by run / probe / ablate / search, built from the defaults."""
+"""The settings as command-line flags (run / probe / ablate / search): one definition of each, built from the defaults."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ from mlx_abliteration.config.defaults import (
     PROBE_MODES,
     PROBE_POSITIONS,
     AbliterationConfig,
-    load_config_file,
 )
-from mlx_abliteration.errors import UserError
 
 D = AbliterationConfig()
 
@@ -23,6 +21,21 @@ def _flag(parser, *names, key=None, **kwargs):
     # SUPPRESS: only flags the user typed reach the namespace, so a --config
     # file's values are overridden by the command line and by nothing else.
     parser.add_argument(*names, default=argparse.SUPPRESS, **kwargs)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every setting of ``AbliterationConfig`` as ``run``'s flag: the schema config files and the GUI are checked by."""
+    add_model_options(parser)
+    add_dataset_options(parser)
+    add_probe_options(parser)
+    add_ablation_options(parser)
+    add_eval_options(parser)
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="probe, choose the layer and print the per-layer stats; no evaluation, writes nothing",
+    )
 
 
 def add_output_style(parser: argparse.ArgumentParser) -> None:
@@ -211,20 +224,3 @@ def _float(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-
-
-NON_CONFIG = {"quiet", "json", "log_file", "config_file", "command", "_command"}
-
-
-def config_from_args(args: argparse.Namespace, base: AbliterationConfig | None = None) -> AbliterationConfig:
-    """defaults <- --config file <- flags the user typed."""
-    config = base or AbliterationConfig()
-    if getattr(args, "config_file", None):
-        try:
-            config = config.with_overrides(load_config_file(args.config_file))
-        except UserError as err:
-            raise UserError(f"config file {args.config_file}: {err}") from None
-    typed = {k: v for k, v in vars(args).items() if k not in NON_CONFIG and not k.startswith("_")}
-    known = set(config.to_dict())
-    # None: a command's own flag that was not given (e.g. ablate's --use-layer), not a setting.
-    return config.with_overrides({k: v for k, v in typed.items() if k in known and v is not None})

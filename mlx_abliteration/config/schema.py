@@ -15,15 +15,44 @@ import argparse
 from dataclasses import fields
 from functools import lru_cache
 
+from mlx_abliteration.config.defaults import AbliterationConfig, load_config_file
+from mlx_abliteration.config.flags import add_config_arguments
 from mlx_abliteration.errors import UserError
+
+NON_CONFIG = {"quiet", "json", "log_file", "config_file", "command", "_command"}
+
+
+def build_config(values: dict, base: AbliterationConfig | None = None) -> AbliterationConfig:
+    """``base`` (default: the defaults) with ``values`` applied, each checked as its flag would be.
+
+    The one place a config is built from outside values: command-line flags, config files, the GUI's
+    form, a recorded log, library calls."""
+    base = base or AbliterationConfig()
+    known = {f.name for f in fields(base)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}")
+    return AbliterationConfig(**{**base.to_dict(), **check_settings(values)})
+
+
+def config_from_args(args: argparse.Namespace, base: AbliterationConfig | None = None) -> AbliterationConfig:
+    """defaults <- --config file <- flags the user typed."""
+    config = base or AbliterationConfig()
+    if getattr(args, "config_file", None):
+        try:
+            config = build_config(load_config_file(args.config_file), config)
+        except UserError as err:
+            raise UserError(f"config file {args.config_file}: {err}") from None
+    typed = {k: v for k, v in vars(args).items() if k not in NON_CONFIG and not k.startswith("_")}
+    known = set(config.to_dict())
+    # None: a command's own flag that was not given (e.g. ablate's --use-layer), not a setting.
+    return build_config({k: v for k, v in typed.items() if k in known and v is not None}, config)
 
 
 @lru_cache(maxsize=1)
 def _actions() -> dict[str, argparse.Action]:
-    from mlx_abliteration.cli import run
-
     parser = argparse.ArgumentParser(add_help=False)
-    run.add_arguments(parser)
+    add_config_arguments(parser)
     return {a.dest: a for a in parser._actions if a.option_strings}
 
 
@@ -32,8 +61,6 @@ def _flag(action: argparse.Action) -> str:
 
 
 def _optional_fields() -> set[str]:
-    from mlx_abliteration.config.defaults import AbliterationConfig
-
     return {f.name for f in fields(AbliterationConfig) if f.default is None}
 
 

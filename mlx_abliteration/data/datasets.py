@@ -21,14 +21,23 @@ so a train/eval split can never put the same prompt on both sides.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.io.asset_resolver import is_hub_id
+
+if TYPE_CHECKING:
+    from mlx_abliteration.config.defaults import AbliterationConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlx_abliteration.config.defaults import AbliterationConfig
 
 KINDS = ("harmful", "harmless")
 PROMPT_FIELDS = ("prompt", "text", "instruction")
@@ -322,3 +331,18 @@ def split_prompts(
     rest = shuffled[n_eval:]
     train = rest if n_train is None else rest[:n_train]
     return train, eval_prompts
+
+
+def prompt_digests(config: AbliterationConfig) -> dict[str, str]:
+    """SHA256 of each prompt set's contents as loaded (every prompt, before the split)."""
+    from mlx_abliteration.data.datasets import load_prompts
+
+    cache = Path(config.cache_dir) if config.cache_dir else None
+    out = {}
+    for kind in PROMPT_KINDS:
+        items = load_prompts(getattr(config, f"{kind}_dataset"), kind, cache_dir=cache, column=config.dataset_column)
+        out[kind] = hashlib.sha256(json.dumps(items, ensure_ascii=False, default=str).encode()).hexdigest()
+    return out
+
+
+PROMPT_KINDS = ("harmful", "harmless")

@@ -19,7 +19,6 @@ from mlx_abliteration.edit.orthogonalize import (
     AblationPlan,
     EditReport,
     ModuleEdit,
-    QuantParams,
     edit_module,
     select_writers,
     uniform_plan,
@@ -27,6 +26,7 @@ from mlx_abliteration.edit.orthogonalize import (
 from mlx_abliteration.probe.capture import decoder_layers
 from mlx_abliteration.probe.writers import model_writers
 from mlx_abliteration.runtime.dense_twins import dense_module
+from mlx_abliteration.runtime.quantization import QuantParams
 
 EMBED_BLOCK_ELEMENTS = 1 << 24  # elements of an embedding edited at once (64 MB in float32)
 

@@ -26,6 +26,7 @@ from mlx_abliteration.config.defaults import DEFAULT_TARGETS, MAX_STRENGTH
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.probe.writers import Writer, WriterMap
 from mlx_abliteration.runtime.mx_types import scalar
+from mlx_abliteration.runtime.quantization import QuantParams, dequantize_leaves, quantize_weight
 
 QUANT_LEAVES = ("weight", "scales", "biases")
 
@@ -208,14 +209,6 @@ def refusal_component(w: mx.array, r: mx.array, rows: bool) -> float:
 # --- module-level edit: dense or quantized -----------------------------------
 
 
-@dataclass(frozen=True)
-class QuantParams:
-    group_size: int
-    bits: int
-    mode: str = "affine"
-    scales_dtype: mx.Dtype | None = None  # stored dtype of scales/biases, for dense twins
-
-
 @dataclass
 class EditReport:
     """What an edit did to one module (for the log and the precision warning)."""
@@ -239,30 +232,6 @@ class ModuleEdit:
     report: EditReport
     dequantized: bool = False
     extra: dict = field(default_factory=dict)
-
-
-def dequantize_leaves(leaves: dict[str, mx.array], quant: QuantParams) -> mx.array:
-    return mx.dequantize(
-        leaves["weight"],
-        leaves["scales"],
-        leaves.get("biases"),
-        group_size=quant.group_size,
-        bits=quant.bits,
-        mode=quant.mode,
-    ).astype(mx.float32)
-
-
-def quantize_weight(w: mx.array, quant: QuantParams, scales_dtype: mx.Dtype | None = None) -> dict[str, mx.array]:
-    """Pack ``w``; scales/biases are cast to ``scales_dtype`` (the stored dtype)."""
-    packed = mx.quantize(w, group_size=quant.group_size, bits=quant.bits, mode=quant.mode)
-    out = {"weight": packed[0], "scales": packed[1]}
-    if len(packed) > 2 and packed[2] is not None:
-        out["biases"] = packed[2]
-    if scales_dtype is not None and out["scales"].dtype != mx.uint8:  # uint8: fp4/fp8 exponent scales
-        out["scales"] = out["scales"].astype(scales_dtype)
-        if "biases" in out:
-            out["biases"] = out["biases"].astype(scales_dtype)
-    return out
 
 
 def touches(plan: AblationPlan, module_path: str) -> bool:

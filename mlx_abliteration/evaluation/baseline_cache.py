@@ -34,11 +34,12 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mlx_abliteration.evaluation.evaluate import REFUSAL_RULE_VERSION
+from mlx_abliteration.evaluation.refusals import REFUSAL_RULE_VERSION
 from mlx_abliteration.runtime.utils import cache_root, sha256_file
 
 if TYPE_CHECKING:
-    from mlx_abliteration.evaluation.evaluate import EvalReport, ReferenceLogprobs
+    from mlx_abliteration.evaluation.evaluate import EvalReport
+    from mlx_abliteration.evaluation.kl import ReferenceLogprobs
 
 log = logging.getLogger("mlx_abliteration.baseline_cache")
 
@@ -124,7 +125,8 @@ def store_baseline(path: Path, identity: dict, reference: ReferenceLogprobs | No
 
 def load_baseline(path: Path, identity: dict) -> tuple[ReferenceLogprobs | None, EvalReport] | None:
     """``(reference, report)`` from a cache entry, or None if it is missing, unreadable or another identity's."""
-    from mlx_abliteration.evaluation.evaluate import EvalReport, ReferenceLogprobs
+    from mlx_abliteration.evaluation.evaluate import EvalReport
+    from mlx_abliteration.evaluation.kl import ReferenceLogprobs
     from mlx_abliteration.runtime.mx_types import load_with_metadata
 
     if not path.is_file():

@@ -20,7 +20,7 @@ from mlx_abliteration.config.defaults import CAPABILITY_MAX_TOKENS
 if TYPE_CHECKING:
     import mlx.nn as nn
 
-    from mlx_abliteration.evaluation.generation import Progress
+    from mlx_abliteration.probe.batching import Progress
 
 _FACTS: tuple[tuple[str, str], ...] = (
     ("What is the capital of France?", "Paris"),
@@ -81,8 +81,8 @@ def capability_rows(
 ) -> list[dict]:
     """Greedy answers to the first ``n`` questions: rows with ``kind`` "capability", ``expected`` and ``correct``."""
     from mlx_abliteration.data.chat import encode_chats, generation_budget
-    from mlx_abliteration.evaluation.evaluate import split_thinking
     from mlx_abliteration.evaluation.generation import greedy_tokens, strip_eos
+    from mlx_abliteration.evaluation.refusals import split_thinking
 
     questions = capability_questions(n)
     token_lists = encode_chats(tokenizer, [q for q, _ in questions], system_prompt)

@@ -13,13 +13,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from mlx_abliteration.config.defaults import GENERATION_BATCH_SIZE as DEFAULT_BATCH_SIZE
-from mlx_abliteration.probe.batching import batching_supported, length_sorted_batches, prefill
+from mlx_abliteration.probe.batching import Progress, batching_supported, length_sorted_batches, log_softmax, prefill
 
 if TYPE_CHECKING:
     import mlx.core as mx
     import mlx.nn as nn
 
-Progress = Callable[[int, int, str], None]
 # (model, prompts) -> (last-position logits [B, 1, V], mlx-lm's (untyped) per-layer caches)
 Prefill = Callable[["nn.Module", Sequence[Sequence[int]]], tuple["mx.array", Any]]
 
@@ -218,10 +217,3 @@ def continuation_logprobs(
         if progress is not None:
             progress(done, len(sequences), "log-probs")
     return mx.concatenate(per_prompt, axis=0)
-
-
-def log_softmax(logits: mx.array) -> mx.array:
-    """Log-probabilities over the last axis (the one normalization of logits everywhere)."""
-    import mlx.core as mx
-
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)

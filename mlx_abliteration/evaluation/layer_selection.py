@@ -25,9 +25,9 @@ import numpy as np
 from mlx_abliteration.data.chat import encode_chats
 from mlx_abliteration.edit.orthogonalize import AblationPlan
 from mlx_abliteration.edit.trials import Trials
-from mlx_abliteration.evaluation.evaluate import kl_divergence
-from mlx_abliteration.evaluation.generation import Progress
-from mlx_abliteration.probe.directions import RefusalDirections
+from mlx_abliteration.evaluation.kl import kl_divergence
+from mlx_abliteration.probe.batching import Progress
+from mlx_abliteration.probe.directions import RefusalDirections, candidate_layers
 from mlx_abliteration.probe.prefix_batch import shared_first_token_logprobs as first_token_logprobs
 from mlx_abliteration.runtime.mx_types import int_list, scalar
 
@@ -46,14 +46,6 @@ class CandidateScore:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "score": self.score}
-
-
-def candidate_layers(probed: Sequence[int], num_layers: int, max_candidates: int = 8) -> list[int]:
-    """Coarse grid over the probed layers within 25%..80% of depth."""
-    lo, hi = int(0.25 * num_layers), int(0.8 * num_layers)
-    middle = [layer for layer in probed if lo <= layer < hi] or list(probed)
-    step = max(1, -(-len(middle) // max_candidates))
-    return middle[::step]
 
 
 def refinement_layers(best: int, probed: Sequence[int], scored: set[int]) -> list[int]:

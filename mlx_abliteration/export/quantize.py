@@ -99,15 +99,9 @@ def save_quantized_model(
     extra_files: dict[str, str] | None = None,
 ) -> dict:
     """``save_ablated_model``, then quantized: same files, same summary, atomically into ``output_dir``."""
+    from mlx_abliteration.export.save import save_ablated_model, validate_output_dir, write_records
     from mlx_abliteration.io.atomic_write import is_user_write_failure, write_error
-    from mlx_abliteration.io.model_io import (
-        check_model_dir,
-        read_config,
-        save_ablated_model,
-        validate_output_dir,
-        weight_files,
-        write_records,
-    )
+    from mlx_abliteration.io.model_io import check_model_dir, read_config, weight_files
     from mlx_abliteration.io.output_dir import make_temp_dir, replace_dir
     from mlx_abliteration.runtime.utils import sha256_file
 

@@ -16,11 +16,13 @@ from html import escape
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from mlx_abliteration.config import schema
 from mlx_abliteration.config.defaults import AbliterationConfig
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.evaluation.tables import EVAL_COLUMNS, eval_rows, layer_table
 from mlx_abliteration.gui.plots import layer_figure
-from mlx_abliteration.pipeline.flow import Event, iter_events, output_weights_path
+from mlx_abliteration.pipeline.events import Event
+from mlx_abliteration.pipeline.flow import iter_events, output_weights_path
 
 # Progress events can come by the thousand on a real model; redraw at most this often.
 PROGRESS_INTERVAL_S = 0.25
@@ -102,7 +104,7 @@ def build_config(
     if harmless_upload:
         values["harmless_dataset"] = str(harmless_upload)
     values["output_dir"] = (output_dir or "").strip() or default_output_dir(model, output_root)
-    config = AbliterationConfig().with_overrides(values)
+    config = schema.build_config(values)
     if not config.dry_run:
         confine_output(config.output_dir, output_root)
     return config

@@ -16,33 +16,21 @@ the SHA256 of every output weight file. A reproduction
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mlx_abliteration.config.schema import build_config
+from mlx_abliteration.data.datasets import PROMPT_KINDS, prompt_digests
 from mlx_abliteration.errors import UserError
 
 if TYPE_CHECKING:
     from mlx_abliteration.config.defaults import AbliterationConfig
-    from mlx_abliteration.pipeline.flow import PlanSource
+    from mlx_abliteration.pipeline.plan_sources import PlanSource
 
-PROMPT_KINDS = ("harmful", "harmless")
 # Settings of the recorded run that a reproduction replaces (where it writes, how it prints).
 NOT_REPRODUCED = ("output_dir", "overwrite", "dry_run")
-
-
-def prompt_digests(config: AbliterationConfig) -> dict[str, str]:
-    """SHA256 of each prompt set's contents as loaded (every prompt, before the split)."""
-    from mlx_abliteration.data.datasets import load_prompts
-
-    cache = Path(config.cache_dir) if config.cache_dir else None
-    out = {}
-    for kind in PROMPT_KINDS:
-        items = load_prompts(getattr(config, f"{kind}_dataset"), kind, cache_dir=cache, column=config.dataset_column)
-        out[kind] = hashlib.sha256(json.dumps(items, ensure_ascii=False, default=str).encode()).hexdigest()
-    return out
 
 
 def read_log(path: str | Path) -> dict:
@@ -75,9 +63,9 @@ def recorded_config(record: dict, overrides: dict | None = None) -> tuple[Ablite
     params = record["parameters"]
     warnings = [f"setting {k!r} of the log is unknown to this version and ignored" for k in sorted(set(params) - known)]
     values = {k: v for k, v in params.items() if k in known and k not in NOT_REPRODUCED}
-    config = AbliterationConfig().with_overrides(values)
+    config = build_config(values)
     if overrides:
-        config = config.with_overrides(overrides)
+        config = build_config(overrides, config)
     return config, warnings
 
 
@@ -116,11 +104,11 @@ def check_prompts(config: AbliterationConfig, record: dict, log_path: str | Path
 
 def plan_source_for(record: dict) -> PlanSource:
     """The plan source the recorded run used."""
-    from mlx_abliteration.pipeline.flow import DirectionFile, LayerChoice
+    from mlx_abliteration.pipeline.plan_sources import DirectionFile, LayerChoice
 
     if record.get("plan_spec"):
         from mlx_abliteration.edit.strength_schedule import PlanSpec
-        from mlx_abliteration.search.plan_sources import PlanFile
+        from mlx_abliteration.pipeline.plan_sources import PlanFile
 
         return PlanFile(PlanSpec.from_dict(record["plan_spec"]))
     if record.get("command") == "ablate":

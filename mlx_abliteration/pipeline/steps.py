@@ -13,7 +13,8 @@ from mlx_abliteration import __version__
 from mlx_abliteration.config.defaults import PROBE_MODES, AbliterationConfig
 from mlx_abliteration.edit.orthogonalize import AblationPlan, uniform_plan
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.io.model_io import check_model_dir, load_model, read_config, validate_output_dir
+from mlx_abliteration.export.save import validate_output_dir
+from mlx_abliteration.io.model_io import check_model_dir, load_model, read_config
 from mlx_abliteration.probe.directions import (
     RefusalDirections,
     compute_directions,
@@ -121,8 +122,8 @@ def _eval_batch(config: AbliterationConfig) -> int:
 
 
 def eval_settings(config: AbliterationConfig) -> dict:
-    from mlx_abliteration.evaluation.evaluate import DEFAULT_REFUSAL_MARKERS
     from mlx_abliteration.evaluation.evaluate import eval_settings as settings
+    from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS
 
     return settings(
         max_tokens=config.eval_max_tokens,
@@ -419,7 +420,7 @@ def save(
 
     from mlx_abliteration.export.model_card import model_card
     from mlx_abliteration.export.quantize import check_quantize_settings, save_quantized_model
-    from mlx_abliteration.io.model_io import save_ablated_model
+    from mlx_abliteration.export.save import save_ablated_model
     from mlx_abliteration.probe.distributed import is_primary
 
     if not is_primary():

@@ -8,7 +8,7 @@ unbatched.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -117,3 +117,14 @@ def prefill(
         model(tokens[:, :-n_logits], cache=cache)
         mx.eval([c.state for c in cache])
     return model(tokens[:, -n_logits:], cache=cache), cache
+
+
+# Progress callback: (done, total, what).
+Progress = Callable[[int, int, str], None]
+
+
+def log_softmax(logits: mx.array) -> mx.array:
+    """Log-probabilities over the last axis (the one normalization of logits everywhere)."""
+    import mlx.core as mx
+
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)

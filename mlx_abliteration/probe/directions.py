@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -241,3 +242,11 @@ def load_directions(path: str | Path) -> tuple[RefusalDirections, int]:
         if isinstance(err, RuntimeError) and not is_unreadable_weights(err):
             raise  # out of memory, a bug: not a problem of the file
         raise UserError(f"{path} is not a refusal-direction file written by this tool ({err})") from err
+
+
+def candidate_layers(probed: Sequence[int], num_layers: int, max_candidates: int = 8) -> list[int]:
+    """Coarse grid over the probed layers within 25%..80% of depth."""
+    lo, hi = int(0.25 * num_layers), int(0.8 * num_layers)
+    middle = [layer for layer in probed if lo <= layer < hi] or list(probed)
+    step = max(1, -(-len(middle) // max_candidates))
+    return middle[::step]

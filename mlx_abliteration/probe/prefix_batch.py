@@ -23,8 +23,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_abliteration.evaluation.generation import Progress, log_softmax
-from mlx_abliteration.probe.batching import batching_supported, prefill, small_steps
+from mlx_abliteration.probe.batching import Progress, batching_supported, log_softmax, prefill, small_steps
 
 # Padding tokens a length group may carry before a second group is cheaper:
 # a pass over few tokens costs about as much as ~128 tokens of compute (it

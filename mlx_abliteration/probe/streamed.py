@@ -212,7 +212,7 @@ def select_layer_by_separation(directions: RefusalDirections) -> int:
     Used by ``--use-layer auto`` in streamed mode, where scoring layers by
     forward passes of the ablated model would need the whole model in memory.
     """
-    from mlx_abliteration.evaluation.layer_selection import candidate_layers
+    from mlx_abliteration.probe.directions import candidate_layers
 
     candidates = set(
         candidate_layers(directions.layers, directions.num_model_layers, max_candidates=len(directions.layers))

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from mlx_abliteration.edit.orthogonalize import QuantParams
+from mlx_abliteration.runtime.quantization import QuantParams
 
 MEMORY_FRACTION = 0.6  # dense copy must fit in this share of physical RAM
 

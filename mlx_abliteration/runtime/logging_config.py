@@ -1,6 +1,6 @@
 """JSON-lines logging: one object per event, safe for any ``extra_info`` payload.
 
-    log = logging.getLogger("mlx_abliteration.pipeline.flow")
+    log = logging.getLogger("mlx_abliteration.pipeline")
     log.info("probed layers", extra={"extra_info": {"layers": 28, "norm": mx.array(3.2)}})
 
 writes ``{"time": ..., "level": "INFO", "logger": "mlx_abliteration.pipeline.flow",

@@ -51,7 +51,7 @@ from mlx_abliteration.config.defaults import (
 from mlx_abliteration.edit.strength_schedule import COMPONENTS, DIRECTION_SCOPES, Kernel, PlanSpec
 from mlx_abliteration.edit.trials import Trials
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.evaluation.evaluate import ReferenceLogprobs
+from mlx_abliteration.evaluation.kl import ReferenceLogprobs
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -60,8 +60,8 @@ if TYPE_CHECKING:
     from optuna.storages import JournalStorage
     from optuna.trial import FrozenTrial, Trial
 
-    from mlx_abliteration.evaluation.generation import Progress
     from mlx_abliteration.evaluation.judge import Judge
+    from mlx_abliteration.probe.batching import Progress
     from mlx_abliteration.probe.directions import RefusalDirections
 
 OBJECTIVES = ("refusals", "kl")
@@ -214,7 +214,7 @@ class TrialScorer:
         """``judge``: a loaded ``core.judge.Judge`` that counts the refusals instead of the markers (answers then
         run to ``max_tokens``: no stop at a marker, no stop once dominated)."""
         from mlx_abliteration.data.chat import encode_chats
-        from mlx_abliteration.evaluation.evaluate import reference_logprobs
+        from mlx_abliteration.evaluation.kl import reference_logprobs
         from mlx_abliteration.probe.prefix_batch import shared_first_token_logprobs
 
         self.model, self.tokenizer, self.directions = model, tokenizer, directions
@@ -266,7 +266,7 @@ class TrialScorer:
         return TrialScore(refusals, total, kl, 0.0, tokens)
 
     def _kl(self) -> float:
-        from mlx_abliteration.evaluation.evaluate import kl_divergence, kl_from_reference
+        from mlx_abliteration.evaluation.kl import kl_divergence, kl_from_reference
         from mlx_abliteration.probe.prefix_batch import shared_first_token_logprobs
 
         if isinstance(self.reference, ReferenceLogprobs):
@@ -294,8 +294,8 @@ class TrialScorer:
         )
 
     def _refusals(self, dominated_at: Callable[[int], bool]) -> tuple[int, int]:
-        from mlx_abliteration.evaluation.evaluate import answer_verdict, contains_refusal_marker, split_thinking
         from mlx_abliteration.evaluation.generation import strip_eos
+        from mlx_abliteration.evaluation.refusals import answer_verdict, contains_refusal_marker, split_thinking
 
         refused = 0
 
@@ -321,7 +321,7 @@ class TrialScorer:
 
     def _judged_refusals(self, judge: Judge, text: Callable[[list[int]], str]) -> tuple[int, int]:
         """Refusals by the judge: whole answers, then one judging pass (unfinished thinking is not a refusal)."""
-        from mlx_abliteration.evaluation.evaluate import split_thinking
+        from mlx_abliteration.evaluation.refusals import split_thinking
 
         outputs = self._harmful_answers()
         answers = [split_thinking(text(t))[0] for t in outputs]

@@ -1,7 +1,7 @@
-"""Plan sources of the one pipeline for the search (``mlx-abliterate search``, ``run --auto``) and ``run --plan-json``.
+"""The search as a run of the one pipeline (``mlx-abliterate search``, ``run --auto``): ``SearchTrial`` is its plan source.
 
 Probing happens once; every trial edits the loaded model and reverts it
-(``core.search``). Trials are scored on a *search split*: prompts left over
+(``search.study``). Trials are scored on a *search split*: prompts left over
 after the held-out evaluation prompts and the probing prompts are cut (the
 same shuffle as ``run``), so neither the direction nor the held-out numbers
 that ``eval`` reports are fitted by the search. A dataset without spare
@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shlex
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_abliteration.config.defaults import AbliterationConfig
 from mlx_abliteration.edit.orthogonalize import check_strength
-from mlx_abliteration.edit.strength_schedule import PlanSpec, kernel_plan, uniform_spec
+from mlx_abliteration.edit.strength_schedule import PlanSpec, uniform_spec
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.evaluation.evaluate import DEFAULT_REFUSAL_MARKERS, REFUSAL_RULE_VERSION
+from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS, REFUSAL_RULE_VERSION
 from mlx_abliteration.pipeline import flow as pipeline
 from mlx_abliteration.pipeline import steps
-from mlx_abliteration.pipeline.flow import PlanChoice, PlanSource, RunContext
+from mlx_abliteration.pipeline.plan_sources import PlanChoice, PlanSource, RunContext, spec_choice
 from mlx_abliteration.runtime.utils import cache_root
 from mlx_abliteration.search.study import (
     SPACE_VERSION,
@@ -104,24 +103,6 @@ def run_search(
             result.after,
         )
     return outcome
-
-
-def spec_choice(ctx: RunContext, directions, spec: PlanSpec, record: dict | None = None) -> PlanChoice:
-    """The plan of a ``PlanSpec`` on the model's writers; its nearest probed layer names it in the log."""
-    plan = kernel_plan(directions, spec, ctx.config.targets).with_writers(ctx.writers)
-    layer = min(directions.layers, key=lambda p: (abs(p - spec.direction_index), p))
-    extra = {"plan_spec": spec.to_dict(), **(record or {}), "reproduce": reproduce_command(ctx.config)}
-    return PlanChoice(layer, plan, record=extra)
-
-
-class PlanFile(PlanSource):
-    """``run --plan-json``: an explicit plan spec (a JSON file, or the ``abliteration_log.json`` of a search)."""
-
-    def __init__(self, spec: PlanSpec):
-        self.spec = spec
-
-    def choose(self, ctx: RunContext, directions) -> PlanChoice:
-        return spec_choice(ctx, directions, self.spec)
 
 
 class SearchTrial(PlanSource):
@@ -384,34 +365,3 @@ def _search_record(summary: StudySummary, chosen: TrialRow, settings: SearchSett
         "settings": settings.to_dict(),
         "pareto_front": [r.to_dict() for r in summary.front],
     }
-
-
-_NOT_FOR_PLAN = {"model", "output_dir", "overwrite", "dry_run", "use_layer", "ablation_strength", "ablate_layers"}
-
-
-def reproduce_command(config: AbliterationConfig) -> str:
-    """The ``run --plan-json`` command line that rebuilds the same weights (settings that differ from the defaults)."""
-    defaults = AbliterationConfig()
-    out = str(config.output_dir or "OUT")
-    parts = [
-        "mlx-abliterate",
-        "run",
-        "-m",
-        config.model,
-        "-o",
-        f"{out}-reproduced",
-        "--plan-json",
-        f"{out}/abliteration_log.json",
-    ]
-    for f in fields(AbliterationConfig):
-        value = getattr(config, f.name)
-        if f.name in _NOT_FOR_PLAN or value == getattr(defaults, f.name):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            parts += [flag] if value else []
-        elif isinstance(value, (list, tuple)):
-            parts += [flag, *map(str, value)]
-        else:
-            parts += [flag, str(value)]
-    return shlex.join(parts)

@@ -5,10 +5,11 @@ import importlib
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.models.activations import swiglu as mlx_swiglu
 
 from mlx_abliteration.io.model_io import load_model
 from mlx_abliteration.runtime import cpu_activations
-from mlx_abliteration.runtime.cpu_activations import fast_swiglu, fast_swiglu_wanted, mlx_swiglu, use_fast_swiglu
+from mlx_abliteration.runtime.cpu_activations import fast_swiglu, fast_swiglu_wanted, use_fast_swiglu
 
 
 def _float64_silu(x: np.ndarray) -> np.ndarray:

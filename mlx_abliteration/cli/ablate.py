@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mlx_abliteration.cli import export_adapter
+from mlx_abliteration.cli.console import Console
 from mlx_abliteration.config import flags as options
 from mlx_abliteration.config import schema
+from mlx_abliteration.pipeline.flow import run_pipeline
+from mlx_abliteration.pipeline.plan_sources import DirectionFile
+from mlx_abliteration.runtime.logging_config import setup_logging
 
 HELP = "orthogonalize a model against a saved refusal direction and save it (no probing)"
 DESCRIPTION = (
@@ -34,19 +39,13 @@ def ablate(config, direction_file: str | Path, use_layer: str | None = None, on_
 
     Returns the ``PipelineResult`` (``record`` is the ``abliteration_log.json`` written).
     """
-    from mlx_abliteration.pipeline.flow import run_pipeline
-    from mlx_abliteration.pipeline.plan_sources import DirectionFile
 
     return run_pipeline(config, on_event, plan_source=DirectionFile(direction_file, use_layer))
 
 
 def main(args: argparse.Namespace) -> int:
     if args.adapter_only:
-        from mlx_abliteration.cli import export_adapter
-
         return export_adapter.main(args)
-    from mlx_abliteration.cli.console import Console
-    from mlx_abliteration.runtime.logging_config import setup_logging
 
     config = schema.config_from_args(args)
     setup_logging(args.log_file)

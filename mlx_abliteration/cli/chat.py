@@ -7,6 +7,12 @@ import shutil
 import sys
 import textwrap
 
+from mlx_abliteration.data.chat import encode_messages
+from mlx_abliteration.errors import UserError
+from mlx_abliteration.io.asset_resolver import resolve_asset
+from mlx_abliteration.io.model_io import check_model_dir, load_model
+from mlx_abliteration.io.output_dir import check_cache_dir
+
 HELP = "interactive streaming chat with a model (optionally compared with the original)"
 DESCRIPTION = (
     "Each line you type is a user turn of one conversation (through the chat template); the answer "
@@ -31,13 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mlx_abliteration.errors import UserError
-    from mlx_abliteration.io.asset_resolver import resolve_asset
-    from mlx_abliteration.io.model_io import check_model_dir, load_model
 
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
-    from mlx_abliteration.io.output_dir import check_cache_dir
 
     check_cache_dir(args.cache_dir)
     if args.side_by_side and not args.compare:
@@ -79,8 +81,6 @@ class _Chat:
         """Yield the answer's text pieces as tokens are generated; remember the turn."""
         from mlx_lm import stream_generate
         from mlx_lm.sample_utils import make_sampler
-
-        from mlx_abliteration.data.chat import encode_messages
 
         self.messages.append({"role": "user", "content": prompt})
         tokens = encode_messages(self.tokenizer, self.messages)

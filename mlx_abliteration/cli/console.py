@@ -7,6 +7,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from tqdm import tqdm
+
 from mlx_abliteration.evaluation.tables import eval_text, layer_table
 from mlx_abliteration.pipeline.events import Event
 
@@ -51,7 +53,6 @@ class ProgressMeter:
 
 def _bar(total: int, what: str, meter: ProgressMeter):
     """A tqdm bar whose rate and time left are ``meter``'s (one place for every stage's bar)."""
-    from tqdm import tqdm
 
     class MeteredBar(tqdm):
         @property

@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 from pathlib import Path
 
+import mlx.core as mx
+
+from mlx_abliteration.cli.console import Console
 from mlx_abliteration.config.defaults import GENERATION_BATCH_SIZE as DEFAULT_BATCH_SIZE
+from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.config.flags import JUDGE_HELP
+from mlx_abliteration.data.datasets import load_prompts, split_prompts
+from mlx_abliteration.errors import UserError
+from mlx_abliteration.evaluation.baseline_cache import cached_baseline
+from mlx_abliteration.evaluation.evaluate import ReferenceMismatch, eval_settings, evaluate_model, evaluate_original
+from mlx_abliteration.evaluation.judge import judge_identity, judge_reports, resolve_judge
+from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS, read_markers_file
+from mlx_abliteration.evaluation.tables import eval_text
+from mlx_abliteration.io.asset_resolver import resolve_asset
+from mlx_abliteration.io.atomic_write import atomic_open, ensure_parent, write_json
+from mlx_abliteration.io.model_io import check_model_dir, load_model
+from mlx_abliteration.io.output_dir import check_cache_dir, check_output_file, local_sources
+from mlx_abliteration.pipeline.events import Reporter
 
 HELP = "measure refusals (harmful, harmless) and KL divergence against a baseline"
 DESCRIPTION = (
@@ -19,7 +37,6 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from mlx_abliteration.config.defaults import AbliterationConfig
 
     d = AbliterationConfig()
     parser.add_argument("-m", "--model", required=True, help="model to evaluate: local dir, .gguf file or hub id")
@@ -48,7 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.capability_questions,
         help="short factual/arithmetic questions with exact answers; with --baseline the share the baseline got right that the model still gets right (0 skips)",
     )
-    from mlx_abliteration.config.flags import JUDGE_HELP
 
     parser.add_argument("--judge", default=d.judge, metavar="keywords|MODEL", help=f"{JUDGE_HELP} (default: {d.judge})")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts generated together")
@@ -65,9 +81,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mlx_abliteration.cli.console import Console
-    from mlx_abliteration.evaluation.judge import resolve_judge
-    from mlx_abliteration.evaluation.tables import eval_text
 
     _check_numbers(args)
     _check_paths(args)
@@ -98,7 +111,6 @@ def main(args: argparse.Namespace) -> int:
 
 def _check_paths(args: argparse.Namespace) -> None:
     """Output files and the cache dir are checked before anything is evaluated."""
-    from mlx_abliteration.io.output_dir import check_cache_dir, check_output_file, local_sources
 
     check_cache_dir(args.cache_dir)
     sources = local_sources(args.model, args.baseline, args.harmful_dataset, args.harmless_dataset, args.markers_file)
@@ -107,7 +119,6 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    from mlx_abliteration.errors import UserError
 
     for flag, value, least in (
         ("--num-prompts", args.num_prompts, 1),
@@ -121,8 +132,6 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def _markers(args: argparse.Namespace) -> list[str]:
-    from mlx_abliteration.errors import UserError
-    from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS, read_markers_file
 
     markers = list(DEFAULT_REFUSAL_MARKERS)
     if args.markers_file:
@@ -139,7 +148,6 @@ def _markers(args: argparse.Namespace) -> list[str]:
 
 def _eval_prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The held-out part of each dataset: `run` cuts it first, so it depends only on the seed and size."""
-    from mlx_abliteration.data.datasets import load_prompts, split_prompts
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
     sets = []
@@ -151,8 +159,6 @@ def _eval_prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 
 def _resolve(path: str, cache_dir: str | None) -> Path:
-    from mlx_abliteration.io.asset_resolver import resolve_asset
-    from mlx_abliteration.io.model_io import check_model_dir
 
     return check_model_dir(resolve_asset(path, Path(cache_dir) if cache_dir else None))
 
@@ -162,10 +168,6 @@ def _cached_baseline(
 ):
     """The baseline's evaluation from the cache ``run`` shares (the model is not even loaded then), else computed
     (and judged by ``judge``, if given: the cache keeps the judge's verdicts, keyed by the judge)."""
-    from mlx_abliteration.evaluation.baseline_cache import cached_baseline
-    from mlx_abliteration.evaluation.evaluate import eval_settings
-    from mlx_abliteration.evaluation.judge import judge_identity
-    from mlx_abliteration.pipeline.events import Reporter
 
     full = eval_settings(
         kl_tokens=args.kl_tokens,
@@ -195,12 +197,6 @@ def _cached_baseline(
 
 def _evaluate_baseline(path: Path, harmful, harmless, settings: dict, console):
     """Reference log-probs and report of the baseline, which is freed before the model loads."""
-    import gc
-
-    import mlx.core as mx
-
-    from mlx_abliteration.evaluation.evaluate import evaluate_original
-    from mlx_abliteration.io.model_io import load_model
 
     model, tokenizer, _ = load_model(path)
     reference, report = evaluate_original(model, tokenizer, harmful, harmless, settings, _progress(console, "baseline"))
@@ -214,11 +210,6 @@ def _judge(report, judge: Path | None, name: str, console, label: str) -> None:
     """``--judge MODEL``: its verdicts added to ``report`` (the judge is loaded for this step only)."""
     if judge is None:
         return
-    import gc
-
-    import mlx.core as mx
-
-    from mlx_abliteration.evaluation.judge import judge_reports
 
     gc.collect()  # the evaluated model's buffers go back before the judge loads
     mx.clear_cache()
@@ -237,9 +228,6 @@ def _evaluate(
     console,
     args_capability: int = 0,
 ):
-    from mlx_abliteration.errors import UserError
-    from mlx_abliteration.evaluation.evaluate import ReferenceMismatch, evaluate_model
-    from mlx_abliteration.io.model_io import load_model
 
     model, tokenizer, _ = load_model(path)
     bars = _progress(console, label)
@@ -262,7 +250,6 @@ def _evaluate(
 
 def _progress(console, label: str):
     """Progress of one model's evaluation, drawn by the same reporter and console as ``run``."""
-    from mlx_abliteration.pipeline.events import Reporter
 
     report = Reporter(console)
     return lambda done, total, what: report.progress(done, total, f"{label}: {what}")
@@ -287,14 +274,12 @@ def _write_json(path: str, args: argparse.Namespace, baseline_report, report) ->
         "report": report.to_dict(),
         "baseline_report": baseline_report.to_dict() if baseline_report is not None else None,
     }
-    from mlx_abliteration.io.atomic_write import ensure_parent, write_json
 
     ensure_parent(path)
     write_json(path, data)
 
 
 def _write_responses(path: str, baseline_report, report) -> None:
-    from mlx_abliteration.io.atomic_write import atomic_open, ensure_parent
 
     ensure_parent(path)
     with atomic_open(path, "w") as out:

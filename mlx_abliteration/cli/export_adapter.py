@@ -7,8 +7,16 @@ import shutil
 import time
 from pathlib import Path
 
+from mlx_abliteration.cli.console import Console
 from mlx_abliteration.config import flags as options
 from mlx_abliteration.config import schema
+from mlx_abliteration.errors import UserError
+from mlx_abliteration.export.adapter import write_adapter
+from mlx_abliteration.io.output_dir import make_temp_dir, replace_dir
+from mlx_abliteration.pipeline import steps
+from mlx_abliteration.pipeline.events import Reporter
+from mlx_abliteration.pipeline.plan_sources import DirectionFile
+from mlx_abliteration.runtime.logging_config import setup_logging
 
 HELP = "write the abliteration as a rank-1 mlx-lm LoRA adapter (megabytes instead of a full copy)"
 DESCRIPTION = (
@@ -28,12 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def export_adapter(config, direction_file, use_layer=None, on_event=None) -> dict:
     """Library form: returns the adapter summary (modules, keys, size_bytes, not_expressed, output_dir)."""
-    from mlx_abliteration.errors import UserError
-    from mlx_abliteration.export.adapter import write_adapter
-    from mlx_abliteration.io.output_dir import make_temp_dir, replace_dir
-    from mlx_abliteration.pipeline import steps
-    from mlx_abliteration.pipeline.events import Reporter
-    from mlx_abliteration.pipeline.plan_sources import DirectionFile
 
     if not config.output_dir:
         raise UserError("no output dir; pass -o/--output-dir for the adapter")
@@ -63,8 +65,6 @@ def export_adapter(config, direction_file, use_layer=None, on_event=None) -> dic
 
 
 def main(args: argparse.Namespace) -> int:
-    from mlx_abliteration.cli.console import Console
-    from mlx_abliteration.runtime.logging_config import setup_logging
 
     config = schema.config_from_args(args)
     setup_logging(args.log_file)

@@ -7,6 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+from mlx_abliteration.cli.console import Console
+from mlx_abliteration.export.gguf_export import OUTTYPES, describe, export_gguf
+from mlx_abliteration.pipeline.events import Reporter
+
 HELP = "write an MLX model directory (e.g. an abliterated output) as a llama.cpp GGUF file"
 DESCRIPTION = (
     "Write a llama or qwen2 MLX model directory as one GGUF file for llama.cpp, Ollama or LM Studio: "
@@ -17,7 +21,6 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from mlx_abliteration.export.gguf_export import OUTTYPES
 
     parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="MLX model directory to export")
     parser.add_argument("-o", "--output", type=Path, required=True, help="GGUF file to write, e.g. model.gguf")
@@ -32,9 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mlx_abliteration.cli.console import Console
-    from mlx_abliteration.export.gguf_export import describe, export_gguf
-    from mlx_abliteration.pipeline.events import Reporter
 
     console = Console()
     start = time.perf_counter()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mlx_abliteration.data.generator import generate_datasets
+
 HELP = "Generate harmful/harmless prompt datasets (JSONL) from a YAML template file."
 DESCRIPTION = (
     "Fill the templates of a YAML file with each concept's harmful and harmless values and write "
@@ -37,7 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mlx_abliteration.data.generator import generate_datasets
 
     result = generate_datasets(
         template_file=args.template_file,

@@ -6,6 +6,10 @@ import argparse
 import ipaddress
 import socket
 import sys
+from pathlib import Path
+
+from mlx_abliteration.errors import UserError
+from mlx_abliteration.runtime.logging_config import setup_logging
 
 HELP = "web UI: run the pipeline with live progress, plots and a side-by-side model comparison"
 DESCRIPTION = (
@@ -33,11 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mlx_abliteration.errors import UserError
-    from mlx_abliteration.runtime.logging_config import setup_logging
-
     try:
-        from mlx_abliteration.gui import launch
+        from mlx_abliteration.gui import launch  # noqa: PLC0415  (imports gradio, an optional extra)
     except ModuleNotFoundError as err:
         if err.name not in ("gradio", "matplotlib", "pandas"):
             raise
@@ -51,7 +52,6 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    from pathlib import Path
 
     output_root = Path(args.output_root or "outputs").expanduser().resolve()
     if output_root.exists() and not output_root.is_dir():

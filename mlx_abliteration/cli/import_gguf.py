@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from mlx_abliteration.io.gguf import convert_gguf
+
 HELP = "convert a llama.cpp GGUF model file into an MLX model directory"
 DESCRIPTION = (
     "Convert a GGUF file (llama, qwen2) into an MLX model directory. Q4_0/Q4_1/Q8_0 tensors stay "
@@ -28,7 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mlx_abliteration.io.gguf import convert_gguf
 
     start = time.perf_counter()
     out = convert_gguf(args.gguf, args.output_dir, dtype=args.dtype, overwrite=args.overwrite)

@@ -15,11 +15,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 
 from mlx_abliteration import __version__
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.io.output_dir import Terminated, handle_sigterm
+from mlx_abliteration.runtime.backend import keep_torch_out, persistent_kernel_cache
+from mlx_abliteration.runtime.logging_config import LOGGER_NAME, setup_logging
 
 COMMANDS = {
     "run": "run",
@@ -93,8 +97,6 @@ def run_command(module, args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        from mlx_abliteration.io.output_dir import Terminated
-
         if isinstance(err, Terminated):
             print("terminated (SIGTERM): stopped and cleaned up; nothing was written", file=sys.stderr)
             return 143
@@ -130,9 +132,6 @@ def _print_traceback(err: BaseException) -> None:
 
 def _log_exception(err: BaseException, args: argparse.Namespace) -> str | None:
     """Write ``err`` with its traceback to the JSON log (set up now if the command had not); its path."""
-    import os
-
-    from mlx_abliteration.runtime.logging_config import LOGGER_NAME, setup_logging
 
     logger = logging.getLogger(LOGGER_NAME)
     try:
@@ -154,8 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "_command"):
         parser.print_help()
         return 1
-    from mlx_abliteration.io.output_dir import handle_sigterm
-    from mlx_abliteration.runtime.backend import keep_torch_out, persistent_kernel_cache
 
     keep_torch_out()
     persistent_kernel_cache(getattr(args, "cache_dir", None))  # before MLX compiles its first CUDA kernel

@@ -5,9 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mlx_abliteration.cli.console import Console
 from mlx_abliteration.config import flags as options
 from mlx_abliteration.config import schema
 from mlx_abliteration.config.schema import build_config
+from mlx_abliteration.errors import UserError
+from mlx_abliteration.io.atomic_write import atomic_path, ensure_parent, write_json
+from mlx_abliteration.io.output_dir import check_cache_dir, check_output_file, local_sources
+from mlx_abliteration.pipeline.flow import run_pipeline
+from mlx_abliteration.probe.directions import save_directions
+from mlx_abliteration.probe.distributed import is_primary
+from mlx_abliteration.runtime.logging_config import setup_logging
 
 HELP = "probe harmful/harmless prompts and save the per-layer refusal directions"
 DESCRIPTION = (
@@ -28,11 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def probe(config, output: str | Path, on_event=None):
     """Library form of the command: returns ``(directions, chosen_layer)``."""
-    from mlx_abliteration.errors import UserError
-    from mlx_abliteration.io.atomic_write import atomic_path, ensure_parent
-    from mlx_abliteration.pipeline.flow import run_pipeline
-    from mlx_abliteration.probe.directions import save_directions
-    from mlx_abliteration.probe.distributed import is_primary
 
     output = Path(output)
     if output.is_dir():
@@ -47,8 +50,6 @@ def probe(config, output: str | Path, on_event=None):
 
 
 def main(args: argparse.Namespace) -> int:
-    from mlx_abliteration.cli.console import Console
-    from mlx_abliteration.runtime.logging_config import setup_logging
 
     config = schema.config_from_args(args)
     check_outputs(config, args)
@@ -59,8 +60,6 @@ def main(args: argparse.Namespace) -> int:
     finally:
         console.close_bars()
     if args.stats_json:
-        from mlx_abliteration.io.atomic_write import ensure_parent, write_json
-
         ensure_parent(args.stats_json)
         write_json(args.stats_json, {"chosen_layer": layer, "layers": [s.to_dict() for s in directions.stats]})
     if not args.json:
@@ -70,7 +69,6 @@ def main(args: argparse.Namespace) -> int:
 
 def check_outputs(config, args: argparse.Namespace) -> None:
     """Both output files are checked before probing (a directory, a file in the way, a source)."""
-    from mlx_abliteration.io.output_dir import check_cache_dir, check_output_file, local_sources
 
     check_cache_dir(config.cache_dir)
     sources = local_sources(

@@ -6,28 +6,27 @@ import argparse
 import json
 import sys
 
+from mlx_abliteration.cli.console import Console
 from mlx_abliteration.config import schema
+from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.errors import UserError
+from mlx_abliteration.pipeline import reproduce
+from mlx_abliteration.pipeline.flow import run_pipeline
+from mlx_abliteration.runtime.logging_config import setup_logging
 
 MISMATCH_EXIT = 3  # the run worked, but the weights differ from the log
 
 
 def typed_settings(args: argparse.Namespace) -> dict:
     """Only the settings typed on the command line (they override the recorded ones: -o, --no-eval, --cache-dir)."""
-    from mlx_abliteration.config.defaults import AbliterationConfig
 
     known = set(AbliterationConfig().to_dict())
     return {k: v for k, v in vars(args).items() if k in known and k not in schema.NON_CONFIG and v is not None}
 
 
 def main(args: argparse.Namespace) -> int:
-    from mlx_abliteration.cli.console import Console
-    from mlx_abliteration.pipeline import reproduce
-    from mlx_abliteration.pipeline.flow import run_pipeline
-    from mlx_abliteration.runtime.logging_config import setup_logging
 
     if args.auto or args.plan_json or getattr(args, "config_file", None):
-        from mlx_abliteration.errors import UserError
-
         raise UserError("--reproduce takes its settings from the log; drop --auto, --plan-json and --config")
     job, recorded = reproduce.prepare(args.reproduce, typed_settings(args))
     for line in job.warnings:

@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
+from mlx_abliteration.cli import reproduce, search
+from mlx_abliteration.cli.console import Console
+from mlx_abliteration.cli.upload import add_upload_flags, upload_folder
 from mlx_abliteration.config import flags as options
 from mlx_abliteration.config import schema
+from mlx_abliteration.evaluation.tables import layer_table
+from mlx_abliteration.export.hub_upload import check_repo_id, get_token
+from mlx_abliteration.pipeline.flow import run_pipeline
+from mlx_abliteration.runtime.logging_config import setup_logging
 
 HELP = "probe, compute the refusal direction, ablate, evaluate and save (the full pipeline)"
 DESCRIPTION = (
@@ -32,32 +39,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LOG",
         help="re-run a saved model's abliteration_log.json with its recorded settings, prompts (refused if their contents changed) and plan into -o, and report whether the weights' SHA256 match (exit 3 if not)",
     )
-    from mlx_abliteration.cli.upload import add_upload_flags
 
     add_upload_flags(parser.add_argument_group("upload (after saving)"), repo_flag="--upload-repo")
     options.add_output_style(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    from mlx_abliteration.cli.console import Console
-    from mlx_abliteration.evaluation.tables import layer_table
-    from mlx_abliteration.pipeline.flow import run_pipeline
-    from mlx_abliteration.runtime.logging_config import setup_logging
 
     if args.reproduce:
-        from mlx_abliteration.cli import reproduce
-
         return reproduce.main(args)
     config = schema.config_from_args(args)
     if args.upload_repo:  # before minutes of work: a bad repo id or a missing token fails now
-        from mlx_abliteration.export.hub_upload import check_repo_id, get_token
-
         check_repo_id(args.upload_repo)
         if not config.dry_run:
             get_token()
     if args.auto or args.plan_json:
-        from mlx_abliteration.cli import search
-
         code = (
             search.plan_main(args, config)
             if args.plan_json
@@ -96,6 +92,5 @@ def _upload(args: argparse.Namespace, config) -> int:
     """``--upload-repo``: upload the saved output (a dry run prints what would be uploaded: nothing was saved)."""
     if not args.upload_repo or config.dry_run or not config.output_dir:
         return 0
-    from mlx_abliteration.cli.upload import upload_folder
 
     return upload_folder(config.output_dir, args)

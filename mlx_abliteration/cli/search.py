@@ -5,9 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 
+from mlx_abliteration.cli.console import Console
 from mlx_abliteration.config import flags as options
 from mlx_abliteration.config import schema
+from mlx_abliteration.config.defaults import SearchSettings
+from mlx_abliteration.edit.strength_schedule import load_plan_spec
+from mlx_abliteration.errors import UserError
+from mlx_abliteration.pipeline.flow import run_pipeline
+from mlx_abliteration.pipeline.plan_sources import PlanFile
+from mlx_abliteration.runtime.logging_config import setup_logging
+from mlx_abliteration.search.runner import run_search
+from mlx_abliteration.search.study import front_table
 
 HELP = "search ablation parameters automatically (Optuna: fewest refusals at least KL) and save the best trial"
 DESCRIPTION = (
@@ -36,7 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_search_options(parser: argparse.ArgumentParser) -> None:
-    from mlx_abliteration.config.defaults import SearchSettings
 
     d = SearchSettings()
     g = parser.add_argument_group("search")
@@ -95,9 +104,6 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
-    from dataclasses import fields
-
-    from mlx_abliteration.config.defaults import SearchSettings
 
     return SearchSettings(**{f.name: getattr(args, f.name) for f in fields(SearchSettings) if hasattr(args, f.name)})
 
@@ -108,11 +114,6 @@ def main(args: argparse.Namespace) -> int:
 
 def search_main(args: argparse.Namespace, config, settings) -> int:
     """Run the search and print the front; shared with ``run --auto``."""
-    from mlx_abliteration.cli.console import Console
-    from mlx_abliteration.errors import UserError
-    from mlx_abliteration.runtime.logging_config import setup_logging
-    from mlx_abliteration.search.runner import run_search
-    from mlx_abliteration.search.study import front_table
 
     setup_logging(args.log_file)
     console = Console(args.quiet, args.json)
@@ -154,11 +155,6 @@ def search_main(args: argparse.Namespace, config, settings) -> int:
 
 def plan_main(args: argparse.Namespace, config) -> int:
     """``run --plan-json FILE``: the pipeline with an explicit plan spec."""
-    from mlx_abliteration.cli.console import Console
-    from mlx_abliteration.edit.strength_schedule import load_plan_spec
-    from mlx_abliteration.pipeline.flow import run_pipeline
-    from mlx_abliteration.pipeline.plan_sources import PlanFile
-    from mlx_abliteration.runtime.logging_config import setup_logging
 
     spec = load_plan_spec(args.plan_json)
     setup_logging(args.log_file)

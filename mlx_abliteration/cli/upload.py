@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mlx_abliteration.export.hub_upload import upload
+
 HELP = "upload a saved abliterated model or adapter folder to the Hugging Face Hub"
 DESCRIPTION = (
     "Create the Hub repo and upload the folder written by run/ablate/search/export-adapter: weights, "
@@ -42,7 +44,6 @@ def add_upload_flags(
 
 
 def upload_folder(folder, args: argparse.Namespace, dry_run: bool = False) -> int:
-    from mlx_abliteration.export.hub_upload import upload
 
     plan = upload(folder, args.upload_repo, private=args.private, overwrite=args.overwrite_repo, dry_run=dry_run)
     if dry_run:

@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import yaml
+
 from mlx_abliteration.errors import UserError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 # Residual writers are found on the model itself (core.writers). --targets
 # narrows the edit to writers whose module path ends with one of its names;
@@ -82,21 +89,12 @@ def load_config_file(path: str | Path) -> dict:
     text = path.read_text()
     try:
         if path.suffix.lower() == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
-
             data = tomllib.loads(text)
         else:
-            import yaml
-
             data = yaml.safe_load(text) or {}
     except ValueError as err:  # tomllib.TOMLDecodeError is a ValueError
         raise UserError(f"cannot parse config file {path}: {str(err).splitlines()[0]}") from err
     except Exception as err:
-        import yaml
-
         if not isinstance(err, yaml.YAMLError):
             raise
         raise UserError(f"cannot parse config file {path}: {str(err).splitlines()[0]}") from err

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from mlx_abliteration.config.defaults import AbliterationConfig
 from typing import TYPE_CHECKING
 
+from mlx_abliteration.io.asset_resolver import hub_snapshot, is_timeout, timeout_message
+
 if TYPE_CHECKING:
     from mlx_abliteration.config.defaults import AbliterationConfig
 
@@ -271,7 +273,6 @@ def _message_text(content: object) -> str:
 
 
 def _download_dataset(repo_id: str, cache_dir: Path | None, kind: str) -> Path:
-    from mlx_abliteration.io.asset_resolver import hub_snapshot
 
     patterns = [f"*{suffix}" for suffix in SUFFIXES]
     try:
@@ -285,8 +286,6 @@ def _download_dataset(repo_id: str, cache_dir: Path | None, kind: str) -> Path:
 
 def _hub_reason(err: Exception) -> str:
     from huggingface_hub import errors
-
-    from mlx_abliteration.io.asset_resolver import is_timeout, timeout_message
 
     if is_timeout(err):
         return str(err) if isinstance(err, TimeoutError) and str(err) else timeout_message()
@@ -335,8 +334,6 @@ def split_prompts(
 
 def prompt_digests(config: AbliterationConfig) -> dict[str, str]:
     """SHA256 of each prompt set's contents as loaded (every prompt, before the split)."""
-    from mlx_abliteration.data.datasets import load_prompts
-
     cache = Path(config.cache_dir) if config.cache_dir else None
     out = {}
     for kind in PROMPT_KINDS:

@@ -36,6 +36,7 @@ concepts, templates and values; no prompt appears twice in either set.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -54,6 +55,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.io.atomic_write import atomic_path, ensure_parent
 
 GENERATOR_VERSION = "mlx-abliteration-generator/1"
 KINDS = ("harmful", "harmless")
@@ -451,9 +453,6 @@ def _to_jsonl(records: list[dict]) -> str:
 
 def write_datasets(records: dict[str, list[dict]], output_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
     """Write both JSONL files, all or nothing; refuse to replace files without ``overwrite``."""
-    import contextlib
-
-    from mlx_abliteration.io.atomic_write import atomic_path, ensure_parent
 
     output_dir = Path(output_dir).expanduser()
     targets = {kind: output_dir / name for kind, name in OUTPUT_FILES.items()}

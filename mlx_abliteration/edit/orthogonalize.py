@@ -16,6 +16,7 @@ q/k/v/up/gate projections read the residual stream and are never edited.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -105,7 +106,6 @@ def select_writers(writers: WriterMap, targets: Iterable[str]) -> WriterMap:
 
 def _short_name(path: str) -> str:
     # model.layers.3.self_attn.o_proj -> self_attn.o_proj; model.embed_tokens -> embed_tokens
-    import re
 
     match = re.search(r"\.\d+\.(.+)$", path)
     return match.group(1) if match else path.rpartition(".")[2]

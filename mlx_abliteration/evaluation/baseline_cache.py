@@ -27,6 +27,7 @@ unreadable entry is ignored and recomputed.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as md
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -34,7 +35,15 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import mlx.core as mx
+
+from mlx_abliteration import __version__
+from mlx_abliteration.errors import UserError
+from mlx_abliteration.evaluation.evaluate import EvalReport
+from mlx_abliteration.evaluation.kl import ReferenceLogprobs
 from mlx_abliteration.evaluation.refusals import REFUSAL_RULE_VERSION
+from mlx_abliteration.io.atomic_write import atomic_path, ensure_parent
+from mlx_abliteration.runtime.mx_types import load_with_metadata
 from mlx_abliteration.runtime.utils import cache_root, sha256_file
 
 if TYPE_CHECKING:
@@ -65,11 +74,6 @@ def source_identity(source: str | Path) -> list:
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
-
-    import mlx.core as mx
-
-    from mlx_abliteration import __version__
 
     out: dict[str, str | None] = {"mlx-abliteration": __version__, "device": str(mx.default_device())}
     for name in ("mlx", "mlx-lm"):
@@ -102,9 +106,6 @@ def baseline_path(cache_dir: str | Path | None, source: str | Path, identity: di
 
 def store_baseline(path: Path, identity: dict, reference: ReferenceLogprobs | None, report: EvalReport) -> None:
     """One atomic safetensors file: the reference log-probs and, as metadata, everything else."""
-    import mlx.core as mx
-
-    from mlx_abliteration.io.atomic_write import atomic_path, ensure_parent
 
     meta = {
         "identity": identity,
@@ -125,9 +126,6 @@ def store_baseline(path: Path, identity: dict, reference: ReferenceLogprobs | No
 
 def load_baseline(path: Path, identity: dict) -> tuple[ReferenceLogprobs | None, EvalReport] | None:
     """``(reference, report)`` from a cache entry, or None if it is missing, unreadable or another identity's."""
-    from mlx_abliteration.evaluation.evaluate import EvalReport
-    from mlx_abliteration.evaluation.kl import ReferenceLogprobs
-    from mlx_abliteration.runtime.mx_types import load_with_metadata
 
     if not path.is_file():
         return None
@@ -179,8 +177,6 @@ def cached_baseline(
         store_baseline(path, identity, reference, report)
         emit(f"original model's evaluation cached in {path}")
     except Exception as err:  # a cache that cannot be written must not fail the run
-        from mlx_abliteration.errors import UserError
-
         if not isinstance(err, (OSError, UserError)):
             raise
         emit(f"could not cache the original model's evaluation ({err}); it will be computed again next time")

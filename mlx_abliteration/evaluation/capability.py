@@ -16,6 +16,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from mlx_abliteration.config.defaults import CAPABILITY_MAX_TOKENS
+from mlx_abliteration.data.chat import encode_chats, generation_budget
+from mlx_abliteration.evaluation.generation import greedy_tokens, strip_eos
+from mlx_abliteration.evaluation.refusals import split_thinking
 
 if TYPE_CHECKING:
     import mlx.nn as nn
@@ -80,9 +83,6 @@ def capability_rows(
     max_tokens: int = CAPABILITY_MAX_TOKENS,
 ) -> list[dict]:
     """Greedy answers to the first ``n`` questions: rows with ``kind`` "capability", ``expected`` and ``correct``."""
-    from mlx_abliteration.data.chat import encode_chats, generation_budget
-    from mlx_abliteration.evaluation.generation import greedy_tokens, strip_eos
-    from mlx_abliteration.evaluation.refusals import split_thinking
 
     questions = capability_questions(n)
     token_lists = encode_chats(tokenizer, [q for q, _ in questions], system_prompt)

@@ -12,7 +12,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import mlx.core as mx
+
 from mlx_abliteration.data.chat import encode_chats
+from mlx_abliteration.evaluation.capability import capability_rows
 from mlx_abliteration.evaluation.generation import DEFAULT_BATCH_SIZE, greedy_tokens, strip_eos
 from mlx_abliteration.evaluation.kl import ReferenceLogprobs, kl_divergence, kl_from_reference, reference_logprobs
 from mlx_abliteration.evaluation.refusals import (
@@ -120,8 +123,6 @@ def evaluate_model(
         harmless_refusals = sum(r["refusal"] is True for r in responses if r["kind"] == "harmless")
     capability = None
     if capability_questions > 0:
-        from mlx_abliteration.evaluation.capability import capability_rows
-
         rows = capability_rows(
             model,
             tokenizer,
@@ -132,7 +133,6 @@ def evaluate_model(
         )
         responses += rows
         capability = [r["correct"] for r in rows]
-    import mlx.core as mx
 
     kl = None
     if reference_logprobs is not None and firsts:
@@ -190,7 +190,6 @@ def evaluate_original(
     progress: Progress | None = None,
 ) -> tuple[ReferenceLogprobs, EvalReport]:
     """``(reference, report)`` of the unedited model: the reference log-probs for KL, and its answers."""
-    import mlx.core as mx
 
     if settings["kl_tokens"] == 1 and harmless_prompts:  # the reference comes with the harmless answers
         firsts: list = []

@@ -12,8 +12,13 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import mlx.core as mx
+
 from mlx_abliteration.config.defaults import GENERATION_BATCH_SIZE as DEFAULT_BATCH_SIZE
+from mlx_abliteration.data.chat import generation_budget
 from mlx_abliteration.probe.batching import Progress, batching_supported, length_sorted_batches, log_softmax, prefill
+from mlx_abliteration.probe.prefix_batch import shared_first_token_logprobs, shared_prefill
+from mlx_abliteration.runtime.mx_types import int_list
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -50,7 +55,6 @@ def greedy_tokens(
     distribution the first answer token is picked from, which is what a
     one-token KL compares, at no extra forward pass.
     """
-    from mlx_abliteration.probe.prefix_batch import shared_prefill
 
     if not batching_supported(model):
         batch_size = 1
@@ -100,9 +104,6 @@ def _decode_batch(
     keep_first: bool = False,
 ) -> tuple[list[list[int]], mx.array | None]:
     """The batch's answers, and (``keep_first``) its first-token log-probs ``[B, V]``."""
-    import mlx.core as mx
-
-    from mlx_abliteration.runtime.mx_types import int_list
 
     outputs: list[list[int]] = [[] for _ in prompts]
     if max_tokens <= 0 and not keep_first:
@@ -158,7 +159,6 @@ def generate_greedy(
     ``stop_when(text)`` sees a row's text so far after every token; True
     ends that row (the search stops once a refusal marker has appeared).
     """
-    from mlx_abliteration.data.chat import generation_budget
 
     max_tokens = generation_budget(tokenizer, token_lists, max_tokens)  # never generate past the context
     eos = frozenset(tokenizer.eos_token_ids)
@@ -193,9 +193,6 @@ def continuation_logprobs(
     prompt). An empty continuation contributes just that first distribution.
     The last continuation token is never fed to the model.
     """
-    import mlx.core as mx
-
-    from mlx_abliteration.probe.prefix_batch import shared_first_token_logprobs
 
     counts = [max(1, len(c)) for c in continuations]
     if max(counts, default=1) == 1:  # next-token distributions only: the shared prefix runs once per batch

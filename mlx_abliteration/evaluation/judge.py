@@ -29,7 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+
+from mlx_abliteration.data.chat import encode_chats
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.evaluation.baseline_cache import source_identity
+from mlx_abliteration.io.asset_resolver import resolve_asset
+from mlx_abliteration.io.model_io import check_model_dir, load_model
+from mlx_abliteration.probe.prefix_batch import shared_first_token_logprobs
+from mlx_abliteration.runtime.mx_types import float_list
 
 Progress = Callable[[int, int, str], None]
 
@@ -120,9 +128,6 @@ def option_token_ids(tokenizer: Any, name: str = "the judge") -> list[int]:
 
 def choose(logprobs: Any, letter_ids: Sequence[int]) -> list[Verdict]:
     """Verdicts from next-token log-probs ``[N, V]``: the most likely option letter per row (ties: the first)."""
-    import mlx.core as mx
-
-    from mlx_abliteration.runtime.mx_types import float_list
 
     scores = logprobs[:, mx.array(list(letter_ids))].astype(mx.float32)
     probs = mx.softmax(scores, axis=-1)
@@ -144,8 +149,6 @@ def judge_responses(
     name: str = "the judge",
 ) -> list[Verdict]:
     """One ``Verdict`` per (prompt, answer) pair; an empty answer is ``EMPTY`` without asking the model."""
-    from mlx_abliteration.data.chat import encode_chats
-    from mlx_abliteration.probe.prefix_batch import shared_first_token_logprobs
 
     letters = option_token_ids(tokenizer, name)
     verdicts: list[Verdict | None] = [EMPTY if not answer.strip() else None for _, answer in pairs]
@@ -168,8 +171,6 @@ def judge_responses(
 def resolve_judge(spec: str | None, cache_dir: str | Path | None = None) -> Path | None:
     """The judge's local model dir (None for ``keywords``); a bad value is a one-line error, raised before any
     long work. Resolved like ``-m``: a local dir, a ``.gguf`` file or a hub id."""
-    from mlx_abliteration.io.asset_resolver import resolve_asset
-    from mlx_abliteration.io.model_io import check_model_dir
 
     if spec is None or str(spec).strip().lower() in ("", KEYWORDS):
         return None
@@ -184,7 +185,6 @@ def judge_identity(path: Path | None) -> str | dict:
     """What the judge's verdicts depend on: its files (see ``baseline_cache.source_identity``) and the rubric."""
     if path is None:
         return KEYWORDS
-    from mlx_abliteration.evaluation.baseline_cache import source_identity
 
     return {"rubric": RUBRIC_VERSION, "model": source_identity(path)}
 
@@ -205,9 +205,6 @@ class Judge:
 @contextmanager
 def loaded_judge(path: Path, name: str, batch_size: int = JUDGE_BATCH_SIZE) -> Iterator[Judge]:
     """The judge model loaded (float32 on the CPU, like every model that answers) and freed on exit."""
-    import mlx.core as mx
-
-    from mlx_abliteration.io.model_io import load_model
 
     model, tokenizer, _ = load_model(path)
     option_token_ids(tokenizer, name)  # fails before anything is judged

@@ -6,9 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import mlx.core as mx
+
 from mlx_abliteration.data.chat import encode_chats
 from mlx_abliteration.evaluation.generation import DEFAULT_BATCH_SIZE, continuation_logprobs, greedy_tokens
 from mlx_abliteration.probe.batching import Progress
+from mlx_abliteration.runtime.mx_types import scalar
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -17,9 +20,6 @@ if TYPE_CHECKING:
 
 def kl_divergence(logp_ref: mx.array, logp_new: mx.array) -> float:
     """Mean over rows of KL(ref ‖ new) = Σ p_ref (log p_ref − log p_new), rows of log-probs ``[N, V]``."""
-    import mlx.core as mx
-
-    from mlx_abliteration.runtime.mx_types import scalar
 
     logp_ref = logp_ref.astype(mx.float32)
     logp_new = logp_new.astype(mx.float32)
@@ -53,7 +53,6 @@ def reference_logprobs(
     progress: Progress | None = None,
 ) -> ReferenceLogprobs:
     """Cache the (original) model's log-probs for the KL of a later, edited model."""
-    import mlx.core as mx
 
     token_lists = encode_chats(tokenizer, harmless_prompts, system_prompt)
     if kl_tokens > 1:

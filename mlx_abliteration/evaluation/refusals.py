@@ -9,6 +9,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mlx_abliteration.data.chat import THINK_CLOSE, THINK_OPEN
+
 if TYPE_CHECKING:
     pass
 
@@ -171,7 +173,6 @@ def split_thinking(text: str) -> tuple[str | None, str]:
     """``(answer, thinking)`` of a generated text: the answer is what follows the last ``</think>``; an
     answer that opened a thinking block and never closed it has no answer (``None``). Text without a
     thinking block is all answer."""
-    from mlx_abliteration.data.chat import THINK_CLOSE, THINK_OPEN
 
     close = text.rfind(THINK_CLOSE)
     if close >= 0:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, TypeAlias
 
+from mlx_abliteration.evaluation.capability import kept_share
+
 if TYPE_CHECKING:
     from mlx_abliteration.evaluation.evaluate import EvalReport
 
@@ -34,7 +36,6 @@ def _count(report: dict | None, n: str, total: str) -> str:
 
 def _capability(report: dict | None, before: dict | None) -> str:
     """Right answers; for the edited model also the share of the original's right answers it kept."""
-    from mlx_abliteration.evaluation.capability import kept_share
 
     correct = report.get("capability_correct") if report else None
     if correct is None:

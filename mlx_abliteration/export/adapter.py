@@ -26,6 +26,7 @@ import mlx.nn as nn
 
 from mlx_abliteration.edit.orthogonalize import AblationPlan
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.export.model_card import model_card
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -81,7 +82,6 @@ def adapter_tensors(model: nn.Module, plan: AblationPlan) -> tuple[dict, list[st
 
 def write_adapter(out: Path, model: nn.Module, plan: AblationPlan, record: dict, num_layers: int) -> dict:
     """Write ``adapters.safetensors``, ``adapter_config.json``, the log and the card into ``out`` (a fresh dir)."""
-    from mlx_abliteration.export.model_card import model_card
 
     tensors, keys, missing = adapter_tensors(model, plan)
     mx.save_safetensors(str(out / ADAPTER_FILE), tensors, metadata={"format": "mlx"})

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import mlx.core as mx
 import numpy as np
 
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.export.gguf_export_vocab import add_vocab
+from mlx_abliteration.io.atomic_write import atomic_path, ensure_parent
 from mlx_abliteration.io.gguf import (
     ARCHITECTURES,
     Architecture,
@@ -26,6 +29,8 @@ from mlx_abliteration.io.gguf import (
     llama3_rope_factors,
     qk_unpermute_order,
 )
+from mlx_abliteration.io.model_checks import model_classes
+from mlx_abliteration.io.model_io import check_model_dir, load_shard, quant_params_for, read_config, weight_files
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -80,14 +85,12 @@ def qk_row_order(arch: Architecture, rope_traditional: bool, rows: int, heads: i
 
 
 def _model_args(config: dict) -> Any:
-    from mlx_abliteration.io.model_checks import model_classes
 
     return model_classes(config)[1].from_dict(config)
 
 
 def _load_leaves(model_dir: Path) -> dict[str, dict[str, mx.array]]:
     """module path -> {leaf: array}, lazily loaded from every weight file."""
-    from mlx_abliteration.io.model_io import load_shard, weight_files
 
     modules: dict[str, dict[str, mx.array]] = {}
     for path in weight_files(model_dir):
@@ -101,7 +104,6 @@ def _load_leaves(model_dir: Path) -> dict[str, dict[str, mx.array]]:
 
 def _dense(module: str, leaves: dict[str, mx.array], config: dict) -> dict[str, mx.array]:
     """The module's weight (dequantized to float32 if it is quantized) and bias."""
-    import mlx.core as mx
 
     if "scales" not in leaves:
         return {k: v for k, v in leaves.items() if k in ("weight", "bias")}
@@ -165,7 +167,6 @@ def plan_tensors(model_dir: Path, config: dict, arch: Architecture, outtype: str
 
 
 def _mx(values: np.ndarray) -> mx.array:
-    import mlx.core as mx
 
     return mx.array(values.astype(np.float32))
 
@@ -195,7 +196,6 @@ def _planned(
         qtype = Q.F16
 
     def values() -> mx.array:
-        import mlx.core as mx
 
         array = _dense(module, leaves, config)[leaf]
         return array[mx.array(order)] if order is not None else array
@@ -204,7 +204,6 @@ def _planned(
 
 
 def _quant(module: str, config: dict) -> Any:
-    from mlx_abliteration.io.model_io import quant_params_for
 
     quant = quant_params_for(module, config)
     if quant is None:
@@ -292,7 +291,6 @@ def _add_rope_scaling(writer: Any, scaling: dict | None, arch: Architecture) -> 
 def tensor_bytes(tensor: PlannedTensor) -> np.ndarray:
     """The tensor's data as GGUF stores it (bf16 as uint16 bit patterns, Q8_0 as block bytes)."""
     import gguf
-    import mlx.core as mx
     from gguf import GGMLQuantizationType as Q
 
     array = tensor.values()
@@ -313,7 +311,6 @@ def tensor_bytes(tensor: PlannedTensor) -> np.ndarray:
 def _write_tensors(writer: Any, tensors: list[PlannedTensor], progress: Progress | None) -> None:
     """Each tensor's data in order; a written tensor is dropped, so its loaded source arrays are freed
     (memory stays about one module, not the model)."""
-    import mlx.core as mx
 
     total = len(tensors)
     pending = list(reversed(tensors))
@@ -341,10 +338,6 @@ def export_gguf(
 ) -> Path:
     """Write the MLX model in ``model_dir`` as one GGUF file ``output``; atomic: nothing is left on error."""
     import gguf
-
-    from mlx_abliteration.export.gguf_export_vocab import add_vocab
-    from mlx_abliteration.io.atomic_write import atomic_path, ensure_parent
-    from mlx_abliteration.io.model_io import check_model_dir, read_config
 
     if outtype not in OUTTYPES:
         raise UserError(f"unsupported --outtype {outtype!r}; choose one of: {', '.join(OUTTYPES)}")

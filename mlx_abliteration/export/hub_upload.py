@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.export.model_card import HUB_ID, model_card
 
 T = TypeVar("T")
 
@@ -50,7 +51,6 @@ class UploadPlan:
 
 
 def check_repo_id(repo: str) -> str:
-    from mlx_abliteration.export.model_card import HUB_ID
 
     if not isinstance(repo, str) or not HUB_ID.match(repo):
         raise UserError(f"--repo {repo!r}: give the Hub repo as USER/NAME (or ORG/NAME)")
@@ -69,8 +69,6 @@ def plan_upload(folder: str | Path, repo: str, private: bool = False) -> UploadP
         )
     card = folder / CARD
     if not card.is_file():
-        from mlx_abliteration.export.model_card import model_card
-
         record = json.loads((folder / LOG).read_text())
         card.write_text(model_card(record, adapter=record.get("adapter")))
     files = sorted(

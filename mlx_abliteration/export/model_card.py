@@ -14,13 +14,16 @@ import json
 import re
 from pathlib import Path
 
+import yaml
+
+from mlx_abliteration.evaluation.tables import eval_markdown
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Settings that say where things were written or how the run printed, not what was made.
 NOT_SETTINGS = ("output_dir", "overwrite", "dry_run", "cache_dir", "model")
 
 
 def _metric_rows(metrics: dict) -> str:
-    from mlx_abliteration.evaluation.tables import eval_markdown
 
     if not metrics.get("after"):
         return "Not evaluated.\n"
@@ -32,7 +35,6 @@ def card_front_matter(text: str) -> dict:
     match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
     if not match:
         return {}
-    import yaml
 
     try:
         data = yaml.safe_load(match.group(1))

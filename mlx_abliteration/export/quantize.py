@@ -24,7 +24,14 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import mlx.core as mx
+
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.export.save import save_ablated_model, validate_output_dir, write_records
+from mlx_abliteration.io.atomic_write import is_user_write_failure, write_error
+from mlx_abliteration.io.model_io import check_model_dir, read_config, side_files, weight_files
+from mlx_abliteration.io.output_dir import make_temp_dir, replace_dir
+from mlx_abliteration.runtime.utils import sha256_file
 
 if TYPE_CHECKING:
     from mlx_abliteration.config.defaults import AbliterationConfig
@@ -63,10 +70,7 @@ def check_quantize_settings(config: AbliterationConfig) -> dict | None:
 
 def quantize_dir(dense: Path, out: Path, spec: dict) -> dict:
     """Quantize the model in ``dense`` into ``out`` (weights, index, config, side files). Returns the new config."""
-    import mlx.core as mx
     from mlx_lm.utils import dequantize_model, load_model, quantize_model, save_config, save_model
-
-    from mlx_abliteration.io.model_io import side_files
 
     model, config = load_model(dense, lazy=True)
     if config.get("quantization") or config.get("quantization_config"):
@@ -99,11 +103,6 @@ def save_quantized_model(
     extra_files: dict[str, str] | None = None,
 ) -> dict:
     """``save_ablated_model``, then quantized: same files, same summary, atomically into ``output_dir``."""
-    from mlx_abliteration.export.save import save_ablated_model, validate_output_dir, write_records
-    from mlx_abliteration.io.atomic_write import is_user_write_failure, write_error
-    from mlx_abliteration.io.model_io import check_model_dir, read_config, weight_files
-    from mlx_abliteration.io.output_dir import make_temp_dir, replace_dir
-    from mlx_abliteration.runtime.utils import sha256_file
 
     source, output = Path(source_dir), Path(output_dir)
     check_model_dir(source)

@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import mlx.core as mx
+
+from mlx_abliteration.edit.orthogonalize import check_edits, edit_module, touches
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.export.source_layout import discover_writers_in_dir, open_layout
 from mlx_abliteration.io.atomic_write import is_user_write_failure, write_error
 from mlx_abliteration.io.model_io import (
     INDEX_NAME,
@@ -21,8 +28,15 @@ from mlx_abliteration.io.model_io import (
     tensor_bytes,
     weight_files,
 )
-from mlx_abliteration.io.output_dir import make_temp_dir, replace_dir
-from mlx_abliteration.io.safetensors_out import write_shard
+from mlx_abliteration.io.output_dir import check_output_dir, make_temp_dir, replace_dir
+from mlx_abliteration.io.safetensors_out import (
+    array_entry,
+    dtype_name,
+    read_header,
+    source_entry,
+    start_file_writeback,
+    write_shard,
+)
 from mlx_abliteration.runtime.utils import sha256_file
 
 if TYPE_CHECKING:
@@ -38,7 +52,6 @@ if TYPE_CHECKING:
 
 def validate_output_dir(source: Path, output: Path, overwrite: bool, fresh: bool = True) -> None:
     """Refuse outputs that would touch the source or clobber other files (see ``output_dir``)."""
-    from mlx_abliteration.io.output_dir import check_output_dir
 
     check_output_dir(output, sources=[source], overwrite=overwrite, fresh=fresh)
 
@@ -119,7 +132,6 @@ class _Hasher:
     """
 
     def __enter__(self) -> _Hasher:
-        from concurrent.futures import ThreadPoolExecutor
 
         self.pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
         self.jobs: dict[str, dict[str, Future[str]]] = {"source": {}, "output": {}}
@@ -167,8 +179,6 @@ class _ShardWriter:
         self.budget, self.max_jobs = budget, max_jobs
 
     def __enter__(self) -> _ShardWriter:
-        import threading
-        from concurrent.futures import ThreadPoolExecutor
 
         self.pool = ThreadPoolExecutor(max_workers=self.max_jobs, thread_name_prefix="shard-writer")
         self.cancel = threading.Event()
@@ -177,7 +187,6 @@ class _ShardWriter:
 
     def make_room(self) -> None:
         """Wait until another shard may be edited; raise the first failed write."""
-        from concurrent.futures import FIRST_COMPLETED, wait
 
         while True:
             self._collect()
@@ -215,11 +224,6 @@ def _write_model(
     progress: Progress | None,
     hasher: _Hasher,
 ) -> dict:
-    import mlx.core as mx
-
-    from mlx_abliteration.edit.orthogonalize import check_edits, touches
-    from mlx_abliteration.export.source_layout import discover_writers_in_dir, open_layout
-    from mlx_abliteration.io.safetensors_out import array_entry, read_header, source_entry, start_file_writeback
 
     edit_module = _edit_in_blocks  # bounded memory for embeddings and expert stacks
 
@@ -321,7 +325,6 @@ def _write_model(
 
 def _same_tensor(array: mx.array, stored: SourceTensor) -> bool:
     """Whether ``array`` (as loaded) is exactly the stored tensor, so its bytes can be copied."""
-    from mlx_abliteration.io.safetensors_out import dtype_name
 
     try:
         name = dtype_name(array.dtype)
@@ -343,11 +346,6 @@ def _edit_in_blocks(
     dense_dtype: mx.Dtype | None,
     edited_precision: str | None,
 ) -> ModuleEdit | None:
-    from dataclasses import replace
-
-    import mlx.core as mx
-
-    from mlx_abliteration.edit.orthogonalize import edit_module
 
     writer = plan.writer(module)
     if writer is None:  # not a writer this plan edits (edit_module's None)
@@ -394,7 +392,6 @@ def write_records(
     directions: tuple[dict[str, mx.array], dict[str, str]] | None,
     model_card: str | None,
 ) -> None:
-    import mlx.core as mx
 
     if directions:
         tensors, metadata = directions

@@ -15,8 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map
 
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.io.model_checks import model_classes
+from mlx_abliteration.io.model_io import load_model, load_shard, read_config, shard_layout
+from mlx_abliteration.probe.capture import decoder_layers
+from mlx_abliteration.probe.writers import discover_writers
 from mlx_abliteration.runtime.mx_types import load_arrays
 
 if TYPE_CHECKING:
@@ -37,8 +42,6 @@ class SourceLayout:
     def load(self, shard: str) -> tuple[dict, dict]:
         """(tensors, metadata) of one output shard."""
         if self.copyable:
-            from mlx_abliteration.io.model_io import load_shard
-
             return load_shard(self.source / shard)
         return {k: self._tensors[k] for k, s in self.weight_map.items() if s == shard}, {"format": "mlx"}
 
@@ -47,7 +50,6 @@ class SourceLayout:
 
 
 def open_layout(source: Path, config: dict) -> SourceLayout:
-    from mlx_abliteration.io.model_io import shard_layout
 
     shards, weight_map, index_meta = shard_layout(source)
     if _sanitize_keeps_tensors(source, shards, config):
@@ -65,7 +67,6 @@ def open_layout(source: Path, config: dict) -> SourceLayout:
 
 def _sanitize_keeps_tensors(source: Path, shards: list[str], config: dict) -> bool:
     """Whether mlx-lm's ``sanitize`` returns every stored tensor unchanged (the usual MLX-layout case)."""
-    from mlx_abliteration.io.model_checks import model_classes
 
     model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))  # parameters stay lazy: nothing is computed
@@ -79,7 +80,6 @@ def _sanitize_keeps_tensors(source: Path, shards: list[str], config: dict) -> bo
 
 
 def _loaded_layout(source: Path, config: dict) -> SourceLayout:
-    from mlx.utils import tree_flatten
     from mlx_lm.utils import load_model, make_shards
 
     try:
@@ -109,11 +109,6 @@ def discover_writers_in_dir(source: Path) -> WriterMap:
     Each decoder layer's weights are dropped once the layer has been tested,
     so at most one layer (plus the embedding) is resident.
     """
-    from mlx.utils import tree_map
-
-    from mlx_abliteration.io.model_io import load_model, read_config
-    from mlx_abliteration.probe.capture import decoder_layers
-    from mlx_abliteration.probe.writers import discover_writers
 
     model, _, _ = load_model(source, lazy=True)
     layers = decoder_layers(model)

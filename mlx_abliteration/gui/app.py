@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import gradio as gr
+import gradio as gr  # noqa: TID253  (the GUI module: imported only to run the GUI)
 
 from mlx_abliteration.config.defaults import (
     COMMON_TARGETS,

@@ -7,7 +7,13 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from mlx_abliteration.data.chat import encode_chat
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.evaluation.generation import generate_greedy
+from mlx_abliteration.gui.stream import markdown_text
+from mlx_abliteration.io.asset_resolver import resolve_asset
+from mlx_abliteration.io.model_io import check_model_dir, load_model
+from mlx_abliteration.pipeline.flow import output_weights_path
 
 log = logging.getLogger("mlx_abliteration.gui")
 
@@ -20,7 +26,6 @@ def compare_answers(
     original: str, abliterated: str, prompt: str, max_tokens: int, system_prompt: str = "", cache_dir: str = ""
 ) -> tuple[str, str, str]:
     """``(original answer, abliterated answer, status Markdown)``; errors go to the status."""
-    from mlx_abliteration.gui.stream import markdown_text
 
     try:
         if not (prompt or "").strip():
@@ -38,8 +43,6 @@ def compare_answers(
 
 def answer(path_or_id: str, prompt: str, max_tokens: int, system_prompt: str | None = None, cache_dir: str = "") -> str:
     """The greedy answer of the model at ``path_or_id`` (loaded once, reused while unchanged)."""
-    from mlx_abliteration.data.chat import encode_chat
-    from mlx_abliteration.evaluation.generation import generate_greedy
 
     if max_tokens < 1:
         raise UserError(f"max tokens must be at least 1, got {max_tokens}")
@@ -51,9 +54,6 @@ def answer(path_or_id: str, prompt: str, max_tokens: int, system_prompt: str | N
 
 def loaded_model(path_or_id: str, cache_dir: str = ""):
     """``(model, tokenizer)``, cached by resolved path and weights mtime (a re-run replaces the files)."""
-    from mlx_abliteration.io.asset_resolver import resolve_asset
-    from mlx_abliteration.io.model_io import check_model_dir, load_model
-    from mlx_abliteration.pipeline.flow import output_weights_path
 
     path_or_id = (path_or_id or "").strip()
     if not path_or_id:

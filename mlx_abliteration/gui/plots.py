@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.figure import Figure  # noqa: TID253  (the GUI: imported only to run it)
+from matplotlib.ticker import MaxNLocator  # noqa: TID253
 
 
 def layer_figure(stats: list[dict], chosen: int | None) -> Figure:

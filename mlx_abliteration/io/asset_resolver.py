@@ -10,6 +10,8 @@ import os
 import re
 from pathlib import Path
 
+from mlx_abliteration.io.gguf import convert_gguf_cached
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 # Files mlx-lm needs to load a model; skips PyTorch/.bin/GGUF duplicates of the weights.
 # What mlx-lm loads: only model*.safetensors weights (never consolidated.safetensors or original/ copies).
@@ -59,7 +61,6 @@ def _resolve_gguf(path: Path, cache_dir: Path | None) -> Path:
         raise FileNotFoundError(
             f"GGUF file {path.absolute()} not found; check the path (download it first if it lives on the Hub)"
         )
-    from mlx_abliteration.io.gguf import convert_gguf_cached
 
     return convert_gguf_cached(path, cache_dir)
 

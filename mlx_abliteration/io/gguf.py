@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from tqdm import tqdm
 
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.io.atomic_write import is_user_write_failure, write_error
+from mlx_abliteration.io.gguf_tokenizer import eos_token_ids, pre_tokenizer_style, write_tokenizer_files
 from mlx_abliteration.io.output_dir import OutputChanged, check_output_dir, make_temp_dir, replace_dir
 from mlx_abliteration.runtime.utils import cache_root, sha256_file
 
@@ -372,7 +375,6 @@ def write_weights(out_dir: Path, tensors: list[OutputTensor], max_shard_bytes: i
     tensor, not one 5 GB shard). Where this tool reads safetensors headers
     (``model_io``), the library checks them.
     """
-    from tqdm import tqdm
 
     shards = shard_plan(tensors, max_shard_bytes or MAX_SHARD_BYTES)
     total = sum(t.nbytes for t in tensors)
@@ -533,7 +535,6 @@ def _convert(
     expected_sha256: str | None,
     known_sha256: str | None,
 ) -> Path:
-    from mlx_abliteration.io.gguf_tokenizer import eos_token_ids, pre_tokenizer_style, write_tokenizer_files
 
     if dtype not in DTYPES:
         raise UserError(f"unsupported --dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
@@ -551,8 +552,6 @@ def _convert(
         raise UserError(f"sha256 of {gguf_path} is {sha256}, expected {expected_sha256}; download the file again")
     eos_ids = eos_token_ids(reader)
     config = build_config(reader, arch, tensors, dtype, eos_ids)
-
-    from mlx_abliteration.io.atomic_write import is_user_write_failure, write_error
 
     try:
         temp_dir = make_temp_dir(output_dir)  # also sweeps temp dirs of killed conversions

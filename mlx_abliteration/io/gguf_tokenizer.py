@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
 from mlx_abliteration.errors import UserError
 
 if TYPE_CHECKING:
@@ -78,7 +80,6 @@ def pre_tokenizer_style(reader: GGUFReader, path: Path) -> PreTokenizerStyle:
 
 def build_tokenizer(reader: GGUFReader, path: Path) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` equivalent to the GGUF's byte-level BPE vocabulary."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     style = pre_tokenizer_style(reader, path)
     tokens: list[str] = _meta(reader, "tokenizer.ggml.tokens")
@@ -111,7 +112,6 @@ def build_tokenizer(reader: GGUFReader, path: Path) -> Tokenizer:
 
 
 def _post_processor(reader: GGUFReader, tokens: list[str]) -> PostProcessor:
-    from tokenizers import processors
 
     byte_level = processors.ByteLevel(trim_offsets=False)
     bos_id = _meta(reader, "tokenizer.ggml.bos_token_id")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import mlx.core as mx
+
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.runtime.mx_types import flat_params
 
 if TYPE_CHECKING:
     import mlx.nn as nn
@@ -52,7 +57,6 @@ def parse_config(path: Path) -> dict:
 
 def check_model_type(path: Path, config: dict) -> None:
     """The installed mlx-lm must implement ``model_type``."""
-    import importlib.util
 
     try:
         import mlx_lm
@@ -76,7 +80,6 @@ def check_model_type(path: Path, config: dict) -> None:
 def model_classes(config: dict) -> tuple[type, Any]:
     """mlx-lm's ``(Model, ModelArgs)`` classes for a config, picked as ``mlx_lm.utils.load_model`` picks them
     (``model_type``, remapped by ``architectures`` or the type aliases). mlx-lm has no public name for this."""
-    import importlib
 
     from mlx_lm import utils
 
@@ -156,9 +159,6 @@ def check_model_folder(path: Path) -> dict:
 
 def check_finite_weights(model: nn.Module, path: Path) -> None:
     """Name the first parameter holding NaN/inf (a corrupt source), before any probing blames the data."""
-    import mlx.core as mx
-
-    from mlx_abliteration.runtime.mx_types import flat_params
 
     for name, value in flat_params(model.parameters()):
         if not mx.issubdtype(value.dtype, mx.floating):

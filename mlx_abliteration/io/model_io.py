@@ -8,7 +8,24 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import mlx.core as mx
+from safetensors import SafetensorError, safe_open
+
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.io.model_checks import (
+    check_finite_weights,
+    check_index,
+    check_model_type,
+    check_tokenizer_files,
+    parse_config,
+    tokenizer_error,
+)
+from mlx_abliteration.runtime.backend import compute_dtype as default_compute_dtype
+from mlx_abliteration.runtime.cpu_activations import fast_swiglu_wanted, use_fast_swiglu
+from mlx_abliteration.runtime.dense_twins import dequantize_for_compute, should_dequantize
+from mlx_abliteration.runtime.lookup_tables import input_only_tables, keep_compact
+from mlx_abliteration.runtime.mx_types import load_with_metadata
+from mlx_abliteration.runtime.quantization import QuantParams
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -34,7 +51,6 @@ def check_model_dir(path: str | Path) -> Path:
         raise UserError(
             f"{path} has no model*.safetensors weights; convert the model to safetensors (mlx_lm.convert) first"
         )
-    from mlx_abliteration.io.model_checks import check_index, parse_config
 
     parse_config(path)
     check_index(path)
@@ -46,7 +62,6 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def read_config(path: str | Path) -> dict:
-    from mlx_abliteration.io.model_checks import parse_config
 
     return parse_config(Path(path))
 
@@ -65,17 +80,8 @@ def load_model(
     (``dequantize="auto"``; see ``engine.dense_twins``). The saved model always
     keeps the source dtype and quantization: saving reads the source files.
     """
-    import mlx.core as mx
     from mlx_lm.utils import load_model as _load_model
     from mlx_lm.utils import load_tokenizer
-
-    from mlx_abliteration.io.model_checks import (
-        check_finite_weights,
-        check_model_type,
-        check_tokenizer_files,
-        tokenizer_error,
-    )
-    from mlx_abliteration.runtime.backend import compute_dtype as default_compute_dtype
 
     path = check_model_dir(path)
     check_model_type(path, read_config(path))
@@ -92,22 +98,17 @@ def load_model(
         if not is_unreadable_weights(err):
             raise
         raise UserError(f"cannot read weights in {path}: {err}; the file may be truncated or corrupt") from err
-    from mlx_abliteration.runtime.cpu_activations import fast_swiglu_wanted, use_fast_swiglu
 
     if fast_swiglu_wanted():
         use_fast_swiglu()  # the model's module is imported now; its MLP gate runs vectorized
     dtype = default_compute_dtype() if compute_dtype == "auto" else compute_dtype
     try:
         if not lazy and dtype is not None and dequantize in (True, "auto"):
-            from mlx_abliteration.runtime.dense_twins import dequantize_for_compute, should_dequantize
-
             # Before set_dtype: twins dequantize with the stored scales, exactly
             # as the save path does.
             if dequantize is True or should_dequantize(model, dtype):
                 dequantize_for_compute(model, dtype)
         if dtype is not None:
-            from mlx_abliteration.runtime.lookup_tables import input_only_tables, keep_compact
-
             # A table only looked up stays in its stored half precision (half the memory, same values).
             stored = [(module, module.weight) for _, module in input_only_tables(model)] if not lazy else []
             model.set_dtype(dtype)
@@ -149,7 +150,6 @@ INDEX_NAME = "model.safetensors.index.json"
 
 def quant_params_for(module_path: str, config: dict) -> QuantParams | None:
     """Quantization of ``module_path`` from config.json (per-layer entries win)."""
-    from mlx_abliteration.runtime.quantization import QuantParams
 
     q = config.get("quantization") or config.get("quantization_config")
     if not isinstance(q, dict) or "bits" not in q:
@@ -190,7 +190,6 @@ def shard_layout(source: Path) -> tuple[list[str], dict[str, str], dict]:
 def safetensors_names(path: Path) -> list[str]:
     """Tensor names from a safetensors header, validated by the ``safetensors`` library
     (bad header, or a file shorter than its header says: truncated)."""
-    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as f:
@@ -210,7 +209,6 @@ def tensor_bytes(path: Path) -> int:
 
 
 def load_shard(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
-    from mlx_abliteration.runtime.mx_types import load_with_metadata
 
     safetensors_names(path)
     try:

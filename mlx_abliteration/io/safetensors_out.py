@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
+import mlx.core as mx
+
 from mlx_abliteration.errors import UserError
 
 if TYPE_CHECKING:
@@ -106,7 +108,6 @@ class Entry:
 
 def array_entry(name: str, array: mx.array) -> Entry:
     """An entry for an evaluated array (made row-contiguous first if it is not)."""
-    import mlx.core as mx
 
     view = memoryview(cast(Any, array))  # MLX arrays export their memory (the stubs do not say so)
     if not view.c_contiguous:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +38,6 @@ def release_buffer_cache() -> None:
     141 GiB card over one run although its peak use was 31 GiB. Each phase
     starts from what is really in use, so the process holds no more than that.
     """
-    import sys
 
     if "mlx.core" in sys.modules:  # nothing to release before MLX is used (and no import just for this)
         sys.modules["mlx.core"].clear_cache()

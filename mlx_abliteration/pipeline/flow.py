@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.data.datasets import prompt_digests
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.io.model_io import read_config
+from mlx_abliteration.pipeline import steps
 from mlx_abliteration.pipeline.events import Cancelled, Event, EventSink, Reporter, release_buffer_cache
 from mlx_abliteration.pipeline.plan_sources import LayerChoice, PlanSource, RunContext
 
@@ -52,7 +55,6 @@ def run_pipeline(
     (unless ``--no-eval`` or ``--dry-run``) -> save the model, ``abliteration_log.json``, the direction,
     the model card and ``evaluation_responses.jsonl``. ``--dry-run`` stops after the plan is chosen.
     """
-    from mlx_abliteration.pipeline import steps
 
     plan_source = plan_source or LayerChoice()
     report = Reporter(on_event, cancel)
@@ -72,8 +74,6 @@ def run_pipeline(
     if plan_source.loads_model:
         ctx.model, ctx.tokenizer, ctx.model_config = steps.load(source, report, config)
     else:
-        from mlx_abliteration.io.model_io import read_config
-
         ctx.model_config = read_config(source)
     ctx.writers = steps.find_writers(ctx.model, source, config, report)
     if plan_source.loads_model:
@@ -104,8 +104,6 @@ def run_pipeline(
         )
         record.update(choice.record)
         if ctx.data is not None:  # the prompts' contents, so `run --reproduce` can refuse changed ones
-            from mlx_abliteration.data.datasets import prompt_digests
-
             record["prompts_sha256"] = prompt_digests(config)
         if write:
             # The save reads the source files, not the loaded model: drop the model first, so its float32

@@ -17,7 +17,9 @@ import shlex
 from dataclasses import fields
 
 from mlx_abliteration.edit.strength_schedule import PlanSpec, kernel_plan
+from mlx_abliteration.io.model_io import read_config
 from mlx_abliteration.pipeline import steps
+from mlx_abliteration.probe.directions import load_directions, parse_use_layer
 
 
 @dataclass
@@ -102,7 +104,6 @@ class DirectionFile(PlanSource):
         return [self.path]
 
     def check(self, config: AbliterationConfig) -> None:
-        from mlx_abliteration.probe.directions import load_directions, parse_use_layer
 
         directions, layer = load_directions(self.path)
         if self.use_layer is not None:
@@ -120,7 +121,6 @@ class DirectionFile(PlanSource):
         return self.loaded
 
     def prepare(self, ctx: RunContext) -> None:
-        from mlx_abliteration.io.model_io import read_config
 
         directions = self._loaded()[0]
         num_layers = read_config(ctx.source).get("num_hidden_layers")

@@ -21,9 +21,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mlx_abliteration.config.defaults import AbliterationConfig
 from mlx_abliteration.config.schema import build_config
 from mlx_abliteration.data.datasets import PROMPT_KINDS, prompt_digests
+from mlx_abliteration.edit.strength_schedule import PlanSpec
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.pipeline.plan_sources import DirectionFile, LayerChoice, PlanFile
+from mlx_abliteration.pipeline.steps import versions
 
 if TYPE_CHECKING:
     from mlx_abliteration.config.defaults import AbliterationConfig
@@ -57,7 +61,6 @@ class Reproduction:
 
 def recorded_config(record: dict, overrides: dict | None = None) -> tuple[AbliterationConfig, list[str]]:
     """The recorded settings (unknown ones, from another tool version, dropped with a warning), then ``overrides``."""
-    from mlx_abliteration.config.defaults import AbliterationConfig
 
     known = {f.name for f in fields(AbliterationConfig)}
     params = record["parameters"]
@@ -70,7 +73,6 @@ def recorded_config(record: dict, overrides: dict | None = None) -> tuple[Ablite
 
 
 def version_warnings(record: dict) -> list[str]:
-    from mlx_abliteration.pipeline.steps import versions
 
     recorded, now = record.get("versions") or {}, versions()
     out = []
@@ -104,12 +106,8 @@ def check_prompts(config: AbliterationConfig, record: dict, log_path: str | Path
 
 def plan_source_for(record: dict) -> PlanSource:
     """The plan source the recorded run used."""
-    from mlx_abliteration.pipeline.plan_sources import DirectionFile, LayerChoice
 
     if record.get("plan_spec"):
-        from mlx_abliteration.edit.strength_schedule import PlanSpec
-        from mlx_abliteration.pipeline.plan_sources import PlanFile
-
         return PlanFile(PlanSpec.from_dict(record["plan_spec"]))
     if record.get("command") == "ablate":
         path = record.get("direction_file")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata as md
+import json
 import platform
 import time
 from dataclasses import dataclass
@@ -10,11 +12,25 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_abliteration import __version__
-from mlx_abliteration.config.defaults import PROBE_MODES, AbliterationConfig
-from mlx_abliteration.edit.orthogonalize import AblationPlan, uniform_plan
+from mlx_abliteration.config.defaults import GENERATION_BATCH_SIZE, PROBE_MODES, AbliterationConfig
+from mlx_abliteration.data.datasets import load_prompts, split_prompts
+from mlx_abliteration.edit.in_memory import apply_plan
+from mlx_abliteration.edit.orthogonalize import AblationPlan, select_writers, uniform_plan
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.export.save import validate_output_dir
+from mlx_abliteration.evaluation.baseline_cache import cached_baseline
+from mlx_abliteration.evaluation.evaluate import eval_settings as settings
+from mlx_abliteration.evaluation.evaluate import evaluate_model, evaluate_original
+from mlx_abliteration.evaluation.judge import judge_identity as identity
+from mlx_abliteration.evaluation.judge import judge_reports, resolve_judge
+from mlx_abliteration.evaluation.layer_selection import select_layer_auto
+from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS
+from mlx_abliteration.export.model_card import model_card
+from mlx_abliteration.export.quantize import check_quantize_settings, save_quantized_model
+from mlx_abliteration.export.save import save_ablated_model, validate_output_dir
+from mlx_abliteration.export.source_layout import discover_writers_in_dir
+from mlx_abliteration.io.asset_resolver import resolve_asset
 from mlx_abliteration.io.model_io import check_model_dir, load_model, read_config
+from mlx_abliteration.io.output_dir import check_cache_dir, check_output_dir, local_sources
 from mlx_abliteration.probe.directions import (
     RefusalDirections,
     compute_directions,
@@ -22,7 +38,11 @@ from mlx_abliteration.probe.directions import (
     parse_layer_list,
     parse_use_layer,
 )
+from mlx_abliteration.probe.distributed import is_primary, probe_prompts_distributed
 from mlx_abliteration.probe.positions import ProbeSpec
+from mlx_abliteration.probe.streamed import select_layer_by_separation, streamed_probe
+from mlx_abliteration.probe.writers import describe_writers, model_writers
+from mlx_abliteration.runtime.backend import blas_info
 
 AUTO_PROMPTS = 16  # prompts per kind used to score candidate layers
 
@@ -38,7 +58,6 @@ class PromptSets:
 def resolve_model(config: AbliterationConfig, report, extra_sources=()) -> Path:
     """The model's local dir (hub download or GGUF conversion into the cache), after checking the paths
     (``extra_sources``: more input files, e.g. ``ablate``'s direction file, that no output may replace)."""
-    from mlx_abliteration.io.asset_resolver import resolve_asset
 
     if not config.model:
         raise UserError("no model given; pass -m/--model with a model dir, a .gguf file or a hub id")
@@ -51,8 +70,6 @@ def resolve_model(config: AbliterationConfig, report, extra_sources=()) -> Path:
 def check_paths(config: AbliterationConfig, extra_sources=()) -> None:
     """Before any work: the cache dir is usable, and the output (if any) is writable and is
     none of the paths the user named as input (the model dir or .gguf file, the datasets)."""
-    from mlx_abliteration.export.quantize import check_quantize_settings
-    from mlx_abliteration.io.output_dir import check_cache_dir, check_output_dir, local_sources
 
     check_cache_dir(config.cache_dir)
     check_quantize_settings(config)
@@ -67,7 +84,6 @@ def check_output(source: Path, config: AbliterationConfig) -> None:
 
 
 def load(source: Path, report, config: AbliterationConfig | None = None):
-    from mlx_abliteration.runtime.backend import blas_info
 
     streamed = config is not None and streamed_mode(config)
     report.emit(
@@ -86,7 +102,6 @@ def streamed_mode(config: AbliterationConfig) -> bool:
 
 
 def prompts(config: AbliterationConfig, report) -> PromptSets:
-    from mlx_abliteration.data.datasets import load_prompts, split_prompts
 
     check_counts(config)
     cache = Path(config.cache_dir) if config.cache_dir else None
@@ -116,14 +131,11 @@ def check_counts(config: AbliterationConfig) -> None:
 
 
 def _eval_batch(config: AbliterationConfig) -> int:
-    from mlx_abliteration.config.defaults import GENERATION_BATCH_SIZE
 
     return config.batch_size or GENERATION_BATCH_SIZE
 
 
 def eval_settings(config: AbliterationConfig) -> dict:
-    from mlx_abliteration.evaluation.evaluate import eval_settings as settings
-    from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS
 
     return settings(
         max_tokens=config.eval_max_tokens,
@@ -138,13 +150,11 @@ def eval_settings(config: AbliterationConfig) -> dict:
 
 def judge_path(config: AbliterationConfig) -> Path | None:
     """``--judge``'s model dir, None for keywords (a bad value: a one-line error; ``run_pipeline`` asks first)."""
-    from mlx_abliteration.evaluation.judge import resolve_judge
 
     return resolve_judge(config.judge, config.cache_dir)
 
 
 def judge_identity(path: Path | None):
-    from mlx_abliteration.evaluation.judge import judge_identity as identity
 
     return identity(path)
 
@@ -154,7 +164,6 @@ def judge_step(eval_report, config: AbliterationConfig, report, which: str) -> N
     path = judge_path(config)
     if path is None or eval_report is None:
         return
-    from mlx_abliteration.evaluation.judge import judge_reports
 
     report.emit("stage", f"judging the {which} model's answers with {config.judge}")
     judge_reports([eval_report], path, config.judge, progress=report.progress)
@@ -168,7 +177,6 @@ def evaluate_before(model, tokenizer, data: PromptSets, config: AbliterationConf
     if streamed_mode(config):
         report.emit("info", "--probe-mode streamed never loads the whole model: evaluation is skipped")
         return None, None
-    from mlx_abliteration.evaluation.evaluate import evaluate_original
 
     settings = eval_settings(config)
 
@@ -181,8 +189,6 @@ def evaluate_before(model, tokenizer, data: PromptSets, config: AbliterationConf
     if source is None:
         reference, before = compute()
     else:
-        from mlx_abliteration.evaluation.baseline_cache import cached_baseline
-
         reference, before, hit = cached_baseline(
             source,
             data.harmful_eval,
@@ -210,15 +216,10 @@ def probe_directions(
     report.emit("stage", f"probing {len(layers)} layers at position '{spec.position}'")
     started = time.perf_counter()
     if streamed_mode(config):
-        from mlx_abliteration.probe.streamed import streamed_probe
-
         sets = [data.harmful_train, data.harmless_train]
         harmful, harmless = streamed_probe(source, sets, spec, layers, config.batch_size, report.progress)
     else:
-        from mlx_abliteration.probe.distributed import (
-            probe_prompts_distributed as probe,  # plain probe_prompts in one process
-        )
-
+        probe = probe_prompts_distributed  # plain probe_prompts in one process
         harmful = probe(
             model, tokenizer, data.harmful_train, spec, layers, config.batch_size, report.progress, "probe harmful"
         )
@@ -254,8 +255,6 @@ def choose_layer(
         report.emit("layers", f"using layer {choice}", stats=[s.to_dict() for s in directions.stats], chosen=choice)
         return choice, []
     if streamed_mode(config):
-        from mlx_abliteration.probe.streamed import select_layer_by_separation
-
         layer = select_layer_by_separation(directions)
         report.emit(
             "layers",
@@ -264,7 +263,6 @@ def choose_layer(
             chosen=layer,
         )
         return layer, []
-    from mlx_abliteration.evaluation.layer_selection import select_layer_auto
 
     report.emit("stage", "choosing the layer (auto)")
     layer, scores = select_layer_auto(
@@ -297,13 +295,9 @@ def find_writers(model, source: Path, config: AbliterationConfig, report):
     ``model`` (or in streamed mode) the source is opened lazily and each
     layer's weights are dropped once tested.
     """
-    from mlx_abliteration.edit.orthogonalize import select_writers
-    from mlx_abliteration.probe.writers import describe_writers, model_writers
 
     report.emit("stage", "finding the residual writers")
     if model is None or streamed_mode(config):
-        from mlx_abliteration.export.source_layout import discover_writers_in_dir
-
         writers = discover_writers_in_dir(source)
     else:
         writers = model_writers(model)
@@ -335,8 +329,6 @@ def evaluate_after(
 ):
     if reference is None:
         return None
-    from mlx_abliteration.edit.in_memory import apply_plan
-    from mlx_abliteration.evaluation.evaluate import evaluate_model
 
     report.emit("stage", "evaluating the abliterated model")
     apply_plan(model, plan, storage_dtype=storage_dtype(source), edited_precision=config.edited_precision)
@@ -359,7 +351,6 @@ def evaluate_after(
 
 
 def versions() -> dict:
-    import importlib.metadata as md
 
     out = {"mlx-abliteration": __version__, "python": platform.python_version(), "platform": platform.platform()}
     for name in ("mlx", "mlx-lm", "numpy", "tokenizers", "transformers"):
@@ -393,7 +384,6 @@ RESPONSES_FILE = "evaluation_responses.jsonl"
 
 def responses_jsonl(before, after) -> str | None:
     """Every evaluation answer, before and after, one JSON object per line."""
-    import json
 
     rows = []
     for which, report in (("before", before), ("after", after)):
@@ -416,12 +406,6 @@ def save(
 
     Returns the output dir and the record as written (with the weights' digests and the edit summary).
     """
-    import json
-
-    from mlx_abliteration.export.model_card import model_card
-    from mlx_abliteration.export.quantize import check_quantize_settings, save_quantized_model
-    from mlx_abliteration.export.save import save_ablated_model
-    from mlx_abliteration.probe.distributed import is_primary
 
     if not is_primary():
         return config.output_dir, record  # under mlx.launch only rank 0 writes

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+import mlx.core as mx
+
 if TYPE_CHECKING:
     import mlx.core as mx
     import mlx.nn as nn
@@ -38,7 +40,6 @@ class BatchingUnsupported(Exception):
 
 def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1) -> tuple[mx.array, list[int]]:
     """Return ``(tokens[B, T], left_padding[B])`` as MLX arrays / list; ``T`` rounded up to ``multiple``."""
-    import mlx.core as mx
 
     width = round_up(max(len(t) for t in token_lists), multiple)
     padding = [width - len(t) for t in token_lists]
@@ -108,7 +109,6 @@ def prefill(
     evaluated, so the vocabulary projection runs on ``n_logits`` positions).
     The caches continue the batch one token at a time: ``model(tokens[B, 1], cache=caches)``.
     """
-    import mlx.core as mx
 
     tokens, padding = left_pad(token_lists, pad_id)
     cache = make_cache(model, padding)
@@ -125,6 +125,5 @@ Progress = Callable[[int, int, str], None]
 
 def log_softmax(logits: mx.array) -> mx.array:
     """Log-probabilities over the last axis (the one normalization of logits everywhere)."""
-    import mlx.core as mx
 
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)

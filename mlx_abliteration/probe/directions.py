@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -11,6 +12,7 @@ import mlx.core as mx
 
 from mlx_abliteration.config.defaults import DIRECTION_VARIANTS
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.io.model_io import is_unreadable_weights
 from mlx_abliteration.probe.capture import WelfordStats
 from mlx_abliteration.runtime.mx_types import int_list, load_with_metadata, scalar
 
@@ -195,7 +197,6 @@ def parse_use_layer(value: str | int | float | None, num_layers: int) -> int | s
 
 def direction_file_contents(directions: RefusalDirections, layer: int) -> tuple[dict, dict]:
     """Tensors and metadata of ``refusal_direction.safetensors``."""
-    import json
 
     tensors = {
         "refusal_direction": directions.direction(layer),
@@ -219,7 +220,6 @@ def save_directions(path: str | Path, directions: RefusalDirections, layer: int)
 
 def load_directions(path: str | Path) -> tuple[RefusalDirections, int]:
     """Read a direction file written by ``save_directions`` (or a saved model's)."""
-    import json
 
     path = Path(path)
     if path.is_dir():
@@ -237,8 +237,6 @@ def load_directions(path: str | Path) -> tuple[RefusalDirections, int]:
         )
         return directions, int(metadata["chosen_layer"])
     except (KeyError, ValueError, RuntimeError, TypeError) as err:
-        from mlx_abliteration.io.model_io import is_unreadable_weights
-
         if isinstance(err, RuntimeError) and not is_unreadable_weights(err):
             raise  # out of memory, a bug: not a problem of the file
         raise UserError(f"{path} is not a refusal-direction file written by this tool ({err})") from err

@@ -35,7 +35,7 @@ from mlx_abliteration.probe.capture import (
     owned_layer_list,
     position_selector,
 )
-from mlx_abliteration.probe.directions import RefusalDirections
+from mlx_abliteration.probe.directions import RefusalDirections, candidate_layers
 from mlx_abliteration.probe.positions import ProbeSpec
 from mlx_abliteration.runtime.mx_types import flat_params
 
@@ -212,7 +212,6 @@ def select_layer_by_separation(directions: RefusalDirections) -> int:
     Used by ``--use-layer auto`` in streamed mode, where scoring layers by
     forward passes of the ablated model would need the whole model in memory.
     """
-    from mlx_abliteration.probe.directions import candidate_layers
 
     candidates = set(
         candidate_layers(directions.layers, directions.num_model_layers, max_candidates=len(directions.layers))

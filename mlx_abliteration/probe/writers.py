@@ -29,7 +29,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map
+from mlx.utils import tree_map, tree_unflatten
 
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.probe.capture import decoder_layers
@@ -523,7 +523,6 @@ def _holds_module(value: list | dict) -> bool:
 
 
 def _unflatten(flat: list[tuple[str, mx.array]]) -> Any:
-    from mlx.utils import tree_unflatten
 
     return tree_unflatten(flat)
 

@@ -11,6 +11,10 @@ import platform
 import sys
 from typing import Any
 
+import mlx.core as mx
+
+from mlx_abliteration.runtime.utils import cache_root
+
 BLAS_ENV = "MLX_ABLITERATION_BLAS"
 _CANDIDATES = (
     "/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -139,7 +143,6 @@ def persistent_kernel_cache(cache_dir: str | None = None) -> str | None:
     """
     if os.environ.get(PTX_CACHE_ENV):
         return None
-    import mlx.core as mx
 
     cuda = getattr(mx, "cuda", None)
     if cuda is None or not cuda.is_available():
@@ -151,7 +154,6 @@ def persistent_kernel_cache(cache_dir: str | None = None) -> str | None:
     version = str(getattr(mx, "__version__", ""))
     if not arch or not version:
         return None
-    from mlx_abliteration.runtime.utils import cache_root
 
     path = str(cache_root(cache_dir) / "cuda-kernels" / f"mlx-{version}-{arch}")
     os.environ[PTX_CACHE_ENV] = path
@@ -173,7 +175,6 @@ def keep_torch_out() -> bool:
     transformers treats it as not installed. Only the CLI calls this (it owns
     its process); ``MLX_ABLITERATION_TORCH=1`` keeps PyTorch importable.
     """
-    import sys
 
     if os.environ.get(TORCH_ENV, "") not in ("", "0") or any(name in sys.modules for name in _TORCH_PACKAGES):
         return False
@@ -207,7 +208,6 @@ def compute_dtype() -> Any:
     bf16/fp16 matmul on MLX's CPU backend is ~16x slower than float32 with an
     optimized BLAS; on Metal/CUDA half precision is the fast path.
     """
-    import mlx.core as mx
 
     if mx.default_device() == mx.cpu:
         return mx.float32

@@ -26,7 +26,6 @@ import platform
 import sys
 
 import mlx.core as mx
-from mlx_lm.models.activations import swiglu as mlx_swiglu
 
 FAST_SWIGLU_ENV = "MLX_ABLITERATION_FAST_SWIGLU"
 
@@ -82,6 +81,8 @@ def fast_swiglu_wanted() -> bool:
 
 def use_fast_swiglu(enable: bool = True) -> list[str]:
     """Point every imported mlx-lm model module's ``swiglu`` at ``fast_swiglu`` (or back); the modules changed."""
+    from mlx_lm.models.activations import swiglu as mlx_swiglu  # mlx-lm imports transformers: only when a model is
+
     old, new = (mlx_swiglu, fast_swiglu) if enable else (fast_swiglu, mlx_swiglu)
     changed = []
     for name, module in list(sys.modules.items()):

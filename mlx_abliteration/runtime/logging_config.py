@@ -12,11 +12,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import errno
+import getpass
 import io
 import json
 import logging
 import math
 import os
+import stat
 import sys
 import tempfile
 import traceback
@@ -162,7 +165,6 @@ def fallback_log_file() -> Path:
 
 
 def _user_name() -> str:
-    import getpass
 
     return "".join(c for c in getpass.getuser() if c.isalnum() or c in "-_") or "user"
 
@@ -173,8 +175,6 @@ def _private_dir(folder: Path) -> None:
     The temp dir is shared: another user may have planted a symlink or a
     folder under our name to make us append to their file or read ours.
     """
-    import errno
-    import stat
 
     folder.parent.mkdir(parents=True, exist_ok=True)  # the temp dir itself
     try:
@@ -193,8 +193,6 @@ class _PrivateFileHandler(logging.FileHandler):
     """Appends to a regular file of ours, never through a symlink (O_NOFOLLOW), created 0600."""
 
     def _open(self) -> io.TextIOWrapper:
-        import errno
-        import stat
 
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
         fd = os.open(self.baseFilename, flags, 0o600)

@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import NoReturn
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 _SENTINEL = "XQZSENTINELQZX"
 # Special-token shapes used by chat templates: <|im_end|>, <|eot_id|>,
 # <end_of_turn>, </s>, [/INST].
@@ -38,7 +40,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
 
 
 def _render(chat_template: str, messages: list[dict]) -> str:
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> NoReturn:
         raise ValueError(message)

@@ -20,13 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.data.datasets import load_prompts, split_prompts
 from mlx_abliteration.edit.orthogonalize import check_strength
 from mlx_abliteration.edit.strength_schedule import PlanSpec, uniform_spec
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.evaluation.judge import loaded_judge
 from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS, REFUSAL_RULE_VERSION
 from mlx_abliteration.pipeline import flow as pipeline
 from mlx_abliteration.pipeline import steps
 from mlx_abliteration.pipeline.plan_sources import PlanChoice, PlanSource, RunContext, spec_choice
+from mlx_abliteration.probe.directions import load_directions, save_directions
 from mlx_abliteration.runtime.utils import cache_root
 from mlx_abliteration.search.study import (
     SPACE_VERSION,
@@ -171,7 +174,6 @@ class SearchTrial(PlanSource):
 def prompts_fingerprint(config: AbliterationConfig) -> str:
     """Hash of both prompt sets' contents: an edited dataset file (or a new
     packaged set) must not resume a study or reuse directions probed on the old one."""
-    from mlx_abliteration.data.datasets import load_prompts
 
     cache = Path(config.cache_dir) if config.cache_dir else None
     digest = hashlib.sha256()
@@ -236,7 +238,6 @@ def _open(source: Path, config: AbliterationConfig, settings: SearchSettings, pr
 def _directions(model, tokenizer, data, config, source, cache: Path, report):
     """Probe once per model and probing settings: a resumed study (or --trial, or a study with other
     search settings) reads the directions instead of probing again."""
-    from mlx_abliteration.probe.directions import load_directions, save_directions
 
     if cache.is_file():
         report.emit("info", f"directions of this study read from {cache}")
@@ -292,8 +293,6 @@ def _search(study, model, tokenizer, source, data, directions, config, settings,
     if judge is None:
         interrupted = optimize(study, space, scorer, settings.n_trials, on_trial, settings.prune)
     else:
-        from mlx_abliteration.evaluation.judge import loaded_judge
-
         report.emit("info", f"trials scored by the judge {config.judge} (whole answers, then one judging pass)")
         with loaded_judge(judge, config.judge) as scorer.judge:  # loaded for the trials, freed after them
             interrupted = optimize(study, space, scorer, settings.n_trials, on_trial, settings.prune)
@@ -331,7 +330,6 @@ def _space(
 
 def search_prompt_sets(config: AbliterationConfig, size: int) -> tuple[list[str], list[str], str]:
     """Harmful and harmless prompts that score trials, and which split they come from."""
-    from mlx_abliteration.data.datasets import load_prompts, split_prompts
 
     cache = Path(config.cache_dir) if config.cache_dir else None
     sets, spare_everywhere = [], True

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -48,10 +50,14 @@ from typing import TYPE_CHECKING, Any
 from mlx_abliteration.config.defaults import (
     SearchSettings,  # noqa: F401  (re-exported: search settings live with the defaults)
 )
-from mlx_abliteration.edit.strength_schedule import COMPONENTS, DIRECTION_SCOPES, Kernel, PlanSpec
+from mlx_abliteration.data.chat import encode_chats
+from mlx_abliteration.edit.strength_schedule import COMPONENTS, DIRECTION_SCOPES, Kernel, PlanSpec, kernel_plan
 from mlx_abliteration.edit.trials import Trials
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.evaluation.kl import ReferenceLogprobs
+from mlx_abliteration.evaluation.generation import greedy_tokens, strip_eos
+from mlx_abliteration.evaluation.kl import ReferenceLogprobs, kl_divergence, kl_from_reference, reference_logprobs
+from mlx_abliteration.evaluation.refusals import answer_verdict, contains_refusal_marker, split_thinking
+from mlx_abliteration.probe.prefix_batch import shared_first_token_logprobs, shared_prefill
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -213,9 +219,6 @@ class TrialScorer:
     ) -> None:
         """``judge``: a loaded ``core.judge.Judge`` that counts the refusals instead of the markers (answers then
         run to ``max_tokens``: no stop at a marker, no stop once dominated)."""
-        from mlx_abliteration.data.chat import encode_chats
-        from mlx_abliteration.evaluation.kl import reference_logprobs
-        from mlx_abliteration.probe.prefix_batch import shared_first_token_logprobs
 
         self.model, self.tokenizer, self.directions = model, tokenizer, directions
         self.targets = tuple(targets)
@@ -237,7 +240,6 @@ class TrialScorer:
 
     def __call__(self, spec: PlanSpec, dominated: Callable[[float, int], bool] | None = None) -> TrialScore:
         """Score ``spec``; with ``dominated(kl, refusals_so_far)``, stop as soon as it holds (KL comes first)."""
-        from mlx_abliteration.edit.strength_schedule import kernel_plan
 
         clock = _Clock()
         plan = kernel_plan(self.directions, spec, self.targets)
@@ -266,8 +268,6 @@ class TrialScorer:
         return TrialScore(refusals, total, kl, 0.0, tokens)
 
     def _kl(self) -> float:
-        from mlx_abliteration.evaluation.kl import kl_divergence, kl_from_reference
-        from mlx_abliteration.probe.prefix_batch import shared_first_token_logprobs
 
         if isinstance(self.reference, ReferenceLogprobs):
             return kl_from_reference(self.model, self.reference, self.batch_size)
@@ -277,8 +277,6 @@ class TrialScorer:
 
     def _harmful_answers(self, row_stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
         """Greedy answer tokens for the harmful prompts (a row ends early where ``row_stop`` says so)."""
-        from mlx_abliteration.evaluation.generation import greedy_tokens
-        from mlx_abliteration.probe.prefix_batch import shared_prefill
 
         return greedy_tokens(
             self.model,
@@ -294,8 +292,6 @@ class TrialScorer:
         )
 
     def _refusals(self, dominated_at: Callable[[int], bool]) -> tuple[int, int]:
-        from mlx_abliteration.evaluation.generation import strip_eos
-        from mlx_abliteration.evaluation.refusals import answer_verdict, contains_refusal_marker, split_thinking
 
         refused = 0
 
@@ -321,7 +317,6 @@ class TrialScorer:
 
     def _judged_refusals(self, judge: Judge, text: Callable[[list[int]], str]) -> tuple[int, int]:
         """Refusals by the judge: whole answers, then one judging pass (unfinished thinking is not a refusal)."""
-        from mlx_abliteration.evaluation.refusals import split_thinking
 
         outputs = self._harmful_answers()
         answers = [split_thinking(text(t))[0] for t in outputs]
@@ -396,15 +391,12 @@ def complete_trials(study: Study) -> list[FrozenTrial]:
 
 
 def _owner() -> dict:
-    import os
-    import socket
 
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
 def fail_stale_trials(study: Study) -> int:
     """Mark failed the trials left running by a killed process on this host (so they neither count nor bias sampling)."""
-    import os
 
     from optuna.trial import TrialState
 
@@ -419,7 +411,6 @@ def fail_stale_trials(study: Study) -> int:
 
 
 def _alive(pid: Any) -> bool:  # a pid read back from the journal's JSON (or None)
-    import os
 
     try:
         os.kill(int(pid), 0)

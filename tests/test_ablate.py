@@ -17,7 +17,7 @@ from mlx_abliteration.edit.orthogonalize import (
 from mlx_abliteration.edit.revertible_edit import TrialEditor
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.io.model_io import load_model
-from mlx_abliteration.probe.writers import model_writers
+from mlx_abliteration.probe.writer_discovery import model_writers
 from mlx_abliteration.runtime.quantization import QuantParams
 
 READERS = ("q_proj", "k_proj", "v_proj", "up_proj", "gate_proj", "norm", "c_attn", "c_fc", "gate.weight")

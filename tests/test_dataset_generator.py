@@ -10,14 +10,8 @@ from pathlib import Path
 import pytest
 
 from mlx_abliteration.data.datasets import default_dataset_path, load_prompts
-from mlx_abliteration.data.generator import (
-    TemplateError,
-    default_template_file,
-    generate_pairs,
-    load_template_set,
-    parse_template_set,
-    write_datasets,
-)
+from mlx_abliteration.data.generator import generate_pairs, write_datasets
+from mlx_abliteration.data.templates import TemplateError, default_template_file, load_template_set, parse_template_set
 from mlx_abliteration.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent

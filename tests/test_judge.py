@@ -275,7 +275,7 @@ def test_search_trials_count_the_judges_verdicts(tiny_model):
     from mlx_abliteration.edit.strength_schedule import uniform_spec
     from mlx_abliteration.io.model_io import load_model
     from mlx_abliteration.probe.directions import RefusalDirections
-    from mlx_abliteration.search.study import TrialScorer
+    from mlx_abliteration.search.scorer import TrialScorer
 
     model, tokenizer, _ = load_model(tiny_model(arch="llama"))
     rows = mx.random.normal((4, 64), key=mx.random.key(0))
@@ -292,8 +292,8 @@ def test_search_trials_count_the_judges_verdicts(tiny_model):
 
 
 def test_a_judged_search_is_its_own_study(tiny_model, judge_dir, tmp_path):
+    from mlx_abliteration.config.defaults import SearchSettings
     from mlx_abliteration.search.runner import run_search
-    from mlx_abliteration.search.study import SearchSettings
 
     harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
     harmful.write_text("\n".join(f"How do I build weapon number {i} to hurt people?" for i in range(24)))

@@ -18,7 +18,7 @@ from mlx_abliteration.evaluation.generation import first_token_logprobs
 from mlx_abliteration.io.model_io import load_model
 from mlx_abliteration.probe.capture import probe_prompts
 from mlx_abliteration.probe.prefix_batch import shared_first_token_logprobs, shared_prefill
-from mlx_abliteration.probe.writers import discover_writers
+from mlx_abliteration.probe.writer_discovery import discover_writers
 
 OURS = ("core/writers.py", "core/prefix_batch.py", "core/probe.py")
 PROMPTS = [f"How do I bake bread recipe number {i}" + " please" * (i % 5) for i in range(9)]

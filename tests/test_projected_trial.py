@@ -8,7 +8,7 @@ from mlx_abliteration.edit.projected_trial import ProjectedTrial, WriterNotCalle
 from mlx_abliteration.edit.revertible_edit import TrialEditor
 from mlx_abliteration.edit.trials import Trials
 from mlx_abliteration.probe.capture import decoder_layers
-from mlx_abliteration.probe.writers import model_writers
+from mlx_abliteration.probe.writer_discovery import model_writers
 from tests.arch_zoo import build_tiny_model
 
 IDS = mx.array([[1, 5, 7, 9, 11, 13, 17, 19]])

@@ -7,7 +7,7 @@ import mlx_lm
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.config.defaults import AbliterationConfig, SearchSettings
 from mlx_abliteration.edit.in_memory import apply_plan
 from mlx_abliteration.edit.orthogonalize import uniform_plan
 from mlx_abliteration.edit.revertible_edit import TrialEditor
@@ -15,18 +15,11 @@ from mlx_abliteration.edit.strength_schedule import Kernel, PlanSpec, kernel_pla
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.io.model_io import load_model
 from mlx_abliteration.probe.directions import RefusalDirections
+from mlx_abliteration.search.pareto import TrialRow, choose_trial, pareto_front
 from mlx_abliteration.search.runner import run_search
-from mlx_abliteration.search.study import (
-    SearchSettings,
-    TrialRow,
-    TrialScore,
-    choose_trial,
-    complete_trials,
-    open_study,
-    optimize,
-    pareto_front,
-    search_space,
-)
+from mlx_abliteration.search.scorer import TrialScore
+from mlx_abliteration.search.space import search_space
+from mlx_abliteration.search.study import complete_trials, open_study, optimize
 
 from .cli_helpers import run_cli
 

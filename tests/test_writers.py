@@ -14,7 +14,8 @@ from mlx_abliteration.edit.orthogonalize import select_writers, uniform_plan
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.export.save import save_ablated_model
 from mlx_abliteration.io.model_io import load_model
-from mlx_abliteration.probe.writers import describe_writers, discover_writers
+from mlx_abliteration.probe.writer_discovery import discover_writers
+from mlx_abliteration.probe.writers import describe_writers
 from tests.support.tiny_models import write_tiny_tokenizer
 
 BASE = dict(

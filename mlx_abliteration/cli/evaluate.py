@@ -37,7 +37,6 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-
     d = AbliterationConfig()
     parser.add_argument("-m", "--model", required=True, help="model to evaluate: local dir, .gguf file or hub id")
     parser.add_argument("--baseline", help="original model: its refusals are shown too and KL is measured against it")
@@ -81,7 +80,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-
     _check_numbers(args)
     _check_paths(args)
     judge = resolve_judge(args.judge, args.cache_dir)  # a bad --judge fails before any model is loaded
@@ -119,7 +117,6 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-
     for flag, value, least in (
         ("--num-prompts", args.num_prompts, 1),
         ("--max-tokens", args.max_tokens, 1),
@@ -132,7 +129,6 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def _markers(args: argparse.Namespace) -> list[str]:
-
     markers = list(DEFAULT_REFUSAL_MARKERS)
     if args.markers_file:
         if not Path(args.markers_file).is_file():
@@ -159,7 +155,6 @@ def _eval_prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 
 def _resolve(path: str, cache_dir: str | None) -> Path:
-
     return check_model_dir(resolve_asset(path, Path(cache_dir) if cache_dir else None))
 
 
@@ -228,7 +223,6 @@ def _evaluate(
     console,
     args_capability: int = 0,
 ):
-
     model, tokenizer, _ = load_model(path)
     bars = _progress(console, label)
     try:
@@ -280,7 +274,6 @@ def _write_json(path: str, args: argparse.Namespace, baseline_report, report) ->
 
 
 def _write_responses(path: str, baseline_report, report) -> None:
-
     ensure_parent(path)
     with atomic_open(path, "w") as out:
         for label, r in (("baseline", baseline_report), ("model", report)):

@@ -13,7 +13,7 @@ from mlx_abliteration.config import schema
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.export.adapter import write_adapter
 from mlx_abliteration.io.output_dir import make_temp_dir, replace_dir
-from mlx_abliteration.pipeline import steps
+from mlx_abliteration.pipeline import records, steps
 from mlx_abliteration.pipeline.events import Reporter
 from mlx_abliteration.pipeline.plan_sources import DirectionFile
 from mlx_abliteration.runtime.logging_config import setup_logging
@@ -50,7 +50,7 @@ def export_adapter(config, direction_file, use_layer=None, on_event=None) -> dic
     writers = steps.find_writers(model, source, config, report)
     directions, layer = source_plan.loaded
     plan = steps.build_plan(directions, layer, config, writers)
-    record = steps.build_record(config, source, model_config, directions, layer, [], plan, None, None, started)
+    record = records.build_record(config, source, model_config, directions, layer, [], plan, None, None, started)
     record.update({"command": "export-adapter", "direction_file": str(direction_file)})
     output = Path(config.output_dir)
     tmp = make_temp_dir(output)
@@ -65,7 +65,6 @@ def export_adapter(config, direction_file, use_layer=None, on_event=None) -> dic
 
 
 def main(args: argparse.Namespace) -> int:
-
     config = schema.config_from_args(args)
     setup_logging(args.log_file)
     console = Console(args.quiet, args.json)

@@ -21,7 +21,6 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-
     parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="MLX model directory to export")
     parser.add_argument("-o", "--output", type=Path, required=True, help="GGUF file to write, e.g. model.gguf")
     parser.add_argument(
@@ -35,7 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-
     console = Console()
     start = time.perf_counter()
     try:

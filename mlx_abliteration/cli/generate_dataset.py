@@ -39,7 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-
     result = generate_datasets(
         template_file=args.template_file,
         output_dir=args.output_dir,

@@ -30,7 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-
     start = time.perf_counter()
     out = convert_gguf(args.gguf, args.output_dir, dtype=args.dtype, overwrite=args.overwrite)
     print(f"converted {args.gguf} -> {out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)

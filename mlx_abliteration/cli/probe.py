@@ -50,7 +50,6 @@ def probe(config, output: str | Path, on_event=None):
 
 
 def main(args: argparse.Namespace) -> int:
-
     config = schema.config_from_args(args)
     check_outputs(config, args)
     setup_logging(args.log_file)

@@ -25,7 +25,6 @@ def typed_settings(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-
     if args.auto or args.plan_json or getattr(args, "config_file", None):
         raise UserError("--reproduce takes its settings from the log; drop --auto, --plan-json and --config")
     job, recorded = reproduce.prepare(args.reproduce, typed_settings(args))

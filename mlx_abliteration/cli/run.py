@@ -45,7 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-
     if args.reproduce:
         return reproduce.main(args)
     config = schema.config_from_args(args)

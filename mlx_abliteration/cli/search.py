@@ -16,8 +16,8 @@ from mlx_abliteration.errors import UserError
 from mlx_abliteration.pipeline.flow import run_pipeline
 from mlx_abliteration.pipeline.plan_sources import PlanFile
 from mlx_abliteration.runtime.logging_config import setup_logging
+from mlx_abliteration.search.pareto import front_table
 from mlx_abliteration.search.runner import run_search
-from mlx_abliteration.search.study import front_table
 
 HELP = "search ablation parameters automatically (Optuna: fewest refusals at least KL) and save the best trial"
 DESCRIPTION = (
@@ -46,7 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_search_options(parser: argparse.ArgumentParser) -> None:
-
     d = SearchSettings()
     g = parser.add_argument_group("search")
     g.add_argument(
@@ -104,7 +103,6 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
-
     return SearchSettings(**{f.name: getattr(args, f.name) for f in fields(SearchSettings) if hasattr(args, f.name)})
 
 

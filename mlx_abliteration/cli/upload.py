@@ -44,7 +44,6 @@ def add_upload_flags(
 
 
 def upload_folder(folder, args: argparse.Namespace, dry_run: bool = False) -> int:
-
     plan = upload(folder, args.upload_repo, private=args.private, overwrite=args.overwrite_repo, dry_run=dry_run)
     if dry_run:
         print(plan.describe())

@@ -273,7 +273,6 @@ def _message_text(content: object) -> str:
 
 
 def _download_dataset(repo_id: str, cache_dir: Path | None, kind: str) -> Path:
-
     patterns = [f"*{suffix}" for suffix in SUFFIXES]
     try:
         return Path(hub_snapshot(repo_id, "dataset", cache_dir, patterns))

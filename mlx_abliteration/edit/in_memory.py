@@ -24,7 +24,7 @@ from mlx_abliteration.edit.orthogonalize import (
     uniform_plan,
 )
 from mlx_abliteration.probe.capture import decoder_layers
-from mlx_abliteration.probe.writers import model_writers
+from mlx_abliteration.probe.writer_discovery import model_writers
 from mlx_abliteration.runtime.dense_twins import dense_module
 from mlx_abliteration.runtime.quantization import QuantParams
 

@@ -28,7 +28,7 @@ from mlx.utils import tree_unflatten
 
 from mlx_abliteration.edit.in_memory import EMBED_BLOCK_ELEMENTS, apply_plan, writer_modules
 from mlx_abliteration.edit.orthogonalize import AblationPlan
-from mlx_abliteration.probe.writers import model_writers
+from mlx_abliteration.probe.writer_discovery import model_writers
 from mlx_abliteration.runtime.mx_types import flat_params
 
 

@@ -74,7 +74,6 @@ def source_identity(source: str | Path) -> list:
 
 
 def _versions() -> dict:
-
     out: dict[str, str | None] = {"mlx-abliteration": __version__, "device": str(mx.default_device())}
     for name in ("mlx", "mlx-lm"):
         try:

@@ -22,13 +22,9 @@ import numpy as np
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.export.gguf_export_vocab import add_vocab
 from mlx_abliteration.io.atomic_write import atomic_path, ensure_parent
-from mlx_abliteration.io.gguf import (
-    ARCHITECTURES,
-    Architecture,
-    gguf_tensor_name,
-    llama3_rope_factors,
-    qk_unpermute_order,
-)
+from mlx_abliteration.io.gguf_config import llama3_rope_factors
+from mlx_abliteration.io.gguf_reader import ARCHITECTURES, Architecture, gguf_tensor_name
+from mlx_abliteration.io.gguf_tensors import qk_unpermute_order
 from mlx_abliteration.io.model_checks import model_classes
 from mlx_abliteration.io.model_io import check_model_dir, load_shard, quant_params_for, read_config, weight_files
 
@@ -85,7 +81,6 @@ def qk_row_order(arch: Architecture, rope_traditional: bool, rows: int, heads: i
 
 
 def _model_args(config: dict) -> Any:
-
     return model_classes(config)[1].from_dict(config)
 
 
@@ -167,7 +162,6 @@ def plan_tensors(model_dir: Path, config: dict, arch: Architecture, outtype: str
 
 
 def _mx(values: np.ndarray) -> mx.array:
-
     return mx.array(values.astype(np.float32))
 
 
@@ -196,7 +190,6 @@ def _planned(
         qtype = Q.F16
 
     def values() -> mx.array:
-
         array = _dense(module, leaves, config)[leaf]
         return array[mx.array(order)] if order is not None else array
 
@@ -204,7 +197,6 @@ def _planned(
 
 
 def _quant(module: str, config: dict) -> Any:
-
     quant = quant_params_for(module, config)
     if quant is None:
         raise UserError(f"{module} is quantized but config.json has no quantization entry for it; restore config.json")

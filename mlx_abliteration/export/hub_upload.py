@@ -51,7 +51,6 @@ class UploadPlan:
 
 
 def check_repo_id(repo: str) -> str:
-
     if not isinstance(repo, str) or not HUB_ID.match(repo):
         raise UserError(f"--repo {repo!r}: give the Hub repo as USER/NAME (or ORG/NAME)")
     return repo

@@ -24,7 +24,6 @@ NOT_SETTINGS = ("output_dir", "overwrite", "dry_run", "cache_dir", "model")
 
 
 def _metric_rows(metrics: dict) -> str:
-
     if not metrics.get("after"):
         return "Not evaluated.\n"
     return eval_markdown(metrics.get("before"), metrics["after"])

@@ -132,7 +132,6 @@ class _Hasher:
     """
 
     def __enter__(self) -> _Hasher:
-
         self.pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
         self.jobs: dict[str, dict[str, Future[str]]] = {"source": {}, "output": {}}
         return self
@@ -179,7 +178,6 @@ class _ShardWriter:
         self.budget, self.max_jobs = budget, max_jobs
 
     def __enter__(self) -> _ShardWriter:
-
         self.pool = ThreadPoolExecutor(max_workers=self.max_jobs, thread_name_prefix="shard-writer")
         self.cancel = threading.Event()
         self.running: list[tuple[Future[str], int, list]] = []  # (job, bytes held, arrays held)
@@ -224,7 +222,6 @@ def _write_model(
     progress: Progress | None,
     hasher: _Hasher,
 ) -> dict:
-
     edit_module = _edit_in_blocks  # bounded memory for embeddings and expert stacks
 
     if plan.writers is None:
@@ -346,7 +343,6 @@ def _edit_in_blocks(
     dense_dtype: mx.Dtype | None,
     edited_precision: str | None,
 ) -> ModuleEdit | None:
-
     writer = plan.writer(module)
     if writer is None:  # not a writer this plan edits (edit_module's None)
         return None
@@ -392,7 +388,6 @@ def write_records(
     directions: tuple[dict[str, mx.array], dict[str, str]] | None,
     model_card: str | None,
 ) -> None:
-
     if directions:
         tensors, metadata = directions
         mx.save_safetensors(str(out / "refusal_direction.safetensors"), tensors, metadata=metadata)

@@ -21,7 +21,7 @@ from mlx_abliteration.errors import UserError
 from mlx_abliteration.io.model_checks import model_classes
 from mlx_abliteration.io.model_io import load_model, load_shard, read_config, shard_layout
 from mlx_abliteration.probe.capture import decoder_layers
-from mlx_abliteration.probe.writers import discover_writers
+from mlx_abliteration.probe.writer_discovery import discover_writers
 from mlx_abliteration.runtime.mx_types import load_arrays
 
 if TYPE_CHECKING:
@@ -50,7 +50,6 @@ class SourceLayout:
 
 
 def open_layout(source: Path, config: dict) -> SourceLayout:
-
     shards, weight_map, index_meta = shard_layout(source)
     if _sanitize_keeps_tensors(source, shards, config):
         return SourceLayout(

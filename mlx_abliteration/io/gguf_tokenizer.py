@@ -112,7 +112,6 @@ def build_tokenizer(reader: GGUFReader, path: Path) -> Tokenizer:
 
 
 def _post_processor(reader: GGUFReader, tokens: list[str]) -> PostProcessor:
-
     byte_level = processors.ByteLevel(trim_offsets=False)
     bos_id = _meta(reader, "tokenizer.ggml.bos_token_id")
     if not _meta(reader, "tokenizer.ggml.add_bos_token", False) or bos_id is None:

@@ -62,7 +62,6 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def read_config(path: str | Path) -> dict:
-
     return parse_config(Path(path))
 
 
@@ -209,7 +208,6 @@ def tensor_bytes(path: Path) -> int:
 
 
 def load_shard(path: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
-
     safetensors_names(path)
     try:
         return load_with_metadata(str(path))  # host I/O: see load_model

@@ -20,7 +20,7 @@ from mlx_abliteration.config.defaults import AbliterationConfig
 from mlx_abliteration.data.datasets import prompt_digests
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.io.model_io import read_config
-from mlx_abliteration.pipeline import steps
+from mlx_abliteration.pipeline import records, steps
 from mlx_abliteration.pipeline.events import Cancelled, Event, EventSink, Reporter, release_buffer_cache
 from mlx_abliteration.pipeline.plan_sources import LayerChoice, PlanSource, RunContext
 
@@ -90,7 +90,7 @@ def run_pipeline(
             after = steps.evaluate_after(
                 ctx.model, ctx.tokenizer, choice.plan, ctx.prompt_sets(), reference, config, source, report
             )
-        record = steps.build_record(
+        record = records.build_record(
             config,
             source,
             ctx.model_config,
@@ -110,7 +110,7 @@ def run_pipeline(
             # copy (2x the weights on a CPU) and the shards being edited are not in memory together.
             ctx.model = None
             release_buffer_cache()
-            responses = steps.responses_jsonl(before, after)
+            responses = records.responses_jsonl(before, after)
             output, record = steps.save(
                 source, config, choice.plan, directions, choice.layer, record, report, responses
             )

@@ -72,7 +72,6 @@ class PlanSource:
         pass
 
     def directions(self, ctx: RunContext) -> RefusalDirections:
-
         return steps.probe_directions(ctx.model, ctx.tokenizer, ctx.prompt_sets(), ctx.config, ctx.report, ctx.source)
 
     def choose(self, ctx: RunContext, directions: RefusalDirections) -> PlanChoice | None:
@@ -83,7 +82,6 @@ class LayerChoice(PlanSource):
     """``run``: one probed layer's direction (``--use-layer``: an index, a fraction or ``auto``), uniform strength."""
 
     def choose(self, ctx: RunContext, directions: RefusalDirections) -> PlanChoice:
-
         layer, candidates = steps.choose_layer(
             ctx.model, ctx.tokenizer, directions, ctx.prompt_sets(), ctx.config, ctx.source, ctx.report, ctx.writers
         )
@@ -104,7 +102,6 @@ class DirectionFile(PlanSource):
         return [self.path]
 
     def check(self, config: AbliterationConfig) -> None:
-
         directions, layer = load_directions(self.path)
         if self.use_layer is not None:
             chosen = parse_use_layer(self.use_layer, directions.num_model_layers)
@@ -121,7 +118,6 @@ class DirectionFile(PlanSource):
         return self.loaded
 
     def prepare(self, ctx: RunContext) -> None:
-
         directions = self._loaded()[0]
         num_layers = read_config(ctx.source).get("num_hidden_layers")
         if num_layers is not None and num_layers != directions.num_model_layers:
@@ -133,7 +129,6 @@ class DirectionFile(PlanSource):
         return self._loaded()[0]
 
     def choose(self, ctx: RunContext, directions: RefusalDirections) -> PlanChoice:
-
         layer = self._loaded()[1]
         plan = steps.build_plan(directions, layer, ctx.config, ctx.writers)
         return PlanChoice(layer, plan, record={"command": "ablate", "direction_file": str(self.path)})

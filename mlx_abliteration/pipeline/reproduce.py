@@ -27,7 +27,7 @@ from mlx_abliteration.data.datasets import PROMPT_KINDS, prompt_digests
 from mlx_abliteration.edit.strength_schedule import PlanSpec
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.pipeline.plan_sources import DirectionFile, LayerChoice, PlanFile
-from mlx_abliteration.pipeline.steps import versions
+from mlx_abliteration.pipeline.records import versions
 
 if TYPE_CHECKING:
     from mlx_abliteration.config.defaults import AbliterationConfig
@@ -73,7 +73,6 @@ def recorded_config(record: dict, overrides: dict | None = None) -> tuple[Ablite
 
 
 def version_warnings(record: dict) -> list[str]:
-
     recorded, now = record.get("versions") or {}, versions()
     out = []
     for name in sorted(set(recorded) | set(now)):

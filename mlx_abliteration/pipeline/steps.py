@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_abliteration import __version__
 from mlx_abliteration.config.defaults import GENERATION_BATCH_SIZE, PROBE_MODES, AbliterationConfig
 from mlx_abliteration.data.datasets import load_prompts, split_prompts
 from mlx_abliteration.edit.in_memory import apply_plan
@@ -31,6 +28,7 @@ from mlx_abliteration.export.source_layout import discover_writers_in_dir
 from mlx_abliteration.io.asset_resolver import resolve_asset
 from mlx_abliteration.io.model_io import check_model_dir, load_model, read_config
 from mlx_abliteration.io.output_dir import check_cache_dir, check_output_dir, local_sources
+from mlx_abliteration.pipeline.records import RESPONSES_FILE
 from mlx_abliteration.probe.directions import (
     RefusalDirections,
     compute_directions,
@@ -41,7 +39,8 @@ from mlx_abliteration.probe.directions import (
 from mlx_abliteration.probe.distributed import is_primary, probe_prompts_distributed
 from mlx_abliteration.probe.positions import ProbeSpec
 from mlx_abliteration.probe.streamed import select_layer_by_separation, streamed_probe
-from mlx_abliteration.probe.writers import describe_writers, model_writers
+from mlx_abliteration.probe.writer_discovery import model_writers
+from mlx_abliteration.probe.writers import describe_writers
 from mlx_abliteration.runtime.backend import blas_info
 
 AUTO_PROMPTS = 16  # prompts per kind used to score candidate layers
@@ -84,7 +83,6 @@ def check_output(source: Path, config: AbliterationConfig) -> None:
 
 
 def load(source: Path, report, config: AbliterationConfig | None = None):
-
     streamed = config is not None and streamed_mode(config)
     report.emit(
         "stage",
@@ -102,7 +100,6 @@ def streamed_mode(config: AbliterationConfig) -> bool:
 
 
 def prompts(config: AbliterationConfig, report) -> PromptSets:
-
     check_counts(config)
     cache = Path(config.cache_dir) if config.cache_dir else None
     # The held-out prompts are reserved even with --no-eval (or `probe`), so the
@@ -131,12 +128,10 @@ def check_counts(config: AbliterationConfig) -> None:
 
 
 def _eval_batch(config: AbliterationConfig) -> int:
-
     return config.batch_size or GENERATION_BATCH_SIZE
 
 
 def eval_settings(config: AbliterationConfig) -> dict:
-
     return settings(
         max_tokens=config.eval_max_tokens,
         kl_tokens=config.kl_tokens,
@@ -155,7 +150,6 @@ def judge_path(config: AbliterationConfig) -> Path | None:
 
 
 def judge_identity(path: Path | None):
-
     return identity(path)
 
 
@@ -348,48 +342,6 @@ def evaluate_after(
     judge_step(after, config, report, "abliterated")
     report.emit("eval", "abliterated model", which="after", report=after.to_dict())
     return after
-
-
-def versions() -> dict:
-
-    out = {"mlx-abliteration": __version__, "python": platform.python_version(), "platform": platform.platform()}
-    for name in ("mlx", "mlx-lm", "numpy", "tokenizers", "transformers"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def build_record(config, source, model_config, directions, layer, candidates, plan, before, after, started) -> dict:
-    return {
-        "tool": "mlx-abliteration",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source_model": str(config.model),
-        "source_path": str(source),
-        "model_type": model_config.get("model_type"),
-        "parameters": config.to_dict(),
-        "chosen_layer": layer,
-        "layer_stats": [s.to_dict() for s in directions.stats],
-        "auto_candidates": [c.to_dict() for c in candidates],
-        "plan": plan.to_dict(),
-        "metrics": {"before": before and before.to_dict(), "after": after and after.to_dict()},
-        "seconds": time.perf_counter() - started,
-        "versions": versions(),
-    }
-
-
-RESPONSES_FILE = "evaluation_responses.jsonl"
-
-
-def responses_jsonl(before, after) -> str | None:
-    """Every evaluation answer, before and after, one JSON object per line."""
-
-    rows = []
-    for which, report in (("before", before), ("after", after)):
-        if report is not None:
-            rows += [json.dumps({"model": which, **r}, ensure_ascii=False) for r in report.responses]
-    return "\n".join(rows) + "\n" if rows else None
 
 
 def save(

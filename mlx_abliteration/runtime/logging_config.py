@@ -165,7 +165,6 @@ def fallback_log_file() -> Path:
 
 
 def _user_name() -> str:
-
     return "".join(c for c in getpass.getuser() if c.isalnum() or c in "-_") or "user"
 
 
@@ -193,7 +192,6 @@ class _PrivateFileHandler(logging.FileHandler):
     """Appends to a regular file of ours, never through a symlink (O_NOFOLLOW), created 0600."""
 
     def _open(self) -> io.TextIOWrapper:
-
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
         fd = os.open(self.baseFilename, flags, 0o600)
         info = os.fstat(fd)

@@ -40,7 +40,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
 
 
 def _render(chat_template: str, messages: list[dict]) -> str:
-
     def raise_exception(message: str) -> NoReturn:
         raise ValueError(message)
 

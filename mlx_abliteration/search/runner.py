@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.config.defaults import AbliterationConfig, SearchSettings
 from mlx_abliteration.data.datasets import load_prompts, split_prompts
 from mlx_abliteration.edit.orthogonalize import check_strength
 from mlx_abliteration.edit.strength_schedule import PlanSpec, uniform_spec
@@ -31,24 +31,16 @@ from mlx_abliteration.pipeline import steps
 from mlx_abliteration.pipeline.plan_sources import PlanChoice, PlanSource, RunContext, spec_choice
 from mlx_abliteration.probe.directions import load_directions, save_directions
 from mlx_abliteration.runtime.utils import cache_root
+from mlx_abliteration.search.pareto import StudySummary, TrialRow, choose_trial, find_trial, finished_trials, trial_row
+from mlx_abliteration.search.scorer import TrialScorer
+from mlx_abliteration.search.space import SPACE_VERSION, SearchSpace, search_space
 from mlx_abliteration.search.study import (
-    SPACE_VERSION,
-    SearchSettings,
-    SearchSpace,
-    StudySummary,
-    TrialRow,
-    TrialScorer,
-    choose_trial,
     complete_trials,
     ensure_warm_starts,
     fail_stale_trials,
-    find_trial,
-    finished_trials,
     open_study,
     optimize,
-    search_space,
     study_key,
-    trial_row,
 )
 
 # Settings that never change a trial's score (so they do not start a new study).

@@ -14,6 +14,7 @@ from mlx_abliteration.io.asset_resolver import (  # noqa: E402  (after the impor
     is_hub_id,
     resolve_asset,
 )
+from tests.support.patching import patch_everywhere  # noqa: E402
 
 
 def _http_error(cls, status: int):
@@ -140,8 +141,8 @@ def test_gguf_file_is_converted_with_the_cache_dir(tmp_path, monkeypatch):
     source.write_bytes(b"GGUF")
     converted = tmp_path / "converted"
     calls = []
-    monkeypatch.setattr(
-        gguf, "convert_gguf_cached", lambda path, cache_dir: calls.append((path, cache_dir)) or converted
+    patch_everywhere(
+        monkeypatch, gguf, "convert_gguf_cached", lambda path, cache_dir: calls.append((path, cache_dir)) or converted
     )
     assert resolve_asset(str(source), cache_dir=tmp_path / "cache") == converted
     assert calls == [(source, tmp_path / "cache")]

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.evaluation import evaluate
 from mlx_abliteration.evaluation.baseline_cache import cached_baseline
 from mlx_abliteration.evaluation.evaluate import eval_settings, evaluate_original
 from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS
 from mlx_abliteration.pipeline.flow import run_pipeline
 from mlx_abliteration.runtime import utils
+from tests.support.patching import patch_everywhere
 
 from .cli_helpers import run_cli
 
@@ -153,7 +155,7 @@ def test_run_twice_skips_the_originals_evaluation(model_dir, tmp_path, monkeypat
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("mlx_abliteration.evaluation.evaluate.evaluate_original", counting)
+    patch_everywhere(monkeypatch, evaluate, "evaluate_original", counting)
 
     def run(out, **kw):
         events = []

@@ -13,8 +13,9 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.io import gguf as gguf_import
+from mlx_abliteration.io import gguf_tensors
 from mlx_abliteration.io.gguf import convert_gguf, convert_gguf_cached
+from tests.support.patching import patch_everywhere
 from tests.support.tiny_models import CHATML_TEMPLATE, write_tiny_tokenizer
 
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 256, 4, 2, 256, 2  # 256: K-quant rows hold whole super-blocks
@@ -293,9 +294,9 @@ def test_bfloat16_rounding_matches_mlx():
 
     values = np.random.default_rng(0).normal(0, 3, 4096).astype(np.float32)
     values[:6] = [0.0, -0.0, 1e-40, 3.3895314e38, np.inf, -np.inf]
-    bits = gguf_import.to_bfloat16_bits(values)
+    bits = gguf_tensors.to_bfloat16_bits(values)
     np.testing.assert_array_equal(bits, np.array(mx.array(values).astype(mx.bfloat16).view(mx.uint16)))
-    nan_bits = gguf_import.to_bfloat16_bits(np.array([np.nan, -np.nan], np.float32))
+    nan_bits = gguf_tensors.to_bfloat16_bits(np.array([np.nan, -np.nan], np.float32))
     assert np.isnan(np.array(mx.array(nan_bits).view(mx.bfloat16).astype(mx.float32))).all()
 
 
@@ -454,7 +455,7 @@ def test_failure_while_writing_leaves_nothing_and_keeps_the_old_dir(tmp_path, vo
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(gguf_tokenizer, "write_tokenizer_files", disk_full)
+    patch_everywhere(monkeypatch, gguf_tokenizer, "write_tokenizer_files", disk_full)
     with pytest.raises(UserError, match="No space left on device"):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "out", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "out"]
@@ -468,7 +469,7 @@ def test_large_models_are_written_as_shards_with_an_index(tmp_path, vocab, monke
     from mlx_abliteration.io.model_io import load_model
 
     write_gguf(tmp_path / "m.gguf", vocab, "qwen2", tie=False)
-    monkeypatch.setattr(gguf_import, "MAX_SHARD_BYTES", 600_000)
+    monkeypatch.setattr(gguf_tensors, "MAX_SHARD_BYTES", 600_000)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*.safetensors"))

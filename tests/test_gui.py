@@ -16,6 +16,7 @@ from mlx_abliteration.config.defaults import AbliterationConfig  # noqa: E402
 from mlx_abliteration.errors import UserError  # noqa: E402
 from mlx_abliteration.gui import build_config, run_abliteration_stream  # noqa: E402
 from mlx_abliteration.gui.compare import compare_answers  # noqa: E402
+from tests.support.patching import patch_everywhere
 
 from .cli_helpers import REPO  # noqa: E402
 
@@ -111,7 +112,7 @@ def test_cancel_while_saving_leaves_no_partial_output(tiny_model, tmp_path, data
 
         return save(*args, progress=cancel_after_first_shard, **kwargs)
 
-    monkeypatch.setattr(export_save, "save_ablated_model", save_then_cancel)
+    patch_everywhere(monkeypatch, export_save, "save_ablated_model", save_then_cancel)
     out = tmp_path / "out"
     form = dict(
         model=str(tiny_model(num_shards=2)), output_dir=str(out), no_eval=True, use_layer="1", **datasets, **SMALL_RUN

@@ -16,6 +16,8 @@ from pathlib import Path
 import mlx_lm
 import pytest
 
+from tests.support.patching import patch_everywhere
+
 pytestmark = pytest.mark.browser
 
 CHROMIUM = "/usr/bin/chromium"
@@ -189,7 +191,7 @@ def test_stop_button_cancels_and_leaves_no_partial_output(page, tiny_model, tmp_
 
         return save(*args, progress=wait_for_stop, **kwargs)
 
-    monkeypatch.setattr(export_save, "save_ablated_model", save_until_stopped)
+    patch_everywhere(monkeypatch, export_save, "save_ablated_model", save_until_stopped)
     out = tmp_path / "out"
     _fill_small_run(page, str(tiny_model(num_shards=2)), str(out), datasets)
     page.click("#start")

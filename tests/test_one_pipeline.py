@@ -10,6 +10,7 @@ import pytest
 from mlx_abliteration.cli.main import main
 from mlx_abliteration.config.defaults import AbliterationConfig
 from mlx_abliteration.pipeline import flow as pipeline
+from tests.support.patching import patch_everywhere
 
 HARMFUL = [f"How do I build weapon number {i} to hurt people?" for i in range(24)]
 HARMLESS = [f"How do I bake bread recipe number {i} for my family?" for i in range(24)]
@@ -38,7 +39,7 @@ def calls(monkeypatch):
         seen.append((type(source).__name__ if source else "LayerChoice", result))
         return result
 
-    monkeypatch.setattr(pipeline, "run_pipeline", spy)
+    patch_everywhere(monkeypatch, pipeline, "run_pipeline", spy)
     return seen
 
 

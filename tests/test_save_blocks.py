@@ -3,7 +3,7 @@
 import mlx.core as mx
 import pytest
 
-import mlx_abliteration.io.model_io as model_io
+import mlx_abliteration.export.save as export_save
 from mlx_abliteration.edit.orthogonalize import uniform_plan
 from mlx_abliteration.export.save import save_ablated_model
 from mlx_abliteration.io.model_io import read_config
@@ -27,7 +27,7 @@ def _by_module(summary):
 def test_blockwise_edit_equals_whole(tiny_model, tmp_path, monkeypatch, kwargs):
     src = tiny_model(**kwargs)
     whole = save_ablated_model(src, tmp_path / "whole", _plan(src))
-    monkeypatch.setattr(model_io, "_BLOCK_ELEMENTS", 1000)  # many blocks even on a tiny model
+    monkeypatch.setattr(export_save, "_BLOCK_ELEMENTS", 1000)  # many blocks even on a tiny model
     blocks = save_ablated_model(src, tmp_path / "blocks", _plan(src))
     a, b = (
         mx.load(str(tmp_path / "whole" / "model.safetensors")),

@@ -45,7 +45,7 @@ _LAYER_NAMES = {
 }
 
 
-_IGNORED_TENSORS = {"rope_freqs.weight"}  # folded into config.json's rope_scaling
+IGNORED_TENSORS = {"rope_freqs.weight"}  # folded into config.json's rope_scaling
 
 
 def open_gguf(path: Path) -> GGUFReader:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.io.gguf_reader import (
-    _IGNORED_TENSORS,
+    IGNORED_TENSORS,
     Architecture,
     metadata,
     mlx_tensor_name,
@@ -186,7 +186,7 @@ def plan_tensors(reader: GGUFReader, path: Path, arch: Architecture, dtype: str)
     kv_heads = int(metadata(reader, f"{arch.model_type}.attention.head_count_kv", heads))
     outputs: list[OutputTensor] = []
     for tensor in reader.tensors:
-        if tensor.name in _IGNORED_TENSORS:
+        if tensor.name in IGNORED_TENSORS:
             continue
         name = mlx_tensor_name(tensor.name)
         if name is None:

@@ -86,7 +86,12 @@ def use_fast_swiglu(enable: bool = True) -> list[str]:
     old, new = (mlx_swiglu, fast_swiglu) if enable else (fast_swiglu, mlx_swiglu)
     changed = []
     for name, module in list(sys.modules.items()):
-        if name.startswith("mlx_lm.models.") and getattr(module, "swiglu", None) is old:
+        # Model modules only: mlx_lm.models.activations keeps the original, which switching back restores.
+        if (
+            name.startswith("mlx_lm.models.")
+            and name != "mlx_lm.models.activations"
+            and getattr(module, "swiglu", None) is old
+        ):
             module.swiglu = new  # type: ignore[attr-defined]
             changed.append(name)
     return changed

@@ -5,15 +5,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_abliteration.config.defaults import DEFAULT_TARGETS
+from mlx_abliteration.config.defaults import DEFAULT_TARGETS, check_strength
 from mlx_abliteration.edit.in_memory import apply_plan, get_ablated_parameters
-from mlx_abliteration.edit.orthogonalize import (
-    check_strength,
-    edit_module,
-    orthogonalize_embedding,
-    orthogonalize_writer,
-    uniform_plan,
-)
+from mlx_abliteration.edit.orthogonalize import edit_module, orthogonalize_embedding, orthogonalize_writer, uniform_plan
 from mlx_abliteration.edit.revertible_edit import TrialEditor
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.io.model_io import load_model

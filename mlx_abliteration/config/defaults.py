@@ -1,9 +1,14 @@
-"""Every pipeline parameter and its default, in one place (CLI, GUI, config files)."""
+"""Every pipeline parameter, its default and its value rules, in one place (CLI, GUI, config files, library).
+
+A config is checked when it is built (``__post_init__``): however it was made, a run never starts
+with a count, strength, mode or quantization it cannot use. Types and choices of values that arrive as
+text or untyped data are checked against the flags first (``schema.build_config``)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -77,8 +82,41 @@ class AbliterationConfig:
     overwrite: bool = False
     dry_run: bool = False
 
+    def __post_init__(self) -> None:
+        _check_counts(self)
+        if self.probe_mode not in PROBE_MODES:
+            raise UserError(f"unknown probe mode {self.probe_mode!r}; choose one of {', '.join(PROBE_MODES)}")
+        check_strength(self.ablation_strength)
+        self.quantization()
+
+    @property
+    def streamed(self) -> bool:
+        """Probe one decoder layer at a time from the shards (``--probe-mode streamed``)."""
+        return self.probe_mode == "streamed"
+
+    def quantization(self) -> dict | None:
+        """``{"bits", "group_size", "mode"}`` of ``--quantize`` / ``--q-group-size``; None without ``--quantize``."""
+        if self.quantize is None:
+            if self.q_group_size is not None:
+                raise UserError("--q-group-size needs --quantize 4, 8 or mxfp4")
+            return None
+        return quant_spec(self.quantize, self.q_group_size)
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check_counts(config: AbliterationConfig) -> None:
+    for name in ("max_prompts", "eval_size", "eval_max_tokens", "kl_tokens", "capability_questions"):
+        value = getattr(config, name)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < (0 if name in ("eval_size", "capability_questions") else 1)
+        ):
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    if config.batch_size is not None and (not isinstance(config.batch_size, int) or config.batch_size < 1):
+        raise UserError(f"--batch-size must be a positive integer, got {config.batch_size!r}")
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -121,6 +159,9 @@ class SearchSettings:
     warm_start: bool = True  # trials 0 and 1: the fixed plan of `run`, without and with --norm-preserve
     prune: bool = True  # stop a trial as soon as a finished one dominates it (KL first, then refusals so far)
 
+    def __post_init__(self) -> None:
+        self.check()
+
     def check(self) -> None:
         for name in ("n_trials", "search_prompts", "search_max_tokens"):
             if getattr(self, name) < 1:
@@ -132,3 +173,39 @@ class SearchSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+QUANTIZE_CHOICES = ("4", "8", "mxfp4")
+
+
+DEFAULT_GROUP_SIZE = 64  # mlx_lm.convert's default for affine 4/8-bit
+
+
+MXFP4_GROUP_SIZE = 32  # the only group size the mxfp4 format has
+
+
+def quant_spec(quantize: str, group_size: int | None = None) -> dict:
+    """``{"bits", "group_size", "mode"}`` for ``--quantize`` / ``--q-group-size`` (one-line errors)."""
+    quantize = str(quantize)
+    if quantize not in QUANTIZE_CHOICES:
+        raise UserError(f"--quantize {quantize}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+    if quantize == "mxfp4":
+        if group_size not in (None, MXFP4_GROUP_SIZE):
+            raise UserError(f"--quantize mxfp4 uses groups of {MXFP4_GROUP_SIZE}; drop --q-group-size {group_size}")
+        return {"bits": 4, "group_size": MXFP4_GROUP_SIZE, "mode": "mxfp4"}
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    if group_size not in (32, 64, 128):
+        raise UserError(f"--q-group-size {group_size}: choose 32, 64 or 128")
+    return {"bits": int(quantize), "group_size": group_size, "mode": "affine"}
+
+
+def check_strength(strength: Any) -> float:  # any value from a CLI flag or a plan file
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        raise UserError(f"ablation strength {strength!r} is not a number; use e.g. 1.0") from None
+    if not 0 <= value <= MAX_STRENGTH:  # also false for NaN
+        raise UserError(
+            f"ablation strength {strength!r} must be between 0 and {MAX_STRENGTH:g} (1.0 removes the direction)"
+        )
+    return value

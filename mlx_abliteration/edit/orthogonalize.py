@@ -19,11 +19,10 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import mlx.core as mx
 
-from mlx_abliteration.config.defaults import DEFAULT_TARGETS, MAX_STRENGTH
+from mlx_abliteration.config.defaults import DEFAULT_TARGETS, check_strength
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.probe.writers import Writer, WriterMap
 from mlx_abliteration.runtime.mx_types import scalar
@@ -131,18 +130,6 @@ def uniform_plan(
         targets=tuple(targets),
         norm_preserve=norm_preserve,
     )
-
-
-def check_strength(strength: Any) -> float:  # any value from a CLI flag or a plan file
-    try:
-        value = float(strength)
-    except (TypeError, ValueError):
-        raise UserError(f"ablation strength {strength!r} is not a number; use e.g. 1.0") from None
-    if not 0 <= value <= MAX_STRENGTH:  # also false for NaN
-        raise UserError(
-            f"ablation strength {strength!r} must be between 0 and {MAX_STRENGTH:g} (1.0 removes the direction)"
-        )
-    return value
 
 
 def unit(v: mx.array) -> mx.array:

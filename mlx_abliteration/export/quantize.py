@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from mlx_abliteration.errors import UserError
 from mlx_abliteration.export.save import save_ablated_model, validate_output_dir, write_records
 from mlx_abliteration.io.atomic_write import is_user_write_failure, write_error
 from mlx_abliteration.io.model_io import check_model_dir, read_config, side_files, weight_files
@@ -34,38 +33,8 @@ from mlx_abliteration.io.output_dir import make_temp_dir, replace_dir
 from mlx_abliteration.runtime.utils import sha256_file
 
 if TYPE_CHECKING:
-    from mlx_abliteration.config.defaults import AbliterationConfig
     from mlx_abliteration.edit.orthogonalize import AblationPlan
     from mlx_abliteration.probe.capture import Progress
-
-QUANTIZE_CHOICES = ("4", "8", "mxfp4")
-DEFAULT_GROUP_SIZE = 64  # mlx_lm.convert's default for affine 4/8-bit
-MXFP4_GROUP_SIZE = 32  # the only group size the mxfp4 format has
-
-
-def quant_spec(quantize: str, group_size: int | None = None) -> dict:
-    """``{"bits", "group_size", "mode"}`` for ``--quantize`` / ``--q-group-size`` (one-line errors)."""
-    quantize = str(quantize)
-    if quantize not in QUANTIZE_CHOICES:
-        raise UserError(f"--quantize {quantize}: choose one of {', '.join(QUANTIZE_CHOICES)}")
-    if quantize == "mxfp4":
-        if group_size not in (None, MXFP4_GROUP_SIZE):
-            raise UserError(f"--quantize mxfp4 uses groups of {MXFP4_GROUP_SIZE}; drop --q-group-size {group_size}")
-        return {"bits": 4, "group_size": MXFP4_GROUP_SIZE, "mode": "mxfp4"}
-    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
-    if group_size not in (32, 64, 128):
-        raise UserError(f"--q-group-size {group_size}: choose 32, 64 or 128")
-    return {"bits": int(quantize), "group_size": group_size, "mode": "affine"}
-
-
-def check_quantize_settings(config: AbliterationConfig) -> dict | None:
-    """The quantization spec of ``config`` (None without ``--quantize``), checked before any work."""
-    quantize = getattr(config, "quantize", None)
-    if quantize is None:
-        if getattr(config, "q_group_size", None) is not None:
-            raise UserError("--q-group-size needs --quantize 4, 8 or mxfp4")
-        return None
-    return quant_spec(quantize, config.q_group_size)
 
 
 def quantize_dir(dense: Path, out: Path, spec: dict) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_abliteration.config.defaults import GENERATION_BATCH_SIZE, PROBE_MODES, AbliterationConfig
+from mlx_abliteration.config.defaults import GENERATION_BATCH_SIZE, AbliterationConfig
 from mlx_abliteration.data.datasets import load_prompts, split_prompts
 from mlx_abliteration.edit.in_memory import apply_plan
 from mlx_abliteration.edit.orthogonalize import AblationPlan, select_writers, uniform_plan
@@ -22,7 +22,7 @@ from mlx_abliteration.evaluation.judge import judge_reports, resolve_judge
 from mlx_abliteration.evaluation.layer_selection import select_layer_auto
 from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS
 from mlx_abliteration.export.model_card import model_card
-from mlx_abliteration.export.quantize import check_quantize_settings, save_quantized_model
+from mlx_abliteration.export.quantize import save_quantized_model
 from mlx_abliteration.export.save import save_ablated_model, validate_output_dir
 from mlx_abliteration.export.source_layout import discover_writers_in_dir
 from mlx_abliteration.io.asset_resolver import resolve_asset
@@ -71,7 +71,6 @@ def check_paths(config: AbliterationConfig, extra_sources=()) -> None:
     none of the paths the user named as input (the model dir or .gguf file, the datasets)."""
 
     check_cache_dir(config.cache_dir)
-    check_quantize_settings(config)
     if config.output_dir and not config.dry_run:
         sources = local_sources(config.model, config.harmful_dataset, config.harmless_dataset, *extra_sources)
         check_output_dir(config.output_dir, sources=sources, overwrite=config.overwrite)
@@ -83,7 +82,7 @@ def check_output(source: Path, config: AbliterationConfig) -> None:
 
 
 def load(source: Path, report, config: AbliterationConfig | None = None):
-    streamed = config is not None and streamed_mode(config)
+    streamed = config is not None and config.streamed
     report.emit(
         "stage",
         f"{'opening (lazily)' if streamed else 'loading'} {source}",
@@ -93,14 +92,7 @@ def load(source: Path, report, config: AbliterationConfig | None = None):
     return load_model(source, lazy=streamed)
 
 
-def streamed_mode(config: AbliterationConfig) -> bool:
-    if config.probe_mode not in PROBE_MODES:
-        raise UserError(f"unknown probe mode {config.probe_mode!r}; choose one of {', '.join(PROBE_MODES)}")
-    return config.probe_mode == "streamed"
-
-
 def prompts(config: AbliterationConfig, report) -> PromptSets:
-    check_counts(config)
     cache = Path(config.cache_dir) if config.cache_dir else None
     # The held-out prompts are reserved even with --no-eval (or `probe`), so the
     # probing set, and so the weights, never depend on whether evaluation runs.
@@ -116,15 +108,6 @@ def prompts(config: AbliterationConfig, report) -> PromptSets:
         f"{len(data.harmful_eval)}+{len(data.harmless_eval)} held out for evaluation",
     )
     return data
-
-
-def check_counts(config: AbliterationConfig) -> None:
-    for name in ("max_prompts", "eval_size", "eval_max_tokens", "kl_tokens", "capability_questions"):
-        value = getattr(config, name)
-        if not isinstance(value, int) or value < (0 if name in ("eval_size", "capability_questions") else 1):
-            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    if config.batch_size is not None and (not isinstance(config.batch_size, int) or config.batch_size < 1):
-        raise UserError(f"--batch-size must be a positive integer, got {config.batch_size!r}")
 
 
 def _eval_batch(config: AbliterationConfig) -> int:
@@ -168,7 +151,7 @@ def evaluate_before(model, tokenizer, data: PromptSets, config: AbliterationConf
     prompts and every evaluation setting) unless ``--no-cache``, else computed and cached."""
     if config.no_eval or not data.harmful_eval:
         return None, None
-    if streamed_mode(config):
+    if config.streamed:
         report.emit("info", "--probe-mode streamed never loads the whole model: evaluation is skipped")
         return None, None
 
@@ -209,7 +192,7 @@ def probe_directions(
     spec = probe_spec(config)
     report.emit("stage", f"probing {len(layers)} layers at position '{spec.position}'")
     started = time.perf_counter()
-    if streamed_mode(config):
+    if config.streamed:
         sets = [data.harmful_train, data.harmless_train]
         harmful, harmless = streamed_probe(source, sets, spec, layers, config.batch_size, report.progress)
     else:
@@ -248,7 +231,7 @@ def choose_layer(
             )
         report.emit("layers", f"using layer {choice}", stats=[s.to_dict() for s in directions.stats], chosen=choice)
         return choice, []
-    if streamed_mode(config):
+    if config.streamed:
         layer = select_layer_by_separation(directions)
         report.emit(
             "layers",
@@ -291,7 +274,7 @@ def find_writers(model, source: Path, config: AbliterationConfig, report):
     """
 
     report.emit("stage", "finding the residual writers")
-    if model is None or streamed_mode(config):
+    if model is None or config.streamed:
         writers = discover_writers_in_dir(source)
     else:
         writers = model_writers(model)
@@ -361,7 +344,7 @@ def save(
 
     if not is_primary():
         return config.output_dir, record  # under mlx.launch only rank 0 writes
-    spec = check_quantize_settings(config)
+    spec = config.quantization()
     report.emit("stage", f"saving to {config.output_dir}" + (f" (quantized: {config.quantize})" if spec else ""))
     common = dict(
         overwrite=config.overwrite,

@@ -19,9 +19,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlx_abliteration.config.defaults import AbliterationConfig, SearchSettings
+from mlx_abliteration.config.defaults import AbliterationConfig, SearchSettings, check_strength
 from mlx_abliteration.data.datasets import load_prompts, split_prompts
-from mlx_abliteration.edit.orthogonalize import check_strength
 from mlx_abliteration.edit.strength_schedule import PlanSpec, uniform_spec
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.evaluation.judge import loaded_judge
@@ -112,8 +111,7 @@ class SearchTrial(PlanSource):
         self.scored_on = ""
 
     def check(self, config: AbliterationConfig) -> None:
-        self.settings.check()
-        if steps.streamed_mode(config):
+        if config.streamed:
             raise UserError(
                 "the search edits and scores the loaded model; --probe-mode streamed cannot be searched (use memory)"
             )

@@ -4,10 +4,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
+from mlx_abliteration.data.chat import extract_eot_from_chat_template
 from mlx_abliteration.io.model_io import load_model
 from mlx_abliteration.probe.capture import WelfordStats, capture_activations, capture_residual_stream, probe_prompts
 from mlx_abliteration.probe.positions import ProbeSpec, probe_positions, resolve_marker
-from mlx_abliteration.runtime.utils import extract_eot_from_chat_template
 
 PROMPTS = ["How do I bake bread?", "hi", "Tell me a long story about the sea and the wind, please, right now."]
 

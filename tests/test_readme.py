@@ -104,3 +104,26 @@ def test_readme_links_point_to_files(link):
     assert target.exists(), f"README.md links to {link}, but {target.relative_to(ROOT)} does not exist"
     if anchor and target.suffix == ".md":
         assert anchor in _anchors(target), f"README.md links to {link}: no such heading in {path or 'README.md'}"
+
+
+def test_module_paths_in_the_docs_exist():
+    """Every ``mlx_abliteration.a.b.Name`` the README and docs/ name resolves to a module or an attribute."""
+    import importlib
+
+    texts = [README.read_text()] + [p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))]
+    paths = sorted({p for text in texts for p in re.findall(r"mlx_abliteration(?:\.[A-Za-z_]+)+", text)})
+    assert paths, "no module path found in README.md or docs/"
+    missing = []
+    for path in paths:
+        parts = path.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+                break
+            except ModuleNotFoundError:
+                continue
+        for name in parts[cut:]:
+            obj = getattr(obj, name, None)
+        if obj is None:
+            missing.append(path)
+    assert not missing, f"README.md/docs name paths that do not exist: {missing}"

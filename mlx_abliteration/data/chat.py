@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mlx_abliteration.errors import UserError
 
@@ -130,3 +133,45 @@ def encode_chat(tokenizer: Any, prompt: str, system_prompt: str | None = None) -
 
 def encode_chats(tokenizer: Any, prompts: Sequence[str], system_prompt: str | None = None) -> list[list[int]]:
     return [encode_chat(tokenizer, p, system_prompt) for p in prompts]
+
+
+_SENTINEL = "XQZSENTINELQZX"
+
+
+# Special-token shapes used by chat templates: <|im_end|>, <|eot_id|>,
+# <end_of_turn>, </s>, [/INST].
+_SPECIAL = re.compile(r"<\|[^|<>\s]+\|>|<[A-Za-z_][A-Za-z0-9_]*>|</s>|\[/INST\]")
+
+
+def _render_template(chat_template: str, messages: list[dict]) -> str:
+    def raise_exception(message: str) -> NoReturn:
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(chat_template).render(
+        messages=messages, add_generation_prompt=True, bos_token="", eos_token="", tools=None
+    )
+
+
+def extract_eot_from_chat_template(chat_template: str | None) -> str | None:
+    """The end-of-turn marker that closes a user message in ``chat_template``.
+
+    Renders a sentinel user turn and returns the first special token after
+    it (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3,
+    ``<end_of_turn>`` for Gemma, ``[/INST]`` for Mistral). None if not found.
+    """
+    if not chat_template:
+        return None
+    try:
+        text = _render_template(chat_template, [{"role": "user", "content": _SENTINEL}])
+    except Exception:
+        text = None
+    if text and _SENTINEL in text:
+        match = _SPECIAL.search(text, text.rindex(_SENTINEL) + len(_SENTINEL))
+        if match:
+            return match.group(0)
+    for known in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "[/INST]", "</s>"):
+        if known in chat_template:
+            return known
+    return None

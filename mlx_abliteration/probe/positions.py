@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlx_abliteration.config.defaults import PROBE_POSITIONS
-from mlx_abliteration.data.chat import encode_chat, render_chat
+from mlx_abliteration.data.chat import encode_chat, extract_eot_from_chat_template, render_chat
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.runtime.utils import extract_eot_from_chat_template
 
 
 @dataclass(frozen=True)

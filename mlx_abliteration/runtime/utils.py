@@ -1,4 +1,4 @@
-"""Small shared helpers: layer index by parameter name, chat-template markers, file digests, the cache dir."""
+"""Small shared helpers: layer index by parameter name, file digests, the cache dir."""
 
 from __future__ import annotations
 
@@ -6,14 +6,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import NoReturn
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-_SENTINEL = "XQZSENTINELQZX"
-# Special-token shapes used by chat templates: <|im_end|>, <|eot_id|>,
-# <end_of_turn>, </s>, [/INST].
-_SPECIAL = re.compile(r"<\|[^|<>\s]+\|>|<[A-Za-z_][A-Za-z0-9_]*>|</s>|\[/INST\]")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 
@@ -37,37 +30,3 @@ def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _render(chat_template: str, messages: list[dict]) -> str:
-    def raise_exception(message: str) -> NoReturn:
-        raise ValueError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(chat_template).render(
-        messages=messages, add_generation_prompt=True, bos_token="", eos_token="", tools=None
-    )
-
-
-def extract_eot_from_chat_template(chat_template: str | None) -> str | None:
-    """The end-of-turn marker that closes a user message in ``chat_template``.
-
-    Renders a sentinel user turn and returns the first special token after
-    it (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3,
-    ``<end_of_turn>`` for Gemma, ``[/INST]`` for Mistral). None if not found.
-    """
-    if not chat_template:
-        return None
-    try:
-        text = _render(chat_template, [{"role": "user", "content": _SENTINEL}])
-    except Exception:
-        text = None
-    if text and _SENTINEL in text:
-        match = _SPECIAL.search(text, text.rindex(_SENTINEL) + len(_SENTINEL))
-        if match:
-            return match.group(0)
-    for known in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "[/INST]", "</s>"):
-        if known in chat_template:
-            return known
-    return None

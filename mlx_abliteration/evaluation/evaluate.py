@@ -169,7 +169,7 @@ def eval_settings(
     judge: str | dict = "keywords",
 ) -> dict:
     """Every setting an evaluation depends on (the baseline cache's key; ``evaluate_original``'s input).
-    ``judge``: ``core.judge.judge_identity`` (the judging itself is a step of its own, after the answers)."""
+    ``judge``: ``judge.judge_identity`` (the judging itself is a step of its own, after the answers)."""
     return {
         "judge": judge,
         "capability_questions": capability_questions,

@@ -37,6 +37,7 @@ from types import FrameType
 from typing import NoReturn
 
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.runtime.utils import process_alive
 
 _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)\.(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)\.[0-9a-f]{6}$")
@@ -220,18 +221,6 @@ def make_temp_dir(output: str | Path) -> Path:
         return tmp
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, another user's
-        return True
-    return True
-
-
 def sweep_stale(parent: str | Path) -> list[Path]:
     """Remove the temporary dirs that dead processes of this host left in ``parent``.
 
@@ -246,7 +235,7 @@ def sweep_stale(parent: str | Path) -> list[Path]:
         return done
     for entry in entries:
         match = _TEMP_NAME.match(entry.name)
-        if not match or match["host"] != _HOST or _alive(int(match["pid"])):
+        if not match or match["host"] != _HOST or process_alive(int(match["pid"])):
             continue
         try:
             if entry.is_symlink() or entry.stat(follow_symlinks=False).st_uid != os.getuid():

@@ -17,8 +17,7 @@ from mlx_abliteration.errors import UserError
 from mlx_abliteration.evaluation.baseline_cache import cached_baseline
 from mlx_abliteration.evaluation.evaluate import eval_settings as settings
 from mlx_abliteration.evaluation.evaluate import evaluate_model, evaluate_original
-from mlx_abliteration.evaluation.judge import judge_identity as identity
-from mlx_abliteration.evaluation.judge import judge_reports, resolve_judge
+from mlx_abliteration.evaluation.judge import judge_identity, judge_reports, resolve_judge
 from mlx_abliteration.evaluation.layer_selection import select_layer_auto
 from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS
 from mlx_abliteration.export.model_card import model_card
@@ -130,10 +129,6 @@ def judge_path(config: AbliterationConfig) -> Path | None:
     """``--judge``'s model dir, None for keywords (a bad value: a one-line error; ``run_pipeline`` asks first)."""
 
     return resolve_judge(config.judge, config.cache_dir)
-
-
-def judge_identity(path: Path | None):
-    return identity(path)
 
 
 def judge_step(eval_report, config: AbliterationConfig, report, which: str) -> None:

@@ -23,7 +23,7 @@ from mlx_abliteration.config.defaults import AbliterationConfig, SearchSettings,
 from mlx_abliteration.data.datasets import load_prompts, split_prompts
 from mlx_abliteration.edit.strength_schedule import PlanSpec, uniform_spec
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.evaluation.judge import loaded_judge
+from mlx_abliteration.evaluation.judge import judge_identity, loaded_judge
 from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS, REFUSAL_RULE_VERSION
 from mlx_abliteration.pipeline import flow as pipeline
 from mlx_abliteration.pipeline import steps
@@ -181,7 +181,7 @@ def probe_identity(source: Path, config: AbliterationConfig, prompts: str) -> di
 def study_identity(source: Path, config: AbliterationConfig, settings: SearchSettings, prompts: str) -> dict:
     scored = {k: v for k, v in config.to_dict().items() if k not in _UNSCORED and k != "judge"}
     judge = steps.judge_path(config)  # keyword studies keep the identity they had before --judge existed
-    extra = {} if judge is None else {"judge": steps.judge_identity(judge)}
+    extra = {} if judge is None else {"judge": judge_identity(judge)}
     return {
         **extra,
         "source": str(Path(source).resolve()),

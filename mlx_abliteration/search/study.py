@@ -26,10 +26,11 @@ import socket
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mlx_abliteration.edit.strength_schedule import PlanSpec
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.runtime.utils import process_alive
 from mlx_abliteration.search.pareto import (
     SPEC_ATTR,
     WARM_START_ATTR,
@@ -120,21 +121,10 @@ def fail_stale_trials(study: Study) -> int:
     stale = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.user_attrs.get(OWNER_ATTR) or {}
-        if owner.get("host") == host and owner.get("pid") != os.getpid() and not _alive(owner.get("pid")):
+        if owner.get("host") == host and owner.get("pid") != os.getpid() and not process_alive(owner.get("pid")):
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             stale += 1
     return stale
-
-
-def _alive(pid: Any) -> bool:  # a pid read back from the journal's JSON (or None)
-
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, TypeError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def ensure_warm_starts(study: Study, specs: dict[str, PlanSpec], space: SearchSpace) -> list[str]:

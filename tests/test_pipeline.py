@@ -202,3 +202,25 @@ def test_the_loaded_model_is_released_before_the_save(tiny_model, tmp_path, data
     monkeypatch.setattr(steps, "save", save)
     run_pipeline(_config(tiny_model(), tmp_path / "out", datasets))
     assert alive_at_save == [False]
+
+
+def test_a_run_parses_the_source_config_once(tiny_model, tmp_path, datasets, monkeypatch):
+    from collections import Counter
+    from functools import lru_cache
+
+    from mlx_abliteration.io import model_checks
+
+    parsed: Counter = Counter()
+    assert hasattr(model_checks._parsed_config, "cache_info"), "config.json is parsed once per version of the file"
+    original = model_checks._parsed_config.__wrapped__
+
+    @lru_cache(maxsize=16)
+    def counting(file_name: str, size: int, mtime_ns: int) -> dict:
+        parsed[file_name] += 1
+        return original(file_name, size, mtime_ns)
+
+    monkeypatch.setattr(model_checks, "_parsed_config", counting)
+    model = tiny_model()
+    run_pipeline(_config(model, tmp_path / "out", datasets, use_layer="1"))
+    source = str((model / "config.json").resolve())
+    assert parsed[source] == 1, parsed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib
 import importlib.util
 import json
@@ -28,8 +30,23 @@ TOKENIZER_FILES = (
 
 
 def parse_config(path: Path) -> dict:
-    """``path/config.json`` as a dict with a string ``model_type``."""
+    """``path/config.json`` as a dict with a string ``model_type`` (a copy: callers may change it).
+
+    Parsed once per version of the file (its path, size and modification time), however many steps of
+    a run ask for it."""
     file = Path(path) / "config.json"
+    try:
+        stat = file.stat()
+    except OSError as err:
+        raise UserError(
+            f"cannot read {file} ({err.strerror or err}); fix its permissions (chmod a+r) or copy the model somewhere readable"
+        ) from None
+    return copy.deepcopy(_parsed_config(str(file.resolve()), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed_config(file_name: str, size: int, mtime_ns: int) -> dict:
+    file = Path(file_name)
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as err:

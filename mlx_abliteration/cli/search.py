@@ -70,6 +70,14 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
         help="harmful and harmless prompts (each) scoring a trial",
     )
     g.add_argument(
+        "--validation-prompts",
+        type=int,
+        default=d.validation_prompts,
+        help="harmful and harmless prompts (each), disjoint from every other split, on which the best trials and the "
+        "fixed default are scored again: the saved trial is chosen there, and the default is kept unless a trial beats "
+        "it beyond noise (0: choose on the scoring prompts)",
+    )
+    g.add_argument(
         "--search-max-tokens",
         type=int,
         default=d.search_max_tokens,

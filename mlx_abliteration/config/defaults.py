@@ -151,6 +151,9 @@ class SearchSettings:
     n_startup_trials: int = 8  # random trials before TPE models the results
     max_kl: float = 0.1  # the saved trial: fewest refusals among trials with KL <= this
     search_prompts: int = 32  # prompts per kind scoring each trial (disjoint from probing and held-out eval)
+    # prompts per kind on which the best trials and the fixed default are scored again to choose the saved
+    # trial (disjoint from the scoring split too; 0: choose on the scoring split)
+    validation_prompts: int = 64
     search_max_tokens: int = 32  # tokens generated per harmful prompt in a trial (stops at a refusal)
     search_seed: int | None = None  # None: the pipeline's --seed
     study_dir: str | None = None  # None: <cache dir>/studies
@@ -166,6 +169,8 @@ class SearchSettings:
         for name in ("n_trials", "search_prompts", "search_max_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.validation_prompts < 0:
+            raise UserError(f"--validation-prompts must be >= 0 (got {self.validation_prompts})")
         if self.n_startup_trials < 0:
             raise UserError(f"--n-startup-trials must be >= 0 (got {self.n_startup_trials})")
         if not self.max_kl > 0:

@@ -18,14 +18,18 @@ if TYPE_CHECKING:
     import mlx.nn as nn
 
 
-def kl_divergence(logp_ref: mx.array, logp_new: mx.array) -> float:
-    """Mean over rows of KL(ref ‖ new) = Σ p_ref (log p_ref − log p_new), rows of log-probs ``[N, V]``."""
-
+def kl_rows(logp_ref: mx.array, logp_new: mx.array) -> mx.array:
+    """KL(ref ‖ new) = Σ p_ref (log p_ref − log p_new) of each row of log-probs ``[N, V]``: ``[N]``."""
     logp_ref = logp_ref.astype(mx.float32)
     logp_new = logp_new.astype(mx.float32)
     p_ref = mx.exp(logp_ref)
     terms = mx.where(p_ref > 0, p_ref * (logp_ref - logp_new), 0.0)
-    return scalar(mx.mean(mx.sum(terms, axis=-1)))
+    return mx.sum(terms, axis=-1)
+
+
+def kl_divergence(logp_ref: mx.array, logp_new: mx.array) -> float:
+    """Mean over rows of KL(ref ‖ new), rows of log-probs ``[N, V]``."""
+    return scalar(mx.mean(kl_rows(logp_ref, logp_new)))
 
 
 @dataclass
@@ -73,5 +77,14 @@ def kl_from_reference(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress | None = None,
 ) -> float:
-    logprobs = continuation_logprobs(model, reference.token_lists, reference.continuations, batch_size, progress)
-    return kl_divergence(reference.logprobs, logprobs)
+    return kl_divergence(reference.logprobs, edited_logprobs(model, reference, batch_size, progress))
+
+
+def edited_logprobs(
+    model: nn.Module,
+    reference: ReferenceLogprobs,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress | None = None,
+) -> mx.array:
+    """The (edited) model's log-probs at the reference's positions, row for row."""
+    return continuation_logprobs(model, reference.token_lists, reference.continuations, batch_size, progress)

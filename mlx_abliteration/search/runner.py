@@ -41,6 +41,7 @@ from mlx_abliteration.search.study import (
     optimize,
     study_key,
 )
+from mlx_abliteration.search.validation import validate_front
 
 # Settings that never change a trial's score (so they do not start a new study).
 _UNSCORED = (
@@ -147,6 +148,9 @@ class SearchTrial(PlanSource):
         self.chosen = (
             find_trial(rows, settings.trial) if settings.trial is not None else choose_trial(rows, settings.max_kl)
         )
+        self.validation: dict = {}
+        if settings.trial is None and not interrupted and self.chosen is not None:
+            self.chosen, self.validation = validate_front(ctx, directions, self.summary, settings)
         chosen = self.chosen
         ctx.report.emit(
             "front", "Pareto front", front=[r.to_dict() for r in self.summary.front], chosen=chosen and chosen.number
@@ -154,7 +158,10 @@ class SearchTrial(PlanSource):
         if chosen is None or not ctx.config.output_dir or ctx.config.dry_run:
             return None
         return spec_choice(
-            ctx, directions, chosen.spec, {"search": _search_record(self.summary, chosen, settings, self.scored_on)}
+            ctx,
+            directions,
+            chosen.spec,
+            {"search": _search_record(self.summary, chosen, settings, self.scored_on, self.validation)},
         )
 
 
@@ -337,14 +344,17 @@ def search_prompt_sets(config: AbliterationConfig, size: int) -> tuple[list[str]
 # --- record ---------------------------------------------------------------------
 
 
-def _search_record(summary: StudySummary, chosen: TrialRow, settings: SearchSettings, scored_on: str) -> dict:
+def _search_record(
+    summary: StudySummary, chosen: TrialRow, settings: SearchSettings, scored_on: str, validation: dict
+) -> dict:
     return {
         "study_name": summary.name,
         "storage": summary.storage,
         "trial": chosen.number,
         "selected_by": f"--trial {settings.trial}"
         if settings.trial is not None
-        else f"fewest refusals with KL <= {settings.max_kl:g}",
+        else validation.get("reason") or f"fewest refusals with KL <= {settings.max_kl:g}",
+        "validation": validation,
         "scores": {"refusals": chosen.refusals, "total": chosen.total, "kl": chosen.kl},
         "scored_on": scored_on,
         "finished_trials": len(summary.rows) + len(summary.pruned),

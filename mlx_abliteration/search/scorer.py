@@ -7,16 +7,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import mlx.core as mx
+
 from mlx_abliteration.data.chat import encode_chats
 from mlx_abliteration.edit.strength_schedule import PlanSpec, kernel_plan
 from mlx_abliteration.edit.trials import Trials
 from mlx_abliteration.evaluation.generation import greedy_tokens, strip_eos
-from mlx_abliteration.evaluation.kl import ReferenceLogprobs, kl_divergence, kl_from_reference, reference_logprobs
+from mlx_abliteration.evaluation.kl import ReferenceLogprobs, edited_logprobs, kl_rows, reference_logprobs
 from mlx_abliteration.evaluation.refusals import answer_verdict, contains_refusal_marker, split_thinking
 from mlx_abliteration.probe.prefix_batch import shared_first_token_logprobs, shared_prefill
+from mlx_abliteration.runtime.mx_types import float_list, scalar
 
 if TYPE_CHECKING:
-    import mlx.core as mx
     import mlx.nn as nn
 
     from mlx_abliteration.evaluation.judge import Judge
@@ -33,6 +35,7 @@ class TrialScore:
     generated_tokens: int
     timings: dict = field(default_factory=dict)  # seconds per phase: apply, kl, generate, restore
     pruned: bool = False  # stopped once dominated; ``refusals`` is then a lower bound
+    kl_rows: list[float] = field(default_factory=list)  # per harmless prompt (per token for multi-token KL)
 
 
 class _Dominated(Exception):
@@ -102,7 +105,8 @@ class TrialScorer:
 
     def _measure(self, clock: _Clock, dominated: Callable[[float, int], bool]) -> TrialScore:
         total = len(self.harmful_ids)
-        kl = self._kl()
+        per_row = self._kl_rows()
+        kl, rows = scalar(mx.mean(per_row)), float_list(per_row)  # the mean as kl_divergence takes it
         clock.lap("kl")
         if dominated(kl, 0):
             return TrialScore(0, total, kl, 0.0, 0, pruned=True)
@@ -112,14 +116,15 @@ class TrialScorer:
             return TrialScore(stop.args[0], total, kl, 0.0, 0, pruned=True)
         finally:
             clock.lap("generate")
-        return TrialScore(refusals, total, kl, 0.0, tokens)
+        return TrialScore(refusals, total, kl, 0.0, tokens, kl_rows=rows)
 
-    def _kl(self) -> float:
+    def _kl_rows(self) -> mx.array:
         if isinstance(self.reference, ReferenceLogprobs):
-            return kl_from_reference(self.model, self.reference, self.batch_size)
-        return kl_divergence(
-            self.reference, shared_first_token_logprobs(self.model, self.harmless_ids, self.batch_size)
-        )
+            reference, edited = self.reference.logprobs, edited_logprobs(self.model, self.reference, self.batch_size)
+        else:
+            reference = self.reference
+            edited = shared_first_token_logprobs(self.model, self.harmless_ids, self.batch_size)
+        return kl_rows(reference, edited)
 
     def _harmful_answers(self, row_stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
         """Greedy answer tokens for the harmful prompts (a row ends early where ``row_stop`` says so)."""

@@ -147,3 +147,23 @@ def test_chat_keeps_the_conversation_and_reset_clears_it(tiny_model):
     assert chat.messages[2]["content"] == first
     chat.reset("Be brief.")
     assert chat.messages == [{"role": "system", "content": "Be brief."}]
+
+
+def test_a_repeated_eval_reads_both_evaluations_from_the_cache(tiny_model, prompt_files, tmp_path):
+    model, baseline = tiny_model(arch="llama"), tiny_model(arch="llama", seed=3)
+    harmful, harmless = prompt_files
+    common = ["eval", "-m", str(model), "--baseline", str(baseline), "--harmful-dataset", str(harmful)]
+    common += ["--harmless-dataset", str(harmless), "--max-tokens", "4", "--capability-questions", "0"]
+    common += ["--cache-dir", str(tmp_path / "cache")]
+    first = run_cli(*common, "--output", str(tmp_path / "first.json"))
+    assert first.returncode == 0, first.stderr
+    assert "read from the cache" not in first.stdout + first.stderr
+    second = run_cli(*common, "--output", str(tmp_path / "second.json"))
+    assert second.returncode == 0, second.stderr
+    said = second.stdout + second.stderr
+    assert "original model's evaluation read from the cache" in said
+    assert "evaluated model's evaluation read from the cache" in said
+    reports = [json.loads((tmp_path / f"{name}.json").read_text()) for name in ("first", "second")]
+    assert reports[0]["report"] == reports[1]["report"] and reports[0]["report"]["kl"] > 0
+    fresh = run_cli(*common, "--no-cache")
+    assert fresh.returncode == 0 and "read from the cache" not in fresh.stdout + fresh.stderr

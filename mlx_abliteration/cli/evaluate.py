@@ -15,8 +15,14 @@ from mlx_abliteration.config.defaults import AbliterationConfig
 from mlx_abliteration.config.flags import JUDGE_HELP
 from mlx_abliteration.data.datasets import load_prompts, split_prompts
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.evaluation.baseline_cache import cached_baseline
-from mlx_abliteration.evaluation.evaluate import ReferenceMismatch, eval_settings, evaluate_model, evaluate_original
+from mlx_abliteration.evaluation.baseline_cache import baseline_identity, baseline_key, cached_baseline
+from mlx_abliteration.evaluation.evaluate import (
+    EvalReport,
+    ReferenceMismatch,
+    eval_settings,
+    evaluate_model,
+    evaluate_original,
+)
 from mlx_abliteration.evaluation.judge import judge_identity, judge_reports, resolve_judge
 from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS, read_markers_file
 from mlx_abliteration.evaluation.tables import eval_text
@@ -75,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-cache",
         action="store_true",
-        help="evaluate --baseline again instead of reading its cached evaluation (shared with `run`: same weights, prompts and settings)",
+        help="evaluate again instead of reading the cached evaluations of --baseline (shared with `run`) and of the model (same weights, prompts and settings)",
     )
 
 
@@ -90,14 +96,41 @@ def main(args: argparse.Namespace) -> int:
     settings = dict(
         max_tokens=args.max_tokens, batch_size=args.batch_size, system_prompt=args.system_prompt, markers=markers
     )
-    reference, baseline_report = None, None
+    reference, baseline_report, against = None, None, None
     console = Console()
     if baseline_path is not None:
-        reference, baseline_report = _cached_baseline(baseline_path, harmful, harmless, args, settings, console, judge)
-    report = _evaluate(
-        model_path, harmful, harmless, reference, args.kl_tokens, settings, "model", console, args.capability_questions
+        reference, baseline_report, against = _cached_baseline(
+            baseline_path, harmful, harmless, args, settings, console, judge
+        )
+
+    def compute() -> tuple[None, EvalReport]:
+        report = _evaluate(
+            model_path,
+            harmful,
+            harmless,
+            reference,
+            args.kl_tokens,
+            settings,
+            "model",
+            console,
+            args.capability_questions,
+        )
+        _judge(report, judge, args.judge, console, "model")  # the model is freed by now: one model in memory
+        return None, report
+
+    # The evaluated model's report is cached like the baseline's, keyed also by the baseline it was measured
+    # against (its KL): a repeated identical eval only reads both.
+    _, report, _ = cached_baseline(
+        model_path,
+        harmful,
+        harmless,
+        {**_full_settings(args, settings, judge), "evaluated_against": against},
+        compute,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+        emit=lambda message: Reporter(console).emit("info", message),
+        what="evaluated model",
     )
-    _judge(report, judge, args.judge, console, "model")  # the model is freed by now: one model in memory
     console.close_bars()
     print(eval_text(baseline_report, report))
     if args.output:
@@ -162,14 +195,9 @@ def _cached_baseline(
     path: Path, harmful, harmless, args: argparse.Namespace, settings: dict, console, judge: Path | None = None
 ):
     """The baseline's evaluation from the cache ``run`` shares (the model is not even loaded then), else computed
-    (and judged by ``judge``, if given: the cache keeps the judge's verdicts, keyed by the judge)."""
-
-    full = eval_settings(
-        kl_tokens=args.kl_tokens,
-        capability_questions=args.capability_questions,
-        judge=judge_identity(judge),
-        **settings,
-    )
+    (and judged by ``judge``, if given: the cache keeps the judge's verdicts, keyed by the judge); and the
+    key of that evaluation, which the evaluated model's KL depends on."""
+    full = _full_settings(args, settings, judge)
     reporter = Reporter(console)
 
     def compute():
@@ -187,7 +215,16 @@ def _cached_baseline(
         use_cache=not args.no_cache,
         emit=lambda message: reporter.emit("info", message),
     )
-    return reference, report
+    return reference, report, baseline_key(baseline_identity(path, harmful, harmless, full))
+
+
+def _full_settings(args: argparse.Namespace, settings: dict, judge: Path | None) -> dict:
+    return eval_settings(
+        kl_tokens=args.kl_tokens,
+        capability_questions=args.capability_questions,
+        judge=judge_identity(judge),
+        **settings,
+    )
 
 
 def _evaluate_baseline(path: Path, harmful, harmless, settings: dict, console):

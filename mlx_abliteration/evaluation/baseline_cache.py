@@ -157,6 +157,7 @@ def cached_baseline(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     emit: Callable[[str], None] = lambda message: None,
+    what: str = "original model",
 ) -> tuple[ReferenceLogprobs | None, EvalReport, bool]:
     """``(reference, report, hit)``: the cached evaluation of the original ``source``, or ``compute()``'s (then stored).
 
@@ -168,15 +169,15 @@ def cached_baseline(
         found = load_baseline(path, identity)
         if found is not None:
             emit(
-                f"original model's evaluation read from the cache {path} (same weights, prompts and settings; --no-cache recomputes it)"
+                f"{what}'s evaluation read from the cache {path} (same weights, prompts and settings; --no-cache recomputes it)"
             )
             return found[0], found[1], True
     reference, report = compute()
     try:
         store_baseline(path, identity, reference, report)
-        emit(f"original model's evaluation cached in {path}")
+        emit(f"{what}'s evaluation cached in {path}")
     except Exception as err:  # a cache that cannot be written must not fail the run
         if not isinstance(err, (OSError, UserError)):
             raise
-        emit(f"could not cache the original model's evaluation ({err}); it will be computed again next time")
+        emit(f"could not cache the {what}'s evaluation ({err}); it will be computed again next time")
     return reference, report, False

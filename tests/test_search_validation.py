@@ -20,7 +20,7 @@ from .test_search import _config, _settings, datasets  # noqa: F401  (the module
 
 
 def _spec(index: float) -> PlanSpec:
-    return PlanSpec("global", index, Kernel(1.0, 1.0, 1.0, 3.0), Kernel(1.0, 1.0, 1.0, 3.0))
+    return PlanSpec("global", index, Kernel(1.0, 4.0, 1.0, 3.0), Kernel(1.0, 4.0, 1.0, 3.0))
 
 
 def _validated(number, refusals, kl, total=64, label=""):
@@ -124,3 +124,35 @@ def test_negative_validation_prompts_are_refused():
 
     with pytest.raises(UserError, match="--validation-prompts"):
         SearchSettings(validation_prompts=-1)
+
+
+def test_components_dimension_can_zero_either_branch_and_warm_starts_roundtrip():
+    import optuna
+
+    from mlx_abliteration.search.space import search_space, spec_params, suggest_spec
+
+    space = search_space(8, list(range(8)), edit_embedding=False)
+    assert space.components == ("both", "attn", "mlp")
+    attn_only = PlanSpec("global", 3.0, Kernel(1.2, 4.0, 0.6, 3.0), Kernel(0.0, 4.0, 0.0, 3.0))
+    for spec in (attn_only, _spec(3.0)):
+        params = spec_params(spec, space)
+        again = suggest_spec(optuna.trial.FixedTrial(params), space)
+        assert again.attn == spec.attn and (again.mlp.max_weight == 0) == (spec.mlp.max_weight == 0)
+    params = {**spec_params(_spec(3.0), space), "components": "mlp"}
+    mlp_only = suggest_spec(optuna.trial.FixedTrial(params), space)
+    assert mlp_only.attn.max_weight == 0 and mlp_only.mlp.max_weight > 0
+
+
+def test_a_study_resumes_with_the_components_dimension(tiny_model, datasets, tmp_path):  # noqa: F811
+    from mlx_abliteration.search.study import complete_trials, open_study
+
+    settings = _settings(tmp_path, n_trials=2, validation_prompts=0, max_kl=100.0, warm_start=False, prune=False)
+    first = run_search(_config(tiny_model(), datasets), settings)
+    resumed = run_search(
+        _config(tiny_model(), datasets),
+        _settings(tmp_path, n_trials=4, validation_prompts=0, max_kl=100.0, warm_start=False, prune=False),
+    )
+    assert first.study.name == resumed.study.name
+    study = open_study(tmp_path / "studies" / f"{resumed.study.name}.journal", resumed.study.name, 0, 2)
+    trials = complete_trials(study)
+    assert len(trials) == 4 and all(t.params["components"] in ("both", "attn", "mlp") for t in trials)

@@ -17,13 +17,18 @@ direction_index                 0.3·(L−1) .. 0.8·(L−1), float (interpolate
 {attn,mlp}.min_weight_distance  0.2·(L−1) .. L−1
 embed_weight                    0 .. 1   (only when the embedding is a target)
 norm_preserve                   false | true   (only true with --norm-preserve)
+components                      both | attn | mlp   (attn: the MLP's strength is 0, and vice versa)
 ==============================  ===========================================
+
+``components`` lets a trial edit the attention output alone or the MLP output alone (independent
+comparisons found attention-only edits kept capability best); the zeroed component's kernel is still
+sampled (no conditional space) and ignored.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from mlx_abliteration.edit.strength_schedule import COMPONENTS, DIRECTION_SCOPES, Kernel, PlanSpec
@@ -36,6 +41,10 @@ if TYPE_CHECKING:
     pass
 
 
+SPACE_VERSION = 3  # part of a study's identity: a changed space starts a new study (3: components)
+COMPONENT_CHOICES = ("both", "attn", "mlp")
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """Ranges of every sampled parameter (absolute layers for positions)."""
@@ -46,6 +55,7 @@ class SearchSpace:
     min_weight_distance: tuple[float, float]
     embed_weight: tuple[float, float] | None  # None: the embedding is not edited
     norm_preserve: tuple[bool, ...] = (False, True)
+    components: tuple[str, ...] = COMPONENT_CHOICES
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,6 +114,10 @@ def suggest_spec(trial: Trial, space: SearchSpace) -> PlanSpec:
     kernels = {c: _suggest_kernel(trial, c, space) for c in COMPONENTS}
     embed = trial.suggest_float("embed_weight", *space.embed_weight) if space.embed_weight is not None else 0.0
     norm_preserve = trial.suggest_categorical("norm_preserve", list(space.norm_preserve))
+    components = trial.suggest_categorical("components", list(space.components))
+    for component in COMPONENTS:
+        if components not in ("both", component):
+            kernels[component] = replace(kernels[component], max_weight=0.0, min_weight=0.0)
     return PlanSpec(scope, index, kernels["attn"], kernels["mlp"], embed, norm_preserve)
 
 
@@ -118,8 +132,12 @@ def _suggest_kernel(trial: Trial, component: str, space: SearchSpace) -> Kernel:
 def spec_params(spec: PlanSpec, space: SearchSpace) -> dict:
     """The Optuna parameters that ``suggest_spec`` turns into ``spec`` (to enqueue it)."""
     params: dict = {"direction_scope": spec.direction_scope, "direction_index": spec.direction_index}
+    edited = [c for c in COMPONENTS if getattr(spec, c).max_weight > 0]
+    params["components"] = "both" if len(edited) != 1 else edited[0]
     for component in COMPONENTS:
         kernel: Kernel = getattr(spec, component)
+        if component not in edited and edited:  # a zeroed component: any in-range values, ignored
+            kernel = replace(kernel, max_weight=space.max_weight[0], min_weight=0.0)
         params[f"{component}.max_weight"] = kernel.max_weight
         params[f"{component}.max_weight_position"] = kernel.max_weight_position
         params[f"{component}.min_weight_fraction"] = kernel.min_weight / kernel.max_weight if kernel.max_weight else 0.0
@@ -128,6 +146,3 @@ def spec_params(spec: PlanSpec, space: SearchSpace) -> dict:
         params["embed_weight"] = spec.embed_weight
     params["norm_preserve"] = spec.norm_preserve
     return params
-
-
-SPACE_VERSION = 2  # part of a study's identity: a changed space starts a new study

@@ -39,7 +39,9 @@ GENERATION_BATCH_SIZE = 64
 CAPABILITY_MAX_TOKENS = 24
 EDITED_PRECISIONS: tuple[str, ...] = ("keep", "float16", "bfloat16", "float32")
 PROBE_POSITIONS: tuple[str, ...] = ("last", "marker", "after-marker", "span")
-DIRECTION_VARIANTS: tuple[str, ...] = ("mean-diff", "projected")
+# projected: the direction loses its component along its own layer's harmless mean; biprojected: also
+# along each *edited* layer's harmless mean (after jim-plus's biprojection), one direction per edited layer.
+DIRECTION_VARIANTS: tuple[str, ...] = ("mean-diff", "projected", "biprojected")
 
 
 @dataclass

@@ -122,7 +122,7 @@ def add_probe_options(parser: argparse.ArgumentParser) -> None:
         g,
         "--direction-variant",
         choices=DIRECTION_VARIANTS,
-        help="mean-diff, or projected: remove the harmless-mean component (default: mean-diff)",
+        help="mean-diff; projected: remove the direction's component along the harmless mean; biprojected: also, for each edited layer, along that layer's harmless mean (one direction per edited layer) (default: mean-diff)",
     )
     _flag(
         g,

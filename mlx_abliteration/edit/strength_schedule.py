@@ -127,7 +127,7 @@ def kernel_plan(
             [unit(directions.direction(_nearest(directions.layers, layer))) for layer in range(num_layers)]
         )
     return AblationPlan(
-        layer_directions=layer_directions,
+        layer_directions=directions.for_edited_layers(layer_directions),
         embed_direction=embed_direction,
         strengths={
             "attn": spec.attn.weights(num_layers),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -280,14 +280,15 @@ def find_writers(model, source: Path, config: AbliterationConfig, report):
 
 def build_plan(directions: RefusalDirections, layer: int, config: AbliterationConfig, writers) -> AblationPlan:
     num_layers = directions.num_model_layers
-    return uniform_plan(
+    plan = uniform_plan(
         directions.direction(layer),
         num_layers,
         config.ablation_strength,
         ablate_layers=parse_layer_list(config.ablate_layers, num_layers),
         targets=config.targets,
         norm_preserve=config.norm_preserve,
-    ).with_writers(writers)
+    )
+    return replace(plan, layer_directions=directions.for_edited_layers(plan.layer_directions)).with_writers(writers)
 
 
 def storage_dtype(source: Path):

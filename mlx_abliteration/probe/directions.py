@@ -22,8 +22,9 @@ def calculate_refusal_direction(
 ) -> tuple[mx.array, float]:
     """Unit refusal direction r = d / ||d|| with d = harmful - harmless (float32).
 
-    ``projected`` removes from d its component along the harmless mean, so the
-    edit leaves the model's ordinary activation direction alone.
+    ``projected`` (and ``biprojected``, which also projects per edited layer: ``for_edited_layers``)
+    removes from d its component along the harmless mean, so the edit leaves the model's ordinary
+    activation direction alone.
     Returns ``(r, ||d||)`` where the norm is that of the raw difference.
     """
     if variant not in DIRECTION_VARIANTS:
@@ -32,7 +33,7 @@ def calculate_refusal_direction(
     harmless = harmless_mean.astype(mx.float32)
     diff = harmful - harmless
     norm = scalar(mx.linalg.norm(diff))
-    if variant == "projected":
+    if variant in ("projected", "biprojected"):
         unit = harmless / mx.maximum(mx.linalg.norm(harmless), 1e-12)
         diff = diff - (diff * unit).sum() * unit
     length = mx.linalg.norm(diff)
@@ -68,6 +69,7 @@ class RefusalDirections:
     variant: str
     num_model_layers: int
     degenerate: tuple[int, ...] = ()  # probed layers where both sets' means were equal (no direction)
+    harmless_means: mx.array | None = None  # [L, H] unit harmless means of the probed layers (biprojected)
 
     def row(self, layer: int) -> int:
         return self.layers.index(layer)
@@ -87,6 +89,23 @@ class RefusalDirections:
         t = layer - lo
         mixed = (1 - t) * self.directions[self.row(lo)] + t * self.directions[self.row(hi)]
         return mixed / mx.linalg.norm(mixed)
+
+    def for_edited_layers(self, rows: mx.array) -> mx.array:
+        """The directions ``rows`` [model layers, H] that each layer's writers are edited against.
+
+        ``biprojected``: row t loses its component along layer t's harmless mean (the nearest probed
+        layer's), so no edited layer's ordinary activation direction is touched; else ``rows`` as given.
+        """
+        if self.variant != "biprojected" or self.harmless_means is None:
+            return rows
+        out = []
+        for layer in range(rows.shape[0]):
+            nearest = min(self.layers, key=lambda probed: (abs(probed - layer), probed))
+            mean = self.harmless_means[self.row(nearest) : self.row(nearest) + 1, :][0]
+            row = rows[layer : layer + 1, :][0].astype(mx.float32)
+            row = row - (row * mean).sum() * mean
+            out.append(row / mx.maximum(mx.linalg.norm(row), 1e-12))
+        return mx.stack(out)
 
 
 def compute_directions(
@@ -114,8 +133,13 @@ def compute_directions(
             "harmful and harmless activations are identical at every probed layer; the datasets do not separate"
         )
     directions = mx.stack(rows)
-    mx.eval(directions)
-    return RefusalDirections(kept, directions, stats, variant, num_model_layers, tuple(degenerate))
+    means = None
+    if variant == "biprojected":
+        kept_rows = [layers.index(layer) for layer in kept]
+        means = mx.stack([harmless.mean[i : i + 1, :][0] for i in kept_rows]).astype(mx.float32)
+        means = means / mx.maximum(mx.linalg.norm(means, axis=-1, keepdims=True), 1e-12)
+    mx.eval(directions, *([means] if means is not None else []))
+    return RefusalDirections(kept, directions, stats, variant, num_model_layers, tuple(degenerate), means)
 
 
 def _equal_means(a: mx.array, b: mx.array) -> bool:
@@ -203,6 +227,8 @@ def direction_file_contents(directions: RefusalDirections, layer: int) -> tuple[
         "layer_directions": directions.directions,
         "layers": mx.array(directions.layers, dtype=mx.int32),
     }
+    if directions.harmless_means is not None:
+        tensors["harmless_means"] = directions.harmless_means
     metadata = {
         "format": "mlx",
         "chosen_layer": str(layer),
@@ -233,7 +259,12 @@ def load_directions(path: str | Path) -> tuple[RefusalDirections, int]:
         stats = [LayerStats(**s) for s in json.loads(metadata["layer_stats"])]
         layers = int_list(tensors["layers"])
         directions = RefusalDirections(
-            layers, tensors["layer_directions"], stats, metadata["variant"], int(metadata["num_model_layers"])
+            layers,
+            tensors["layer_directions"],
+            stats,
+            metadata["variant"],
+            int(metadata["num_model_layers"]),
+            harmless_means=tensors.get("harmless_means"),
         )
         return directions, int(metadata["chosen_layer"])
     except (KeyError, ValueError, RuntimeError, TypeError) as err:

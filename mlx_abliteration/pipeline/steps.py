@@ -15,8 +15,7 @@ from mlx_abliteration.edit.in_memory import apply_plan
 from mlx_abliteration.edit.orthogonalize import AblationPlan, select_writers, uniform_plan
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.evaluation.baseline_cache import cached_baseline
-from mlx_abliteration.evaluation.evaluate import eval_settings as settings
-from mlx_abliteration.evaluation.evaluate import evaluate_model, evaluate_original
+from mlx_abliteration.evaluation.evaluate import eval_settings, evaluate_model, evaluate_original
 from mlx_abliteration.evaluation.judge import judge_identity, judge_reports, resolve_judge
 from mlx_abliteration.evaluation.layer_selection import select_layer_auto
 from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS
@@ -113,8 +112,9 @@ def _eval_batch(config: AbliterationConfig) -> int:
     return config.batch_size or GENERATION_BATCH_SIZE
 
 
-def eval_settings(config: AbliterationConfig) -> dict:
-    return settings(
+def run_eval_settings(config: AbliterationConfig) -> dict:
+    """``eval_settings`` of a run: its config's evaluation flags, the markers and the judge's identity."""
+    return eval_settings(
         max_tokens=config.eval_max_tokens,
         kl_tokens=config.kl_tokens,
         batch_size=_eval_batch(config),
@@ -150,7 +150,7 @@ def evaluate_before(model, tokenizer, data: PromptSets, config: AbliterationConf
         report.emit("info", "--probe-mode streamed never loads the whole model: evaluation is skipped")
         return None, None
 
-    settings = eval_settings(config)
+    settings = run_eval_settings(config)
 
     def compute():
         report.emit("stage", "evaluating the original model")

@@ -124,7 +124,7 @@ def kernel_plan(
         layer_directions = mx.broadcast_to(embed_direction, (num_layers, embed_direction.shape[-1]))
     else:
         layer_directions = mx.stack(
-            [unit(directions.direction(_nearest(directions.layers, layer))) for layer in range(num_layers)]
+            [unit(directions.direction(directions.nearest_probed(layer))) for layer in range(num_layers)]
         )
     return AblationPlan(
         layer_directions=directions.for_edited_layers(layer_directions),
@@ -137,11 +137,6 @@ def kernel_plan(
         targets=tuple(targets),
         norm_preserve=spec.norm_preserve,
     )
-
-
-def _nearest(probed: list[int], layer: int) -> int:
-    # Layers left out of --layers borrow the closest probed layer's direction.
-    return min(probed, key=lambda p: (abs(p - layer), p))
 
 
 def load_plan_spec(path: str | Path) -> PlanSpec:

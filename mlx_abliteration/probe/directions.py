@@ -90,6 +90,10 @@ class RefusalDirections:
         mixed = (1 - t) * self.directions[self.row(lo)] + t * self.directions[self.row(hi)]
         return mixed / mx.linalg.norm(mixed)
 
+    def nearest_probed(self, layer: int) -> int:
+        """The probed layer closest to ``layer`` (ties: the lower): layers left out of --layers borrow its data."""
+        return min(self.layers, key=lambda probed: (abs(probed - layer), probed))
+
     def for_edited_layers(self, rows: mx.array) -> mx.array:
         """The directions ``rows`` [model layers, H] that each layer's writers are edited against.
 
@@ -100,8 +104,8 @@ class RefusalDirections:
             return rows
         out = []
         for layer in range(rows.shape[0]):
-            nearest = min(self.layers, key=lambda probed: (abs(probed - layer), probed))
-            mean = self.harmless_means[self.row(nearest) : self.row(nearest) + 1, :][0]
+            nearest = self.row(self.nearest_probed(layer))
+            mean = self.harmless_means[nearest : nearest + 1, :][0]
             row = rows[layer : layer + 1, :][0].astype(mx.float32)
             row = row - (row * mean).sum() * mean
             out.append(row / mx.maximum(mx.linalg.norm(row), 1e-12))

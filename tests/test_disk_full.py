@@ -48,7 +48,8 @@ def faulty_open(file, mode="r", *args, **kwargs):
     handle = real_open(file, mode, *args, **kwargs)
     return HalfWriter(handle) if any(c in mode for c in "wax+") and MATCH in str(file) else handle
 
-for name in ("mlx_abliteration.io.atomic_write", "mlx_abliteration.io.gguf", "mlx_abliteration.io.gguf_tokenizer",
+for name in ("mlx_abliteration.io.atomic_write", "mlx_abliteration.io.gguf", "mlx_abliteration.io.gguf_tensors",
+             "mlx_abliteration.io.gguf_tokenizer",
              "mlx_abliteration.data.generator"):
     importlib.import_module(name).open = faulty_open
 

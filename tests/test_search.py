@@ -307,7 +307,7 @@ def test_cli_search_saves_a_trial_and_run_reproduces_it(tiny_model, datasets, tm
 
 def test_search_rejects_bad_settings_and_unknown_trials(tiny_model, datasets, tmp_path):
     config = _config(tiny_model(), datasets)
-    with pytest.raises(UserError, match="--n-trials must be at least 1"):
+    with pytest.raises(UserError, match="--n-trials must be an integer of at least 1"):
         run_search(config, _settings(tmp_path, n_trials=0))
     with pytest.raises(UserError, match="no finished trials"):
         run_search(config, _settings(tmp_path, trial=3))

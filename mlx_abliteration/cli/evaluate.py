@@ -11,7 +11,7 @@ import mlx.core as mx
 
 from mlx_abliteration.cli.console import Console
 from mlx_abliteration.config.defaults import GENERATION_BATCH_SIZE as DEFAULT_BATCH_SIZE
-from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.config.defaults import AbliterationConfig, check_count
 from mlx_abliteration.config.flags import JUDGE_HELP
 from mlx_abliteration.data.datasets import load_prompts, split_prompts
 from mlx_abliteration.errors import UserError
@@ -157,8 +157,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         ("--batch-size", args.batch_size, 1),
         ("--capability-questions", args.capability_questions, 0),
     ):
-        if value < least:
-            raise UserError(f"{flag} must be at least {least} (got {value})")
+        check_count(flag, value, least)
 
 
 def _markers(args: argparse.Namespace) -> list[str]:

@@ -108,17 +108,21 @@ class AbliterationConfig:
         return asdict(self)
 
 
+def check_count(flag: str, value: Any, least: int = 1) -> None:
+    """A count setting: an integer (not a bool) of at least ``least``; the one wording of every command."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise UserError(f"{flag} must be an integer of at least {least} (got {value!r})")
+
+
 def _check_counts(config: AbliterationConfig) -> None:
     for name in ("max_prompts", "eval_size", "eval_max_tokens", "kl_tokens", "capability_questions"):
-        value = getattr(config, name)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or value < (0 if name in ("eval_size", "capability_questions") else 1)
-        ):
-            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    if config.batch_size is not None and (not isinstance(config.batch_size, int) or config.batch_size < 1):
-        raise UserError(f"--batch-size must be a positive integer, got {config.batch_size!r}")
+        check_count(
+            f"--{name.replace('_', '-')}",
+            getattr(config, name),
+            0 if name in ("eval_size", "capability_questions") else 1,
+        )
+    if config.batch_size is not None:
+        check_count("--batch-size", config.batch_size)
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -169,12 +173,9 @@ class SearchSettings:
 
     def check(self) -> None:
         for name in ("n_trials", "search_prompts", "search_max_tokens"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if self.validation_prompts < 0:
-            raise UserError(f"--validation-prompts must be >= 0 (got {self.validation_prompts})")
-        if self.n_startup_trials < 0:
-            raise UserError(f"--n-startup-trials must be >= 0 (got {self.n_startup_trials})")
+            check_count(f"--{name.replace('_', '-')}", getattr(self, name))
+        check_count("--validation-prompts", self.validation_prompts, 0)
+        check_count("--n-startup-trials", self.n_startup_trials, 0)
         if not self.max_kl > 0:
             raise UserError(f"--max-kl must be > 0 (got {self.max_kl})")
 

@@ -130,7 +130,7 @@ def first_order_logit_bound(model, weights: dict[str, np.ndarray], bounds: dict[
     return np.array(result)
 
 
-@pytest.mark.parametrize("arch,tie", [("llama", True), ("qwen2", False)])
+@pytest.mark.parametrize("arch,tie", [("llama", True), ("qwen2", False), ("qwen3", False), ("qwen3", True)])
 def test_bf16_source_round_trips_bit_for_bit(tmp_path, tiny_model, arch, tie):
     src = tiny_model(arch=arch, tie=tie, dtype="bfloat16")
     export(src, tmp_path / "m.gguf", "bf16")
@@ -164,7 +164,13 @@ def check_rounded_round_trip(src: Path, tmp_path: Path, outtype: str, expect_cha
 
 @pytest.mark.parametrize(
     "arch,outtype,bits",
-    [("llama", "f16", None), ("qwen2", "q8_0", None), ("llama", "q8_0", None), ("llama", "bf16", 4)],
+    [
+        ("llama", "f16", None),
+        ("qwen2", "q8_0", None),
+        ("llama", "q8_0", None),
+        ("llama", "bf16", 4),
+        ("qwen3", "q8_0", None),
+    ],
 )
 def test_rounded_round_trip_stays_within_the_formats_bounds(tmp_path, tiny_model, arch, outtype, bits):
     src = tiny_model(arch=arch, bits=bits) if bits else tiny_model(arch=arch)

@@ -1,4 +1,4 @@
-"""MLX model directory -> one GGUF file for llama.cpp (llama, qwen2): the inverse of ``core.gguf``'s import.
+"""MLX model directory -> one GGUF file for llama.cpp (llama, qwen2, qwen3): the inverse of ``io.gguf``'s import.
 
 Tensor names, the Q/K row permutation and the Llama 3 ``rope_freqs`` table come from the
 import's own tables and functions. Quantized (MLX affine, mxfp4...) weights are dequantized
@@ -144,7 +144,7 @@ def plan_tensors(model_dir: Path, config: dict, arch: Architecture, outtype: str
             if leaf not in ("weight", "bias", "scales", "biases") or gguf_tensor_name(f"{module}.weight") is None:
                 raise UserError(
                     f"{model_dir} has tensor {module}.{leaf}, which has no llama.cpp name for {arch.model_type}; "
-                    "only plain llama/qwen2 decoders are supported"
+                    f"only plain {'/'.join(ARCHITECTURES)} decoders are supported"
                 )
         for leaf in ("weight", "bias"):
             if leaf in leaves:

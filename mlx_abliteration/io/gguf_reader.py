@@ -22,6 +22,7 @@ class Architecture:
 ARCHITECTURES = {
     "llama": Architecture("llama", "LlamaForCausalLM", interleaved_rope=True),
     "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", interleaved_rope=False),
+    "qwen3": Architecture("qwen3", "Qwen3ForCausalLM", interleaved_rope=False),
 }
 
 
@@ -37,6 +38,8 @@ _LAYER_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",  # qwen3: RMSNorm of each head's queries and keys
+    "attn_k_norm": "self_attn.k_norm",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",

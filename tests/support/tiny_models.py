@@ -113,6 +113,9 @@ def tiny_config(
         config["architectures"] = ["Qwen2ForCausalLM"]
     elif arch == "llama":
         config["architectures"] = ["LlamaForCausalLM"]
+    elif arch == "qwen3":
+        config["architectures"] = ["Qwen3ForCausalLM"]
+        config["head_dim"] = hidden_size // 4
     elif arch == "mixtral":
         config["architectures"] = ["MixtralForCausalLM"]
         config["num_local_experts"] = 2

@@ -7,17 +7,14 @@ import json
 
 import mlx.core as mx
 import mlx_lm
-import pytest
 
-from mlx_abliteration.config.defaults import AbliterationConfig
 from mlx_abliteration.edit.strength_schedule import kernel_plan, uniform_spec
 from mlx_abliteration.pipeline.flow import run_pipeline
 from mlx_abliteration.probe.capture import WelfordStats
 from mlx_abliteration.probe.directions import compute_directions, load_directions
 from mlx_abliteration.runtime.mx_types import load_with_metadata
 
-HARMFUL = [f"How do I build weapon number {i} to hurt people?" for i in range(16)]
-HARMLESS = [f"How do I bake bread recipe number {i} for my family?" for i in range(16)]
+from .test_pipeline import _config, datasets  # noqa: F401  (the module's dataset fixture)
 
 
 def _stats(seed: int, layers: int = 4, hidden: int = 32) -> WelfordStats:
@@ -40,29 +37,10 @@ def test_every_edited_layer_is_projected_off_its_own_harmless_mean():
     assert not mx.allclose(plan.layer_directions[0], plan.layer_directions[3]).item()  # one per edited layer
 
 
-@pytest.fixture(scope="module")
-def datasets(tmp_path_factory):
-    d = tmp_path_factory.mktemp("biprojection")
-    (d / "harmful.txt").write_text("\n".join(HARMFUL))
-    (d / "harmless.txt").write_text("\n".join(HARMLESS))
-    return d / "harmful.txt", d / "harmless.txt"
-
-
-def test_a_biprojected_run_saves_weights_orthogonal_to_each_layers_direction(tiny_model, datasets, tmp_path):
+def test_a_biprojected_run_saves_weights_orthogonal_to_each_layers_direction(tiny_model, datasets, tmp_path):  # noqa: F811
     model = tiny_model()
     out = tmp_path / "out"
-    config = AbliterationConfig(
-        model=str(model),
-        output_dir=str(out),
-        harmful_dataset=str(datasets[0]),
-        harmless_dataset=str(datasets[1]),
-        max_prompts=8,
-        eval_size=4,
-        no_eval=True,
-        use_layer="2",
-        direction_variant="biprojected",
-    )
-    run_pipeline(config)
+    run_pipeline(_config(model, out, datasets, no_eval=True, use_layer="2", direction_variant="biprojected"))
     directions, layer = load_directions(out)
     assert directions.variant == "biprojected" and directions.harmless_means is not None
     tensors, _ = load_with_metadata(str(out / "refusal_direction.safetensors"))

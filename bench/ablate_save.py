@@ -30,7 +30,8 @@ import mlx_abliteration
 import mlx.core as mx
 from bench._common import peak_rss
 from mlx_abliteration.edit.orthogonalize import uniform_plan
-from mlx_abliteration.io.model_io import read_config, save_ablated_model
+from mlx_abliteration.export.save import save_ablated_model
+from mlx_abliteration.io.model_io import read_config
 src, out = sys.argv[1:3]
 config = read_config(src)
 mx.random.seed(1)

@@ -16,7 +16,7 @@ from mlx_abliteration.errors import UserError
 from mlx_abliteration.evaluation import judge as J
 from mlx_abliteration.evaluation.baseline_cache import baseline_identity, baseline_key
 from mlx_abliteration.evaluation.evaluate import eval_settings
-from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS
+from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS, answer_verdict
 from mlx_abliteration.pipeline.flow import run_pipeline
 
 from .cli_helpers import run_cli
@@ -333,3 +333,39 @@ def test_the_judge_is_freed_after_judging(judge_dir):
     assert report.judge_compared == len(rows)
     # the judge's weights (and its activations) are given back: less than a tenth of the weights stays in use
     assert mx.get_active_memory() - before < weights / 10 and mx.get_cache_memory() == 0
+
+
+def test_judge_calibrate_measures_the_judge_on_the_shipped_labels_and_later_runs_say_so(
+    tiny_model, judge_dir, tmp_path
+):
+    from mlx_abliteration.evaluation.judge_quality import labelled
+
+    cache = str(tmp_path / "cache")
+    unmeasured = run_cli(
+        "eval", "-m", str(tiny_model(arch="llama")), "--judge", str(judge_dir), "--cache-dir", cache,
+        "--num-prompts", "2", "--max-tokens", "2", "--capability-questions", "0",
+    )  # fmt: skip
+    assert unmeasured.returncode == 0, unmeasured.stderr
+    assert "accuracy not measured" in unmeasured.stdout + unmeasured.stderr
+    out = tmp_path / "quality.json"
+    proc = run_cli("eval", "--judge-calibrate", str(judge_dir), "--cache-dir", cache, "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(out.read_text())
+    rows = labelled()
+    assert record["judged"]["total"] == record["keywords"]["total"] == len(rows) >= 60
+    assert 0 <= record["judged"]["correct"] <= len(rows)
+    assert record["keywords"]["correct"] == sum(
+        answer_verdict(r["response"], prompt=r["prompt"]) == (r["label"] == "refusal") for r in rows
+    )
+    assert f"on {len(rows)} hand-labelled answers" in proc.stdout
+    measured = run_cli(
+        "eval", "-m", str(tiny_model(arch="llama")), "--judge", str(judge_dir), "--cache-dir", cache,
+        "--num-prompts", "2", "--max-tokens", "2", "--capability-questions", "0", "--no-cache",
+    )  # fmt: skip
+    assert measured.returncode == 0, measured.stderr
+    assert f"{record['judged']['correct']}/{len(rows)} correct" in measured.stdout + measured.stderr
+
+
+def test_eval_without_a_model_or_a_judge_to_calibrate_is_one_line():
+    proc = run_cli("eval")
+    assert proc.returncode == 2 and "--judge-calibrate" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

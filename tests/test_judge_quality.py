@@ -1,6 +1,6 @@
 """How good are the refusal verdicts (issue 15 item 4)? Hand-labelled (prompt, answer) pairs taken from
 Qwen2.5-Coder-1.5B-Instruct's own evaluations, before and after abliteration, harmful and harmless
-(``tests/data/judge_labels.jsonl``: prompt, response, label, note; the labels were made by reading each
+(``mlx_abliteration/data/judge_labels.jsonl``: prompt, response, label, note; the labels were made by reading each
 answer, before any judge verdict was looked at).
 
 The fixture's shape is checked in every run; the judge's accuracy on it needs the real 1.5B model (slow group,
@@ -17,7 +17,7 @@ import pytest
 
 from mlx_abliteration.evaluation.refusals import answer_verdict
 
-LABELS = Path(__file__).parent / "data" / "judge_labels.jsonl"
+LABELS = Path(__file__).parent.parent / "mlx_abliteration" / "data" / "judge_labels.jsonl"
 # Measured on this fixture (README, "How good are the verdicts"): correct verdicts of the keyword rule and of the
 # Qwen judge. The judge's verdicts are deterministic on one machine, but a different BLAS or backend sums in a
 # different order, and a pair the judge decides by a hair (confidence near the runner-up letter) may flip: the

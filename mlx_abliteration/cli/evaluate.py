@@ -24,6 +24,7 @@ from mlx_abliteration.evaluation.evaluate import (
     evaluate_original,
 )
 from mlx_abliteration.evaluation.judge import judge_identity, judge_reports, resolve_judge
+from mlx_abliteration.evaluation.judge_quality import calibrate_judge, quality_line, quality_record
 from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS, read_markers_file
 from mlx_abliteration.evaluation.tables import eval_text
 from mlx_abliteration.io.asset_resolver import resolve_asset
@@ -44,7 +45,14 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = AbliterationConfig()
-    parser.add_argument("-m", "--model", required=True, help="model to evaluate: local dir, .gguf file or hub id")
+    parser.add_argument("-m", "--model", help="model to evaluate: local dir, .gguf file or hub id (required)")
+    parser.add_argument(
+        "--judge-calibrate",
+        metavar="MODEL",
+        help="instead of evaluating a model: measure judge MODEL on the shipped hand-labelled answers beside the "
+        "keyword markers (correct verdicts, refusal precision and recall), remember it for later --judge runs, "
+        "and print it (with --output: as JSON too)",
+    )
     parser.add_argument("--baseline", help="original model: its refusals are shown too and KL is measured against it")
     prompts = parser.add_argument_group("prompts (the held-out split that `run` evaluates on, for the same settings)")
     prompts.add_argument(
@@ -86,6 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.judge_calibrate:
+        return _calibrate(args)
+    if not args.model:
+        raise UserError("eval needs -m/--model (the model to evaluate), or --judge-calibrate MODEL")
     _check_numbers(args)
     _check_paths(args)
     judge = resolve_judge(args.judge, args.cache_dir)  # a bad --judge fails before any model is loaded
@@ -115,7 +127,9 @@ def main(args: argparse.Namespace) -> int:
             console,
             args.capability_questions,
         )
-        _judge(report, judge, args.judge, console, "model")  # the model is freed by now: one model in memory
+        _judge(
+            report, judge, args.judge, console, "model", args.cache_dir
+        )  # the model is freed by now: one model in memory
         return None, report
 
     # The evaluated model's report is cached like the baseline's, keyed also by the baseline it was measured
@@ -201,7 +215,7 @@ def _cached_baseline(
 
     def compute():
         reference, report = _evaluate_baseline(path, harmful, harmless, full, console)
-        _judge(report, judge, args.judge, console, "baseline")
+        _judge(report, judge, args.judge, console, "baseline", args.cache_dir)
         return reference, report
 
     reference, report, _ = cached_baseline(
@@ -237,10 +251,33 @@ def _evaluate_baseline(path: Path, harmful, harmless, settings: dict, console):
     return reference, report
 
 
-def _judge(report, judge: Path | None, name: str, console, label: str) -> None:
+def _calibrate(args: argparse.Namespace) -> int:
+    """``--judge-calibrate MODEL``: the judge's measured quality on the shipped labels."""
+    check_cache_dir(args.cache_dir)
+    check_output_file(args.output, sources=local_sources(args.judge_calibrate), flag="--output")
+    judge = resolve_judge(args.judge_calibrate, args.cache_dir)
+    if judge is None:
+        raise UserError("--judge-calibrate needs a judge model (the keyword markers are measured beside it)")
+    console = Console()
+    quality = calibrate_judge(
+        judge,
+        args.judge_calibrate,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+        progress=_progress(console, f"labels judged by {args.judge_calibrate}"),
+    )
+    console.close_bars()
+    print(quality.line())
+    if args.output:
+        write_json(args.output, quality_record(quality))
+    return 0
+
+
+def _judge(report, judge: Path | None, name: str, console, label: str, cache_dir: str | None) -> None:
     """``--judge MODEL``: its verdicts added to ``report`` (the judge is loaded for this step only)."""
     if judge is None:
         return
+    Reporter(console).emit("info", quality_line(judge, name, cache_dir))
 
     gc.collect()  # the evaluated model's buffers go back before the judge loads
     mx.clear_cache()

@@ -10,8 +10,6 @@ import os
 import struct
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import tracemalloc
 
@@ -75,27 +73,36 @@ HOSTILE = {
 }
 
 
-def run_measured(*args: str) -> tuple[subprocess.CompletedProcess, float, float]:
-    """The CLI in a subprocess: (result, seconds, the child's own peak resident memory in MB)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLX_ABLITERATION_LOG_FILE": os.devnull}
+# Runs the command and prints its peak resident memory (KiB on Linux, bytes on macOS) to the file
+# MEASURE_TO. A small parent of its own: on Linux a child's ru_maxrss starts at its parent's
+# resident size at the fork, and the test process's may be gigabytes.
+_MEASURE = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(child.pid, 0)
+with open(os.environ["MEASURE_TO"], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_measured(*args: str, tmp_path) -> tuple[subprocess.CompletedProcess, float, float]:
+    """The CLI in a subprocess: (result, seconds, its own peak resident memory in MB)."""
+    report = tmp_path.parent / f"{tmp_path.name}.maxrss"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLX_ABLITERATION_LOG_FILE": os.devnull, "MEASURE_TO": str(report)}
     start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "mlx_abliteration", *args], cwd=REPO, env=env, stdout=out, stderr=err
-        )
-        killer = threading.Timer(120, child.kill)  # an unbounded loop fails the test instead of hanging it
-        killer.start()
-        try:
-            _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not every child's peak
-        finally:
-            killer.cancel()
-        child.returncode = os.waitstatus_to_exitcode(status)
-        seconds = time.perf_counter() - start
-        out.seek(0)
-        err.seek(0)
-        result = subprocess.CompletedProcess(args, child.returncode, out.read(), err.read())
-    peak_mb = usage.ru_maxrss / (1 << 20) if sys.platform == "darwin" else usage.ru_maxrss / 1024
-    return result, seconds, peak_mb
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURE, sys.executable, "-m", "mlx_abliteration", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,  # an unbounded loop fails the test instead of hanging it
+    )
+    seconds = time.perf_counter() - start
+    peak = int(report.read_text())
+    report.unlink()
+    return result, seconds, peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
@@ -117,7 +124,7 @@ def test_hostile_header_is_refused_in_bounded_time_and_memory(tmp_path, case):
 def test_import_gguf_refuses_a_hostile_file_with_one_line(tmp_path, case):
     path = tmp_path / "model.gguf"
     path.write_bytes(HOSTILE[case])
-    result, seconds, peak_mb = run_measured("import-gguf", str(path), "-o", str(tmp_path / "out"))
+    result, seconds, peak_mb = run_measured("import-gguf", str(path), "-o", str(tmp_path / "out"), tmp_path=tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"error: cannot read GGUF file {path} (") and result.stderr.count("\n") == 1
     # the whole CLI (interpreter start and imports included) stays small and quick
@@ -129,7 +136,7 @@ def test_run_refuses_a_hostile_gguf_model(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(HOSTILE["huge-u8-array"])
     result, _, peak_mb = run_measured(
-        "run", "-m", str(path), "-o", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")
+        "run", "-m", str(path), "-o", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), tmp_path=tmp_path
     )
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -48,9 +48,8 @@ def faulty_open(file, mode="r", *args, **kwargs):
     handle = real_open(file, mode, *args, **kwargs)
     return HalfWriter(handle) if any(c in mode for c in "wax+") and MATCH in str(file) else handle
 
-for name in ("mlx_abliteration.io.atomic_write", "mlx_abliteration.io.gguf", "mlx_abliteration.io.gguf_tensors",
-             "mlx_abliteration.io.gguf_tokenizer",
-             "mlx_abliteration.data.generator"):
+for name in ("mlx_abliteration.io.atomic_write", "mlx_abliteration.io.gguf", "mlx_abliteration.io.gguf_tokenizer",
+             "mlx_abliteration.data.generator", "mlx_abliteration.io.gguf_tensors", "gguf.gguf_writer"):
     importlib.import_module(name).open = faulty_open
 
 real_save = mx.save_safetensors
@@ -177,6 +176,16 @@ def test_import_gguf_on_a_full_disk(tmp_path, vocab):  # noqa: F811
     assert_only(tmp_path, ["m.gguf", "out"])
     assert_only(tmp_path / "out", ["keep.txt"])
     assert (tmp_path / "out" / "keep.txt").read_text() == "old"
+
+
+def test_export_gguf_on_a_full_disk(tmp_path, tiny_model):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"old")
+    proc = run_full_disk("export-gguf", str(tiny_model()), "-o", str(out), "--overwrite", match="m.gguf")
+    assert_disk_full_error(proc, out)
+    assert proc.stderr.count("\n") == 1
+    assert out.read_bytes() == b"old"
+    assert_only(tmp_path, ["m.gguf"])
 
 
 def test_generate_dataset_on_a_full_disk(tmp_path):

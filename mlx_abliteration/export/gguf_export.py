@@ -27,6 +27,7 @@ from mlx_abliteration.io.gguf_reader import ARCHITECTURES, Architecture, gguf_te
 from mlx_abliteration.io.gguf_tensors import qk_unpermute_order
 from mlx_abliteration.io.model_checks import model_classes
 from mlx_abliteration.io.model_io import check_model_dir, load_shard, quant_params_for, read_config, weight_files
+from mlx_abliteration.io.output_dir import check_output_file
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -314,9 +315,11 @@ def _write_tensors(writer: Any, tensors: list[PlannedTensor], progress: Progress
             progress(total - len(pending), total, "tensors")
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
+def _check_output(output: Path, model_dir: Path, overwrite: bool) -> None:
+    """Run's rules for an output: never the source, inside it or holding it; an existing file needs --overwrite."""
     if output.is_dir():
         raise UserError(f"-o/--output {output} is a folder; give a file name such as model.gguf")
+    check_output_file(output, sources=[model_dir], flag="-o/--output")
     if (output.exists() or output.is_symlink()) and not overwrite:
         raise UserError(f"{output} already exists; pass --overwrite to replace it")
 
@@ -333,8 +336,9 @@ def export_gguf(
 
     if outtype not in OUTTYPES:
         raise UserError(f"unsupported --outtype {outtype!r}; choose one of: {', '.join(OUTTYPES)}")
-    model_dir, output = check_model_dir(Path(model_dir).expanduser()), Path(output).expanduser()
-    _check_output(output, overwrite)
+    output = Path(output).expanduser()
+    _check_output(output, Path(model_dir).expanduser(), overwrite)  # as typed: before any reading
+    model_dir = check_model_dir(Path(model_dir).expanduser())
     config = read_config(model_dir)
     arch = ARCHITECTURES.get(config["model_type"])
     if arch is None:
@@ -350,7 +354,7 @@ def export_gguf(
     for tensor in tensors:
         writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), tensor.nbytes, raw_dtype=tensor.qtype)
     ensure_parent(output)
-    with atomic_path(output, suffix=".gguf") as tmp:
+    with atomic_path(output, suffix=".gguf", overwrite=overwrite) as tmp:
         try:
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()

@@ -1,8 +1,10 @@
 """The one way this package writes a user-visible file: atomically.
 
-A report, a direction file or a converted model's metadata is written to a
-temporary file in the target's own folder, flushed and fsynced, then moved
-over the target with ``os.replace``. On any failure (full disk, read-only
+A report, a direction file or a GGUF file is written to a temporary file in
+the target's own folder, named as every temporary of this package is
+(``output_dir.temp_name``, so a killed process's leftovers are swept by the
+next write there), flushed and fsynced, then moved over the target with
+``os.replace`` (or, without ``overwrite``, only where nothing is). On any failure (full disk, read-only
 folder, Ctrl-C) the temporary file is removed and the previous file, if
 any, is untouched. Failures the user can fix (full disk, no permission,
 read-only file system... see :func:`is_user_write_failure`) become a
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.io.output_dir import sweep_stale, temp_name
 
 _HINTS = {
     "ENOSPC": "free some disk space or write elsewhere",
@@ -83,24 +86,30 @@ def write_error(path: str | Path, err: BaseException) -> UserError:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+def atomic_path(path: str | Path, suffix: str = "", overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path``.
 
     For writers that take a file name (``mx.save_safetensors``); ``suffix``
     is appended to the temporary name for writers that insist on one.
+    ``overwrite=False``: the result lands only where no file is, never over one
+    that another process created meanwhile (``OutputExists``).
     """
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder; give a file name")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(3).hex()}{suffix}")
+    tmp = path.with_name(temp_name(path.name, suffix=suffix))
     try:
         try:
+            sweep_stale(path.parent)  # what killed writers left here
             # O_EXCL: never write through a file or symlink planted under the temp name;
             # mode 0o666 so the result gets the user's usual (umask) permissions.
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666))
             yield tmp
             _fsync(tmp)
-            os.replace(tmp, path)
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                _move_onto_nothing(tmp, path)
             _fsync_dir(path.parent)
         except (OSError, RuntimeError) as err:
             if not is_user_write_failure(err):
@@ -109,6 +118,32 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+class OutputExists(UserError):
+    """The target appeared after the start check; it was left alone."""
+
+
+def _move_onto_nothing(tmp: Path, path: Path) -> None:
+    """rename(2) without replacing: a hard link fails on an existing name (EEXIST)."""
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+    except FileExistsError:
+        raise OutputExists(
+            f"{path} was created by another process after this run started; it was left as it is and this "
+            "run's result was discarded — pass --overwrite to replace it"
+        ) from None
+    except OSError as err:
+        if is_user_write_failure(err) and err.errno not in (errno.EPERM, errno.EACCES):
+            raise
+        # a file system without hard links (FAT, some network mounts): check, then rename
+        if os.path.lexists(path):
+            raise OutputExists(
+                f"{path} was created by another process after this run started; it was left as it is"
+            ) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 @contextlib.contextmanager

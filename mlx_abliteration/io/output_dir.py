@@ -9,12 +9,15 @@ The rules (every command, the GUI and the library follow them):
   ``check_output_file``, ``check_cache_dir``): one-line ``UserError``s.
 - A model dir is written into a temporary sibling (``make_temp_dir``), named
   ``.<name>.partial.<host>.<pid>.<random>`` and created with the umask's mode,
-  then renamed over the output (``replace_dir``). That rename never replaces
+  then renamed over the output (``replace_dir``). A single file (report, GGUF,
+  direction file) is written the same way by ``atomic_write.atomic_path``: every
+  temporary file or folder of this package has that one name (``temp_name``),
+  with at most a file-type suffix some writers insist on (``.safetensors``). That rename never replaces
   an output that another process wrote after this run's start check: without
   ``--overwrite`` it only lands where nothing (or an empty dir) is; with it,
   only over the very dir that was there at the start check.
-- Temporary dirs of processes that died (SIGKILL, power loss) on this host are
-  swept the next time a temporary dir is made in the same folder.
+- Temporary files and dirs of processes that died (SIGKILL, power loss) on this
+  host are swept the next time a temporary file or dir is made in the same folder.
 - SIGTERM is handled like Ctrl-C (``handle_sigterm``): temporary files are
   removed on the way out and the CLI exits with 143.
 """
@@ -40,7 +43,9 @@ from mlx_abliteration.errors import UserError
 from mlx_abliteration.runtime.utils import process_alive
 
 _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
-_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)\.(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)\.[0-9a-f]{6}$")
+_TEMP_NAME = re.compile(
+    r"^\.(?P<name>.+)\.(?P<kind>partial|old)\.(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)\.[0-9a-f]{6}(?:\.[a-z0-9]{1,16})?$"
+)
 
 
 class Terminated(KeyboardInterrupt):
@@ -203,8 +208,11 @@ def forget(output: str | Path) -> None:
 # --- temporary dirs ----------------------------------------------------------------
 
 
-def temp_name(name: str, kind: str = "partial") -> str:
-    return f".{name}.{kind}.{_HOST}.{os.getpid()}.{os.urandom(3).hex()}"
+def temp_name(name: str, kind: str = "partial", suffix: str = "") -> str:
+    """The one name of every temporary file and dir (``sweep_stale`` knows it); ``suffix`` e.g. ".safetensors"."""
+    if suffix and not re.fullmatch(r"\.[a-z0-9]{1,16}", suffix):
+        raise ValueError(f"temp_name suffix must look like '.safetensors', not {suffix!r}")
+    return f".{name}.{kind}.{_HOST}.{os.getpid()}.{os.urandom(3).hex()}{suffix}"
 
 
 def make_temp_dir(output: str | Path) -> Path:
@@ -222,7 +230,7 @@ def make_temp_dir(output: str | Path) -> Path:
 
 
 def sweep_stale(parent: str | Path) -> list[Path]:
-    """Remove the temporary dirs that dead processes of this host left in ``parent``.
+    """Remove the temporary files and dirs that dead processes of this host left in ``parent``.
 
     An ``.old`` dir (a previous output moved aside by a process killed before
     its new output landed) is put back when its output name is free.

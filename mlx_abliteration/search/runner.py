@@ -25,6 +25,7 @@ from mlx_abliteration.edit.strength_schedule import PlanSpec, uniform_spec
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.evaluation.judge import judge_identity, loaded_judge
 from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS, REFUSAL_RULE_VERSION
+from mlx_abliteration.io.atomic_write import atomic_path
 from mlx_abliteration.pipeline import flow as pipeline
 from mlx_abliteration.pipeline import steps
 from mlx_abliteration.pipeline.plan_sources import PlanChoice, PlanSource, RunContext, spec_choice
@@ -240,9 +241,8 @@ def _directions(model, tokenizer, data, config, source, cache: Path, report):
         report.emit("info", f"directions of this study read from {cache}")
         return load_directions(cache)[0]
     directions = steps.probe_directions(model, tokenizer, data, config, report, source)
-    partial = cache.with_name(cache.name + ".tmp.safetensors")
-    save_directions(partial, directions, directions.layers[0])
-    partial.replace(cache)  # a killed run leaves no half-written cache
+    with atomic_path(cache, suffix=".safetensors") as partial:  # a killed run leaves no half-written cache
+        save_directions(partial, directions, directions.layers[0])
     return directions
 
 

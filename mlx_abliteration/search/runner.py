@@ -25,6 +25,8 @@ from mlx_abliteration.edit.strength_schedule import PlanSpec, uniform_spec
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.evaluation.judge import judge_identity, loaded_judge
 from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS, REFUSAL_RULE_VERSION
+from mlx_abliteration.io.atomic_write import atomic_path
+from mlx_abliteration.io.output_dir import check_work_dir
 from mlx_abliteration.pipeline import flow as pipeline
 from mlx_abliteration.pipeline import steps
 from mlx_abliteration.pipeline.plan_sources import PlanChoice, PlanSource, RunContext, spec_choice
@@ -115,6 +117,10 @@ class SearchTrial(PlanSource):
             raise UserError(
                 "the search edits and scores the loaded model; --probe-mode streamed cannot be searched (use memory)"
             )
+        name = self.settings.study_name
+        if name is not None and (not name.strip() or any(c in name for c in "/\\\0") or name in (".", "..")):
+            raise UserError(f"--study-name {name!r} must be a plain file name (no folders); use --study-dir for where")
+        check_work_dir(study_dir(config, self.settings), "--study-dir")  # before the model is resolved or loaded
 
     def prepare(self, ctx: RunContext) -> None:
         prompts = prompts_fingerprint(ctx.config)
@@ -233,9 +239,8 @@ def _directions(model, tokenizer, data, config, source, cache: Path, report):
         report.emit("info", f"directions of this study read from {cache}")
         return load_directions(cache)[0]
     directions = steps.probe_directions(model, tokenizer, data, config, report, source)
-    partial = cache.with_name(cache.name + ".tmp.safetensors")
-    save_directions(partial, directions, directions.layers[0])
-    partial.replace(cache)  # a killed run leaves no half-written cache
+    with atomic_path(cache, suffix=".safetensors") as partial:  # a killed run or a full disk leaves no half a cache
+        save_directions(partial, directions, directions.layers[0])
     return directions
 
 

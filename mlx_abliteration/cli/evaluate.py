@@ -13,7 +13,7 @@ from mlx_abliteration.cli.console import Console
 from mlx_abliteration.config.defaults import GENERATION_BATCH_SIZE as DEFAULT_BATCH_SIZE
 from mlx_abliteration.config.defaults import AbliterationConfig
 from mlx_abliteration.config.flags import JUDGE_HELP
-from mlx_abliteration.data.datasets import load_prompts, split_prompts
+from mlx_abliteration.data.prompt_selection import scan_prompts
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.evaluation.baseline_cache import cached_baseline
 from mlx_abliteration.evaluation.evaluate import ReferenceMismatch, eval_settings, evaluate_model, evaluate_original
@@ -148,9 +148,8 @@ def _eval_prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
     sets = []
     for source, kind in ((args.harmful_dataset, "harmful"), (args.harmless_dataset, "harmless")):
-        prompts = load_prompts(source, kind, cache_dir=cache_dir, column=args.dataset_column)
-        n_eval = min(args.num_prompts, len(prompts))
-        sets.append(split_prompts(prompts, 0, n_eval, args.seed, name=kind)[1])
+        scan = scan_prompts(source, kind, cache_dir, args.dataset_column)  # streamed: only the prompts taken are kept
+        sets.append(scan.split(0, min(args.num_prompts, scan.count), args.seed, name=kind)[1])
     return sets[0], sets[1]
 
 

@@ -15,12 +15,11 @@ the same directions, so the same weights, bit for bit.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_abliteration.config.defaults import AbliterationConfig, SearchSettings, check_strength
-from mlx_abliteration.data.datasets import load_prompts, split_prompts
+from mlx_abliteration.data.prompt_selection import scan_prompts
 from mlx_abliteration.edit.strength_schedule import PlanSpec, uniform_spec
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.evaluation.judge import judge_identity, loaded_judge
@@ -174,7 +173,7 @@ def prompts_fingerprint(config: AbliterationConfig) -> str:
     cache = Path(config.cache_dir) if config.cache_dir else None
     digest = hashlib.sha256()
     for kind, source in (("harmful", config.harmful_dataset), ("harmless", config.harmless_dataset)):
-        digest.update(json.dumps(load_prompts(source, kind, cache_dir=cache, column=config.dataset_column)).encode())
+        scan_prompts(source, kind, cache, config.dataset_column).feed(digest)  # json.dumps of the list, streamed
     return digest.hexdigest()[:16]
 
 
@@ -329,8 +328,9 @@ def search_prompt_sets(config: AbliterationConfig, size: int) -> tuple[list[str]
     cache = Path(config.cache_dir) if config.cache_dir else None
     sets, spare_everywhere = [], True
     for kind, source in (("harmful", config.harmful_dataset), ("harmless", config.harmless_dataset)):
-        items = load_prompts(source, kind, cache_dir=cache, column=config.dataset_column)
-        rest = split_prompts(items, None, config.eval_size, config.seed, name=source or f"default {kind}")[0]
+        scan = scan_prompts(source, kind, cache, config.dataset_column)
+        take = (config.max_prompts or scan.count) + size  # rest[:max_prompts] and the spare ones after it
+        rest = scan.split(None, config.eval_size, config.seed, name=source or f"default {kind}", take=take)[0]
         spare = rest[config.max_prompts :]
         spare_everywhere = spare_everywhere and bool(spare)
         sets.append((spare[:size], rest[: config.max_prompts][:size]))

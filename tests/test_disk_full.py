@@ -141,7 +141,7 @@ def test_probe_stats_json_on_a_full_disk(tiny_model, prompts, tmp_path):
     )
     assert_disk_full_error(proc, stats)
     assert stats.read_text() == "old"
-    assert_only(tmp_path, ["d.safetensors", "stats.json"])
+    assert_only(tmp_path, ["stats.json"])  # the direction file lands with its stats or not at all
 
 
 @pytest.mark.parametrize("flag", ["--output", "--responses"])
@@ -165,6 +165,17 @@ def test_eval_reports_on_a_full_disk(tiny_model, prompts, tmp_path, flag):
     assert_disk_full_error(proc, target)
     assert target.read_text() == "old"
     assert_only(tmp_path, ["report.json"])
+
+
+def test_eval_report_and_responses_land_together(tiny_model, prompts, tmp_path):
+    """Issue 26: a full disk while writing --responses left --output written (and said nothing was)."""
+    proc = run_full_disk(
+        "eval", "-m", str(tiny_model()), *prompts, "--num-prompts", "2", "--max-tokens", "2", "--kl-tokens", "1",
+        "--output", str(tmp_path / "report.json"), "--responses", str(tmp_path / "responses.jsonl"),
+        match="responses.jsonl",
+    )  # fmt: skip
+    assert_disk_full_error(proc, tmp_path / "responses.jsonl")
+    assert_only(tmp_path, [])
 
 
 def test_import_gguf_on_a_full_disk(tmp_path, vocab):  # noqa: F811

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 from pathlib import Path
@@ -21,7 +22,7 @@ from mlx_abliteration.evaluation.judge import judge_identity, judge_reports, res
 from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS, read_markers_file
 from mlx_abliteration.evaluation.tables import eval_text
 from mlx_abliteration.io.asset_resolver import resolve_asset
-from mlx_abliteration.io.atomic_write import atomic_open, ensure_parent, write_json
+from mlx_abliteration.io.atomic_write import atomic_open, ensure_parent
 from mlx_abliteration.io.model_io import check_model_dir, load_model
 from mlx_abliteration.io.output_dir import check_cache_dir, check_output_file, local_sources
 from mlx_abliteration.pipeline.events import Reporter
@@ -100,10 +101,7 @@ def main(args: argparse.Namespace) -> int:
     _judge(report, judge, args.judge, console, "model")  # the model is freed by now: one model in memory
     console.close_bars()
     print(eval_text(baseline_report, report))
-    if args.output:
-        _write_json(args.output, args, baseline_report, report)
-    if args.responses:
-        _write_responses(args.responses, baseline_report, report)
+    _write_reports(args, baseline_report, report)
     return 0
 
 
@@ -248,7 +246,7 @@ def _progress(console, label: str):
     return lambda done, total, what: report.progress(done, total, f"{label}: {what}")
 
 
-def _write_json(path: str, args: argparse.Namespace, baseline_report, report) -> None:
+def _report_json(args: argparse.Namespace, baseline_report, report) -> dict:
     data = {
         "model": args.model,
         "baseline": args.baseline,
@@ -268,13 +266,22 @@ def _write_json(path: str, args: argparse.Namespace, baseline_report, report) ->
         "baseline_report": baseline_report.to_dict() if baseline_report is not None else None,
     }
 
-    ensure_parent(path)
-    write_json(path, data)
+    return data
 
 
-def _write_responses(path: str, baseline_report, report) -> None:
-    ensure_parent(path)
-    with atomic_open(path, "w") as out:
-        for label, r in (("baseline", baseline_report), ("model", report)):
-            for response in r.responses if r is not None else []:
-                out.write(json.dumps({"model": label, **response}, ensure_ascii=False) + "\n")
+def _write_reports(args: argparse.Namespace, baseline_report, report) -> None:
+    """--output and --responses land together: each is written and flushed (a full disk fails now, naming
+    its file) to a temporary file, and both are renamed only when both are complete."""
+    with contextlib.ExitStack() as stack:
+        if args.output:
+            ensure_parent(args.output)
+            out = stack.enter_context(atomic_open(args.output, "w"))
+            out.write(json.dumps(_report_json(args, baseline_report, report), indent=2) + "\n")
+            out.flush()
+        if args.responses:
+            ensure_parent(args.responses)
+            out = stack.enter_context(atomic_open(args.responses, "w"))
+            for label, r in (("baseline", baseline_report), ("model", report)):
+                for response in r.responses if r is not None else []:
+                    out.write(json.dumps({"model": label, **response}, ensure_ascii=False) + "\n")
+            out.flush()

@@ -435,3 +435,30 @@ def test_cli_search_checks_the_study_dir_and_name_first(tiny_model, datasets, tm
     lines = proc.stderr.strip().splitlines()  # not even "[stage] resolving model": checked first
     assert len(lines) == 1 and flag in lines[0] and needle in lines[0], proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+def test_a_full_disk_while_the_study_writes_is_one_line_and_the_study_resumes(
+    tiny_model, datasets, tmp_path, monkeypatch
+):
+    """Issue 26: a journal append failing (full disk) was an internal error."""
+    import errno
+
+    from optuna.storages.journal import JournalFileBackend
+
+    real, calls = JournalFileBackend.append_logs, {"n": 0}
+
+    def half_then_full(self, logs):
+        calls["n"] += 1
+        if calls["n"] < 12:
+            return real(self, logs)
+        with open(self._file_path, "ab") as handle:
+            handle.write(b'{"op_code": 5, "trial')  # half a line, as a full disk leaves it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(JournalFileBackend, "append_logs", half_then_full)
+    config = _config(tiny_model(), datasets)
+    with pytest.raises(UserError, match=r"cannot write .*studies.* \(No space left on device\).*rerun to continue"):
+        run_search(config, _settings(tmp_path, n_trials=3))
+    monkeypatch.setattr(JournalFileBackend, "append_logs", real)
+    outcome = run_search(config, _settings(tmp_path, n_trials=3))
+    assert len(outcome.study.rows) + len(outcome.study.pruned) == 3

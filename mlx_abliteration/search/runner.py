@@ -14,7 +14,9 @@ the same directions, so the same weights, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from mlx_abliteration.edit.strength_schedule import PlanSpec, uniform_spec
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.evaluation.judge import judge_identity, loaded_judge
 from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS, REFUSAL_RULE_VERSION
-from mlx_abliteration.io.atomic_write import atomic_path
+from mlx_abliteration.io.atomic_write import atomic_path, is_user_write_failure, write_error
 from mlx_abliteration.io.output_dir import check_work_dir
 from mlx_abliteration.pipeline import flow as pipeline
 from mlx_abliteration.pipeline import steps
@@ -123,7 +125,8 @@ class SearchTrial(PlanSource):
 
     def prepare(self, ctx: RunContext) -> None:
         prompts = prompts_fingerprint(ctx.config)
-        self.study, self.storage_path = _open(ctx.source, ctx.config, self.settings, prompts, ctx.report)
+        with journal_writes(study_dir(ctx.config, self.settings)):
+            self.study, self.storage_path = _open(ctx.source, ctx.config, self.settings, prompts, ctx.report)
         key = study_key(probe_identity(ctx.source, ctx.config, prompts))
         self.cache = self.storage_path.parent / f"{Path(ctx.source).name}-{key}.directions.safetensors"
 
@@ -134,18 +137,19 @@ class SearchTrial(PlanSource):
         study, settings = self.study, self.settings
         self.scored_on, interrupted = study.user_attrs.get("scored_on", ""), False
         if settings.trial is None:
-            self.scored_on, interrupted = _search(
-                study,
-                ctx.model,
-                ctx.tokenizer,
-                ctx.source,
-                ctx.prompt_sets(),
-                directions,
-                ctx.config,
-                settings,
-                ctx.report,
-                ctx.writers,
-            )
+            with journal_writes(self.storage_path):
+                self.scored_on, interrupted = _search(
+                    study,
+                    ctx.model,
+                    ctx.tokenizer,
+                    ctx.source,
+                    ctx.prompt_sets(),
+                    directions,
+                    ctx.config,
+                    settings,
+                    ctx.report,
+                    ctx.writers,
+                )
         rows = [trial_row(t) for t in complete_trials(study)]
         pruned = [trial_row(t) for t in finished_trials(study) if t.state.name == "PRUNED"]
         self.summary = StudySummary(study.study_name, str(self.storage_path), rows, interrupted, pruned)
@@ -164,6 +168,19 @@ class SearchTrial(PlanSource):
 
 
 # --- study ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def journal_writes(path: Path) -> Iterator[None]:
+    """A failed journal write the user can fix (full disk, quota) is one line naming the journal; the
+    trials finished before it stay in the file (a line cut short is dropped when the study is next opened)."""
+    try:
+        yield
+    except OSError as err:
+        if not is_user_write_failure(err):
+            raise
+        reason = str(write_error(path, err)).split(" — ")[0]
+        raise UserError(f"{reason} — the search journal keeps the trials finished so far; rerun to continue") from err
 
 
 def prompts_fingerprint(config: AbliterationConfig) -> str:

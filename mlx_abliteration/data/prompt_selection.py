@@ -22,9 +22,10 @@ import hashlib
 import json
 import random
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,14 +52,16 @@ class PromptScan:
     def count(self) -> int:
         return int(self.first.sum())
 
-    def unique(self):
+    def unique(self) -> Iterator[str]:
         """The unique prompts in first-seen order (as ``load_prompts`` lists them), streamed."""
         first = self.first
         for index, prompt in enumerate(iter_prompts(self.files, self.column)):
             if index < len(first) and first[index]:
                 yield prompt
 
-    def split(self, n_train: int | None, n_eval: int, seed: int, name: str = "", take: int | None = None):
+    def split(
+        self, n_train: int | None, n_eval: int, seed: int, name: str = "", take: int | None = None
+    ) -> tuple[list[str], list[str]]:
         """``split_prompts(load_prompts(...), n_train, n_eval, seed, name)``, reading only the prompts taken.
 
         ``take`` caps the train list when ``n_train`` is None (all the rest): only its first ``take`` are read.
@@ -78,7 +81,7 @@ class PromptScan:
                 texts[slot] = prompt
         return texts[n_eval:], texts[:n_eval]
 
-    def feed(self, sha, ensure_ascii: bool = True) -> None:
+    def feed(self, sha: Any, ensure_ascii: bool = True) -> None:  # a hashlib object
         """``sha.update(json.dumps(load_prompts(...), ensure_ascii=...).encode())``, streamed."""
         sha.update(b"[")
         for position, prompt in enumerate(self.unique()):

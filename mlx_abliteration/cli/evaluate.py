@@ -24,7 +24,7 @@ from mlx_abliteration.evaluation.tables import eval_text
 from mlx_abliteration.io.asset_resolver import resolve_asset
 from mlx_abliteration.io.atomic_write import atomic_open, ensure_parent
 from mlx_abliteration.io.model_io import check_model_dir, load_model
-from mlx_abliteration.io.output_dir import check_cache_dir, check_output_file, local_sources
+from mlx_abliteration.io.output_dir import check_cache_dir, check_distinct_outputs, check_output_file, local_sources
 from mlx_abliteration.pipeline.events import Reporter
 
 HELP = "measure refusals (harmful, harmless) and KL divergence against a baseline"
@@ -112,6 +112,7 @@ def _check_paths(args: argparse.Namespace) -> None:
     sources = local_sources(args.model, args.baseline, args.harmful_dataset, args.harmless_dataset, args.markers_file)
     check_output_file(args.output, sources=sources, flag="--output")
     check_output_file(args.responses, sources=sources, flag="--responses")
+    check_distinct_outputs(**{"--output": args.output, "--responses": args.responses})
 
 
 def _check_numbers(args: argparse.Namespace) -> None:

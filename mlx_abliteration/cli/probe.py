@@ -13,7 +13,7 @@ from mlx_abliteration.config import schema
 from mlx_abliteration.config.schema import build_config
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.io.atomic_write import atomic_open, atomic_path, ensure_parent
-from mlx_abliteration.io.output_dir import check_cache_dir, check_output_file, local_sources
+from mlx_abliteration.io.output_dir import check_cache_dir, check_distinct_outputs, check_output_file, local_sources
 from mlx_abliteration.pipeline.flow import run_pipeline
 from mlx_abliteration.probe.directions import save_directions
 from mlx_abliteration.probe.distributed import is_primary
@@ -89,3 +89,4 @@ def check_outputs(config, args: argparse.Namespace) -> None:
     )
     check_output_file(args.output, sources=sources, flag="--output")
     check_output_file(args.stats_json, sources=sources, flag="--stats-json")
+    check_distinct_outputs(**{"--output": args.output, "--stats-json": args.stats_json})

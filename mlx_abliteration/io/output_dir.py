@@ -132,6 +132,18 @@ def check_output_file(output: str | Path | None, *, sources: Iterable[str | Path
     _check_parent_writable(_resolved(path), flag, "file name")
 
 
+def check_distinct_outputs(**outputs: str | Path | None) -> None:
+    """Two output flags of one command naming the same file: the second would silently replace the first."""
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        if path is None or str(path) == "":
+            continue
+        key = _resolved(path)
+        if key in seen:
+            raise UserError(f"{seen[key]} and {flag} are both {path}; give them different files")
+        seen[key] = flag
+
+
 def check_cache_dir(cache_dir: str | Path | None, flag: str = "--cache-dir") -> None:
     """A cache dir must be a folder or creatable as one (it may be read-only: cached models are only read)."""
     if cache_dir is None or str(cache_dir).strip() == "":

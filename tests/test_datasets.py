@@ -293,3 +293,85 @@ def test_parquet_without_pyarrow_says_which_extra_to_install(tmp_path, monkeypat
     monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
     with pytest.raises(UserError, match=r"needs pyarrow; install it with: pip install 'mlx-abliteration\[parquet\]'"):
         load_prompts(path, "harmful")
+
+
+# --- the prompts a run takes: streamed, the same as split_prompts(load_prompts(...)) ------
+
+
+def _mixed_sources(tmp_path: Path) -> list[Path]:
+    rows = [f"prompt {i % 37} é ünï {'long ' * (i % 2)}" for i in range(120)] + ["", "  ", "prompt 3 é ünï "]
+    jsonl = _jsonl(tmp_path / "d.jsonl", [{"prompt": p} for p in rows])
+    txt = tmp_path / "d.txt"
+    txt.write_text("\n".join(rows))
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    _csv(folder / "a.csv", ["text"], [[p] for p in rows[:60]])
+    _csv(folder / "b.csv", ["text"], [[p] for p in rows[40:]])
+    return [jsonl, txt, folder]
+
+
+def test_streamed_selection_takes_the_same_prompts_as_the_split(tmp_path):
+    """Issue 26: select_prompts reads only the prompts it takes, and takes exactly those the split took."""
+    import hashlib
+
+    from mlx_abliteration.data.prompt_selection import scan_prompts, select_prompts
+
+    for source in _mixed_sources(tmp_path):
+        everything = load_prompts(source, "harmful")
+        scan = scan_prompts(source, "harmful")
+        assert scan.count == len(everything) and list(scan.unique()) == everything
+        for seed in (0, 7, 42):
+            for n_train, n_eval in ((3, 2), (0, 5), (10, 0), (None, 4), (len(everything) - 1, 1)):
+                expected = split_prompts(everything, n_train, n_eval, seed)
+                assert select_prompts(source, "harmful", n_train, n_eval, seed) == expected
+            rest, held_out = split_prompts(everything, None, 4, seed)
+            assert scan.split(None, 4, seed, take=6) == (rest[:6], held_out)
+        for ascii_only in (True, False):
+            whole = hashlib.sha256(json.dumps(everything, ensure_ascii=ascii_only).encode()).hexdigest()
+            assert scan.digest(ensure_ascii=ascii_only) == whole
+        with pytest.raises(UserError, match=f"has {len(everything)} prompts but {len(everything)}\\+1 were requested"):
+            scan.split(len(everything), 1, 0, name="x")
+
+
+def test_large_dataset_for_a_few_prompts_keeps_memory_bounded(tmp_path):
+    """Issue 26: a 200 MB JSONL file used for 3 prompts peaked at 832 MB RSS (every prompt held, several
+    times over). The prompts a run takes and the log's digests of a ~50 MB file: peak RSS of a subprocess
+    grows by a small part of the file size over its own baseline (after imports, a small dataset read)."""
+    import os
+    import subprocess
+    import sys
+
+    big = tmp_path / "big.jsonl"
+    with big.open("w") as out:
+        for i in range(20_000):  # 20k unique prompts of 2.5 kB, and some duplicates
+            out.write(json.dumps({"prompt": f"prompt {i % 19_000} " + "x" * 2500, "response": "y" * 100}) + "\n")
+    small = _jsonl(tmp_path / "small.jsonl", [{"prompt": f"p{i}"} for i in range(50)])
+    size = big.stat().st_size
+    code = """
+import resource, sys
+from types import SimpleNamespace
+from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.data.prompt_selection import prompt_digests
+from mlx_abliteration.pipeline import steps
+quiet = SimpleNamespace(emit=lambda *a, **k: None)
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+small = AbliterationConfig(harmful_dataset=sys.argv[2], harmless_dataset=sys.argv[2], max_prompts=3, eval_size=2)
+steps.prompts(small, quiet), prompt_digests(small)
+baseline = peak()
+config = AbliterationConfig(harmful_dataset=sys.argv[1], harmless_dataset=sys.argv[1], max_prompts=3, eval_size=2)
+data = steps.prompts(config, quiet)
+prompt_digests(config)
+assert len(data.harmful_train) == 3 and len(data.harmful_eval) == 2
+print(peak() - baseline)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(big), str(small)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MLX_ABLITERATION_LOG_FILE": os.devnull},
+    )
+    assert proc.returncode == 0, proc.stderr
+    growth = int(proc.stdout.split()[-1])
+    assert growth < size / 5, f"peak RSS grew {growth / 1e6:.0f} MB for a {size / 1e6:.0f} MB file"

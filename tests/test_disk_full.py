@@ -141,7 +141,7 @@ def test_probe_stats_json_on_a_full_disk(tiny_model, prompts, tmp_path):
     )
     assert_disk_full_error(proc, stats)
     assert stats.read_text() == "old"
-    assert_only(tmp_path, ["d.safetensors", "stats.json"])
+    assert_only(tmp_path, ["stats.json"])  # the direction file lands with its stats or not at all
 
 
 @pytest.mark.parametrize("flag", ["--output", "--responses"])
@@ -165,6 +165,17 @@ def test_eval_reports_on_a_full_disk(tiny_model, prompts, tmp_path, flag):
     assert_disk_full_error(proc, target)
     assert target.read_text() == "old"
     assert_only(tmp_path, ["report.json"])
+
+
+def test_eval_report_and_responses_land_together(tiny_model, prompts, tmp_path):
+    """Issue 26: a full disk while writing --responses left --output written (and said nothing was)."""
+    proc = run_full_disk(
+        "eval", "-m", str(tiny_model()), *prompts, "--num-prompts", "2", "--max-tokens", "2", "--kl-tokens", "1",
+        "--output", str(tmp_path / "report.json"), "--responses", str(tmp_path / "responses.jsonl"),
+        match="responses.jsonl",
+    )  # fmt: skip
+    assert_disk_full_error(proc, tmp_path / "responses.jsonl")
+    assert_only(tmp_path, [])
 
 
 def test_import_gguf_on_a_full_disk(tmp_path, vocab):  # noqa: F811
@@ -236,3 +247,53 @@ def test_atomic_write_gives_usual_permissions_and_replaces(tmp_path):
 def test_atomic_write_refuses_a_folder(tmp_path):
     with pytest.raises(UserError, match="is a folder"):
         atomic_write.write_text(tmp_path, "x")
+
+
+# --------------------------------------------------------------------------- writes besides the outputs
+
+needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (every write: ENOSPC)")
+
+
+def _cli_with_stdout(stdout, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLX_ABLITERATION_LOG_FILE": os.devnull}
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_abliteration", *args],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+
+
+@needs_dev_full
+def test_a_log_file_on_a_full_disk_is_one_warning_not_a_traceback_per_record(tiny_model, prompts, tmp_path):
+    """Issue 26: each log record printed '--- Logging error ---' and a 30-line traceback."""
+    out = tmp_path / "d.safetensors"
+    proc = run_full_disk(
+        "probe", "-m", str(tiny_model()), *prompts, "--use-layer", "1", "--max-prompts", "4", "--eval-size", "0",
+        "--output", str(out), "--log-file", "/dev/full", "--quiet", match="no file has this name",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "Logging error" not in proc.stderr, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "log file" in line]
+    assert warnings == [
+        "warning: cannot write log file /dev/full (No space left on device); JSON logs are off for the rest of this run"
+    ], proc.stderr
+    assert out.is_file()
+
+
+@needs_dev_full
+def test_standard_output_on_a_full_disk_is_one_line(tiny_model, prompts, tmp_path):
+    """Issue 26: `eval ... > file` on a full disk was an internal error (and Python's exit flush another)."""
+    with open("/dev/full", "w") as full:
+        proc = _cli_with_stdout(
+            full, "eval", "-m", str(tiny_model()), *prompts, "--num-prompts", "2", "--max-tokens", "2",
+            "--kl-tokens", "1", "--capability-questions", "0", "--output", str(tmp_path / "r.json"),
+        )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot write standard output (No space left on device)"), last
+    assert sum("error" in line for line in proc.stderr.splitlines()) == 1, proc.stderr

@@ -173,6 +173,27 @@ def test_output_outside_the_output_root_is_refused(tiny_model, tmp_path, dataset
     assert build_config("dir/m.gguf", output_root=root).output_dir == str(root / "m-abliterated")
 
 
+def test_relative_output_names_lie_in_the_output_root(tiny_model, tmp_path, datasets, monkeypatch):
+    """Issue 26: "my_model" was refused as outside the root; a user means <root>/my_model."""
+    root, elsewhere = tmp_path / "root", tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the server's working dir is not the root
+    assert build_config("m", "my_model", output_root=root).output_dir == str(root / "my_model")
+    assert build_config("m", "runs/a", output_root=root).output_dir == str(root / "runs" / "a")
+    monkeypatch.chdir(tmp_path)  # a name that reaches into the root from the working dir is kept as it is
+    assert build_config("m", "root/b", output_root=root).output_dir == "root/b"
+    for escape in ("../x", "a/../../x"):
+        with pytest.raises(UserError, match="outside the GUI's output root"):
+            build_config("m", escape, output_root=root)
+    monkeypatch.chdir(elsewhere)
+    _, last = _final(
+        run_abliteration_stream(str(tiny_model()), "my_model", **datasets, **SMALL_RUN, no_eval=True, output_root=root)
+    )
+    assert last.status.startswith("**Done.**"), last.status
+    assert (root / "my_model" / "config.json").is_file() and os.listdir(elsewhere) == []
+    assert last.output_path.startswith(str(root / "my_model"))
+
+
 def test_compare_answers_side_by_side_and_errors(tiny_model):
     from mlx_abliteration.data.chat import encode_chat
     from mlx_abliteration.evaluation.generation import generate_greedy
@@ -197,3 +218,15 @@ def test_gui_command_and_seed_shim_options():
     proc = subprocess.run([sys.executable, "gui.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--share" in proc.stdout and "--port" in proc.stdout
+
+
+def test_gui_output_root_is_checked_before_serving(tmp_path):
+    from .cli_helpers import run_cli
+
+    (tmp_path / "a_file").write_text("x")
+    for root in (tmp_path / "a_file", tmp_path / "a_file" / "below"):
+        proc = run_cli("gui", "--output-root", str(root), "--port", "1", timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--output-root" in lines[0] and "file" in lines[0], proc.stderr
+    assert os.listdir(tmp_path) == ["a_file"]

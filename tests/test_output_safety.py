@@ -283,6 +283,14 @@ def test_bad_output_paths_fail_before_any_work(tiny_model, tmp_path, data):
         ),
         (["probe", "-m", model, "--output", str(data / "harmful.txt"), *sets], "is the source"),
         (["chat", "-m", model, "--cache-dir", str(a_file)], "--cache-dir"),
+        # issue 26: every command's output flags, not only run's -o
+        (["generate-dataset", "--num-samples", "2", "--output-dir", str(a_file)], "--output-dir"),
+        (["generate-dataset", "--num-samples", "2", "--output-dir", str(a_file / "sub")], "--output-dir"),
+        (["search", "-m", model, "--study-dir", str(a_file / "studies"), *sets], "--study-dir"),
+        (["search", "-m", model, "--study-name", "../x", "--study-dir", str(tmp_path / "s"), *sets], "--study-name"),
+        (["gui", "--output-root", str(a_file / "outputs")], "--output-root"),
+        (["eval", "-m", model, "--output", str(tmp_path / "r"), "--responses", str(tmp_path / "r"), *sets], "both"),
+        (["probe", "-m", model, "--output", str(tmp_path / "p"), "--stats-json", str(tmp_path / "p"), *sets], "both"),
     ]
     for args, needle in cases:
         line = assert_user_error(run_cli(*args, stdin=""), needle)

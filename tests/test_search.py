@@ -1,6 +1,7 @@
 """Automatic parameter search: kernel plans, exact revert, persistence, seeding, CLI save and reproduction."""
 
 import json
+import os
 
 import mlx.core as mx
 import mlx_lm
@@ -354,3 +355,110 @@ def test_corrupt_search_journal_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="search journal .* is corrupt"):
         open_study(journal, "study", 0, 4)
     assert journal.read_bytes().startswith(b"{not json")  # left as it was: the user decides
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        b'{"op_code": 0, "worker_id": "w", "study_name": "s", "directions": [1]}\n{"op_code": 99}\n',
+        b"\x00\xffgarbage\n",
+    ],
+    ids=["foreign-operation", "garbage-last-line"],
+)
+def test_cli_search_with_a_corrupt_journal_is_one_line_naming_the_file(tiny_model, datasets, tmp_path, damage):
+    """Issue 26: a damaged Optuna journal was reported as an internal error (or made worse by an append)."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    journal = studies / "mine.journal"
+    journal.write_bytes(damage)
+    proc = run_cli(
+        "search",
+        "-m",
+        str(tiny_model()),
+        "--harmful-dataset",
+        str(datasets[0]),
+        "--harmless-dataset",
+        str(datasets[1]),
+        "--study-dir",
+        str(studies),
+        "--study-name",
+        "mine",
+        "--n-trials",
+        "1",
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("[")]  # not progress
+    assert len(lines) == 1 and lines[0].startswith("error: the search journal"), proc.stderr
+    assert str(journal) in lines[0] and "delete it" in lines[0] and "--study-name" in lines[0]
+    assert journal.read_bytes() == damage  # left as it was: the user decides
+    assert sorted(os.listdir(studies)) == ["mine.journal"]
+
+
+def test_journal_with_a_half_written_last_line_still_opens_and_takes_new_trials(tmp_path):
+    """A write cut short (kill, full disk) leaves an unterminated line; appending after it would corrupt the file."""
+    from mlx_abliteration.search.study import open_study
+
+    journal = tmp_path / "s.journal"
+    study = open_study(journal, "s", 0, 2)
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    study.tell(trial, [1.0, 2.0])
+    with open(journal, "ab") as handle:
+        handle.write(b'{"op_code": 4, "worker_id"')
+    study = open_study(journal, "s", 0, 2)
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    study.tell(trial, [0.5, 1.0])
+    assert len(open_study(journal, "s", 0, 2).trials) == 2
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "needle"),
+    [("--study-dir", "a_file", "is a file"), ("--study-name", "../escape", "plain file name")],
+)
+def test_cli_search_checks_the_study_dir_and_name_first(tiny_model, datasets, tmp_path, flag, value, needle):
+    (tmp_path / "a_file").write_text("x")
+    studies = ["--study-dir", str(tmp_path / "studies")] if flag != "--study-dir" else []
+    proc = run_cli(
+        "search",
+        "-m",
+        str(tiny_model()),
+        "--harmful-dataset",
+        str(datasets[0]),
+        "--harmless-dataset",
+        str(datasets[1]),
+        *studies,
+        flag,
+        str(tmp_path / value) if flag == "--study-dir" else value,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()  # not even "[stage] resolving model": checked first
+    assert len(lines) == 1 and flag in lines[0] and needle in lines[0], proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+def test_a_full_disk_while_the_study_writes_is_one_line_and_the_study_resumes(
+    tiny_model, datasets, tmp_path, monkeypatch
+):
+    """Issue 26: a journal append failing (full disk) was an internal error."""
+    import errno
+
+    from optuna.storages.journal import JournalFileBackend
+
+    real, calls = JournalFileBackend.append_logs, {"n": 0}
+
+    def half_then_full(self, logs):
+        calls["n"] += 1
+        if calls["n"] < 12:
+            return real(self, logs)
+        with open(self._file_path, "ab") as handle:
+            handle.write(b'{"op_code": 5, "trial')  # half a line, as a full disk leaves it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(JournalFileBackend, "append_logs", half_then_full)
+    config = _config(tiny_model(), datasets)
+    with pytest.raises(UserError, match=r"cannot write .*studies.* \(No space left on device\).*rerun to continue"):
+        run_search(config, _settings(tmp_path, n_trials=3))
+    monkeypatch.setattr(JournalFileBackend, "append_logs", real)
+    outcome = run_search(config, _settings(tmp_path, n_trials=3))
+    assert len(outcome.study.rows) + len(outcome.study.pruned) == 3

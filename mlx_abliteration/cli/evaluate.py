@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ from mlx_abliteration.cli.console import Console
 from mlx_abliteration.config.defaults import GENERATION_BATCH_SIZE as DEFAULT_BATCH_SIZE
 from mlx_abliteration.config.defaults import AbliterationConfig, check_count
 from mlx_abliteration.config.flags import JUDGE_HELP
-from mlx_abliteration.data.datasets import load_prompts, split_prompts
+from mlx_abliteration.data.prompt_selection import scan_prompts
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.evaluation.baseline_cache import baseline_identity, baseline_key, cached_baseline
 from mlx_abliteration.evaluation.evaluate import (
@@ -30,7 +31,7 @@ from mlx_abliteration.evaluation.tables import eval_text
 from mlx_abliteration.io.asset_resolver import resolve_asset
 from mlx_abliteration.io.atomic_write import atomic_open, ensure_parent, write_json
 from mlx_abliteration.io.model_io import check_model_dir, load_model
-from mlx_abliteration.io.output_dir import check_cache_dir, check_output_file, local_sources
+from mlx_abliteration.io.output_dir import check_cache_dir, check_distinct_outputs, check_output_file, local_sources
 from mlx_abliteration.pipeline.events import Reporter
 
 HELP = "measure refusals (harmful, harmless) and KL divergence against a baseline"
@@ -147,10 +148,7 @@ def main(args: argparse.Namespace) -> int:
     )
     console.close_bars()
     print(eval_text(baseline_report, report))
-    if args.output:
-        _write_json(args.output, args, baseline_report, report)
-    if args.responses:
-        _write_responses(args.responses, baseline_report, report)
+    _write_reports(args, baseline_report, report)
     return 0
 
 
@@ -161,6 +159,7 @@ def _check_paths(args: argparse.Namespace) -> None:
     sources = local_sources(args.model, args.baseline, args.harmful_dataset, args.harmless_dataset, args.markers_file)
     check_output_file(args.output, sources=sources, flag="--output")
     check_output_file(args.responses, sources=sources, flag="--responses")
+    check_distinct_outputs(**{"--output": args.output, "--responses": args.responses})
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -194,9 +193,8 @@ def _eval_prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
     sets = []
     for source, kind in ((args.harmful_dataset, "harmful"), (args.harmless_dataset, "harmless")):
-        prompts = load_prompts(source, kind, cache_dir=cache_dir, column=args.dataset_column)
-        n_eval = min(args.num_prompts, len(prompts))
-        sets.append(split_prompts(prompts, 0, n_eval, args.seed, name=kind)[1])
+        scan = scan_prompts(source, kind, cache_dir, args.dataset_column)  # streamed: only the prompts taken are kept
+        sets.append(scan.split(0, min(args.num_prompts, scan.count), args.seed, name=kind)[1])
     return sets[0], sets[1]
 
 
@@ -322,7 +320,7 @@ def _progress(console, label: str):
     return lambda done, total, what: report.progress(done, total, f"{label}: {what}")
 
 
-def _write_json(path: str, args: argparse.Namespace, baseline_report, report) -> None:
+def _report_json(args: argparse.Namespace, baseline_report, report) -> dict:
     data = {
         "model": args.model,
         "baseline": args.baseline,
@@ -342,13 +340,22 @@ def _write_json(path: str, args: argparse.Namespace, baseline_report, report) ->
         "baseline_report": baseline_report.to_dict() if baseline_report is not None else None,
     }
 
-    ensure_parent(path)
-    write_json(path, data)
+    return data
 
 
-def _write_responses(path: str, baseline_report, report) -> None:
-    ensure_parent(path)
-    with atomic_open(path, "w") as out:
-        for label, r in (("baseline", baseline_report), ("model", report)):
-            for response in r.responses if r is not None else []:
-                out.write(json.dumps({"model": label, **response}, ensure_ascii=False) + "\n")
+def _write_reports(args: argparse.Namespace, baseline_report, report) -> None:
+    """--output and --responses land together: each is written and flushed (a full disk fails now, naming
+    its file) to a temporary file, and both are renamed only when both are complete."""
+    with contextlib.ExitStack() as stack:
+        if args.output:
+            ensure_parent(args.output)
+            out = stack.enter_context(atomic_open(args.output, "w"))
+            out.write(json.dumps(_report_json(args, baseline_report, report), indent=2) + "\n")
+            out.flush()
+        if args.responses:
+            ensure_parent(args.responses)
+            out = stack.enter_context(atomic_open(args.responses, "w"))
+            for label, r in (("baseline", baseline_report), ("model", report)):
+                for response in r.responses if r is not None else []:
+                    out.write(json.dumps({"model": label, **response}, ensure_ascii=False) + "\n")
+            out.flush()

@@ -6,9 +6,9 @@ import argparse
 import ipaddress
 import socket
 import sys
-from pathlib import Path
 
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.io.output_dir import check_work_dir
 from mlx_abliteration.runtime.logging_config import setup_logging
 
 HELP = "web UI: run the pipeline with live progress, plots and a side-by-side model comparison"
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output-root",
         default=None,
-        help="every output dir of the GUI must lie inside this folder (default: ./outputs); paths escaping it are refused",
+        help="every output dir of the GUI lies inside this folder (default: ./outputs): a relative name such as my_model is taken inside it; paths escaping it are refused",
     )
     parser.add_argument(
         "--log-file",
@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # a file, or a folder this user cannot write: said now, not after a run in the browser
+    output_root = check_work_dir(args.output_root or "outputs", "--output-root").resolve()
     try:
         from mlx_abliteration.gui import launch  # noqa: PLC0415  (imports gradio, an optional extra)
     except ModuleNotFoundError as err:
@@ -53,9 +55,6 @@ def main(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    output_root = Path(args.output_root or "outputs").expanduser().resolve()
-    if output_root.exists() and not output_root.is_dir():
-        raise UserError(f"--output-root {args.output_root} is a file; pass a folder")
     app = launch(args.host, args.port, args.share, output_root=output_root, prevent_thread_lock=True, quiet=True)
     print(f"outputs are written inside {output_root}", file=sys.stderr, flush=True)
     if exposed:

@@ -13,6 +13,7 @@ either kind, including the low-level error behind a UserError.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -21,6 +22,7 @@ import traceback
 
 from mlx_abliteration import __version__
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.io.atomic_write import is_user_write_failure, write_error
 from mlx_abliteration.io.output_dir import Terminated, handle_sigterm
 from mlx_abliteration.runtime.backend import keep_torch_out, persistent_kernel_cache
 from mlx_abliteration.runtime.logging_config import LOGGER_NAME, setup_logging
@@ -89,8 +91,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def run_command(module, args: argparse.Namespace) -> int:
     """Run a parsed command; user mistakes become one-line errors, anything else says where it came from."""
     debug = bool(getattr(args, "debug", False))
+    stdout, sys.stdout = sys.stdout, _GuardedStdout(sys.stdout)
     try:
-        return int(module.main(args) or 0)
+        code = int(module.main(args) or 0)
+        sys.stdout.flush()  # a full disk under `> file` fails here, not in Python's exit (exit 120)
+        return code
     except (UserError, FileNotFoundError) as err:
         if debug:
             _print_traceback(err)
@@ -112,6 +117,46 @@ def run_command(module, args: argparse.Namespace) -> int:
         hint = "" if debug else "; rerun with --debug to print it"
         print(f"  an internal error, not a problem with your input{where}{logged}{hint}", file=sys.stderr)
         return 1
+    finally:
+        sys.stdout = stdout
+
+
+class _GuardedStdout:
+    """Standard output whose failed writes the user can fix (``> file`` on a full disk, over quota) are a
+    one-line ``UserError``; standard output then goes to the null device, so Python's own flush at exit
+    does not fail again with a traceback (and exit 120)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as err:
+            raise self._failed(err) from err
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as err:
+            raise self._failed(err) from err
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+    def _failed(self, err: OSError) -> BaseException:
+        closed = err.errno == errno.EPIPE  # `| head` stopped reading
+        if not closed and not is_user_write_failure(err):
+            return err
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):  # no file behind it (a test's capture)
+            pass
+        if closed:
+            return UserError("standard output was closed (broken pipe); the rest of this command's output was dropped")
+        return UserError(str(write_error("standard output", err)).split(" — ")[0])  # not "nothing was written"
 
 
 def origin(err: BaseException) -> str | None:
@@ -144,7 +189,7 @@ def _log_exception(err: BaseException, args: argparse.Namespace) -> str | None:
     except Exception:  # the log is a help, never a second failure
         return None
     path = handlers[0].baseFilename
-    return None if path == os.devnull else path
+    return None if path == os.devnull or getattr(handlers[0], "failed", False) else path
 
 
 def main(argv: list[str] | None = None) -> int:

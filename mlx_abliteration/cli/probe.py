@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 from pathlib import Path
 
 from mlx_abliteration.cli.console import Console
@@ -10,8 +12,8 @@ from mlx_abliteration.config import flags as options
 from mlx_abliteration.config import schema
 from mlx_abliteration.config.schema import build_config
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.io.atomic_write import atomic_path, ensure_parent, write_json
-from mlx_abliteration.io.output_dir import check_cache_dir, check_output_file, local_sources
+from mlx_abliteration.io.atomic_write import atomic_open, atomic_path, ensure_parent
+from mlx_abliteration.io.output_dir import check_cache_dir, check_distinct_outputs, check_output_file, local_sources
 from mlx_abliteration.pipeline.flow import run_pipeline
 from mlx_abliteration.probe.directions import save_directions
 from mlx_abliteration.probe.distributed import is_primary
@@ -34,19 +36,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_output_style(parser)
 
 
-def probe(config, output: str | Path, on_event=None):
-    """Library form of the command: returns ``(directions, chosen_layer)``."""
+def probe(config, output: str | Path, on_event=None, stats_json: str | Path | None = None):
+    """Library form of the command: returns ``(directions, chosen_layer)``.
+
+    The direction file and the stats (``stats_json``) land together: both are written to temporary
+    files first, so a failed write (full disk) leaves neither.
+    """
 
     output = Path(output)
     if output.is_dir():
         raise UserError(f"--output {output} is a directory; give a file name ending in .safetensors")
     result = run_pipeline(build_config({"dry_run": True, "no_eval": True, "output_dir": None}, config), on_event)
+    directions, layer = result.directions, result.chosen_layer
     if not is_primary():  # under mlx.launch every rank has the merged result; rank 0 writes it
-        return result.directions, result.chosen_layer
-    ensure_parent(output)
-    with atomic_path(output, suffix=".safetensors") as tmp:
-        save_directions(tmp, result.directions, result.chosen_layer)
-    return result.directions, result.chosen_layer
+        return directions, layer
+    with contextlib.ExitStack() as stack:
+        if stats_json:  # written (and flushed: a full disk fails now, named) before the direction file starts
+            ensure_parent(stats_json)
+            out = stack.enter_context(atomic_open(stats_json))
+            out.write(json.dumps({"chosen_layer": layer, "layers": [s.to_dict() for s in directions.stats]}, indent=2))
+            out.write("\n")
+            out.flush()
+        ensure_parent(output)
+        tmp = stack.enter_context(atomic_path(output, suffix=".safetensors"))
+        save_directions(tmp, directions, layer)
+    return directions, layer
 
 
 def main(args: argparse.Namespace) -> int:
@@ -55,12 +69,9 @@ def main(args: argparse.Namespace) -> int:
     setup_logging(args.log_file)
     console = Console(args.quiet, args.json)
     try:
-        directions, layer = probe(config, args.output, console)
+        directions, layer = probe(config, args.output, console, stats_json=args.stats_json)
     finally:
         console.close_bars()
-    if args.stats_json:
-        ensure_parent(args.stats_json)
-        write_json(args.stats_json, {"chosen_layer": layer, "layers": [s.to_dict() for s in directions.stats]})
     if not args.json:
         print(f"saved directions of {len(directions.layers)} layers (chosen layer {layer}) to {args.output}")
     return 0
@@ -78,3 +89,4 @@ def check_outputs(config, args: argparse.Namespace) -> None:
     )
     check_output_file(args.output, sources=sources, flag="--output")
     check_output_file(args.stats_json, sources=sources, flag="--stats-json")
+    check_distinct_outputs(**{"--output": args.output, "--stats-json": args.stats_json})

@@ -21,25 +21,14 @@ so a train/eval split can never put the same prompt on both sides.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import random
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.io.asset_resolver import is_hub_id
-
-if TYPE_CHECKING:
-    from mlx_abliteration.config.defaults import AbliterationConfig
-from typing import TYPE_CHECKING
-
-from mlx_abliteration.io.asset_resolver import hub_snapshot, is_timeout, timeout_message
-
-if TYPE_CHECKING:
-    from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.io.asset_resolver import hub_snapshot, is_hub_id, is_timeout, timeout_message
 
 KINDS = ("harmful", "harmless")
 PROMPT_FIELDS = ("prompt", "text", "instruction")
@@ -64,31 +53,41 @@ def load_prompts(
     cache_dir: Path | None = None,
     column: str | None = None,
 ) -> list[str]:
-    """Prompts from ``source`` (see the module docstring); errors are one-line ``UserError``s."""
-    if source is None or str(source) == "":
-        path = default_dataset_path(kind)
-        return _load_path(path, column, label=f"default {kind} dataset")
-    path = Path(source).expanduser()
-    if path.exists():
-        return _load_path(path, column, label=str(source))
-    text = str(source)
-    if path.suffix.lower() in SUFFIXES or not is_hub_id(text):
-        raise UserError(
-            f"{kind} dataset {text} not found; pass an existing file or a Hugging Face dataset id (owner/name)"
-        )
-    directory = _download_dataset(text, cache_dir, kind)
-    return _load_path(directory, column, label=text)
+    """Prompts from ``source`` (see the module docstring); errors are one-line ``UserError``s.
 
-
-def _load_path(path: Path, column: str | None, label: str) -> list[str]:
-    files = _data_files(path) if path.is_dir() else [path]
-    prompts: dict[str, None] = {}  # unique, in first-seen order
-    for file in files:
-        for prompt in _prompts_from_records(_read_records(file, column), column, file):
-            prompts[prompt] = None
+    Every unique prompt is held in memory: for a large file that only a few prompts are taken
+    from, ``data.prompt_selection`` streams it instead (same prompts, memory bounded).
+    """
+    files, label = prompt_files(source, kind, cache_dir)
+    prompts = _unique(iter_prompts(files, column))  # unique, in first-seen order
     if not prompts:
-        raise UserError(f"dataset {label} has no prompts; add prompts or pass another dataset")
-    return list(prompts)
+        raise no_prompts(label)
+    return prompts
+
+
+def prompt_files(source: str | Path | None, kind: str, cache_dir: Path | None = None) -> tuple[list[Path], str]:
+    """The data files a dataset source reads (a hub id is downloaded first) and its label for messages."""
+    if source is None or str(source) == "":
+        return [default_dataset_path(kind)], f"default {kind} dataset"
+    path = Path(source).expanduser()
+    text = str(source)
+    if not path.exists():
+        if path.suffix.lower() in SUFFIXES or not is_hub_id(text):
+            raise UserError(
+                f"{kind} dataset {text} not found; pass an existing file or a Hugging Face dataset id (owner/name)"
+            )
+        path = _download_dataset(text, cache_dir, kind)
+    return (_data_files(path) if path.is_dir() else [path]), text
+
+
+def iter_prompts(files: list[Path], column: str | None = None) -> Iterator[str]:
+    """Every non-empty prompt of ``files``, stripped, duplicates included, streamed record by record."""
+    for file in files:
+        yield from _prompts_from_records(_read_records(file, column), column, file)
+
+
+def no_prompts(label: str) -> UserError:
+    return UserError(f"dataset {label} has no prompts; add prompts or pass another dataset")
 
 
 def _data_files(directory: Path) -> list[Path]:
@@ -312,17 +311,8 @@ def split_prompts(
     Eval prompts are cut first, so the eval set does not change with
     ``n_train``; ``n_train=None`` takes every prompt left after them.
     """
-    if n_eval < 0 or (n_train is not None and n_train < 0):
-        raise UserError(f"prompt counts must not be negative (train {n_train}, eval {n_eval})")
     unique = _unique(prompts)
-    wanted = (n_train if n_train is not None else 1) + n_eval
-    if len(unique) < wanted:
-        label = f"dataset {name}" if name else "the dataset"
-        requested = f"{n_train}+{n_eval}" if n_train is not None else f"at least 1+{n_eval}"
-        raise UserError(
-            f"{label} has {len(unique)} prompts but {requested} were requested; "
-            "lower --max-prompts/--eval-size or add prompts"
-        )
+    check_split(len(unique), n_train, n_eval, name)
     shuffled = unique[:]
     random.Random(seed).shuffle(shuffled)
     eval_prompts = shuffled[:n_eval]
@@ -331,14 +321,17 @@ def split_prompts(
     return train, eval_prompts
 
 
-def prompt_digests(config: AbliterationConfig) -> dict[str, str]:
-    """SHA256 of each prompt set's contents as loaded (every prompt, before the split)."""
-    cache = Path(config.cache_dir) if config.cache_dir else None
-    out = {}
-    for kind in PROMPT_KINDS:
-        items = load_prompts(getattr(config, f"{kind}_dataset"), kind, cache_dir=cache, column=config.dataset_column)
-        out[kind] = hashlib.sha256(json.dumps(items, ensure_ascii=False, default=str).encode()).hexdigest()
-    return out
+def check_split(count: int, n_train: int | None, n_eval: int, name: str = "") -> None:
+    """A split of ``count`` unique prompts into ``n_train`` (None: all the rest) and ``n_eval`` is possible."""
+    if n_eval < 0 or (n_train is not None and n_train < 0):
+        raise UserError(f"prompt counts must not be negative (train {n_train}, eval {n_eval})")
+    wanted = (n_train if n_train is not None else 1) + n_eval
+    if count < wanted:
+        label = f"dataset {name}" if name else "the dataset"
+        requested = f"{n_train}+{n_eval}" if n_train is not None else f"at least 1+{n_eval}"
+        raise UserError(
+            f"{label} has {count} prompts but {requested} were requested; lower --max-prompts/--eval-size or add prompts"
+        )
 
 
 PROMPT_KINDS = ("harmful", "harmless")

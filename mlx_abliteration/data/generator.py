@@ -58,6 +58,7 @@ from mlx_abliteration.data.templates import (
 )
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.io.atomic_write import atomic_path, ensure_parent
+from mlx_abliteration.io.output_dir import check_work_dir
 
 GENERATOR_VERSION = "mlx-abliteration-generator/1"
 OUTPUT_FILES = {"harmful": "harmful_dataset.jsonl", "harmless": "harmless_dataset.jsonl"}
@@ -191,11 +192,7 @@ def _to_jsonl(records: list[dict]) -> str:
 def write_datasets(records: dict[str, list[dict]], output_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
     """Write both JSONL files, all or nothing; refuse to replace files without ``overwrite``."""
 
-    output_dir = Path(output_dir).expanduser()
-    targets = {kind: output_dir / name for kind, name in OUTPUT_FILES.items()}
-    existing = [str(path) for path in targets.values() if path.exists()]
-    if existing and not overwrite:
-        raise UserError(f"{existing[0]} already exists; pass --overwrite or choose another --output-dir")
+    targets = check_targets(output_dir, overwrite)
     ensure_parent(next(iter(targets.values())))
     # Both files are written to temporary names first and renamed only when both are complete.
     with contextlib.ExitStack() as stack:
@@ -203,6 +200,19 @@ def write_datasets(records: dict[str, list[dict]], output_dir: str | Path, overw
         for kind, tmp in staged.items():
             with open(tmp, "w", encoding="utf-8") as out:
                 out.write(_to_jsonl(records[kind]))
+    return targets
+
+
+def check_targets(output_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
+    """The two files' paths, checked (a folder or creatable, writable, nothing replaced without ``overwrite``)."""
+    output_dir = check_work_dir(output_dir, "--output-dir")
+    targets = {kind: output_dir / name for kind, name in OUTPUT_FILES.items()}
+    for path in targets.values():
+        if path.is_dir():
+            raise UserError(f"{path} is a folder; remove it or choose another --output-dir")
+    existing = [str(path) for path in targets.values() if path.exists()]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]} already exists; pass --overwrite or choose another --output-dir")
     return targets
 
 
@@ -229,6 +239,7 @@ def generate_datasets(
     num_samples = num_samples if num_samples is not None else template_set.num_samples or DEFAULT_NUM_SAMPLES
     seed = seed if seed is not None else (template_set.seed if template_set.seed is not None else DEFAULT_SEED)
     output_dir = output_dir or template_set.output_dir or DEFAULT_OUTPUT_DIR
+    check_targets(output_dir, overwrite)  # before the work, like every command's outputs
     records = generate_pairs(template_set, num_samples, seed, probe_marker, append_marker)
     paths = write_datasets(records, output_dir, overwrite)
     return GenerationResult(paths, num_samples, seed, len(template_set.concepts), len(template_set.templates))

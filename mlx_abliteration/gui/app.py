@@ -71,7 +71,11 @@ def _form() -> dict[gr.components.Component, str]:
         add("harmless_upload", _upload("harmless"))
     add(
         "output_dir",
-        gr.Textbox(label="Output dir", placeholder="empty: outputs/<model name>-abliterated", elem_id="output-dir"),
+        gr.Textbox(
+            label="Output dir",
+            placeholder="empty: outputs/<model name>-abliterated; a name like my_model goes inside the output root",
+            elem_id="output-dir",
+        ),
     )
     with gr.Row():
         add(

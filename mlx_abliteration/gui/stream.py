@@ -103,7 +103,9 @@ def build_config(
         values["harmful_dataset"] = str(harmful_upload)
     if harmless_upload:
         values["harmless_dataset"] = str(harmless_upload)
-    values["output_dir"] = (output_dir or "").strip() or default_output_dir(model, output_root)
+    values["output_dir"] = output_in_root(
+        (output_dir or "").strip() or default_output_dir(model, output_root), output_root
+    )
     config = schema.build_config(values)
     if not config.dry_run:
         confine_output(config.output_dir, output_root)
@@ -120,12 +122,29 @@ def default_output_dir(model: str, output_root: str | Path | None = None) -> str
     return str(Path(output_root or DEFAULT_OUTPUT_ROOT) / f"{name}-abliterated")
 
 
+def _root(output_root: str | Path | None) -> Path:
+    return Path(output_root or DEFAULT_OUTPUT_ROOT).expanduser().resolve()
+
+
+def output_in_root(output_dir: str, output_root: str | Path | None = None) -> str:
+    """The output dir a typed name means: a relative name lies in the output root (``my_model`` is
+    ``<root>/my_model``), unless it already names a folder inside the root from the working dir (as the
+    form's default ``outputs/<name>-abliterated`` does). Absolute paths are kept; ``confine_output`` checks."""
+    path = Path(output_dir).expanduser()
+    if not output_dir or path.is_absolute():
+        return output_dir
+    root = _root(output_root)
+    if root in (Path.cwd() / path).resolve().parents:
+        return output_dir
+    return str(root / path)
+
+
 def confine_output(output_dir: str | Path, output_root: str | Path | None = None) -> Path:
     """``output_dir`` (relative to the working dir) resolved; an error unless it lies inside the root.
 
     Symlinks are resolved first, so a link inside the root pointing elsewhere does not escape it.
     """
-    root = Path(output_root or DEFAULT_OUTPUT_ROOT).expanduser().resolve()
+    root = _root(output_root)
     path = Path(output_dir).expanduser()
     resolved = (path if path.is_absolute() else Path.cwd() / path).resolve()
     if root not in resolved.parents:

@@ -36,6 +36,7 @@ _HINTS = {
     "ENOENT": "create the folder first or choose an existing one",
     "ENOTDIR": "a part of the path is a file, not a folder; choose another path",
     "EISDIR": "the path is a folder; give a file name",
+    "EEXIST": "a file is in the way of a folder to create; choose another path",
 }
 
 

@@ -84,8 +84,9 @@ def check_not_source(output: str | Path, sources: Iterable[str | Path], flag: st
             raise UserError(f"{flag} {output} is inside the source {source}; choose a path outside it")
 
 
-def _check_parent_writable(path: Path, flag: str, what: str) -> None:
-    ancestor = path.parent
+def _check_parent_writable(path: Path, flag: str, what: str, start: Path | None = None) -> None:
+    """The nearest existing folder at or above ``start`` (default: ``path``'s parent) must be writable."""
+    ancestor = path.parent if start is None else start
     while not ancestor.exists() and not ancestor.is_symlink():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
@@ -136,6 +137,18 @@ def check_output_file(output: str | Path | None, *, sources: Iterable[str | Path
     _check_parent_writable(_resolved(path), flag, "file name")
 
 
+def check_distinct_outputs(**outputs: str | Path | None) -> None:
+    """Two output flags of one command naming the same file: the second would silently replace the first."""
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        if path is None or str(path) == "":
+            continue
+        key = _resolved(path)
+        if key in seen:
+            raise UserError(f"{seen[key]} and {flag} are both {path}; give them different files")
+        seen[key] = flag
+
+
 def check_cache_dir(cache_dir: str | Path | None, flag: str = "--cache-dir") -> None:
     """A cache dir must be a folder or creatable as one (it may be read-only: cached models are only read)."""
     if cache_dir is None or str(cache_dir).strip() == "":
@@ -148,6 +161,16 @@ def check_cache_dir(cache_dir: str | Path | None, flag: str = "--cache-dir") -> 
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise UserError(f"{flag} {cache_dir}: {ancestor} is a file, not a folder; pass another folder")
+
+
+def check_work_dir(folder: str | Path, flag: str) -> Path:
+    """A folder this command writes into (a study dir, the GUI's output root): a folder or creatable as one,
+    and writable where it exists (or its nearest existing parent)."""
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {folder} is a file; pass a folder (it is created if missing)")
+    _check_parent_writable(path, flag, "folder", start=_resolved(path))
+    return path
 
 
 def _non_empty(path: Path) -> bool:

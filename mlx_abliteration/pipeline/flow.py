@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlx_abliteration.config.defaults import AbliterationConfig
-from mlx_abliteration.data.datasets import prompt_digests
+from mlx_abliteration.data.prompt_selection import prompt_digests
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.io.model_io import read_config
 from mlx_abliteration.pipeline import records, steps

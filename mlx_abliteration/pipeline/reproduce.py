@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 
 from mlx_abliteration.config.defaults import AbliterationConfig
 from mlx_abliteration.config.schema import build_config
-from mlx_abliteration.data.datasets import PROMPT_KINDS, prompt_digests
+from mlx_abliteration.data.datasets import PROMPT_KINDS
+from mlx_abliteration.data.prompt_selection import prompt_digests
 from mlx_abliteration.edit.strength_schedule import PlanSpec
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.pipeline.plan_sources import DirectionFile, LayerChoice, PlanFile

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_abliteration.config.defaults import GENERATION_BATCH_SIZE, AbliterationConfig
-from mlx_abliteration.data.datasets import load_prompts, split_prompts
+from mlx_abliteration.data.prompt_selection import select_prompts
 from mlx_abliteration.edit.in_memory import apply_plan
 from mlx_abliteration.edit.orthogonalize import AblationPlan, select_writers, uniform_plan
 from mlx_abliteration.errors import UserError
@@ -98,8 +98,16 @@ def prompts(config: AbliterationConfig, report) -> PromptSets:
     n_eval = config.eval_size
     sets = {}
     for kind, source in (("harmful", config.harmful_dataset), ("harmless", config.harmless_dataset)):
-        items = load_prompts(source, kind, cache_dir=cache, column=config.dataset_column)
-        sets[kind] = split_prompts(items, config.max_prompts, n_eval, config.seed, name=source or f"default {kind}")
+        sets[kind] = select_prompts(
+            source,
+            kind,
+            config.max_prompts,
+            n_eval,
+            config.seed,
+            cache,
+            config.dataset_column,
+            source or f"default {kind}",
+        )
     data = PromptSets(sets["harmful"][0], sets["harmless"][0], sets["harmful"][1], sets["harmless"][1])
     report.emit(
         "info",

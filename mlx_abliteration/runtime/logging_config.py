@@ -146,13 +146,42 @@ def default_log_file() -> Path:
     return Path(os.environ.get(LOG_ENV) or DEFAULT_LOG_FILE).expanduser()
 
 
+class _JsonFileHandler(logging.FileHandler):
+    """A log file that, when a write fails (full disk, quota, file removed...), says so in one line on
+    stderr and stops logging; ``logging``'s own handler printed a traceback for every record."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if not isinstance(err, OSError):
+            super().handleError(record)
+            return
+        if self.failed:
+            return
+        self.failed = True
+        print(
+            f"warning: cannot write log file {self.baseFilename} ({err.strerror or err}); "
+            "JSON logs are off for the rest of this run",
+            file=sys.stderr,
+        )
+        try:
+            self.close()  # its unwritten buffer goes: the next flush would fail again
+        except OSError:
+            pass
+
+
 def _open_handler(path: Path, private: bool = False) -> logging.FileHandler:
     if private:
         _private_dir(path.parent)
         handler: logging.FileHandler = _PrivateFileHandler(path, mode="a", encoding="utf-8")
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        handler = _JsonFileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(JsonFormatter())
     setattr(handler, _HANDLER_FLAG, True)
     return handler
@@ -188,7 +217,7 @@ def _private_dir(folder: Path) -> None:
         )
 
 
-class _PrivateFileHandler(logging.FileHandler):
+class _PrivateFileHandler(_JsonFileHandler):
     """Appends to a regular file of ours, never through a symlink (O_NOFOLLOW), created 0600."""
 
     def _open(self) -> io.TextIOWrapper:

@@ -14,18 +14,20 @@ the same directions, so the same weights, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_abliteration.config.defaults import AbliterationConfig, SearchSettings, check_strength
-from mlx_abliteration.data.datasets import load_prompts, split_prompts
+from mlx_abliteration.data.prompt_selection import scan_prompts
 from mlx_abliteration.edit.strength_schedule import PlanSpec, uniform_spec
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.evaluation.judge import judge_identity, loaded_judge
 from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS, REFUSAL_RULE_VERSION
-from mlx_abliteration.io.atomic_write import atomic_path
+from mlx_abliteration.io.atomic_write import atomic_path, is_user_write_failure, write_error
+from mlx_abliteration.io.output_dir import check_work_dir
 from mlx_abliteration.pipeline import flow as pipeline
 from mlx_abliteration.pipeline import steps
 from mlx_abliteration.pipeline.plan_sources import PlanChoice, PlanSource, RunContext, spec_choice
@@ -117,10 +119,15 @@ class SearchTrial(PlanSource):
             raise UserError(
                 "the search edits and scores the loaded model; --probe-mode streamed cannot be searched (use memory)"
             )
+        name = self.settings.study_name
+        if name is not None and (not name.strip() or any(c in name for c in "/\\\0") or name in (".", "..")):
+            raise UserError(f"--study-name {name!r} must be a plain file name (no folders); use --study-dir for where")
+        check_work_dir(study_dir(config, self.settings), "--study-dir")  # before the model is resolved or loaded
 
     def prepare(self, ctx: RunContext) -> None:
         prompts = prompts_fingerprint(ctx.config)
-        self.study, self.storage_path = _open(ctx.source, ctx.config, self.settings, prompts, ctx.report)
+        with journal_writes(study_dir(ctx.config, self.settings)):
+            self.study, self.storage_path = _open(ctx.source, ctx.config, self.settings, prompts, ctx.report)
         key = study_key(probe_identity(ctx.source, ctx.config, prompts))
         self.cache = self.storage_path.parent / f"{Path(ctx.source).name}-{key}.directions.safetensors"
 
@@ -131,18 +138,19 @@ class SearchTrial(PlanSource):
         study, settings = self.study, self.settings
         self.scored_on, interrupted = study.user_attrs.get("scored_on", ""), False
         if settings.trial is None:
-            self.scored_on, interrupted = _search(
-                study,
-                ctx.model,
-                ctx.tokenizer,
-                ctx.source,
-                ctx.prompt_sets(),
-                directions,
-                ctx.config,
-                settings,
-                ctx.report,
-                ctx.writers,
-            )
+            with journal_writes(self.storage_path):
+                self.scored_on, interrupted = _search(
+                    study,
+                    ctx.model,
+                    ctx.tokenizer,
+                    ctx.source,
+                    ctx.prompt_sets(),
+                    directions,
+                    ctx.config,
+                    settings,
+                    ctx.report,
+                    ctx.writers,
+                )
         rows = [trial_row(t) for t in complete_trials(study)]
         pruned = [trial_row(t) for t in finished_trials(study) if t.state.name == "PRUNED"]
         self.summary = StudySummary(study.study_name, str(self.storage_path), rows, interrupted, pruned)
@@ -169,6 +177,19 @@ class SearchTrial(PlanSource):
 # --- study ------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def journal_writes(path: Path) -> Iterator[None]:
+    """A failed journal write the user can fix (full disk, quota) is one line naming the journal; the
+    trials finished before it stay in the file (a line cut short is dropped when the study is next opened)."""
+    try:
+        yield
+    except OSError as err:
+        if not is_user_write_failure(err):
+            raise
+        reason = str(write_error(path, err)).split(" — ")[0]
+        raise UserError(f"{reason} — the search journal keeps the trials finished so far; rerun to continue") from err
+
+
 def prompts_fingerprint(config: AbliterationConfig) -> str:
     """Hash of both prompt sets' contents: an edited dataset file (or a new
     packaged set) must not resume a study or reuse directions probed on the old one."""
@@ -176,7 +197,7 @@ def prompts_fingerprint(config: AbliterationConfig) -> str:
     cache = Path(config.cache_dir) if config.cache_dir else None
     digest = hashlib.sha256()
     for kind, source in (("harmful", config.harmful_dataset), ("harmless", config.harmless_dataset)):
-        digest.update(json.dumps(load_prompts(source, kind, cache_dir=cache, column=config.dataset_column)).encode())
+        scan_prompts(source, kind, cache, config.dataset_column).feed(digest)  # json.dumps of the list, streamed
     return digest.hexdigest()[:16]
 
 
@@ -241,7 +262,7 @@ def _directions(model, tokenizer, data, config, source, cache: Path, report):
         report.emit("info", f"directions of this study read from {cache}")
         return load_directions(cache)[0]
     directions = steps.probe_directions(model, tokenizer, data, config, report, source)
-    with atomic_path(cache, suffix=".safetensors") as partial:  # a killed run leaves no half-written cache
+    with atomic_path(cache, suffix=".safetensors") as partial:  # a killed run or a full disk leaves no half a cache
         save_directions(partial, directions, directions.layers[0])
     return directions
 
@@ -331,8 +352,9 @@ def search_prompt_sets(config: AbliterationConfig, size: int) -> tuple[list[str]
     cache = Path(config.cache_dir) if config.cache_dir else None
     sets, spare_everywhere = [], True
     for kind, source in (("harmful", config.harmful_dataset), ("harmless", config.harmless_dataset)):
-        items = load_prompts(source, kind, cache_dir=cache, column=config.dataset_column)
-        rest = split_prompts(items, None, config.eval_size, config.seed, name=source or f"default {kind}")[0]
+        scan = scan_prompts(source, kind, cache, config.dataset_column)
+        take = (config.max_prompts or scan.count) + size  # rest[:max_prompts] and the spare ones after it
+        rest = scan.split(None, config.eval_size, config.seed, name=source or f"default {kind}", take=take)[0]
         spare = rest[config.max_prompts :]
         spare_everywhere = spare_everywhere and bool(spare)
         sets.append((spare[:size], rest[: config.max_prompts][:size]))

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from mlx_abliteration.edit.strength_schedule import PlanSpec
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.io.atomic_write import is_user_write_failure, write_error
 from mlx_abliteration.runtime.utils import process_alive
 from mlx_abliteration.search.pareto import (
     SPEC_ATTR,
@@ -68,6 +69,67 @@ def study_storage(path: Path) -> JournalStorage:
     return JournalStorage(JournalFileBackend(str(path)))
 
 
+# What replaying a damaged journal raises inside Optuna: bad JSON or bytes (ValueError,
+# UnicodeDecodeError), a line that is JSON but no journal operation (KeyError, TypeError,
+# AssertionError "Should not reach", IndexError, AttributeError).
+_CORRUPT = (ValueError, KeyError, TypeError, AssertionError, IndexError, AttributeError)
+
+
+def _corrupt(path: Path, name: str, err: BaseException) -> UserError:
+    detail = " ".join(str(err).split())[:160] or "no detail"
+    return UserError(
+        f"the search journal {path} is corrupt ({type(err).__name__}: {detail}); delete it or move it aside "
+        f"(its finished trials are lost), or start a new study with --study-name NAME (not {name}) or another --study-dir"
+    )
+
+
+def _replayed_storage(path: Path, name: str) -> JournalStorage:
+    """The journal's storage with every line replayed now, so a damaged file fails here, as one line."""
+    try:
+        storage = study_storage(path)
+        storage.get_all_studies()  # reads and replays the whole file
+        _check_last_line(path)
+        _drop_partial_tail(path)
+    except OSError as err:
+        if not is_user_write_failure(err):
+            raise
+        raise write_error(path, err) from err
+    except _CORRUPT as err:
+        raise _corrupt(path, name, err) from err
+    return storage
+
+
+def _drop_partial_tail(path: Path) -> None:
+    """Cut an unterminated last line (a write cut short by a kill or a full disk). Optuna ignores it while it
+    is last, but appends after it, and from then on the whole journal fails to load."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    lock = JournalFileSymlinkLock(str(path))  # the lock Optuna's appends take: no write is half done meanwhile
+    lock.acquire()
+    try:
+        with open(path, "r+b") as handle:
+            data = handle.read()
+            if not data.endswith(b"\n"):
+                handle.truncate(data.rfind(b"\n") + 1)
+    finally:
+        lock.release()
+
+
+def _check_last_line(path: Path) -> None:
+    """Optuna skips a bad *last* line (it may be still being written) and fails only once a line follows it,
+    i.e. after this run appended to the damaged file: a complete last line must be JSON now."""
+    if not path.is_file():
+        return
+    offset = max(0, path.stat().st_size - (1 << 20))  # a journal line is a few kB
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        complete = handle.read().rpartition(b"\n")[0]
+    if complete and (offset == 0 or b"\n" in complete):
+        json.loads(complete.rpartition(b"\n")[2])
+
+
 def study_key(identity: dict) -> str:
     """A short hash of everything that changes trial scores (so changed settings start a new study)."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -82,13 +144,7 @@ def open_study(storage_path: Path, name: str, seed: int, n_startup_trials: int) 
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        storage = study_storage(storage_path)
-    except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
-        raise UserError(
-            f"the search journal {storage_path} is corrupt ({type(err).__name__}: {str(err).splitlines()[0]}); "
-            "move it aside (its finished trials are lost) or pass another --study-dir"
-        ) from err
+    storage = _replayed_storage(storage_path, name)
     existing = 0
     try:
         existing = len(optuna.load_study(study_name=name, storage=storage).trials)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlx_abliteration.config.defaults import AbliterationConfig, SearchSettings
-from mlx_abliteration.data.datasets import load_prompts, split_prompts
+from mlx_abliteration.data.prompt_selection import scan_prompts
 from mlx_abliteration.pipeline import steps
 from mlx_abliteration.pipeline.plan_sources import RunContext
 from mlx_abliteration.search.pareto import StudySummary, TrialRow, choose_trial
@@ -128,8 +128,9 @@ def validation_prompt_sets(config: AbliterationConfig, start: int, size: int) ->
     cache = Path(config.cache_dir) if config.cache_dir else None
     sets = []
     for kind, source in (("harmful", config.harmful_dataset), ("harmless", config.harmless_dataset)):
-        items = load_prompts(source, kind, cache_dir=cache, column=config.dataset_column)
-        rest = split_prompts(items, None, config.eval_size, config.seed, name=source or f"default {kind}")[0]
+        scan = scan_prompts(source, kind, cache, config.dataset_column)
+        take = (config.max_prompts or scan.count) + start + size  # probing, scoring, then validation prompts
+        rest = scan.split(None, config.eval_size, config.seed, name=source or f"default {kind}", take=take)[0]
         sets.append(rest[config.max_prompts + start :][:size])
     return (sets[0], sets[1]) if all(sets) else ([], [])
 

@@ -6,11 +6,11 @@ and how to fix it; the CLI prints it as one line.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from mlx_abliteration.io.gguf import convert_gguf_cached
+from mlx_abliteration.runtime.hub_env import hub_timeout
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 # Files mlx-lm needs to load a model; skips PyTorch/.bin/GGUF duplicates of the weights.
@@ -63,15 +63,6 @@ def _resolve_gguf(path: Path, cache_dir: Path | None) -> Path:
         )
 
     return convert_gguf_cached(path, cache_dir)
-
-
-def hub_timeout() -> float:
-    """Seconds a Hub request may wait for an answer: ``HF_HUB_ETAG_TIMEOUT`` (default 10)."""
-    try:
-        value = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or 10)
-    except ValueError:
-        value = 10.0
-    return value if value > 0 else 10.0
 
 
 def hub_snapshot(repo_id: str, repo_type: str, cache_dir: Path | None, allow_patterns: list[str] | None) -> str:

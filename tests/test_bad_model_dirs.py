@@ -9,7 +9,7 @@ import pytest
 
 from mlx_abliteration.errors import UserError
 
-from .cli_helpers import run_cli
+from .cli_helpers import assert_one_line_error, run_cli
 
 PROMPTS = [f"prompt number {i}" for i in range(8)]
 
@@ -151,3 +151,41 @@ def test_nan_activations_are_not_called_a_dataset_problem():
     harmful = mx.array([float("inf"), 1.0, 2.0])
     with pytest.raises(UserError, match="NaN/inf activations \\(not a problem of the datasets\\)"):
         calculate_refusal_direction(harmful, mx.array([0.0, 1.0, 2.0]))
+
+
+BROKEN_TEMPLATES = {
+    "missing": (None, "has no chat template (a base model?)"),
+    "raises": (
+        "{{ raise_exception('System role not supported') }}",
+        "fails (TemplateError: System role not supported)",
+    ),
+    "does not parse": ("{% for m in messages %}{{ m.content }", "fails (TemplateSyntaxError"),
+    "undefined": ("{{ messages[0].content.nope() }}", "fails (UndefinedError"),
+}
+
+
+def break_chat_template(model, kind: str) -> str:
+    """Give ``model`` a missing or broken chat template; the message the error must hold."""
+    template, message = BROKEN_TEMPLATES[kind]
+    _edit_json(
+        model / "tokenizer_config.json",
+        lambda c: c.pop("chat_template") if template is None else c.update(chat_template=template),
+    )
+    return message
+
+
+@pytest.mark.parametrize("command", ["run", "eval"])
+@pytest.mark.parametrize("kind", sorted(BROKEN_TEMPLATES))
+def test_a_chat_template_that_is_missing_raises_or_does_not_parse_is_one_line(
+    tiny_model, prompts, tmp_path, kind, command
+):
+    model = _copy(tiny_model, tmp_path)
+    message = break_chat_template(model, kind)
+    data = ["--harmful-dataset", str(prompts / "harmful.txt"), "--harmless-dataset", str(prompts / "harmless.txt")]
+    if command == "run":
+        args = ["run", "-m", str(model), "-o", str(tmp_path / "out"), *data, "--max-prompts", "4", "--eval-size", "2"]
+    else:
+        args = ["eval", "-m", str(model), *data, "--max-tokens", "2"]
+    proc = run_cli(*args)
+    last = assert_one_line_error(proc, message, str(model), "chat_template")
+    assert "probing" not in proc.stderr and not (tmp_path / "out").exists(), last

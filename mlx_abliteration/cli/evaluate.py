@@ -13,6 +13,7 @@ from mlx_abliteration.cli.console import Console
 from mlx_abliteration.config.defaults import GENERATION_BATCH_SIZE as DEFAULT_BATCH_SIZE
 from mlx_abliteration.config.defaults import AbliterationConfig
 from mlx_abliteration.config.flags import JUDGE_HELP
+from mlx_abliteration.data.chat import template_check
 from mlx_abliteration.data.datasets import load_prompts, split_prompts
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.evaluation.baseline_cache import cached_baseline
@@ -82,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     _check_numbers(args)
     _check_paths(args)
-    judge = resolve_judge(args.judge, args.cache_dir)  # a bad --judge fails before any model is loaded
+    judge = resolve_judge(args.judge, args.cache_dir, check=True)  # a bad --judge fails before any model is loaded
     markers = _markers(args)
     harmful, harmless = _eval_prompts(args)
     model_path = _resolve(args.model, args.cache_dir)
@@ -193,7 +194,7 @@ def _cached_baseline(
 def _evaluate_baseline(path: Path, harmful, harmless, settings: dict, console):
     """Reference log-probs and report of the baseline, which is freed before the model loads."""
 
-    model, tokenizer, _ = load_model(path)
+    model, tokenizer, _ = load_model(path, check_tokenizer=template_check(str(path), settings.get("system_prompt")))
     reference, report = evaluate_original(model, tokenizer, harmful, harmless, settings, _progress(console, "baseline"))
     del model, tokenizer
     gc.collect()
@@ -223,7 +224,7 @@ def _evaluate(
     console,
     args_capability: int = 0,
 ):
-    model, tokenizer, _ = load_model(path)
+    model, tokenizer, _ = load_model(path, check_tokenizer=template_check(str(path), settings.get("system_prompt")))
     bars = _progress(console, label)
     try:
         report = evaluate_model(

@@ -47,7 +47,7 @@ def export_adapter(config, direction_file, use_layer=None, on_event=None) -> dic
     source = steps.resolve_model(config, report, source_plan.inputs())
     steps.check_output(source, config)
     source_plan.prepare(RunContext(config, report, source))  # ablate's checks of the file against the model
-    model, _, model_config = steps.load(source, report, config)
+    model, _, model_config = steps.load(source, report, config, chat=False)  # no prompts
     writers = steps.find_writers(model, source, config, report)
     directions, layer = source_plan.loaded
     plan = steps.build_plan(directions, layer, config, writers)

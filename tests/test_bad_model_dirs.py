@@ -79,10 +79,12 @@ def test_config_without_model_type(tiny_model, prompts, tmp_path):
     _assert_one_line(_probe(model, prompts, tmp_path), 'has no "model_type"', '"model_type": "llama"')
 
 
-def test_unknown_model_type(tiny_model, prompts, tmp_path):
+@pytest.mark.parametrize("model_type", ["frobnicator", "rope_utils", "switch_layers", "base", "llama.sub"])
+def test_unknown_model_type(tiny_model, prompts, tmp_path, model_type):
+    """Not an mlx-lm model: no such module, or a module of mlx_lm.models that is not a model (rope_utils)."""
     model = _copy(tiny_model, tmp_path)
-    _edit_json(model / "config.json", lambda c: c.update(model_type="frobnicator"))
-    _assert_one_line(_probe(model, prompts, tmp_path), "'frobnicator'", "does not support", "upgrade mlx-lm")
+    _edit_json(model / "config.json", lambda c: c.update(model_type=model_type))
+    assert_one_line_error(_probe(model, prompts, tmp_path), f"{model_type!r}", "does not support", "upgrade mlx-lm")
 
 
 def test_missing_tokenizer(tiny_model, prompts, tmp_path):
@@ -100,7 +102,10 @@ def test_tokenizer_that_needs_custom_code(tiny_model, prompts, tmp_path):
             tokenizer_class="FancyTokenizer", auto_map={"AutoTokenizer": ["tokenization_fancy.FancyTokenizer", None]}
         ),
     )
-    _assert_one_line(_probe(model, prompts, tmp_path), "needs custom Python code (auto_map")
+    proc = _probe(model, prompts, tmp_path)
+    assert_one_line_error(proc, "needs custom Python code (auto_map")
+    said = proc.stdout + proc.stderr
+    assert "[y/N]" not in said and "custom code which must be executed" not in said, said  # transformers' prompt
 
 
 def test_index_naming_a_missing_shard(tiny_model, prompts, tmp_path):

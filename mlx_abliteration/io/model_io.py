@@ -137,7 +137,8 @@ def load_tokenizer(path: str | Path, config: dict | None = None) -> Any:
     path = Path(path)
     eos = (config if config is not None else read_config(path)).get("eos_token_id")
     try:
-        return _load_tokenizer(path, eos_token_ids=eos)
+        # Never remote code, and never transformers' "run the custom code? [y/N]" prompt on the terminal.
+        return _load_tokenizer(path, tokenizer_config_extra={"trust_remote_code": False}, eos_token_ids=eos)
     except Exception as err:  # transformers raises many kinds (OSError, ValueError, ImportError...)
         raise tokenizer_error(path, err) from None
 

@@ -49,3 +49,15 @@ def run_cli(
     else:
         cmd = [sys.executable, "-m", "mlx_abliteration", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=full_env, timeout=timeout, input=stdin)
+
+
+def assert_one_line_error(proc, *needles: str) -> str:
+    """The contract for a user mistake: exit 2, one ``error:`` line (the last) holding each needle, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr and sum(line.startswith("error") for line in lines) == 1, proc.stderr
+    assert not [line for line in lines if line.startswith("  ")], proc.stderr  # no continuation lines
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+    return lines[-1]

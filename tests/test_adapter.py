@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx_lm
 import pytest
 
-from .cli_helpers import run_cli
+from .cli_helpers import assert_one_line_error, run_cli
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 11]])
 
@@ -119,3 +119,48 @@ def test_ablate_adapter_only_writes_the_export_adapter_output(tiny_model, direct
     assert not list((tmp_path / "a").glob("model*.safetensors"))  # no full copy
     a, e = mx.load(str(tmp_path / "a" / "adapters.safetensors")), mx.load(str(tmp_path / "e" / "adapters.safetensors"))
     assert a.keys() == e.keys() and all(mx.array_equal(a[k], e[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (mx.full((4, 64), float("nan")), "NaN/inf directions"),
+        (mx.concatenate([mx.ones((3, 64)), mx.full((1, 64), float("inf"))]), "NaN/inf directions"),
+        (mx.zeros((4, 64)), "a zero direction"),
+        (mx.ones((4, 7)), "hidden size 64"),  # made for another model
+        (mx.ones((3, 64)), "not a usable refusal-direction file"),  # 4 layers named, 3 rows
+    ],
+)
+@pytest.mark.parametrize("command", ["export-adapter", "ablate"])
+def test_an_unusable_direction_file_is_refused_alike_by_ablate_and_export_adapter(
+    tiny_model, tmp_path, rows, message, command
+):
+    """One check of the file (DirectionFile.check/prepare) for both commands; nothing written, exit 2."""
+    from mlx_abliteration.probe.directions import LayerStats, RefusalDirections, save_directions
+
+    path = tmp_path / "dirs.safetensors"
+    stats = [LayerStats(i, 1.0, 0.1, 0.9, 2.0) for i in range(4)]
+    save_directions(path, RefusalDirections([0, 1, 2, 3], rows, stats, "mean-diff", 4), 2)
+    result = run_cli(command, "-m", str(tiny_model()), "--direction", str(path), "-o", str(tmp_path / "out"))
+    assert_one_line_error(result, message)
+    assert "saved" not in result.stdout and not (tmp_path / "out").exists()
+
+
+def test_adapter_tensors_are_never_non_finite_nor_of_another_size(tiny_model):
+    """Past the file's checks (a config without hidden_size, NaN in a weight): each module is checked as ablate's edit is."""
+    from mlx_abliteration.edit.orthogonalize import uniform_plan
+    from mlx_abliteration.errors import UserError
+    from mlx_abliteration.export.adapter import adapter_tensors
+    from mlx_abliteration.io.model_io import load_model
+    from mlx_abliteration.probe.writer_discovery import model_writers
+
+    model, _, _ = load_model(tiny_model())
+    writers = model_writers(model)
+    wrong = uniform_plan(mx.ones((7,)) / 7**0.5, len(model.layers)).with_writers(writers)
+    with pytest.raises(UserError, match="does not belong"):
+        adapter_tensors(model, wrong)
+    o_proj = model.layers[1].self_attn.o_proj
+    o_proj.weight = mx.where(mx.arange(o_proj.weight.shape[1]) == 3, float("nan"), o_proj.weight)
+    plan = uniform_plan(mx.ones((64,)) / 8, len(model.layers)).with_writers(writers)
+    with pytest.raises(UserError, match=r"editing model\.layers\.1\.self_attn\.o_proj gave non-finite"):
+        adapter_tensors(model, plan)

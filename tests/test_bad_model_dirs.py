@@ -9,7 +9,7 @@ import pytest
 
 from mlx_abliteration.errors import UserError
 
-from .cli_helpers import run_cli
+from .cli_helpers import assert_one_line_error, run_cli
 
 PROMPTS = [f"prompt number {i}" for i in range(8)]
 
@@ -79,10 +79,12 @@ def test_config_without_model_type(tiny_model, prompts, tmp_path):
     _assert_one_line(_probe(model, prompts, tmp_path), 'has no "model_type"', '"model_type": "llama"')
 
 
-def test_unknown_model_type(tiny_model, prompts, tmp_path):
+@pytest.mark.parametrize("model_type", ["frobnicator", "rope_utils", "switch_layers", "base", "llama.sub"])
+def test_unknown_model_type(tiny_model, prompts, tmp_path, model_type):
+    """Not an mlx-lm model: no such module, or a module of mlx_lm.models that is not a model (rope_utils)."""
     model = _copy(tiny_model, tmp_path)
-    _edit_json(model / "config.json", lambda c: c.update(model_type="frobnicator"))
-    _assert_one_line(_probe(model, prompts, tmp_path), "'frobnicator'", "does not support", "upgrade mlx-lm")
+    _edit_json(model / "config.json", lambda c: c.update(model_type=model_type))
+    assert_one_line_error(_probe(model, prompts, tmp_path), f"{model_type!r}", "does not support", "upgrade mlx-lm")
 
 
 def test_missing_tokenizer(tiny_model, prompts, tmp_path):
@@ -100,7 +102,10 @@ def test_tokenizer_that_needs_custom_code(tiny_model, prompts, tmp_path):
             tokenizer_class="FancyTokenizer", auto_map={"AutoTokenizer": ["tokenization_fancy.FancyTokenizer", None]}
         ),
     )
-    _assert_one_line(_probe(model, prompts, tmp_path), "needs custom Python code (auto_map")
+    proc = _probe(model, prompts, tmp_path)
+    assert_one_line_error(proc, "needs custom Python code (auto_map")
+    said = proc.stdout + proc.stderr
+    assert "[y/N]" not in said and "custom code which must be executed" not in said, said  # transformers' prompt
 
 
 def test_index_naming_a_missing_shard(tiny_model, prompts, tmp_path):
@@ -151,3 +156,41 @@ def test_nan_activations_are_not_called_a_dataset_problem():
     harmful = mx.array([float("inf"), 1.0, 2.0])
     with pytest.raises(UserError, match="NaN/inf activations \\(not a problem of the datasets\\)"):
         calculate_refusal_direction(harmful, mx.array([0.0, 1.0, 2.0]))
+
+
+BROKEN_TEMPLATES = {
+    "missing": (None, "has no chat template (a base model?)"),
+    "raises": (
+        "{{ raise_exception('System role not supported') }}",
+        "fails (TemplateError: System role not supported)",
+    ),
+    "does not parse": ("{% for m in messages %}{{ m.content }", "fails (TemplateSyntaxError"),
+    "undefined": ("{{ messages[0].content.nope() }}", "fails (UndefinedError"),
+}
+
+
+def break_chat_template(model, kind: str) -> str:
+    """Give ``model`` a missing or broken chat template; the message the error must hold."""
+    template, message = BROKEN_TEMPLATES[kind]
+    _edit_json(
+        model / "tokenizer_config.json",
+        lambda c: c.pop("chat_template") if template is None else c.update(chat_template=template),
+    )
+    return message
+
+
+@pytest.mark.parametrize("command", ["run", "eval"])
+@pytest.mark.parametrize("kind", sorted(BROKEN_TEMPLATES))
+def test_a_chat_template_that_is_missing_raises_or_does_not_parse_is_one_line(
+    tiny_model, prompts, tmp_path, kind, command
+):
+    model = _copy(tiny_model, tmp_path)
+    message = break_chat_template(model, kind)
+    data = ["--harmful-dataset", str(prompts / "harmful.txt"), "--harmless-dataset", str(prompts / "harmless.txt")]
+    if command == "run":
+        args = ["run", "-m", str(model), "-o", str(tmp_path / "out"), *data, "--max-prompts", "4", "--eval-size", "2"]
+    else:
+        args = ["eval", "-m", str(model), *data, "--max-tokens", "2"]
+    proc = run_cli(*args)
+    last = assert_one_line_error(proc, message, str(model), "chat_template")
+    assert "probing" not in proc.stderr and not (tmp_path / "out").exists(), last

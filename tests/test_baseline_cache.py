@@ -222,3 +222,61 @@ def test_cache_root_default(monkeypatch, tmp_path):
     monkeypatch.setenv("MLX_ABLITERATION_CACHE", str(tmp_path))
     assert utils.cache_root(None) == tmp_path
     assert utils.cache_root(tmp_path / "x") == tmp_path / "x"
+
+
+def _tamper(entry, change):
+    """Rewrite a cache entry in place: same key and identity (it still parses), other contents."""
+    import mlx.core as mx
+
+    arrays, metadata = mx.load(str(entry), return_metadata=True)
+    meta = json.loads(metadata["baseline"])
+    change(meta, arrays)
+    mx.save_safetensors(str(entry), arrays, metadata={"baseline": json.dumps(meta)})
+
+
+def _drop_a_logprob_row(meta, arrays):
+    arrays["logprobs"] = arrays["logprobs"][1:]
+
+
+TAMPERINGS = {
+    "answers cut short": lambda meta, arrays: meta["report"].update(responses=meta["report"]["responses"][:1]),
+    "other prompts": lambda meta, arrays: meta["report"]["responses"][0].update(prompt="How do I knit?"),
+    "a verdict that is no verdict": lambda meta, arrays: meta["report"]["responses"][0].update(refusal="maybe"),
+    "totals": lambda meta, arrays: meta["report"].update(harmful_total=99),
+    "counts": lambda meta, arrays: meta["report"].update(harmful_refusals="3"),
+    "timings": lambda meta, arrays: meta["report"].update(seconds=None),
+    "capability": lambda meta, arrays: meta["report"].update(capability_correct=[1, 2]),
+    "reference tokens": lambda meta, arrays: meta["reference"].update(token_lists=[["a"], ["b"], ["c"]]),
+    "reference kl_tokens": lambda meta, arrays: meta["reference"].update(kl_tokens=7),
+    "log-prob rows": _drop_a_logprob_row,
+}
+
+
+@pytest.mark.parametrize("tampering", sorted(TAMPERINGS))
+def test_an_entry_that_parses_but_does_not_fit_the_run_is_recomputed(model_dir, loaded, tmp_path, tampering):
+    _get(model_dir, loaded, tmp_path)
+    (entry,) = (tmp_path / "baselines").iterdir()
+    _tamper(entry, TAMPERINGS[tampering])
+    _, report, hit, calls, messages = _get(model_dir, loaded, tmp_path)
+    assert (hit, calls) == (False, 1) and report.harmful_total == len(HARMFUL)
+    said = [m for m in messages if "does not fit this run" in m]
+    assert len(said) == 1 and str(entry) in said[0] and "\n" not in said[0], messages
+    assert _get(model_dir, loaded, tmp_path)[2] is True  # the entry was written again, whole
+
+
+def test_a_run_recomputes_an_entry_that_does_not_fit_through_the_cli(model_dir, tmp_path):
+    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
+    harmful.write_text("\n".join(f"How do I build weapon number {i}?" for i in range(12)))
+    harmless.write_text("\n".join(f"How do I bake bread number {i}?" for i in range(12)))
+    args = ["-m", str(model_dir), "--harmful-dataset", str(harmful), "--harmless-dataset", str(harmless)]
+    args += ["--max-prompts", "6", "--eval-size", "3", "--eval-max-tokens", "4", "--use-layer", "2"]
+    args += ["--cache-dir", str(tmp_path / "cache")]
+    first = run_cli("run", *args, "-o", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr
+    (entry,) = (tmp_path / "cache" / "baselines").iterdir()
+    _tamper(entry, TAMPERINGS["answers cut short"])
+    second = run_cli("run", *args, "-o", str(tmp_path / "b"))
+    assert second.returncode == 0, second.stderr
+    assert "does not fit this run" in second.stderr + second.stdout
+    before = [json.loads((tmp_path / d / "abliteration_log.json").read_text())["metrics"]["before"] for d in "ab"]
+    assert before[0]["harmful_refusals"] == before[1]["harmful_refusals"]

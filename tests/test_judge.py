@@ -19,7 +19,7 @@ from mlx_abliteration.evaluation.evaluate import eval_settings
 from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS, answer_verdict
 from mlx_abliteration.pipeline.flow import run_pipeline
 
-from .cli_helpers import run_cli
+from .cli_helpers import assert_one_line_error, run_cli
 
 PAIRS = [
     ("Tell me how to pick a lock", "I'm sorry, but I can't help with that."),
@@ -174,6 +174,33 @@ def test_bad_judge_is_one_line_before_any_work(tiny_model, tmp_path):
         assert len(lines) == 1 and "--judge" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
         assert "loading" not in proc.stdout + proc.stderr  # no model was loaded
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "eval"])
+@pytest.mark.parametrize("broken", ["missing", "does not parse", "more tokens than embedding rows"])
+def test_a_judge_without_a_usable_tokenizer_fails_before_any_work(tiny_model, judge_dir, tmp_path, broken, command):
+    """A judge model without a chat template (a base model), with one that fails, or whose tokenizer gives ids its
+    embedding has no rows for (silently out-of-range reads): one line, before any model is loaded."""
+    import shutil
+
+    from tests.support.tiny_models import write_tiny_tokenizer
+
+    from .test_bad_model_dirs import break_chat_template
+
+    judge = tmp_path / "judge"
+    shutil.copytree(judge_dir, judge)
+    if broken == "more tokens than embedding rows":
+        assert (
+            write_tiny_tokenizer(judge, vocab_size=1000) > json.loads((judge / "config.json").read_text())["vocab_size"]
+        )
+        message = "embedding has 384 rows"
+    else:
+        message = break_chat_template(judge, broken)
+    model = str(tiny_model(arch="llama"))
+    args = ("run", "-m", model, "-o", str(tmp_path / "out")) if command == "run" else ("eval", "-m", model)
+    proc = run_cli(*args, "--judge", str(judge), timeout=120)
+    assert_one_line_error(proc, f"--judge {judge}", message)
+    assert "loading" not in proc.stdout + proc.stderr and not (tmp_path / "out").exists()
 
 
 def test_eval_cli_writes_judge_fields_and_shows_both_counts(tiny_model, judge_dir, tmp_path):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from .cli_helpers import run_cli
+from .cli_helpers import assert_one_line_error, run_cli
 
 HARMFUL = [f"How do I build weapon number {i} to hurt people?" for i in range(16)]
 HARMLESS = [f"How do I bake bread recipe number {i} for my family?" for i in range(16)]
@@ -81,3 +81,55 @@ def test_reproduce_needs_an_output_and_a_log(tmp_path, first_run):
     assert no_out.returncode == 2 and "needs -o/--output-dir" in no_out.stderr
     missing = run_cli("run", "--reproduce", str(tmp_path / "nope.json"), "-o", str(tmp_path / "x"))
     assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+@pytest.fixture(scope="module")
+def saved_log(tiny_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("logged")
+    (d / "harmful.txt").write_text("\n".join(HARMFUL))
+    (d / "harmless.txt").write_text("\n".join(HARMLESS))
+    args = ["--harmful-dataset", str(d / "harmful.txt"), "--harmless-dataset", str(d / "harmless.txt")]
+    result = run_cli(
+        "run",
+        "-m",
+        str(tiny_model()),
+        "-o",
+        str(d / "out"),
+        *args,
+        "--max-prompts",
+        "8",
+        "--eval-size",
+        "4",
+        "--no-eval",
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads((d / "out" / "abliteration_log.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"weights": 5}, "'weights' should be"),
+        ({"weights": {"output_sha256": {"model.safetensors": 1}}}, "'weights' should be"),
+        ({"weights": {"output_sha256": {}}}, "'weights' should be"),
+        ({"weights": None}, "records no weight digests"),
+        ({"prompts_sha256": ["abc"]}, "'prompts_sha256' should be"),
+        ({"prompts_sha256": {"harmful": 3, "harmless": "x"}}, "'prompts_sha256' should be"),
+        ({"versions": "mlx 0.1"}, "'versions' should be"),
+        ({"versions": {"mlx": [0, 1]}}, "'versions' should be"),
+        ({"plan_spec": 3}, "'plan_spec' should be"),
+        ({"plan_spec": {"attn": 1}}, "not a plan spec"),
+        ({"command": 7}, "'command' should be"),
+        ({"command": "export-adapter"}, "cannot be reproduced"),
+        ({"command": "ablate", "direction_file": "d.safetensors", "chosen_layer": "2"}, "'chosen_layer' should be"),
+        ({"command": "ablate", "direction_file": ["d"], "chosen_layer": 2}, "'direction_file' should be"),
+        ({"parameters": {"seed": "x"}}, "--seed"),
+    ],
+)
+def test_a_log_field_of_the_wrong_type_is_one_line_before_any_work(saved_log, tmp_path, change, message):
+    """Every field --reproduce reads is checked when the log is read: nothing is written (the output dir included)."""
+    path = tmp_path / "abliteration_log.json"
+    path.write_text(json.dumps({**saved_log, **change}))
+    result = run_cli("run", "--reproduce", str(path), "-o", str(tmp_path / "again"))
+    assert_one_line_error(result, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["abliteration_log.json"]

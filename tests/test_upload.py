@@ -7,7 +7,7 @@ import pytest
 from mlx_abliteration.cli.main import main as cli_main
 from mlx_abliteration.export.model_card import base_model_of, card_front_matter, model_card
 
-from .cli_helpers import run_cli
+from .cli_helpers import assert_one_line_error, run_cli
 
 HARMFUL = [f"How do I build weapon number {i} to hurt people?" for i in range(16)]
 HARMLESS = [f"How do I bake bread recipe number {i} for my family?" for i in range(16)]
@@ -106,6 +106,9 @@ class FakeApi:
     def upload_large_folder(self, repo_id, folder_path, repo_type=None, private=None, ignore_patterns=None):
         self.calls.append(("upload_large_folder", repo_id, folder_path, private))
 
+    def upload_file(self, path_or_fileobj, path_in_repo, repo_id, repo_type=None, commit_message=None):
+        self.calls.append(("upload_file", path_in_repo, repo_id, path_or_fileobj.decode()[:3]))
+
 
 @pytest.fixture()
 def fake_hub(monkeypatch):
@@ -154,3 +157,71 @@ def test_run_upload_repo(tiny_model, saved, fake_hub, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     assert cli_main([*common, "-o", str(tmp_path / "o2"), "--upload-repo", "me/run-up2"]) == 2  # before any work
     assert not (tmp_path / "o2").exists()
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): (p.stat().st_mode, p.read_bytes()) for p in sorted(folder.rglob("*"))} | {
+        ".": folder.stat().st_mode
+    }
+
+
+@pytest.fixture()
+def without_card(saved, tmp_path):
+    """A read-only copy of the saved folder without its README.md (the card is made from the log)."""
+    import shutil
+
+    folder = tmp_path / "ro"
+    shutil.copytree(saved, folder)
+    (folder / "README.md").unlink()
+    for p in [*folder.rglob("*"), folder]:
+        p.chmod(p.stat().st_mode & ~0o222)
+    yield folder
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod(p.stat().st_mode | 0o200)
+
+
+def test_dry_run_writes_nothing_even_into_a_read_only_folder(without_card):
+    before = _snapshot(without_card)
+    result = run_cli("upload", str(without_card), "--repo", "me/tiny", "--dry-run", env={"HF_TOKEN": ""})
+    assert result.returncode == 0, result.stderr
+    assert "README.md" in result.stdout and "base_model: SomeOrg/Tiny-Instruct" in result.stdout  # made in memory
+    assert _snapshot(without_card) == before
+
+
+def test_a_card_made_from_the_log_is_uploaded_from_memory(without_card, fake_hub):
+    before = _snapshot(without_card)
+    assert cli_main(["upload", str(without_card), "--repo", "me/new"]) == 0
+    assert [c[0] for c in fake_hub.calls] == ["create_repo", "upload_large_folder", "upload_file"]
+    assert fake_hub.calls[-1] == ("upload_file", "README.md", "me/new", "---")
+    assert _snapshot(without_card) == before
+
+
+@pytest.mark.parametrize(
+    "repo",
+    ["me/a..b", "me/a--b", "me/name.", "me/-name", "me/x.git", "me/" + "a" * 97, "a/b/c", "me", "me/ná", "me/a b"],
+)
+def test_a_malformed_repo_id_is_one_line_also_in_a_dry_run(saved, repo):
+    assert_one_line_error(run_cli("upload", str(saved), "--repo", repo, "--dry-run"), "is not a Hub repo id")
+
+
+@pytest.mark.parametrize(
+    "log, message",
+    [
+        ('{"source_model": "x", "parameters": {"seed', "not readable JSON"),  # cut short
+        ("[1, 2]", "holds list"),
+        (b"\xff\xfe{}", "not readable JSON"),
+        ('{"parameters": 5}', "not a log written by mlx-abliterate"),
+        ('{"quantized_output": {"bits": 4}}', "not a log written by mlx-abliterate"),
+    ],
+)
+def test_a_broken_log_is_one_line(saved, tmp_path, log, message):
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(saved, folder)
+    (folder / "README.md").unlink()
+    path = folder / "abliteration_log.json"
+    path.write_bytes(log if isinstance(log, bytes) else log.encode())
+    before = _snapshot(folder)
+    assert_one_line_error(run_cli("upload", str(folder), "--repo", "me/x", "--dry-run"), message)
+    assert _snapshot(folder) == before

@@ -7,7 +7,7 @@ import shutil
 import sys
 import textwrap
 
-from mlx_abliteration.data.chat import encode_messages
+from mlx_abliteration.data.chat import encode_messages, template_check
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.io.asset_resolver import resolve_asset
 from mlx_abliteration.io.model_io import check_model_dir, load_model
@@ -47,7 +47,14 @@ def main(args: argparse.Namespace) -> int:
     if args.compare:
         paths["original"] = args.compare
     resolved = {name: check_model_dir(resolve_asset(path, args.cache_dir)) for name, path in paths.items()}
-    chats = [_Chat(name, *load_model(path)[:2], args.system_prompt) for name, path in resolved.items()]
+    chats = [
+        _Chat(
+            name,
+            *load_model(path, check_tokenizer=template_check(paths[name], args.system_prompt))[:2],
+            args.system_prompt,
+        )
+        for name, path in resolved.items()
+    ]
     interactive = sys.stdin.isatty()
     if interactive:
         print("Type a prompt and press Enter; /reset starts over, /exit or Ctrl-D quits.")

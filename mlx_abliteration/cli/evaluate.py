@@ -14,6 +14,7 @@ from mlx_abliteration.cli.console import Console
 from mlx_abliteration.config.defaults import GENERATION_BATCH_SIZE as DEFAULT_BATCH_SIZE
 from mlx_abliteration.config.defaults import AbliterationConfig, check_count
 from mlx_abliteration.config.flags import JUDGE_HELP
+from mlx_abliteration.data.chat import template_check
 from mlx_abliteration.data.prompt_selection import scan_prompts
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.evaluation.baseline_cache import baseline_identity, baseline_key, cached_baseline
@@ -101,7 +102,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("eval needs -m/--model (the model to evaluate), or --judge-calibrate MODEL")
     _check_numbers(args)
     _check_paths(args)
-    judge = resolve_judge(args.judge, args.cache_dir)  # a bad --judge fails before any model is loaded
+    judge = resolve_judge(args.judge, args.cache_dir, check=True)  # a bad --judge fails before any model is loaded
     markers = _markers(args)
     harmful, harmless = _eval_prompts(args)
     model_path = _resolve(args.model, args.cache_dir)
@@ -241,7 +242,7 @@ def _full_settings(args: argparse.Namespace, settings: dict, judge: Path | None)
 def _evaluate_baseline(path: Path, harmful, harmless, settings: dict, console):
     """Reference log-probs and report of the baseline, which is freed before the model loads."""
 
-    model, tokenizer, _ = load_model(path)
+    model, tokenizer, _ = load_model(path, check_tokenizer=template_check(str(path), settings.get("system_prompt")))
     reference, report = evaluate_original(model, tokenizer, harmful, harmless, settings, _progress(console, "baseline"))
     del model, tokenizer
     gc.collect()
@@ -294,7 +295,7 @@ def _evaluate(
     console,
     args_capability: int = 0,
 ):
-    model, tokenizer, _ = load_model(path)
+    model, tokenizer, _ = load_model(path, check_tokenizer=template_check(str(path), settings.get("system_prompt")))
     bars = _progress(console, label)
     try:
         report = evaluate_model(

@@ -15,7 +15,7 @@ from mlx_abliteration.export.adapter import write_adapter
 from mlx_abliteration.io.output_dir import make_temp_dir, replace_dir
 from mlx_abliteration.pipeline import records, steps
 from mlx_abliteration.pipeline.events import Reporter
-from mlx_abliteration.pipeline.plan_sources import DirectionFile
+from mlx_abliteration.pipeline.plan_sources import DirectionFile, RunContext
 from mlx_abliteration.runtime.logging_config import setup_logging
 
 HELP = "write the abliteration as a rank-1 mlx-lm LoRA adapter (megabytes instead of a full copy)"
@@ -46,7 +46,8 @@ def export_adapter(config, direction_file, use_layer=None, on_event=None) -> dic
     source_plan.check(config)
     source = steps.resolve_model(config, report, source_plan.inputs())
     steps.check_output(source, config)
-    model, _, model_config = steps.load(source, report, config)
+    source_plan.prepare(RunContext(config, report, source))  # ablate's checks of the file against the model
+    model, _, model_config = steps.load(source, report, config, chat=False)  # no prompts
     writers = steps.find_writers(model, source, config, report)
     directions, layer = source_plan.loaded
     plan = steps.build_plan(directions, layer, config, writers)

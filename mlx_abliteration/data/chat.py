@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mlx_abliteration.errors import UserError
@@ -51,10 +52,72 @@ def render_chat(tokenizer: Any, prompt: str, system_prompt: str | None = None) -
 
 
 def _render(tokenizer: Any, messages: list[dict]) -> str:
-    text = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=False, **template_kwargs(tokenizer)
-    )
+    text = _render_raw(tokenizer, messages)
     return text + _THINK_CLOSE_SUFFIX if _open_thinking(text) else text
+
+
+def model_name(tokenizer: Any) -> str:
+    """The model a tokenizer was loaded from, for messages."""
+    return str(getattr(tokenizer, "name_or_path", "") or "the model")
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """mlx-lm's ``has_chat_template`` (a template, or a renderer of its own), else a ``chat_template`` set."""
+    known = getattr(tokenizer, "has_chat_template", None)
+    return bool(known) if isinstance(known, bool) else bool(getattr(tokenizer, "chat_template", None))
+
+
+def _no_template(name: str) -> UserError:
+    return UserError(
+        f"{name} has no chat template (a base model?): every prompt is read as a chat turn; use the model's "
+        "instruct/chat version, or add a chat_template to its tokenizer_config.json (or chat_template.jinja)"
+    )
+
+
+def _broken_template(name: str, err: BaseException, system_prompt: str | None = None) -> UserError:
+    detail = " ".join(str(err).split())[:200] or "no message"
+    hint = "; or drop --system-prompt (the template may not take a system turn)" if system_prompt else ""
+    return UserError(
+        f"the chat template of {name} fails ({type(err).__name__}: {detail}): fix or replace the chat_template "
+        f"in its tokenizer_config.json (or chat_template.jinja){hint}"
+    )
+
+
+def _apply_template(tokenizer: Any, messages: list[dict], tokenize: bool, name: str | None = None) -> Any:
+    """``apply_chat_template`` with the generation prompt: every prompt goes through here, so a missing template,
+    or one that raises or does not parse, is one line naming the model (jinja's errors), never a traceback."""
+    name = name or model_name(tokenizer)
+    if not has_chat_template(tokenizer):
+        raise _no_template(name)
+    try:
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=tokenize, **template_kwargs(tokenizer)
+        )
+    except TemplateError as err:
+        system = messages[0].get("content") if messages and messages[0].get("role") == "system" else None
+        raise _broken_template(name, err, system) from err
+
+
+def check_chat_template(
+    tokenizer: Any, name: str | None = None, system_prompt: str | None = None, vocab_rows: int | None = None
+) -> list[int]:
+    """Before any work: the model's chat template renders a user turn (with ``system_prompt``) into token ids
+    its embedding has rows for. One line naming ``name`` (the model) and the fix; returns the ids."""
+    name = name or model_name(tokenizer)
+    messages = chat_messages("Hello! How are you today?", system_prompt)
+    try:
+        _apply_template(tokenizer, messages, tokenize=False, name=name)
+        ids = encode_messages(tokenizer, messages)
+    except UserError:
+        raise
+    except Exception as err:  # a template's own failure: jinja, the template's code, a renderer of the model's
+        raise _broken_template(name, err, system_prompt) from err
+    if vocab_rows is not None and ids and max(ids) >= vocab_rows:
+        raise UserError(
+            f"{name}: its chat template gives token id {max(ids)}, but its embedding has {vocab_rows} rows; "
+            "the tokenizer does not belong to these weights: copy the model's own tokenizer files"
+        )
+    return ids
 
 
 def encode_messages(tokenizer: Any, messages: list[dict]) -> list[int]:
@@ -65,9 +128,7 @@ def encode_messages(tokenizer: Any, messages: list[dict]) -> list[int]:
     not truncating: a cut prompt means something else, and cutting it would
     remove the generation prompt where the probe and the answer begin.
     """
-    ids = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, **template_kwargs(tokenizer)
-    )
+    ids = _apply_template(tokenizer, messages, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding
         ids = ids["input_ids"]
     ids = list(ids)
@@ -86,10 +147,27 @@ def encode_messages(tokenizer: Any, messages: list[dict]) -> list[int]:
     return ids
 
 
+def vocab_rows(config: dict) -> int | None:
+    """The embedding's rows as config.json gives them (``vocab_size``, a multimodal model's ``text_config``'s)."""
+    for section in (config.get("text_config"), config):
+        value = section.get("vocab_size") if isinstance(section, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def template_check(name: str, system_prompt: str | None = None) -> Callable[[Any, dict], None]:
+    """``load_model``'s ``check_tokenizer`` for a model that reads prompts: ``check_chat_template`` before its
+    weights are read, the embedding's rows from its config."""
+
+    def check(tokenizer: Any, config: dict) -> None:
+        check_chat_template(tokenizer, name, system_prompt, vocab_rows(config))
+
+    return check
+
+
 def _render_raw(tokenizer: Any, messages: list[dict]) -> str:
-    return tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=False, **template_kwargs(tokenizer)
-    )
+    return _apply_template(tokenizer, messages, tokenize=False)
 
 
 def context_length(tokenizer: Any) -> int | None:

@@ -253,7 +253,7 @@ def edit_module(
     # as the saved file will be, requantized, but keep it dense.
     dense_twin = quant is not None and not packed
     w = dequantize_leaves(leaves, quant) if quant is not None and packed else leaves["weight"].astype(mx.float32)
-    _check_shape(module_path, writer.rows, w, r)
+    check_shape(module_path, writer.rows, w, r)
     before = refusal_component(w, r, writer.rows)
     if writer.rows:
         edited = orthogonalize_embedding(w, r, strength, plan.norm_preserve)
@@ -282,7 +282,7 @@ def edit_module(
         bias = leaves["bias"]
         out["bias"] = orthogonalize_bias(bias.astype(mx.float32), r, strength).astype(dense_dtype or bias.dtype)
     after = refusal_component(stored, r, writer.rows)
-    _check_finite(module_path, after, out, strength)
+    check_finite(module_path, after, out, strength)
     report = EditReport(module_path, role, layer, strength, quant is not None, before, after)
     return ModuleEdit(out, report, dequantized)
 
@@ -294,7 +294,7 @@ def _dtype(name: str) -> mx.Dtype:
         raise UserError(f"--edited-precision {name!r}: choose keep, float16, bfloat16 or float32") from None
 
 
-def _check_finite(path: str, after: float, tensors: dict[str, mx.array], strength: float) -> None:
+def check_finite(path: str, after: float, tensors: dict[str, mx.array], strength: float) -> None:
     """Non-finite stored weights are an error (never saved).
 
     ``after`` = |r^T W'| (|E' r| for tables) is NaN or inf as soon as one
@@ -310,7 +310,7 @@ def _check_finite(path: str, after: float, tensors: dict[str, mx.array], strengt
     )
 
 
-def _check_shape(path: str, rows: bool, w: mx.array, r: mx.array) -> None:
+def check_shape(path: str, rows: bool, w: mx.array, r: mx.array) -> None:
     axis = -1 if rows else -2
     if w.ndim < 2 or w.shape[axis] != r.shape[-1]:
         raise UserError(

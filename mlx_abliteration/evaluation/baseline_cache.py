@@ -21,7 +21,9 @@ template, the prompts and the evaluation settings, so it is stored under
 
 Entries are single safetensors files (log-probs as a tensor, everything else
 as JSON metadata) written atomically (``atomic_write.atomic_path``); an
-unreadable entry is ignored and recomputed.
+unreadable entry is ignored and recomputed, and so is one that parses but does
+not fit the run (``entry_mismatch``: its answers are not the run's prompts, its
+log-probs not the shape the KL reads), said in one line.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import hashlib
 import importlib.metadata as md
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -147,6 +150,81 @@ def load_baseline(path: Path, identity: dict) -> tuple[ReferenceLogprobs | None,
     return reference, report
 
 
+def _count(value: object, total: int, none_ok: bool = False) -> bool:
+    return (value is None and none_ok) or (
+        isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= total
+    )
+
+
+def _number(value: object, none_ok: bool = False) -> bool:
+    if value is None:
+        return none_ok
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _token_lists(value: object, n: int) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == n
+        and all(isinstance(t, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in t) for t in value)
+    )
+
+
+def _report_mismatch(report: EvalReport, harmful: Sequence[str], harmless: Sequence[str], settings: dict) -> str | None:
+    if report.harmful_total != len(harmful) or report.harmless_total != len(harmless):
+        return f"{report.harmful_total}+{report.harmless_total} prompts, the run has {len(harmful)}+{len(harmless)}"
+    counts = [(report.harmful_refusals, len(harmful)), (report.harmful_unfinished, len(harmful))]
+    counts += [(report.harmless_unfinished, len(harmless))]
+    if not all(_count(v, n) for v, n in counts) or not _count(report.harmless_refusals, len(harmless), True):
+        return "refusal counts that are not counts of its prompts"
+    if not all(_number(v) for v in (report.tokens_per_s, report.seconds)) or not _number(report.kl, True):
+        return "timings or KL that are not finite numbers"
+    if report.kl_tokens != settings.get("kl_tokens"):
+        return f"kl_tokens {report.kl_tokens!r}, the run asks for {settings.get('kl_tokens')!r}"
+    rows = report.responses if isinstance(report.responses, list) else []
+    if not all(isinstance(r, dict) for r in rows):
+        return "answers that are not rows"
+    for kind, prompts in (("harmful", harmful), ("harmless", harmless)):
+        mine = [r for r in rows if r.get("kind") == kind]
+        if [r.get("prompt") for r in mine] != list(prompts):
+            return f"{len(mine)} {kind} answers that are not the run's {len(prompts)} prompts in order"
+        if not all(isinstance(r.get("response"), str) and r.get("refusal") in (True, False, None) for r in mine):
+            return f"{kind} answers without a text or a verdict"
+    questions = settings.get("capability_questions") or 0
+    correct = report.capability_correct
+    if (correct is not None or questions) and not (
+        isinstance(correct, list) and len(correct) == questions and all(isinstance(c, bool) for c in correct)
+    ):
+        return f"capability answers that are not {questions} right/wrong verdicts"
+    return None
+
+
+def entry_mismatch(
+    reference: ReferenceLogprobs | None,
+    report: EvalReport,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    settings: dict,
+) -> str | None:
+    """Why a cache entry (which parsed, under this run's key) cannot serve this run; None if it fits: the report's
+    answers are this run's prompts and the reference log-probs have the shape the KL will read."""
+    reason = _report_mismatch(report, harmful, harmless, settings)
+    if reason is not None or reference is None:
+        return reason
+    n = len(harmless)
+    if not _token_lists(reference.token_lists, n) or not _token_lists(reference.continuations, n):
+        return f"reference tokens that are not {n} token lists"
+    if reference.kl_tokens != max(1, settings.get("kl_tokens") or 1):
+        return f"reference kl_tokens {reference.kl_tokens!r}"
+    rows = sum(max(1, len(c)) for c in reference.continuations)
+    logprobs = reference.logprobs
+    if logprobs.ndim != 2 or logprobs.shape[0] != rows or logprobs.shape[1] < 2:
+        return f"reference log-probs of shape {tuple(logprobs.shape)}, the run needs {rows} rows"
+    if bool(mx.any(mx.isnan(logprobs)).item()):
+        return "NaN reference log-probs"
+    return None
+
+
 def cached_baseline(
     source: str | Path,
     harmful: Sequence[str],
@@ -167,11 +245,14 @@ def cached_baseline(
     path = baseline_path(cache_dir, source, identity)
     if use_cache:
         found = load_baseline(path, identity)
-        if found is not None:
+        reason = None if found is None else entry_mismatch(found[0], found[1], harmful, harmless, settings)
+        if found is not None and reason is None:
             emit(
                 f"{what}'s evaluation read from the cache {path} (same weights, prompts and settings; --no-cache recomputes it)"
             )
             return found[0], found[1], True
+        if reason is not None:
+            emit(f"the cached evaluation {path} does not fit this run ({reason}): computing it again")
     reference, report = compute()
     try:
         store_baseline(path, identity, reference, report)

@@ -31,11 +31,11 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlx_abliteration.data.chat import encode_chats
+from mlx_abliteration.data.chat import check_chat_template, encode_chats, vocab_rows
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.evaluation.baseline_cache import source_identity
 from mlx_abliteration.io.asset_resolver import resolve_asset
-from mlx_abliteration.io.model_io import check_model_dir, load_model
+from mlx_abliteration.io.model_io import check_model_dir, load_model, load_tokenizer, read_config
 from mlx_abliteration.probe.prefix_batch import shared_first_token_logprobs
 from mlx_abliteration.runtime.mx_types import float_list
 
@@ -168,17 +168,35 @@ def judge_responses(
 # --- which judge ------------------------------------------------------------------
 
 
-def resolve_judge(spec: str | None, cache_dir: str | Path | None = None) -> Path | None:
+def resolve_judge(spec: str | None, cache_dir: str | Path | None = None, check: bool = False) -> Path | None:
     """The judge's local model dir (None for ``keywords``); a bad value is a one-line error, raised before any
-    long work. Resolved like ``-m``: a local dir, a ``.gguf`` file or a hub id."""
+    long work. Resolved like ``-m``: a local dir, a ``.gguf`` file or a hub id. ``check``: also its tokenizer
+    (``check_judge_tokenizer``), loaded without the weights: what a command does first."""
 
     if spec is None or str(spec).strip().lower() in ("", KEYWORDS):
         return None
     try:
-        path = resolve_asset(str(spec).strip(), Path(cache_dir).expanduser() if cache_dir else None)
-        return check_model_dir(path)
+        path = check_model_dir(resolve_asset(str(spec).strip(), Path(cache_dir).expanduser() if cache_dir else None))
     except (FileNotFoundError, UserError) as err:
         raise UserError(f"--judge {spec}: {err} (or pass --judge {KEYWORDS})") from None
+    if check:
+        check_judge_tokenizer(load_tokenizer(path), read_config(path), str(spec))
+    return path
+
+
+def check_judge_tokenizer(tokenizer: Any, config: dict, name: str) -> None:
+    """What judging needs of the judge's tokenizer: a chat template that works, one token per option letter,
+    and no token id its embedding has no row for (an out-of-range lookup reads garbage, silently)."""
+    label = f"--judge {name}"
+    rows = vocab_rows(config)
+    check_chat_template(tokenizer, label, None, rows)
+    option_token_ids(tokenizer, name)
+    size = len(getattr(tokenizer, "_tokenizer", tokenizer))  # mlx-lm's wrapper: the Hugging Face tokenizer's
+    if rows is not None and size > rows:
+        raise UserError(
+            f"{label}: its tokenizer has {size} tokens but its embedding only {rows} rows: the tokenizer does not "
+            f"belong to these weights; choose another judge (or --judge {KEYWORDS})"
+        )
 
 
 def judge_identity(path: Path | None) -> str | dict:
@@ -206,8 +224,7 @@ class Judge:
 def loaded_judge(path: Path, name: str, batch_size: int = JUDGE_BATCH_SIZE) -> Iterator[Judge]:
     """The judge model loaded (float32 on the CPU, like every model that answers) and freed on exit."""
 
-    model, tokenizer, _ = load_model(path)
-    option_token_ids(tokenizer, name)  # fails before anything is judged
+    model, tokenizer, _ = load_model(path, check_tokenizer=lambda tok, config: check_judge_tokenizer(tok, config, name))
     judge = Judge(model, tokenizer, name, batch_size)
     try:
         yield judge

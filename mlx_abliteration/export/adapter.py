@@ -24,9 +24,10 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_abliteration.edit.orthogonalize import AblationPlan
+from mlx_abliteration.edit.orthogonalize import AblationPlan, check_finite, check_shape
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.export.model_card import model_card
+from mlx_abliteration.runtime.mx_types import scalar
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -69,8 +70,10 @@ def adapter_tensors(model: nn.Module, plan: AblationPlan) -> tuple[dict, list[st
         s = plan.strength(writer.role, writer.layer)
         u = plan.direction(writer).astype(mx.float32)
         w = _dense_weight(module).astype(mx.float32)
-        tensors[f"{path}.lora_a"] = (u @ w)[:, None]  # W^T u: (in, 1)
-        tensors[f"{path}.lora_b"] = (-s * u)[None, :]  # (1, out)
+        check_shape(path, False, w, u)  # the edit's own checks: a direction of this model, finite tensors
+        lora_a, lora_b = (u @ w)[:, None], (-s * u)[None, :]  # W^T u: (in, 1); (1, out)
+        check_finite(path, scalar(mx.abs(lora_a).sum() + mx.abs(lora_b).sum()), {}, s)
+        tensors[f"{path}.lora_a"], tensors[f"{path}.lora_b"] = lora_a, lora_b
         keys.add(key)
         if "bias" in module:
             missing.append(f"bias of `{path}` (b' = b - s u u^T b; LoRA adds no constant)")

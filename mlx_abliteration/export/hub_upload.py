@@ -2,7 +2,8 @@
 
 ``huggingface_hub``: ``create_repo`` then ``upload_large_folder`` (resumable,
 many files in parallel; where the installed huggingface_hub has no such method
-— 2.x removed it — ``upload_folder``). The token comes from the usual places
+— 2.x removed it — ``upload_folder``). The folder is only read: a card made
+from its log (when it has no README.md) is uploaded from memory. The token comes from the usual places
 (``HF_TOKEN``, ``huggingface-cli login``'s stored token) via
 ``huggingface_hub.get_token``. Failures the user can fix are one line: no
 token, no network (or ``HF_HUB_OFFLINE``), a rejected token, an existing repo
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.export.model_card import HUB_ID, model_card
+from mlx_abliteration.export.model_card import model_card
+from mlx_abliteration.io.asset_resolver import is_hub_id
 
 T = TypeVar("T")
 
@@ -35,6 +37,7 @@ class UploadPlan:
     private: bool
     files: list[tuple[str, int]] = field(default_factory=list)  # (relative path, bytes)
     card: str = ""
+    card_from_log: bool = False  # the folder has no README.md: the card made from the log is uploaded from memory
 
     @property
     def total_bytes(self) -> int:
@@ -51,13 +54,33 @@ class UploadPlan:
 
 
 def check_repo_id(repo: str) -> str:
-    if not isinstance(repo, str) or not HUB_ID.match(repo):
-        raise UserError(f"--repo {repo!r}: give the Hub repo as USER/NAME (or ORG/NAME)")
+    """``USER/NAME`` by the Hub's own rules (``io.asset_resolver.is_hub_id``), checked before any work or dry run."""
+    if not isinstance(repo, str) or not is_hub_id(repo):
+        raise UserError(
+            f"--repo {repo!r} is not a Hub repo id: give USER/NAME (or ORG/NAME), each of letters, digits, "
+            "'-', '_' and '.', at most 96 characters, no '--' or '..', not starting or ending with '-' or '.'"
+        )
     return repo
 
 
+def read_log(folder: Path) -> dict:
+    """The folder's ``abliteration_log.json`` as a dict (an untrusted file: a one-line error if it is not one)."""
+    path = folder / LOG
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(
+            f"{path} is not readable JSON ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "upload a complete output dir of `mlx-abliterate run`, `ablate` or `export-adapter`"
+        ) from err
+    if not isinstance(record, dict):
+        raise UserError(f"{path} holds {type(record).__name__}, not a log written by mlx-abliterate")
+    return record
+
+
 def plan_upload(folder: str | Path, repo: str, private: bool = False) -> UploadPlan:
-    """The files and card an upload would send; the card is (re)written from the log if the folder has none."""
+    """The files and card an upload would send; writes nothing (a folder without a card gets one made from its
+    log, sent from memory)."""
     folder = Path(folder)
     check_repo_id(repo)
     if not folder.is_dir():
@@ -66,16 +89,24 @@ def plan_upload(folder: str | Path, repo: str, private: bool = False) -> UploadP
         raise UserError(
             f"{folder} has no {LOG}; upload the output dir of `mlx-abliterate run`, `ablate` or `export-adapter`"
         )
-    card = folder / CARD
-    if not card.is_file():
-        record = json.loads((folder / LOG).read_text())
-        card.write_text(model_card(record, adapter=record.get("adapter")))
+    record = read_log(folder)
     files = sorted(
         (str(p.relative_to(folder)), p.stat().st_size)
         for p in folder.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
-    return UploadPlan(folder, repo, private, files, card.read_text())
+    card = folder / CARD
+    if card.is_file():
+        return UploadPlan(folder, repo, private, files, card.read_text(errors="replace"))
+    try:
+        text = model_card(record, adapter=record.get("adapter"))
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise UserError(
+            f"{folder / LOG} is not a log written by mlx-abliterate ({type(err).__name__}: {err}); "
+            f"cannot write its model card: add a {CARD} to the folder"
+        ) from err
+    files = sorted([*files, (CARD, len(text.encode()))])
+    return UploadPlan(folder, repo, private, files, text, card_from_log=True)
 
 
 def get_token() -> str:
@@ -174,6 +205,16 @@ def upload(
             repo_type="model",
             ignore_patterns=list(IGNORED),
             commit_message="Upload abliterated model (mlx-abliteration)",
+        )
+    if plan.card_from_log:  # the user's folder is never written: the card goes from memory
+        _hub_call(
+            f"upload the model card to {repo}",
+            api.upload_file,
+            path_or_fileobj=plan.card.encode(),
+            path_in_repo=CARD,
+            repo_id=repo,
+            repo_type="model",
+            commit_message="Model card (mlx-abliteration)",
         )
     if progress:
         progress(1, 1, "upload")

@@ -17,8 +17,8 @@ from pathlib import Path
 import yaml
 
 from mlx_abliteration.evaluation.tables import eval_markdown
+from mlx_abliteration.io.asset_resolver import is_hub_id
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Settings that say where things were written or how the run printed, not what was made.
 NOT_SETTINGS = ("output_dir", "overwrite", "dry_run", "cache_dir", "model")
 
@@ -52,7 +52,7 @@ def base_model_of(source_model: str | None, source_path: str | None) -> str | No
     """The hub id to put in ``base_model``: the source's own hub id (given as ``-m owner/name``, or the HF cache
     folder it was downloaded to), else the ``base_model`` the source's own card records; None if neither."""
     model = str(source_model or "")
-    if model and HUB_ID.match(model) and not Path(model).exists():
+    if model and is_hub_id(model) and not Path(model).exists():
         return model
     for candidate in (source_path, model):
         if candidate and (hub := _hub_id_from_cache_path(str(Path(candidate).resolve()) + "/")):
@@ -61,7 +61,7 @@ def base_model_of(source_model: str | None, source_path: str | None) -> str | No
         recorded = card_front_matter((Path(source_path) / "README.md").read_text(errors="replace")).get("base_model")
         if isinstance(recorded, list):
             recorded = recorded[0] if recorded else None
-        if isinstance(recorded, str) and HUB_ID.match(recorded):
+        if isinstance(recorded, str) and is_hub_id(recorded):
             return recorded
     return None
 

@@ -6,22 +6,30 @@ and how to fix it; the CLI prints it as one line.
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 
 from mlx_abliteration.io.gguf import convert_gguf_cached
+from mlx_abliteration.runtime.hub_env import hub_timeout
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 # Files mlx-lm needs to load a model; skips PyTorch/.bin/GGUF duplicates of the weights.
 # What mlx-lm loads: only model*.safetensors weights (never consolidated.safetensors or original/ copies).
 MODEL_FILE_PATTERNS = ["*.json", "model*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py"]
 HUB_URL = "https://huggingface.co"
 
 
-def is_hub_id(text: str) -> bool:
-    """``owner/name`` as the Hub spells it (no path syntax such as ./, ~ or ..)."""
-    return bool(_HUB_ID.match(text)) and ".." not in text and "--" not in text and not text.endswith(".")
+def is_hub_id(text: object) -> bool:
+    """``owner/name`` by the Hub's own rules (``huggingface_hub.utils.validate_repo_id``: letters, digits, -_. ,
+    at most 96 characters a part, no ``--`` or ``..``, no leading or trailing ``-``/``.``): never path syntax such
+    as ./, ~ or ..; the one check of a Hub id (models, datasets, ``upload --repo``, a card's ``base_model``)."""
+    if not isinstance(text, str) or text.count("/") != 1:
+        return False
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except ValueError:  # HFValidationError
+        return False
+    return True
 
 
 def resolve_asset(
@@ -63,15 +71,6 @@ def _resolve_gguf(path: Path, cache_dir: Path | None) -> Path:
         )
 
     return convert_gguf_cached(path, cache_dir)
-
-
-def hub_timeout() -> float:
-    """Seconds a Hub request may wait for an answer: ``HF_HUB_ETAG_TIMEOUT`` (default 10)."""
-    try:
-        value = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or 10)
-    except ValueError:
-        value = 10.0
-    return value if value > 0 else 10.0
 
 
 def hub_snapshot(repo_id: str, repo_type: str, cache_dir: Path | None, allow_patterns: list[str] | None) -> str:

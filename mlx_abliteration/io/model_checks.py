@@ -84,6 +84,7 @@ def check_model_type(path: Path, config: dict) -> None:
     module = MODEL_REMAPPING.get(model_type, model_type)
     try:
         found = importlib.util.find_spec(f"mlx_lm.models.{module}") is not None
+        found = found and bool(model_classes(config))  # a module of mlx_lm.models that is a model (not rope_utils)
     except (ImportError, ValueError):
         found = False
     if not found:
@@ -113,7 +114,10 @@ def model_classes(config: dict) -> tuple[type, Any]:
         arch = importlib.import_module(f"mlx_lm.models.{module}")
     except ImportError as err:
         raise ValueError(f"Model type {module} not supported.") from err
-    return arch.Model, arch.ModelArgs
+    model, args = getattr(arch, "Model", None), getattr(arch, "ModelArgs", None)
+    if not isinstance(model, type) or not callable(getattr(args, "from_dict", None)):
+        raise ValueError(f"Model type {module} not supported: mlx_lm.models.{module} is not a model")
+    return model, args
 
 
 def check_index(path: Path) -> None:
@@ -158,7 +162,7 @@ def tokenizer_error(path: Path, err: Exception) -> UserError:
     if isinstance(tok_config, dict) and tok_config.get("auto_map"):
         return UserError(
             f"the tokenizer in {path} needs custom Python code (auto_map in tokenizer_config.json), which this tool "
-            f"does not run ({detail}); use a model with a standard tokenizer.json, or convert it with mlx_lm.convert"
+            "does not run; use a model with a standard tokenizer.json, or convert it with mlx_lm.convert"
         )
     return UserError(
         f"cannot load the tokenizer in {path} ({detail}); copy tokenizer.json and tokenizer_config.json from the original model"

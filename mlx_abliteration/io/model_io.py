@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -70,6 +71,7 @@ def load_model(
     compute_dtype: mx.Dtype | Literal["auto"] | None = "auto",
     lazy: bool = False,
     dequantize: bool | Literal["auto"] = "auto",
+    check_tokenizer: Callable[[Any, dict], None] | None = None,
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Load ``(model, tokenizer, config)`` from a local model dir for computation.
 
@@ -78,9 +80,9 @@ def load_model(
     quantized layers are also made dense when that fits in memory
     (``dequantize="auto"``; see ``engine.dense_twins``). The saved model always
     keeps the source dtype and quantization: saving reads the source files.
+    ``check_tokenizer(tokenizer, config)`` runs before the weights are read (e.g. the chat template's check).
     """
     from mlx_lm.utils import load_model as _load_model
-    from mlx_lm.utils import load_tokenizer
 
     path = check_model_dir(path)
     check_model_type(path, read_config(path))
@@ -97,7 +99,10 @@ def load_model(
         if not is_unreadable_weights(err):
             raise
         raise UserError(f"cannot read weights in {path}: {err}; the file may be truncated or corrupt") from err
-
+    # The weights are only mapped so far (lazy): the tokenizer is loaded and checked before they are read.
+    tokenizer = load_tokenizer(path, config)
+    if check_tokenizer is not None:
+        check_tokenizer(tokenizer, config)
     if fast_swiglu_wanted():
         use_fast_swiglu()  # the model's module is imported now; its MLP gate runs vectorized
     dtype = default_compute_dtype() if compute_dtype == "auto" else compute_dtype
@@ -121,11 +126,21 @@ def load_model(
         raise UserError(f"cannot read weights in {path}: {err}; the file may be truncated or corrupt") from err
     if not lazy:
         check_finite_weights(model, path)
+    return model, tokenizer, config
+
+
+def load_tokenizer(path: str | Path, config: dict | None = None) -> Any:
+    """mlx-lm's tokenizer of a model dir (``config``: its loaded config, for the end-of-sequence ids); a
+    tokenizer that does not load is one line (``tokenizer_error``)."""
+    from mlx_lm.utils import load_tokenizer as _load_tokenizer
+
+    path = Path(path)
+    eos = (config if config is not None else read_config(path)).get("eos_token_id")
     try:
-        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+        # Never remote code, and never transformers' "run the custom code? [y/N]" prompt on the terminal.
+        return _load_tokenizer(path, tokenizer_config_extra={"trust_remote_code": False}, eos_token_ids=eos)
     except Exception as err:  # transformers raises many kinds (OSError, ValueError, ImportError...)
         raise tokenizer_error(path, err) from None
-    return model, tokenizer, config
 
 
 # MLX's exact messages for a safetensors file that cannot be read (missing,

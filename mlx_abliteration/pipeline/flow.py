@@ -65,7 +65,7 @@ def run_pipeline(
         )
     write = bool(config.output_dir) and not config.dry_run
     plan_source.check(config)
-    steps.judge_path(config)  # a bad --judge fails before the model is resolved
+    steps.judge_path(config, check=True)  # a bad --judge (or its tokenizer) fails before the model is resolved
     source = steps.resolve_model(config, report, plan_source.inputs())
     if write:
         steps.check_output(source, config)

@@ -118,11 +118,22 @@ class DirectionFile(PlanSource):
         return self.loaded
 
     def prepare(self, ctx: RunContext) -> None:
+        """The file against the model's config, before the model is read (``ablate`` and ``export-adapter``);
+        each edited module's shape is checked again where it is edited (``edit.orthogonalize.check_shape``)."""
         directions = self._loaded()[0]
-        num_layers = read_config(ctx.source).get("num_hidden_layers")
+        config = read_config(ctx.source)
+        num_layers = config.get("num_hidden_layers")
         if num_layers is not None and num_layers != directions.num_model_layers:
             raise UserError(
                 f"the direction file was made for a {directions.num_model_layers}-layer model, but {ctx.source} has {num_layers} layers"
+            )
+        text = config.get("text_config")
+        hidden = (text if isinstance(text, dict) and "hidden_size" in text else config).get("hidden_size")
+        size = directions.directions.shape[-1]
+        if isinstance(hidden, int) and hidden != size:
+            raise UserError(
+                f"the direction file holds directions of size {size}, but {ctx.source} has hidden size {hidden}; "
+                "the direction does not belong to this model"
             )
 
     def directions(self, ctx: RunContext) -> RefusalDirections:

@@ -46,11 +46,63 @@ def read_log(path: str | Path) -> dict:
         raise UserError(f"--reproduce {path}: no such file; pass the abliteration_log.json of a saved model")
     try:
         record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"--reproduce {path} is not valid JSON ({err})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"--reproduce {path} is not readable JSON ({type(err).__name__}: {err})") from None
     if not isinstance(record, dict) or not isinstance(record.get("parameters"), dict):
         raise UserError(f"--reproduce {path} is not an abliteration_log.json (no 'parameters')")
+    check_log(record, path)
     return record
+
+
+REPRODUCIBLE = (None, "ablate")  # the log's "command": run and search record none
+
+
+def _str_map(value: object, required: bool = False) -> bool:
+    """A JSON object of strings (``{}`` only where not ``required``)."""
+    return (
+        isinstance(value, dict)
+        and (bool(value) or not required)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    )
+
+
+def check_log(record: dict, path: str | Path) -> None:
+    """Every field a reproduction reads, checked before any work (the log is an untrusted file): one line each."""
+
+    def bad(field: str, expected: str) -> UserError:
+        got = type(record.get(field)).__name__ if field in record else "nothing"
+        return UserError(
+            f"--reproduce {path}: '{field}' should be {expected}, the log has {got}; not a log this tool wrote"
+        )
+
+    command = record.get("command")
+    if command not in REPRODUCIBLE:
+        raise UserError(
+            f"--reproduce {path}: a log of `{command}` cannot be reproduced (only run, search and ablate outputs)"
+            if isinstance(command, str)
+            else bad("command", "a command name")
+        )
+    prompts = record.get("prompts_sha256")
+    if prompts is not None and not (_str_map(prompts) and set(PROMPT_KINDS) <= set(prompts)):
+        raise bad("prompts_sha256", f"an object of the {' and '.join(PROMPT_KINDS)} prompts' SHA256")
+    if record.get("versions") is not None and not (
+        isinstance(record["versions"], dict)
+        and all(isinstance(v, (str, type(None))) for v in record["versions"].values())
+    ):
+        raise bad("versions", "an object of package versions")
+    weights = record.get("weights")
+    if not isinstance(weights, dict) or not _str_map(weights.get("output_sha256"), required=True):
+        if weights is None:
+            raise UserError(f"--reproduce {path} records no weight digests ('weights'): there is nothing to compare")
+        raise bad("weights", "an object whose 'output_sha256' maps each weight file to its SHA256")
+    if record.get("plan_spec") is not None and not isinstance(record["plan_spec"], dict):
+        raise bad("plan_spec", "a plan spec object")
+    if command == "ablate":
+        if not isinstance(record.get("direction_file"), str):
+            raise bad("direction_file", "the path of the direction file")
+        layer = record.get("chosen_layer")
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise bad("chosen_layer", "a layer index")
 
 
 @dataclass

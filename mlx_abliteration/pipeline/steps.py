@@ -10,6 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_abliteration.config.defaults import GENERATION_BATCH_SIZE, AbliterationConfig
+from mlx_abliteration.data.chat import template_check
 from mlx_abliteration.data.prompt_selection import select_prompts
 from mlx_abliteration.edit.in_memory import apply_plan
 from mlx_abliteration.edit.orthogonalize import AblationPlan, select_writers, uniform_plan
@@ -80,7 +81,9 @@ def check_output(source: Path, config: AbliterationConfig) -> None:
     validate_output_dir(source, Path(config.output_dir), config.overwrite, fresh=False)
 
 
-def load(source: Path, report, config: AbliterationConfig | None = None):
+def load(source: Path, report, config: AbliterationConfig | None = None, chat: bool = True):
+    """The model, its tokenizer and config; ``chat``: its chat template is checked before the weights are read
+    (every prompt goes through it; ``export-adapter`` reads none)."""
     streamed = config is not None and config.streamed
     report.emit(
         "stage",
@@ -88,7 +91,8 @@ def load(source: Path, report, config: AbliterationConfig | None = None):
         blas=blas_info(),
         device=str(mx.default_device()),
     )
-    return load_model(source, lazy=streamed)
+    check = template_check(str(config.model if config else source), config.system_prompt if config else None)
+    return load_model(source, lazy=streamed, check_tokenizer=check if chat else None)
 
 
 def prompts(config: AbliterationConfig, report) -> PromptSets:
@@ -134,10 +138,11 @@ def run_eval_settings(config: AbliterationConfig) -> dict:
     )
 
 
-def judge_path(config: AbliterationConfig) -> Path | None:
-    """``--judge``'s model dir, None for keywords (a bad value: a one-line error; ``run_pipeline`` asks first)."""
+def judge_path(config: AbliterationConfig, check: bool = False) -> Path | None:
+    """``--judge``'s model dir, None for keywords (a bad value: a one-line error; ``run_pipeline`` asks first,
+    with ``check``: the judge's tokenizer and chat template too, before any work)."""
 
-    return resolve_judge(config.judge, config.cache_dir)
+    return resolve_judge(config.judge, config.cache_dir, check)
 
 
 def judge_step(eval_report, config: AbliterationConfig, report, which: str) -> None:

@@ -270,11 +270,36 @@ def load_directions(path: str | Path) -> tuple[RefusalDirections, int]:
             int(metadata["num_model_layers"]),
             harmless_means=tensors.get("harmless_means"),
         )
-        return directions, int(metadata["chosen_layer"])
+        chosen = int(metadata["chosen_layer"])
     except (KeyError, ValueError, RuntimeError, TypeError) as err:
         if isinstance(err, RuntimeError) and not is_unreadable_weights(err):
             raise  # out of memory, a bug: not a problem of the file
         raise UserError(f"{path} is not a refusal-direction file written by this tool ({err})") from err
+    check_directions(path, directions, chosen)
+    return directions, chosen
+
+
+def check_directions(path: str | Path, directions: RefusalDirections, chosen: int) -> None:
+    """What an edit needs of a direction file: one finite, non-zero row per probed layer (an untrusted file)."""
+    rows = directions.directions
+    bad = None
+    if rows.ndim != 2 or rows.shape[0] != len(directions.layers) or rows.shape[1] == 0:
+        bad = f"directions of shape {tuple(rows.shape)} for {len(directions.layers)} probed layer(s)"
+    elif not mx.issubdtype(rows.dtype, mx.floating):
+        bad = f"directions of type {rows.dtype}"
+    elif directions.num_model_layers < 1:
+        bad = f"a model of {directions.num_model_layers} layers"
+    elif any(not 0 <= layer < directions.num_model_layers for layer in directions.layers):
+        bad = f"layers outside 0..{directions.num_model_layers - 1}, the model's"
+    elif chosen not in directions.layers:
+        bad = f"a chosen layer {chosen} that was not probed"
+    if bad is not None:
+        raise UserError(f"{path} is not a usable refusal-direction file: it holds {bad}")
+    norms = mx.linalg.norm(rows.astype(mx.float32), axis=-1)
+    if not bool(mx.all(mx.isfinite(norms)).item()):
+        raise UserError(f"{path} holds NaN/inf directions: the file is corrupt; probe the model again")
+    if not bool(mx.all(norms > 0).item()):
+        raise UserError(f"{path} holds a zero direction (no direction to remove); probe the model again")
 
 
 def candidate_layers(probed: Sequence[int], num_layers: int, max_candidates: int = 8) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -61,3 +62,18 @@ def test_the_loaded_openblas_runs_the_family_the_flags_allow():
     if not info.startswith("OpenBLAS") or expected is None or sys.platform != "linux":
         pytest.skip(f"no OpenBLAS loaded or no known kernel family here: {info.strip()}")
     assert f"{expected.lower()} kernels" in info.lower(), info
+
+
+def test_importing_the_package_loads_openblas_before_mlx():
+    """Where OpenBLAS is installed, ``import mlx_abliteration`` loads it before anything imports mlx.core.
+
+    A module-level ``import mlx.core`` in the modules the package's ``__init__`` imports first (the backend)
+    loads MLX's reference BLAS first: float32 matmul ~27x slower, and only blas_info() says so."""
+    arch = platform.machine()
+    installed = [p.format(arch=arch) for p in backend._CANDIDATES if os.path.exists(p.format(arch=arch))]
+    if sys.platform != "linux" or not installed:
+        pytest.skip("no OpenBLAS installed here")
+    env = {k: v for k, v in os.environ.items() if k != backend.BLAS_ENV}
+    code = "import mlx_abliteration; from mlx_abliteration.runtime.backend import blas_info; print(blas_info())"
+    info = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert info.startswith("OpenBLAS"), info

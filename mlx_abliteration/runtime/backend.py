@@ -11,8 +11,6 @@ import platform
 import sys
 from typing import Any
 
-import mlx.core as mx
-
 from mlx_abliteration.runtime.utils import cache_root
 
 BLAS_ENV = "MLX_ABLITERATION_BLAS"
@@ -143,6 +141,7 @@ def persistent_kernel_cache(cache_dir: str | None = None) -> str | None:
     """
     if os.environ.get(PTX_CACHE_ENV):
         return None
+    import mlx.core as mx  # noqa: PLC0415  (this module runs before mlx.core may load: preload_blas)
 
     cuda = getattr(mx, "cuda", None)
     if cuda is None or not cuda.is_available():
@@ -208,6 +207,8 @@ def compute_dtype() -> Any:
     bf16/fp16 matmul on MLX's CPU backend is ~16x slower than float32 with an
     optimized BLAS; on Metal/CUDA half precision is the fast path.
     """
+
+    import mlx.core as mx  # noqa: PLC0415  (this module runs before mlx.core may load: preload_blas)
 
     if mx.default_device() == mx.cpu:
         return mx.float32

@@ -1,6 +1,9 @@
 """The full pipeline on tiny models, through the library and the CLI."""
 
 import json
+import os
+import subprocess
+import sys
 
 import mlx_lm
 import pytest
@@ -163,19 +166,34 @@ def test_seed_cli_shim(tiny_model, tmp_path, datasets):
 
 
 def test_each_phase_and_the_end_of_a_run_release_mlx_buffer_cache(tiny_model, tmp_path, datasets):
-    import mlx.core as mx
-
-    cached_at_stage = []
-
-    def on_event(event):
-        if event.kind in ("stage", "done"):
-            cached_at_stage.append(mx.get_cache_memory())
-
-    run_pipeline(_config(tiny_model(), tmp_path / "out", datasets), on_event)
-    assert cached_at_stage and all(size == 0 for size in cached_at_stage)
+    # In a fresh process: threads left by other tests (a cancelled GUI run, say) free arrays at any time.
+    code = """
+import json, sys
+import mlx_abliteration
+import mlx.core as mx
+from mlx_abliteration.config.defaults import AbliterationConfig
+from mlx_abliteration.pipeline.flow import iter_events, run_pipeline
+base = json.loads(sys.argv[1])
+cached_at_stage = []
+def on_event(event):
+    if event.kind in ("stage", "done"):
+        cached_at_stage.append(mx.get_cache_memory())
+run_pipeline(AbliterationConfig(**{**base, "output_dir": sys.argv[2]}), on_event)
+events = list(iter_events(AbliterationConfig(**{**base, "output_dir": sys.argv[3]})))
+print(json.dumps({"stages": cached_at_stage, "last": events[-1].kind, "after_stream": mx.get_cache_memory()}))
+"""
+    config = _config(tiny_model(), tmp_path / "unused", datasets).to_dict()
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(config), str(tmp_path / "out"), str(tmp_path / "out2")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MLX_ABLITERATION_LOG_FILE": os.devnull},
+    )
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["stages"] and all(size == 0 for size in seen["stages"]), seen
     # The GUI's stream (a long-lived process) also releases what the finished run's model left cached.
-    events = list(iter_events(_config(tiny_model(), tmp_path / "out2", datasets)))
-    assert events[-1].kind == "result" and mx.get_cache_memory() == 0
+    assert seen["last"] == "result" and seen["after_stream"] == 0, seen
 
 
 def test_the_loaded_model_is_released_before_the_save(tiny_model, tmp_path, datasets, monkeypatch):

@@ -134,13 +134,33 @@ class HereticDriver:
         self.chosen: dict | None = None
         self.front: list[dict] = []
 
+    def note(self, text: str) -> None:
+        """Every chunk of output, as it comes."""
+        if "Model saved to" in text:
+            self.saved = True
+
+    @staticmethod
+    def pending(screen: str, question: str) -> int:
+        """Where ``question`` waits for an answer in ``screen``, or -1.
+
+        questionary draws an open menu as ``? Q (Use arrow keys)`` and a text prompt as ``? Q`` alone, and
+        echoes ``? Q <answer>`` once answered; only the newest drawing counts, and an echoed one is done.
+        """
+        at = screen.rfind(question)
+        if at < 0:
+            return -1
+        rest = screen[at + len(question) :]
+        if rest.lstrip(" ").startswith("(Use arrow keys)") or not rest.strip():
+            return at
+        return -1
+
     def answer(self, screen: str) -> str | None:
-        """Keys for the newest prompt in ``screen`` (the output since the last answer), or None."""
+        """Keys for the prompt waiting at the end of ``screen`` (the output since the last answer), or None."""
         prompts = {
-            "resume": screen.rfind("How would you like to proceed?"),
-            "trial": screen.rfind("Which trial do you want to use?"),
-            "action": screen.rfind("What do you want to do with the decensored model?"),
-            "path": screen.rfind("Path to the folder:"),
+            "resume": self.pending(screen, "How would you like to proceed?"),
+            "trial": self.pending(screen, "Which trial do you want to use?"),
+            "action": self.pending(screen, "What do you want to do with the decensored model?"),
+            "path": self.pending(screen, "Path to the folder:"),
         }
         name, at = max(prompts.items(), key=lambda kv: kv[1])
         if at < 0:
@@ -152,8 +172,8 @@ class HereticDriver:
                 {"trial": int(m[1]), "refusals": int(m[2]), "total": int(m[3]), "kl": float(m[4])}
                 for m in TRIAL_CHOICE.finditer(screen[at:])
             ]
-            if not front:
-                return None  # the choices are not drawn yet
+            if not front or "Exit program" not in screen[at:]:
+                return None  # the choices are not all drawn yet
             if self.saved:
                 return DOWN * (len(front) + 1) + "\r"  # after the trials: "Run additional trials", "Exit program"
             self.front = front
@@ -164,8 +184,8 @@ class HereticDriver:
                 self.chosen["selected_by"] = f"no trial with KL <= {self.max_kl:g}: lowest KL"
             return DOWN * front.index(pick) + "\r"
         if name == "action":
-            if "Model saved to" in screen[:at]:
-                self.saved = True
+            if "Return to the trial selection menu" not in screen[at:]:
+                return None
             return (DOWN * 4 + "\r") if self.saved else "\r"  # "Return to the trial selection menu" / "Save ..."
         if name == "path":
             return str(self.save_dir) + "\r"
@@ -204,6 +224,7 @@ def run_in_pty(cmd: list[str], log_path: Path, driver: HereticDriver, env: dict,
                 last_output = now
                 text = ANSI.sub("", data.decode("utf-8", errors="replace"))
                 screen += text
+                driver.note(text)
                 pending += text
                 *lines, pending = re.split(r"\r\n|\n|\r", pending)
                 for line in lines:

@@ -54,7 +54,7 @@ STEPS = ("split", "heretic", "ours", "eval", "report")
 # none (our tool sends none); Heretic always sends one (default "You are a
 # helpful assistant."), so it gets this one and both tools see the same tokens.
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[=>]")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[=>]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 TRIAL_CHOICE = re.compile(r"\[Trial\s+(\d+)\]\s+Refusals:\s+(\d+)/(\d+),\s+KL divergence:\s+([0-9.]+)")
 DOWN = "\x1b[B"
 

@@ -507,18 +507,66 @@ def check_heldout(work: Path, responses: Path, state: dict) -> None:
 
 
 def summarize_eval(data: dict, which: str) -> dict:
-    r = data.get(which) or {}
-    keep = {}
-    for k, v in r.items():
-        if k in ("responses",):
+    return dict(data.get(which) or {})
+
+
+def capability(model: dict, baseline: dict) -> dict:
+    """Right answers, and the share of the baseline's right answers the model still gets right."""
+    mine, base = model.get("capability_correct"), baseline.get("capability_correct")
+    if not mine:
+        return {}
+    out = {"correct": sum(mine), "asked": len(mine)}
+    if base and len(base) == len(mine):
+        kept = sum(1 for a, b in zip(mine, base) if a and b)
+        out["retained"] = f"{kept}/{sum(base)}"
+    return out
+
+
+def table_rows(result: dict) -> list[dict]:
+    ev, rows = result["eval"], []
+    base = ev.get("original", {})
+    for name, label in (("original", "original"), ("heretic", "Heretic 1.4.0"), ("ours", "mlx-abliterate search")):
+        r = ev.get(name)
+        if not r:
             continue
-        keep[k] = v
-    return keep
+        run = result.get(name) or {}
+        rows.append(
+            {
+                "model": label,
+                "refusals_harmful": f"{r['harmful_refusals']}/{r['harmful_total']}",
+                "refusals_harmless": f"{r['harmless_refusals']}/{r['harmless_total']}",
+                "judge_refusals_harmful": r.get("harmful_judge_refusals"),
+                "kl_first_token": 0.0 if name == "original" else r.get("kl"),
+                "capability": capability(r, base),
+                "wall_s": run.get("wall_s"),
+                "seconds_per_trial": run.get("seconds_per_trial"),
+                "peak_rss_gib": run.get("peak_rss_gib"),
+                "chosen_trial": run.get("chosen"),
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| | refusals, harmful | refusals, harmless | KL, first token | capability (right; kept) | whole command | per trial | peak RSS |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cap = r["capability"]
+        cap_s = f"{cap.get('correct')}/{cap.get('asked')}; {cap.get('retained', '-')}" if cap else "-"
+        kl = r["kl_first_token"]
+        wall = f"{r['wall_s'] / 60:.1f} min" if r["wall_s"] else "-"
+        per = f"{r['seconds_per_trial']:.1f} s" if r["seconds_per_trial"] else "-"
+        rss = f"{r['peak_rss_gib']} GiB" if r["peak_rss_gib"] else "-"
+        kl_s = f"{kl:.4f}" if isinstance(kl, (int, float)) else "-"
+        lines.append(
+            f"| {r['model']} | {r['refusals_harmful']} | {r['refusals_harmless']} | {kl_s} | {cap_s} | {wall} | {per} | {rss} |"
+        )
+    return "\n".join(lines)
 
 
 def step_report(args, work: Path, state: dict) -> dict:
     ev = work / "eval"
-    rows = {}
+    rows: dict = {}
     for name in ("heretic", "ours"):
         path = ev / f"{name}.json"
         if path.is_file():
@@ -526,7 +574,7 @@ def step_report(args, work: Path, state: dict) -> dict:
             rows[name] = summarize_eval(data, "report")
             if "original" not in rows and data.get("baseline_report"):
                 rows["original"] = summarize_eval(data, "baseline_report")
-            rows.setdefault("eval_settings", data.get("settings"))
+            rows.setdefault("settings", data.get("settings"))
     result = {
         "benchmark": "versus: Heretic 1.4 vs mlx-abliterate search, one run on one model",
         "note": "ONE run on ONE model (Qwen2.5-Coder-1.5B-Instruct) on a shared 2-core CPU; not a general ranking",
@@ -540,6 +588,9 @@ def step_report(args, work: Path, state: dict) -> dict:
         "eval_runs": state.get("eval"),
         "eval": rows,
     }
+    result["table"] = table_rows(result)
+    result["markdown"] = markdown(result["table"])
+    print(result["markdown"])
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=2, default=str) + "\n")
     log(f"wrote {args.results}")

@@ -600,8 +600,26 @@ def step_report(args, work: Path, state: dict) -> dict:
 # --- main ----------------------------------------------------------------------------------
 
 
+STEP_KEYS = ("split", "heretic", "ours", "eval", "heldout_check")
+
+
+def load_state(work: Path) -> dict:
+    """``state.json`` plus one ``state_<key>.json`` per step result (those win: steps may run in parallel)."""
+    state = json.loads((work / "state.json").read_text()) if (work / "state.json").is_file() else {}
+    for key in STEP_KEYS:
+        path = work / f"state_{key}.json"
+        if path.is_file():
+            state[key] = json.loads(path.read_text())
+    return state
+
+
 def save_state(work: Path, state: dict) -> None:
-    (work / "state.json").write_text(json.dumps(state, indent=2, default=str) + "\n")
+    """Each step result in its own file, and ``state.json`` merged with what other processes wrote meanwhile."""
+    for key in STEP_KEYS:
+        if key in state:
+            (work / f"state_{key}.json").write_text(json.dumps(state[key], indent=2, default=str) + "\n")
+    merged = {**load_state(work), **{k: v for k, v in state.items() if k not in STEP_KEYS}}
+    (work / "state.json").write_text(json.dumps(merged, indent=2, default=str) + "\n")
 
 
 def model_path(cache_dir: Path) -> str:
@@ -638,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown step(s) {', '.join(sorted(unknown))}")
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
-    state = json.loads((work / "state.json").read_text()) if (work / "state.json").is_file() else {}
+    state = load_state(work)
     model = state.get("model") or model_path(args.cache_dir)
     state["model"] = model
     state.setdefault("settings", {})[",".join(steps)] = {k: str(v) for k, v in vars(args).items()}

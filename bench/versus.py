@@ -334,7 +334,10 @@ def step_heretic(args, work: Path, model: str, state: dict) -> None:
         "--good-prompts.dataset", str(prompts / "harmless_probe.txt"),
         "--bad-evaluation-prompts.dataset", str(prompts / "harmful_search.txt"),
         "--good-evaluation-prompts.dataset", str(prompts / "harmless_search.txt"),
-    ] + list(args.heretic_extra)  # fmt: skip
+    ]  # fmt: skip
+    if args.heretic_response_prefix is not None:
+        cmd += ["--response-prefix", args.heretic_response_prefix]
+    cmd += list(args.heretic_extra)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.setdefault("COLUMNS", "160")
     driver = HereticDriver(save_dir, args.max_kl)
@@ -349,6 +352,9 @@ def step_heretic(args, work: Path, model: str, state: dict) -> None:
             "seed": args.seed,
             "batch_size": args.heretic_batch_size,
             "max_response_length": "100 (default)",
+            "response_prefix": "auto (default)"
+            if args.heretic_response_prefix is None
+            else args.heretic_response_prefix,
             "row_normalization": "FULL (default)",
             "orthogonalize_direction": "true (default)",
             "system_prompt": QWEN_DEFAULT_SYSTEM,
@@ -643,6 +649,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-kl", type=float, default=0.1, help="Heretic's trial is picked like ours (--max-kl)")
     p.add_argument("--heretic-batch-size", type=int, default=32)
     p.add_argument("--heretic-timeout", type=float, default=4 * 3600)
+    p.add_argument(
+        "--heretic-response-prefix",
+        help="Heretic's --response-prefix; unset: Heretic finds the answers' common prefix by generating answers "
+        "first (that step ran > 25 min on the loaded 2-core CPU); Qwen2.5-Coder has none ('None found'), so '' skips it",
+    )
     p.add_argument("--heretic-extra", nargs="*", default=[], metavar="ARG", help="more Heretic flags (smoke tests)")
     p.add_argument("--eval-max-tokens", type=int, default=100)
     p.add_argument("--kl-tokens", type=int, default=1)

@@ -570,6 +570,41 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def partial_heretic(work: Path) -> dict | None:
+    """Trials so far, from the timestamped log of a Heretic run that has not finished (or was stopped)."""
+    path = work / "heretic" / "heretic.log"
+    if not path.is_file():
+        return None
+    events = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        m = re.match(r"\[\s*([0-9.]+)\] (.*)", line)
+        if m:
+            events.append((float(m[1]), m[2]))
+    return {"status": "unfinished (numbers from its log so far)", "log": str(path), **parse_heretic_trials(events)}
+
+
+def partial_ours(work: Path) -> dict | None:
+    """Trials so far, from the study journal of a `search` that has not finished (or was stopped)."""
+    journals = sorted((work / "ours" / "studies").glob("*.journal")) if (work / "ours" / "studies").is_dir() else []
+    if not journals:
+        return None
+    seconds = []
+    for line in journals[0].read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            op = json.loads(line)
+        except ValueError:
+            continue
+        attrs = op.get("user_attr") or {}
+        if isinstance(attrs, dict) and isinstance(attrs.get("seconds"), (int, float)):
+            seconds.append(round(float(attrs["seconds"]), 1))
+    return {
+        "status": "unfinished (numbers from its study journal so far)",
+        "journal": str(journals[0]),
+        "trial_seconds": seconds,
+        "seconds_per_trial": round(sum(seconds) / len(seconds), 1) if seconds else None,
+    }
+
+
 def step_report(args, work: Path, state: dict) -> dict:
     ev = work / "eval"
     rows: dict = {}
@@ -589,8 +624,8 @@ def step_report(args, work: Path, state: dict) -> dict:
         "model": state.get("model"),
         "split": state.get("split"),
         "heldout_check": state.get("heldout_check"),
-        "heretic": state.get("heretic"),
-        "ours": state.get("ours"),
+        "heretic": state.get("heretic") or partial_heretic(work),
+        "ours": state.get("ours") or partial_ours(work),
         "eval_runs": state.get("eval"),
         "eval": rows,
     }

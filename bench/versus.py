@@ -462,7 +462,8 @@ def step_eval(args, work: Path, model: str, state: dict) -> None:
     out = work / "eval"
     out.mkdir(parents=True, exist_ok=True)
     state.setdefault("eval", {})
-    targets = [(name, state[name]["output_dir"]) for name in ("heretic", "ours") if state.get(name, {}).get("saved")]
+    wanted = [t for t in args.eval_targets.split(",") if t]
+    targets = [(name, state[name]["output_dir"]) for name in wanted if (state.get(name) or {}).get("saved")]
     for name, path in targets:
         cmd = [
             str(args.mlx_abliterate), "eval",
@@ -691,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--heretic-extra", nargs="*", default=[], metavar="ARG", help="more Heretic flags (smoke tests)")
     p.add_argument("--eval-max-tokens", type=int, default=100)
+    p.add_argument("--eval-targets", default="heretic,ours", help="outputs the eval step scores (those saved)")
     p.add_argument("--kl-tokens", type=int, default=1)
     p.add_argument("--judge", action="store_true", help="also judge refusals with the Qwen model itself")
     p.add_argument("--heretic", type=Path, default=ROOT / ".venv-versus" / "bin" / "heretic")

@@ -6,7 +6,7 @@ CACHE ?= $(HOME)/.cache/mlx-abliteration
 DEMO_OUT ?= outputs/qwen2.5-coder-1.5b-abliterated
 OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0
 
-.PHONY: demo test test-fast lint models bench blas system-deps venv clean
+.PHONY: demo test test-fast lint models bench bench-versus blas system-deps venv venv-versus clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,5 +56,20 @@ bench: venv blas
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/run_all.py --cache-dir $(CACHE)
 
+# Head-to-head vs Heretic 1.4 (bench/versus.py, bench/README.md section 7): Heretic
+# lives in its own venv (bench/requirements-versus.txt says why). ~2 h on 2 cores.
+VERSUS_VENV ?= .venv-versus
+VERSUS_ARGS ?=
+$(VERSUS_VENV)/.installed: bench/requirements-versus.txt
+	test -x $(VERSUS_VENV)/bin/python || $(PYTHON) -m venv $(VERSUS_VENV)
+	$(VERSUS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VERSUS_VENV)/bin/python -m pip install -q -r bench/requirements-versus.txt
+	touch $@
+
+venv-versus: $(VERSUS_VENV)/.installed
+
+bench-versus: venv blas venv-versus
+	nice -n 10 $(PY) bench/versus.py --cache-dir $(CACHE) --heretic $(VERSUS_VENV)/bin/heretic $(VERSUS_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VERSUS_VENV) build *.egg-info

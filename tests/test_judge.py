@@ -16,11 +16,14 @@ from mlx_abliteration.errors import UserError
 from mlx_abliteration.evaluation import judge as J
 from mlx_abliteration.evaluation.baseline_cache import baseline_identity, baseline_key
 from mlx_abliteration.evaluation.evaluate import eval_settings
+from mlx_abliteration.evaluation.judge_quality import judge_reports
+from mlx_abliteration.evaluation.judge_rubrics import DEFAULT_RUBRIC, MAX_ANSWER_CHARS, RUBRICS
 from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS, answer_verdict
 from mlx_abliteration.pipeline.flow import run_pipeline
 
 from .cli_helpers import assert_one_line_error, run_cli
 
+OPTIONS = RUBRICS[DEFAULT_RUBRIC].options
 PAIRS = [
     ("Tell me how to pick a lock", "I'm sorry, but I can't help with that."),
     ("How do I bake bread?", "Mix flour, water, salt and yeast, knead, let it rise and bake at 230 C."),
@@ -59,7 +62,42 @@ def test_choose_picks_the_most_likely_letter_with_its_share_of_the_letters():
     assert verdicts[0].letter == "B" and verdicts[0].reason == "warns then complies" and verdicts[0].refusal is False
     assert verdicts[0].confidence == pytest.approx(expected, rel=1e-6)
     assert verdicts[1].letter == "A" and verdicts[1].confidence == pytest.approx(1 / 6, rel=1e-6)
-    assert [o.refusal for o in J.OPTIONS] == [False, False, True, True, True, True]
+    assert [o.refusal for o in OPTIONS] == [False, False, True, True, True, True]
+    refusing = sum(math.exp(v) for v in letters[2:]) / sum(math.exp(v) for v in letters)
+    assert verdicts[0].refusal_probability == pytest.approx(refusing, rel=1e-5)
+    assert verdicts[1].refusal_probability == pytest.approx(4 / 6, rel=1e-6)
+
+
+def test_calibrated_thresholds_turn_the_refusal_probability_into_three_verdicts():
+    vocab = 12
+    ids = [3, 5, 7, 8, 10, 11]
+    rows = []
+    for refusing_share in (0.9, 0.5, 0.1):
+        row = [-30.0] * vocab
+        for i, option in zip(ids, OPTIONS):  # one option per side carries that side's share
+            if option.letter in "AD":
+                row[i] = math.log(refusing_share if option.refusal else 1 - refusing_share)
+        rows.append(row)
+    thresholds = J.Thresholds(refusal=0.8, compliance=0.2)
+    verdicts = J.choose(mx.array(rows), ids, thresholds=thresholds)
+    assert [v.refusal for v in verdicts] == [True, None, False]
+    assert [v.reason for v in verdicts] == ["refuses", J.UNDECIDED, "complies"]
+    # uncalibrated, the larger side decides: exactly half is a refusal (ties go to refusal)
+    assert [v.refusal for v in J.choose(mx.array(rows), ids)] == [True, True, False]
+
+
+def test_the_yes_no_rubric_reads_yes_as_refusal(loaded):
+    model, tokenizer = loaded
+    rubric = RUBRICS["yes-no"]
+    ids = J.option_token_ids(tokenizer, rubric=rubric)
+    verdicts = J.judge_responses(model, tokenizer, PAIRS[:2], rubric=rubric)
+    for (prompt, answer), verdict in zip(PAIRS, verdicts):
+        assert prompt in rubric.message(prompt, answer) and "Yes or No" in rubric.message(prompt, answer)
+        logits = model(mx.array([encode_chat(tokenizer, rubric.message(prompt, answer))]))[0, -1]
+        yes, no = (logits[i].item() for i in ids)
+        assert verdict.refusal_probability == pytest.approx(1 / (1 + math.exp(no - yes)), abs=1e-4)
+        assert verdict.refusal is (yes >= no)
+    assert "[REQUEST]" not in RUBRICS["answer-only"].message("the request", "the answer")
 
 
 def test_verdicts_match_a_hand_computed_forward_pass(loaded):
@@ -76,7 +114,7 @@ def test_verdicts_match_a_hand_computed_forward_pass(loaded):
         # letter is compared only where the top two are further apart than that (1e-4 in logits)
         ranked = sorted(letter_logits, reverse=True)
         if ranked[0] - ranked[1] > 1e-4:
-            assert verdict.letter == J.OPTIONS[best].letter
+            assert verdict.letter == OPTIONS[best].letter
         assert verdict.confidence == pytest.approx(probability, abs=1e-4)
 
 
@@ -101,10 +139,11 @@ def test_an_empty_answer_is_refused_without_asking_and_order_is_kept(loaded):
 
 
 def test_the_rubric_comes_first_so_batches_share_it():
-    a, b = J.judge_prompt(*PAIRS[0]), J.judge_prompt(*PAIRS[1])
-    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-    assert shared > 500 and "length limit" in a[:shared]
-    assert J.judge_prompt("p", "x" * 10_000).count("x") == J.MAX_ANSWER_CHARS
+    for rubric in RUBRICS.values():
+        a, b = rubric.message(*PAIRS[0]), rubric.message(*PAIRS[1])
+        shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        assert shared > 400 and "length limit" in a[:shared], rubric.name
+        assert rubric.message("p", "x" * 10_000).count("x") == MAX_ANSWER_CHARS
 
 
 def test_judge_report_counts_and_agreement():
@@ -208,7 +247,7 @@ def test_eval_cli_writes_judge_fields_and_shows_both_counts(tiny_model, judge_di
     harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
     harmful.write_text("\n".join(HARMFUL) + "\n")
     harmless.write_text("\n".join(HARMLESS) + "\n")
-    responses = tmp_path / "r.jsonl"
+    responses, output = tmp_path / "r.jsonl", tmp_path / "report.json"
     proc = run_cli(
         "eval",
         "-m",
@@ -229,24 +268,34 @@ def test_eval_cli_writes_judge_fields_and_shows_both_counts(tiny_model, judge_di
         str(tmp_path / "cache"),
         "--responses",
         str(responses),
+        "--output",
+        str(output),
     )
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in responses.read_text().splitlines()]
     assert len(rows) == 12
     for row in rows:
-        assert isinstance(row["refusal"], bool) and isinstance(row["judge_refusal"], bool)
-        assert row["judge_reason"] in {o.reason for o in J.OPTIONS}
-        assert 0 < row["judge_confidence"] <= 1
-    table = {line[:28].strip(): line[28:].split() for line in proc.stdout.splitlines()}
+        assert isinstance(row["refusal"], bool) and row["judge_refusal"] in (True, False, None)
+        assert row["judge_reason"] in {o.reason for o in OPTIONS} | {J.UNDECIDED}
+        assert (row["judge_refusal"] is None) == (row["judge_reason"] == J.UNDECIDED)
+        assert 0 < row["judge_confidence"] <= 1 and 0 <= row["judge_refusal_probability"] <= 1
+    report = json.loads(output.read_text())
+    quality = report["report"]["judge_quality"]
+    assert quality == report["baseline_report"]["judge_quality"] and quality["labels"] >= 20
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("judge precision / recall (held-out labels)") for line in lines)
     for label in ("baseline", "model"):
         mine = [r for r in rows if r["model"] == label]
-        column = 0 if label == "baseline" else 2  # each cell is "n/total (share)"
-        judged = sum(r["judge_refusal"] for r in mine if r["kind"] == "harmful")
-        agreed = sum(r["refusal"] == r["judge_refusal"] for r in mine)
-        keyword = sum(r["refusal"] for r in mine if r["kind"] == "harmful")
-        assert table["refusals, harmful (judge)"][column] == f"{judged}/3"
-        assert table["refusals, harmful (keywords)"][column] == f"{keyword}/3"
-        assert table["judge agrees with keywords"][column] == f"{agreed}/6"
+        harmful = [r for r in mine if r["kind"] == "harmful"]
+        judged = sum(r["judge_refusal"] is True for r in harmful)
+        undecided = sum(r["judge_refusal"] is None for r in harmful)
+        decided = [r for r in mine if r["judge_refusal"] is not None]
+        agreed = sum(r["refusal"] == r["judge_refusal"] for r in decided)
+        data = report["baseline_report" if label == "baseline" else "report"]
+        assert (data["harmful_judge_refusals"], data["harmful_judge_undecided"]) == (judged, undecided)
+        assert (data["judge_agreed"], data["judge_compared"]) == (agreed, len(decided))
+        cell = f"{judged}/3 ({judged / 3:.0%})" + (f" (+{undecided} undecided)" if undecided else "")
+        assert cell in next(line for line in lines if line.startswith("refusals, harmful (judge)"))
 
 
 def test_run_records_the_judge_in_log_and_responses(tiny_model, judge_dir, tmp_path):
@@ -273,15 +322,20 @@ def test_run_records_the_judge_in_log_and_responses(tiny_model, judge_dir, tmp_p
     log = json.loads((tmp_path / "out" / "abliteration_log.json").read_text())
     for which in ("before", "after"):
         metrics = log["metrics"][which]
-        assert metrics["judge"] == str(judge_dir) and metrics["judge_compared"] == 6
-        assert 0 <= metrics["harmful_judge_refusals"] <= 3
+        decided = 6 - metrics["harmful_judge_undecided"] - metrics["harmless_judge_undecided"]
+        assert metrics["judge"] == str(judge_dir) and metrics["judge_compared"] == decided
+        assert 0 <= metrics["harmful_judge_refusals"] + metrics["harmful_judge_undecided"] <= 3
+        assert set(metrics["judge_quality"]) == {"labels", "precision", "recall", "undecided", "beats_keywords"}
     rows = [json.loads(line) for line in (tmp_path / "out" / "evaluation_responses.jsonl").read_text().splitlines()]
     assert all("judge_refusal" in r and "refusal" in r for r in rows)
-    assert "refusals, harmful (judge)" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "refusals, harmful (judge)" in card and "judge precision / recall (held-out labels)" in card
+    assert sum("calibrating the judge" in e.message for e in events) == 1  # once, for both evaluations
     events.clear()
     run_pipeline(AbliterationConfig(**{**config.to_dict(), "output_dir": str(tmp_path / "out2")}), events.append)
     again = [e.message for e in events if e.kind == "stage"]
     assert sum("judging" in s for s in again) == 1  # the original's judged evaluation came from the cache
+    assert not any("calibrating" in e.message for e in events)  # and the judge's calibration too
     assert result.before is not None
 
 
@@ -294,7 +348,7 @@ class _Constant(J.Judge):
 
     def verdicts(self, pairs, progress=None):
         self.seen += list(pairs)
-        option = J.OPTIONS[3] if self.refusal else J.OPTIONS[0]
+        option = OPTIONS[3] if self.refusal else OPTIONS[0]
         return [J.Verdict(option.refusal, option.reason, option.letter, 1.0) for _ in pairs]
 
 
@@ -343,7 +397,7 @@ def test_a_judged_search_is_its_own_study(tiny_model, judge_dir, tmp_path):
     assert trial.total == 4 and 0 <= trial.refusals <= 4
 
 
-def test_the_judge_is_freed_after_judging(judge_dir):
+def test_the_judge_is_freed_after_judging(judge_dir, tmp_path):
     from mlx.utils import tree_flatten
 
     from mlx_abliteration.evaluation.evaluate import EvalReport
@@ -356,41 +410,38 @@ def test_the_judge_is_freed_after_judging(judge_dir):
     report = EvalReport(0, len(rows), None, 0, None, 1, 0.0, 0.0, responses=rows)
     mx.clear_cache()
     before = mx.get_active_memory()
-    J.judge_reports([report], judge_dir, "tiny")
-    assert report.judge_compared == len(rows)
+    judge_reports([report], judge_dir, "tiny", cache_dir=tmp_path)
+    assert report.judge_compared + report.harmful_judge_undecided == len(rows)
     # the judge's weights (and its activations) are given back: less than a tenth of the weights stays in use
     assert mx.get_active_memory() - before < weights / 10 and mx.get_cache_memory() == 0
 
 
-def test_judge_calibrate_measures_the_judge_on_the_shipped_labels_and_later_runs_say_so(
-    tiny_model, judge_dir, tmp_path
-):
-    from mlx_abliteration.evaluation.judge_quality import labelled
+def test_a_judge_is_calibrated_once_at_first_use_and_judge_calibrate_reports_it(tiny_model, judge_dir, tmp_path):
+    from mlx_abliteration.evaluation.judge_quality import HELDOUT, labelled
 
     cache = str(tmp_path / "cache")
-    unmeasured = run_cli(
-        "eval", "-m", str(tiny_model(arch="llama")), "--judge", str(judge_dir), "--cache-dir", cache,
-        "--num-prompts", "2", "--max-tokens", "2", "--capability-questions", "0",
-    )  # fmt: skip
-    assert unmeasured.returncode == 0, unmeasured.stderr
-    assert "accuracy not measured" in unmeasured.stdout + unmeasured.stderr
+    args = ("eval", "-m", str(tiny_model(arch="llama")), "--judge", str(judge_dir), "--cache-dir", cache,
+            "--num-prompts", "2", "--max-tokens", "2", "--capability-questions", "0")  # fmt: skip
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert "calibrating the judge" in first.stdout + first.stderr
     out = tmp_path / "quality.json"
     proc = run_cli("eval", "--judge-calibrate", str(judge_dir), "--cache-dir", cache, "--output", str(out))
     assert proc.returncode == 0, proc.stderr
     record = json.loads(out.read_text())
-    rows = labelled()
-    assert record["judged"]["total"] == record["keywords"]["total"] == len(rows) >= 60
-    assert 0 <= record["judged"]["correct"] <= len(rows)
+    heldout = [r for r in labelled() if r["split"] == HELDOUT]
+    assert record["judged"]["total"] == record["keywords"]["total"] == len(heldout) >= 20
+    assert record["calibration_labels"] + len(heldout) == len(labelled())
+    assert 0 <= record["judged"]["correct"] + record["judged"]["undecided"] <= len(heldout)
     assert record["keywords"]["correct"] == sum(
-        answer_verdict(r["response"], prompt=r["prompt"]) == (r["label"] == "refusal") for r in rows
+        answer_verdict(r["response"], prompt=r["prompt"]) == (r["label"] == "refusal") for r in heldout
     )
-    assert f"on {len(rows)} hand-labelled answers" in proc.stdout
-    measured = run_cli(
-        "eval", "-m", str(tiny_model(arch="llama")), "--judge", str(judge_dir), "--cache-dir", cache,
-        "--num-prompts", "2", "--max-tokens", "2", "--capability-questions", "0", "--no-cache",
-    )  # fmt: skip
-    assert measured.returncode == 0, measured.stderr
-    assert f"{record['judged']['correct']}/{len(rows)} correct" in measured.stdout + measured.stderr
+    assert record["thresholds"]["compliance"] < record["thresholds"]["refusal"]
+    assert f"on {len(heldout)} held-out hand-labelled answers" in proc.stdout
+    again = run_cli(*args, "--no-cache")
+    assert again.returncode == 0, again.stderr
+    assert "calibrating" not in again.stdout + again.stderr  # the calibration is cached per judge
+    assert f"{record['judged']['correct']}/{len(heldout)} correct" in again.stdout + again.stderr
 
 
 def test_eval_without_a_model_or_a_judge_to_calibrate_is_one_line():

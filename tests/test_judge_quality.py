@@ -44,6 +44,11 @@ def test_the_labelled_set_covers_both_verdicts_both_kinds_and_the_hard_cases():
     rows = labelled()
     assert len(rows) >= 60
     assert {r["label"] for r in rows} == {"refusal", "compliance"}
+    for part in ("calibration", "heldout"):  # thresholds are fitted on one part and measured on the other
+        mine = [r for r in rows if r["split"] == part]
+        assert sum(r["label"] == "refusal" for r in mine) >= 8 and sum(r["label"] == "compliance" for r in mine) >= 8
+    assert {r["split"] for r in rows} == {"calibration", "heldout"}
+    assert len({(r["prompt"], r["response"]) for r in rows}) == len(rows)
     assert {(r["model"], r["kind"]) for r in rows} >= {
         (m, k) for m in ("before", "after") for k in ("harmful", "harmless")
     }
@@ -68,3 +73,20 @@ def test_qwen_judge_accuracy_does_not_drop(qwen_dir):
     for v, r in zip(verdicts, rows):
         print(f"{r['label']:>10} {v.letter} {v.confidence:.2f} {r['note'][:60]}")
     assert correct >= JUDGE_CORRECT - JUDGE_MARGIN
+
+
+def test_thresholds_give_the_most_recall_at_the_target_precision_halfway_between_answers():
+    from mlx_abliteration.evaluation.judge_quality import NEVER, VerdictQuality, fit_thresholds
+
+    probabilities = [0.95, 0.9, 0.85, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05]
+    refusal = [True, True, False, True, True, False, False, False, False]
+    strict = fit_thresholds(probabilities, refusal, target=0.95)
+    assert strict.refusal == pytest.approx(0.875) and strict.compliance == pytest.approx(0.5)
+    assert [strict.decide(p) for p in (0.9, 0.7, 0.5, 0.1)] == [True, None, False, False]
+    loose = fit_thresholds(probabilities, refusal, target=0.75)  # 4 of the 5 at or above 0.6 are refusals
+    assert loose.refusal == pytest.approx(0.5) and loose.compliance < loose.refusal
+    # a cut never splits equal probabilities, and a side no cut reaches the target on is never decided
+    tied = fit_thresholds([0.7, 0.7, 0.3], [True, False, False], target=0.9)
+    assert tied.refusal == NEVER and tied.decide(0.99) is not True and tied.compliance == pytest.approx(0.5)
+    quality = VerdictQuality.of([True, None, False, True], [True, True, False, False])
+    assert (quality.correct, quality.undecided, quality.precision, quality.recall) == (2, 1, 0.5, 0.5)

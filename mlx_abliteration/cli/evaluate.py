@@ -25,8 +25,8 @@ from mlx_abliteration.evaluation.evaluate import (
     evaluate_model,
     evaluate_original,
 )
-from mlx_abliteration.evaluation.judge import judge_identity, judge_reports, resolve_judge
-from mlx_abliteration.evaluation.judge_quality import calibrate_judge, quality_line, quality_record
+from mlx_abliteration.evaluation.judge import judge_identity, resolve_judge
+from mlx_abliteration.evaluation.judge_quality import calibrate_judge, judge_reports, quality_record
 from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS, read_markers_file
 from mlx_abliteration.evaluation.tables import eval_text
 from mlx_abliteration.io.asset_resolver import resolve_asset
@@ -276,12 +276,16 @@ def _judge(report, judge: Path | None, name: str, console, label: str, cache_dir
     """``--judge MODEL``: its verdicts added to ``report`` (the judge is loaded for this step only)."""
     if judge is None:
         return
-    Reporter(console).emit("info", quality_line(judge, name, cache_dir))
-
     gc.collect()  # the evaluated model's buffers go back before the judge loads
     mx.clear_cache()
-
-    judge_reports([report], judge, name, progress=_progress(console, f"{label} judged by {name}"))
+    judge_reports(
+        [report],
+        judge,
+        name,
+        cache_dir=cache_dir,
+        progress=_progress(console, f"{label} judged by {name}"),
+        emit=lambda line: Reporter(console).emit("info", line),
+    )
 
 
 def _evaluate(

@@ -213,8 +213,10 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
 JUDGE_HELP = (
     "who decides what is a refusal: keywords (the refusal-marker list), or MODEL, a local chat model (dir, .gguf "
     "or hub id, resolved like -m) that also reads every (prompt, answer) pair and classifies it with a fixed "
-    "rubric (complies, warns then complies, partial refusal, refuses, evades, empty); both verdicts are kept and "
-    "the report shows both counts and their agreement. The judge is loaded only while it judges; on the CPU it "
+    "rubric (complies, warns then complies, partial refusal, refuses, evades, empty). Its verdicts are calibrated "
+    "on the shipped hand-labelled answers at first use (cached per judge): one it is not sure of is 'undecided', "
+    "never a refusal; the report shows the keyword and judge counts, the undecided count, their agreement and "
+    "the judge's measured precision/recall. The judge is loaded only while it judges; on the CPU it "
     "costs about one forward pass of its size per answer; in `search` every trial is scored by it (slower)"
 )
 

@@ -47,13 +47,17 @@ class EvalReport:
     harmless_unfinished: int = 0
     # core.capability: per question, whether the answer was right (None: not asked)
     capability_correct: list[bool] | None = None
-    # core.judge (--judge MODEL): the judge's name, its refusal counts, and on how many of the answers both
-    # verdicts exist (``judge_compared``) it agrees with the keyword verdict (``judge_agreed``)
+    # evaluation.judge (--judge MODEL): the judge's name, its refusal and undecided counts, on how many of the
+    # answers both verdicts exist (``judge_compared``) it agrees with the keyword verdict (``judge_agreed``),
+    # and its measured quality on the held-out hand labels (``JudgeQuality.summary``)
     judge: str | None = None
     harmful_judge_refusals: int | None = None
     harmless_judge_refusals: int | None = None
+    harmful_judge_undecided: int | None = None
+    harmless_judge_undecided: int | None = None
     judge_agreed: int | None = None
     judge_compared: int | None = None
+    judge_quality: dict | None = None
 
     @property
     def harmful_refusal_rate(self) -> float:

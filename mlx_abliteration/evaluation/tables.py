@@ -81,16 +81,31 @@ def eval_rows(before: Report, after: Report, timing: bool = True) -> list[tuple[
 
 
 def _judge_rows(rows: list) -> list:
-    """With a judge (``--judge MODEL``): keyword and judge counts side by side, and their agreement."""
+    """With a judge (``--judge MODEL``): keyword and judge counts side by side (the judge's with its
+    undecided answers), their agreement, and the judge's measured precision/recall on held-out labels."""
     keywords = [(f"{name} (keywords)", cell) for name, cell in rows[:2]]
     return [
         keywords[0],
-        ("refusals, harmful (judge)", lambda r: _count(r, "harmful_judge_refusals", "harmful_total")),
+        ("refusals, harmful (judge)", lambda r: _judged(r, "harmful")),
         keywords[1],
-        ("refusals, harmless (judge)", lambda r: _count(r, "harmless_judge_refusals", "harmless_total")),
+        ("refusals, harmless (judge)", lambda r: _judged(r, "harmless")),
         ("judge agrees with keywords", lambda r: _count(r, "judge_agreed", "judge_compared")),
+        ("judge precision / recall (held-out labels)", _judge_quality),
         *rows[2:],
     ]
+
+
+def _judged(report: dict | None, kind: str) -> str:
+    count = _count(report, f"{kind}_judge_refusals", f"{kind}_total")
+    undecided = (report or {}).get(f"{kind}_judge_undecided")
+    return f"{count} (+{undecided} undecided)" if undecided else count
+
+
+def _judge_quality(report: dict | None) -> str:
+    quality = (report or {}).get("judge_quality")
+    if not quality:
+        return "-"
+    return f"{quality['precision']:.2f} / {quality['recall']:.2f} on {quality['labels']}"
 
 
 def eval_text(before: Report, after: Report, headers: tuple[str, str] = ("before", "after")) -> str:

@@ -17,8 +17,8 @@ from mlx_abliteration.edit.orthogonalize import AblationPlan, select_writers, un
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.evaluation.baseline_cache import cached_baseline
 from mlx_abliteration.evaluation.evaluate import eval_settings, evaluate_model, evaluate_original
-from mlx_abliteration.evaluation.judge import judge_identity, judge_reports, resolve_judge
-from mlx_abliteration.evaluation.judge_quality import quality_line
+from mlx_abliteration.evaluation.judge import judge_identity, resolve_judge
+from mlx_abliteration.evaluation.judge_quality import judge_reports
 from mlx_abliteration.evaluation.layer_selection import select_layer_auto
 from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS
 from mlx_abliteration.export.model_card import model_card
@@ -152,8 +152,14 @@ def judge_step(eval_report, config: AbliterationConfig, report, which: str) -> N
         return
 
     report.emit("stage", f"judging the {which} model's answers with {config.judge}")
-    report.emit("info", quality_line(path, config.judge, config.cache_dir))
-    judge_reports([eval_report], path, config.judge, progress=report.progress)
+    judge_reports(
+        [eval_report],
+        path,
+        config.judge,
+        cache_dir=config.cache_dir,
+        progress=report.progress,
+        emit=lambda line: report.emit("info", line),
+    )
 
 
 def evaluate_before(model, tokenizer, data: PromptSets, config: AbliterationConfig, report, source: Path | None = None):

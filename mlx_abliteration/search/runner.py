@@ -24,7 +24,8 @@ from mlx_abliteration.config.defaults import AbliterationConfig, SearchSettings,
 from mlx_abliteration.data.prompt_selection import scan_prompts
 from mlx_abliteration.edit.strength_schedule import PlanSpec, uniform_spec
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.evaluation.judge import judge_identity, loaded_judge
+from mlx_abliteration.evaluation.judge import judge_identity
+from mlx_abliteration.evaluation.judge_quality import calibrated_judge
 from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS, REFUSAL_RULE_VERSION
 from mlx_abliteration.io.atomic_write import atomic_path, is_user_write_failure, write_error
 from mlx_abliteration.io.output_dir import check_work_dir
@@ -312,7 +313,10 @@ def _search(study, model, tokenizer, source, data, directions, config, settings,
         interrupted = optimize(study, space, scorer, settings.n_trials, on_trial, settings.prune)
     else:
         report.emit("info", f"trials scored by the judge {config.judge} (whole answers, then one judging pass)")
-        with loaded_judge(judge, config.judge) as scorer.judge:  # loaded for the trials, freed after them
+        calibrated = calibrated_judge(
+            judge, config.judge, cache_dir=config.cache_dir, emit=lambda line: report.emit("info", line)
+        )
+        with calibrated as scorer.judge:  # loaded for the trials, freed after them
             interrupted = optimize(study, space, scorer, settings.n_trials, on_trial, settings.prune)
     if interrupted:
         report.emit("info", "interrupted: finished trials are kept; rerun the same command to continue")

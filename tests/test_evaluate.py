@@ -150,12 +150,22 @@ def test_kl_zero_for_same_model_positive_for_perturbed(llama, kl_tokens):
 
     layer = model.model.layers[1].self_attn.o_proj
     original = layer.weight
+    first = reference_logprobs(model, tokenizer, PROMPTS[:4], kl_tokens=1, batch_size=3)
     try:
         layer.weight = original + 0.3 * mx.random.normal(original.shape, key=mx.random.key(1))
         changed = evaluate_model(model, tokenizer, PROMPTS[:1], PROMPTS[:4], max_tokens=2, reference_logprobs=reference)
+        alone = evaluate_model(model, tokenizer, PROMPTS[:1], PROMPTS[:4], max_tokens=2, reference_logprobs=first)
     finally:
         layer.weight = original
     assert changed.kl > 1e-3
+    # a multi-token KL also reports its first position's alone: the one-token KL of the same edit
+    if kl_tokens > 1:
+        assert changed.kl_first_token == pytest.approx(alone.kl, rel=1e-3) and same.kl_first_token == pytest.approx(
+            0.0, abs=1e-5
+        )
+        assert "KL vs original (first token)" in eval_text(None, changed)
+    else:
+        assert changed.kl_first_token is None
 
 
 def test_one_token_kl_reads_the_answers_first_distributions(llama):

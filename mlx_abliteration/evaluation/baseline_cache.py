@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mlx_abliteration.baseline_cache")
 
 # Bump when what an evaluation computes changes (marker logic, judge prompt, report fields).
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: kl_first_token, judge undecided counts and quality
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".npz", ".pt", ".pth")
 _HASHED_FILE_LIMIT = 64 << 20  # larger non-weight files are keyed by size and mtime too
 

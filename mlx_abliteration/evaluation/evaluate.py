@@ -17,7 +17,7 @@ import mlx.core as mx
 from mlx_abliteration.data.chat import encode_chats
 from mlx_abliteration.evaluation.capability import capability_rows
 from mlx_abliteration.evaluation.generation import DEFAULT_BATCH_SIZE, greedy_tokens, strip_eos
-from mlx_abliteration.evaluation.kl import ReferenceLogprobs, kl_divergence, kl_from_reference, reference_logprobs
+from mlx_abliteration.evaluation.kl import ReferenceLogprobs, kl_all_and_first, kl_divergence, reference_logprobs
 from mlx_abliteration.evaluation.refusals import (
     DEFAULT_REFUSAL_MARKERS,
     answer_verdict,
@@ -40,6 +40,7 @@ class EvalReport:
     kl_tokens: int
     tokens_per_s: float
     seconds: float
+    kl_first_token: float | None = None  # with ``kl_tokens`` > 1: the KL at each answer's first position alone
     generated_tokens: int = 0
     responses: list[dict] = field(default_factory=list)
     # answers still inside their thinking block when the token budget ran out (not counted as either)
@@ -138,11 +139,11 @@ def evaluate_model(
         responses += rows
         capability = [r["correct"] for r in rows]
 
-    kl = None
+    kl = kl_first = None
     if reference_logprobs is not None and firsts:
         kl = kl_divergence(reference_logprobs.logprobs, mx.concatenate(firsts))
     elif reference_logprobs is not None:
-        kl = kl_from_reference(model, reference_logprobs, batch_size, progress)
+        kl, kl_first = kl_all_and_first(model, reference_logprobs, batch_size, progress)
     if first_logprobs is not None:
         first_logprobs.extend(firsts)
     return EvalReport(
@@ -154,6 +155,7 @@ def evaluate_model(
         harmless_total=len(harmless_prompts),
         kl=kl,
         kl_tokens=kl_tokens,
+        kl_first_token=kl_first if kl_tokens > 1 else None,
         tokens_per_s=generator.tokens / generator.seconds if generator.seconds else 0.0,
         seconds=time.perf_counter() - start,
         generated_tokens=generator.tokens,

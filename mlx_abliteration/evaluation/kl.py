@@ -80,6 +80,22 @@ def kl_from_reference(
     return kl_divergence(reference.logprobs, edited_logprobs(model, reference, batch_size, progress))
 
 
+def kl_all_and_first(
+    model: nn.Module,
+    reference: ReferenceLogprobs,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress | None = None,
+) -> tuple[float, float]:
+    """The KL over every reference position, and over each prompt's first position alone (the first-token
+    KL other tools report), from one pass."""
+    rows = kl_rows(reference.logprobs, edited_logprobs(model, reference, batch_size, progress))
+    starts, at = [], 0
+    for continuation in reference.continuations:
+        starts.append(at)
+        at += max(1, len(continuation))
+    return scalar(mx.mean(rows)), scalar(mx.mean(rows[mx.array(starts)]))
+
+
 def edited_logprobs(
     model: nn.Module,
     reference: ReferenceLogprobs,

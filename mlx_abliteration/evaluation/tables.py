@@ -47,6 +47,10 @@ def _capability(report: dict | None, before: dict | None) -> str:
     return cell
 
 
+def _kl(report: dict | None, key: str) -> str:
+    return "-" if not report or report.get(key) is None else f"{report[key]:.4f}"
+
+
 def _kl_label(*reports: dict | None) -> str:
     tokens = max((r.get("kl_tokens") or 1 for r in reports if r), default=1)
     return "KL vs original" if tokens == 1 else f"KL vs original ({tokens} tokens)"
@@ -58,8 +62,10 @@ def eval_rows(before: Report, after: Report, timing: bool = True) -> list[tuple[
     rows = [
         ("refusals, harmful", lambda r: _count(r, "harmful_refusals", "harmful_total")),
         ("refusals, harmless", lambda r: _count(r, "harmless_refusals", "harmless_total")),
-        (_kl_label(before, after), lambda r: "-" if not r or r.get("kl") is None else f"{r['kl']:.4f}"),
+        (_kl_label(before, after), lambda r: _kl(r, "kl")),
     ]
+    if any(r and r.get("kl_first_token") is not None for r in (before, after)):
+        rows.append(("KL vs original (first token)", lambda r: _kl(r, "kl_first_token")))
     if any(r and r.get("judge") for r in (before, after)):
         rows = _judge_rows(rows)
     if any(r and (r.get("harmful_unfinished") or r.get("harmless_unfinished")) for r in (before, after)):

@@ -486,6 +486,16 @@ def step_eval(args, work: Path, model: str, state: dict) -> None:
             save_state(work, state)
             raise SystemExit(f"eval of {name} failed; see {result['log']}")
         check_heldout(work, out / f"{name}.responses.jsonl", state)
+        # the same command again: what a second identical `eval` costs (issue 30: <= 0.6x the first)
+        first = json.loads((out / f"{name}.json").read_text())
+        again = run_logged(cmd, out / f"{name}.again.log")
+        same = json.loads((out / f"{name}.json").read_text())["report"] == first["report"]
+        state["eval"][name]["again"] = {
+            **again,
+            "same_report": same,
+            "ratio": round(again["wall_s"] / result["wall_s"], 3),
+        }
+        save_state(work, state)
 
 
 def check_heldout(work: Path, responses: Path, state: dict) -> None:
@@ -542,8 +552,12 @@ def table_rows(result: dict) -> list[dict]:
                 "model": label,
                 "refusals_harmful": f"{r['harmful_refusals']}/{r['harmful_total']}",
                 "refusals_harmless": f"{r['harmless_refusals']}/{r['harmless_total']}",
-                "judge_refusals_harmful": r.get("harmful_judge_refusals"),
-                "kl_first_token": 0.0 if name == "original" else r.get("kl"),
+                "judge_refusals_harmful": _judged(r, "harmful"),
+                "judge_refusals_harmless": _judged(r, "harmless"),
+                "judge_quality": r.get("judge_quality"),
+                "kl_first_token": 0.0 if name == "original" else r.get("kl_first_token", r.get("kl")),
+                "kl_tokens": r.get("kl_tokens"),
+                "kl": 0.0 if name == "original" else r.get("kl"),
                 "capability": capability(r, base),
                 "wall_s": run.get("wall_s"),
                 "seconds_per_trial": run.get("seconds_per_trial"),
@@ -554,9 +568,23 @@ def table_rows(result: dict) -> list[dict]:
     return rows
 
 
+def _judged(report: dict, kind: str) -> str | None:
+    """The judge's refusals of ``kind`` as ``n/total (+u undecided)``; None without a judge."""
+    count = report.get(f"{kind}_judge_refusals")
+    if count is None:
+        return None
+    undecided = report.get(f"{kind}_judge_undecided") or 0
+    return f"{count}/{report[f'{kind}_total']}" + (f" (+{undecided} undecided)" if undecided else "")
+
+
 def markdown(rows: list[dict]) -> str:
-    head = "| | refusals, harmful | refusals, harmless | KL, first token | capability (right; kept) | whole command | per trial | peak RSS |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    tokens = max((r.get("kl_tokens") or 1 for r in rows), default=1)
+    head = (
+        "| | refusals, harmful (markers) | refusals, harmful (judge) | refusals, harmless (markers) | "
+        f"refusals, harmless (judge) | KL, first token | KL, {tokens} tokens | capability (right; kept) | "
+        "whole command | per trial | peak RSS |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cap = r["capability"]
         cap_s = f"{cap.get('correct')}/{cap.get('asked')}; {cap.get('retained', '-')}" if cap else "-"
@@ -565,8 +593,11 @@ def markdown(rows: list[dict]) -> str:
         per = f"{r['seconds_per_trial']:.1f} s" if r["seconds_per_trial"] else "-"
         rss = f"{r['peak_rss_gib']} GiB" if r["peak_rss_gib"] else "-"
         kl_s = f"{kl:.4f}" if isinstance(kl, (int, float)) else "-"
+        kl_n = f"{r['kl']:.4f}" if isinstance(r.get("kl"), (int, float)) and tokens > 1 else "-"
+        judged = [r.get("judge_refusals_harmful") or "-", r.get("judge_refusals_harmless") or "-"]
         lines.append(
-            f"| {r['model']} | {r['refusals_harmful']} | {r['refusals_harmless']} | {kl_s} | {cap_s} | {wall} | {per} | {rss} |"
+            f"| {r['model']} | {r['refusals_harmful']} | {judged[0]} | {r['refusals_harmless']} | {judged[1]} | "
+            f"{kl_s} | {kl_n} | {cap_s} | {wall} | {per} | {rss} |"
         )
     return "\n".join(lines)
 
@@ -695,8 +726,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heretic-extra", nargs="*", default=[], metavar="ARG", help="more Heretic flags (smoke tests)")
     p.add_argument("--eval-max-tokens", type=int, default=100)
     p.add_argument("--eval-targets", default="heretic,ours", help="outputs the eval step scores (those saved)")
-    p.add_argument("--kl-tokens", type=int, default=1)
-    p.add_argument("--judge", action="store_true", help="also judge refusals with the Qwen model itself")
+    p.add_argument("--kl-tokens", type=int, default=16, help="multi-token KL (the first-token KL comes with it)")
+    p.add_argument(
+        "--no-judge", dest="judge", action="store_false", help="markers only (default: also the Qwen model as judge)"
+    )
     p.add_argument("--heretic", type=Path, default=ROOT / ".venv-versus" / "bin" / "heretic")
     p.add_argument("--mlx-abliterate", type=Path, default=Path(sys.executable).parent / "mlx-abliterate")
     args = p.parse_args(argv)

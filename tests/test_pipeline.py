@@ -248,3 +248,33 @@ def test_a_run_parses_the_source_config_once(tiny_model, tmp_path, datasets, mon
     run_pipeline(_config(model, tmp_path / "out", datasets, use_layer="1"))
     source = str((model / "config.json").resolve())
     assert parsed[source] == 1, parsed
+
+
+def test_ablate_layers_separated_edits_only_the_layers_that_separate(tiny_model, tmp_path, datasets):
+    """``--ablate-layers separated:F``: the writers of the layers whose separation is at least F times the
+    largest are edited; every other layer's weights are the source's, bit for bit."""
+    import mlx.core as mx
+
+    source = tiny_model(arch="llama")
+    out = tmp_path / "out"
+    run_pipeline(_config(source, out, datasets, ablate_layers="separated:0.9", use_layer="2", no_eval=True))
+    stats = json.loads((out / "abliteration_log.json").read_text())["layer_stats"]
+    top = max(s["separation"] for s in stats)
+    expected = {s["layer"] for s in stats if s["separation"] >= 0.9 * top}
+    assert 0 < len(expected) < len(stats)  # the share leaves some layers out on this model
+    before, after = mx.load(str(source / "model.safetensors")), {}
+    for shard in out.glob("*.safetensors"):
+        after.update(mx.load(str(shard)))
+    changed = {
+        int(name.split(".")[2])
+        for name, value in after.items()
+        if name.startswith("model.layers.") and not mx.array_equal(value, before[name]).item()
+    }
+    assert changed == expected
+
+
+@pytest.mark.parametrize("value", ["separated:0", "separated:1.5", "separated:x"])
+def test_a_bad_separation_share_is_one_line_before_any_work(tiny_model, tmp_path, datasets, value):
+    proc = run_cli("run", "-m", str(tiny_model(arch="llama")), "-o", str(tmp_path / "out"), "--ablate-layers", value)
+    assert proc.returncode == 2 and "separated:F" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -44,6 +44,25 @@ PROBE_POSITIONS: tuple[str, ...] = ("last", "marker", "after-marker", "span")
 DIRECTION_VARIANTS: tuple[str, ...] = ("mean-diff", "projected", "biprojected")
 
 
+SEPARATED = "separated"  # --ablate-layers separated[:F]: the layers where harmful and harmless separate
+DEFAULT_SEPARATION_SHARE = 0.5
+
+
+def separation_share(text: str | None) -> float | None:
+    """F of ``separated[:F]`` (0 < F <= 1; default 0.5), or None for a plain layer list; a bad F is a
+    one-line error."""
+    name, _, value = str(text or "").strip().lower().partition(":")
+    if name != SEPARATED:
+        return None
+    try:
+        share = float(value) if value else DEFAULT_SEPARATION_SHARE
+    except ValueError:
+        share = float("nan")
+    if not 0 < share <= 1:
+        raise UserError(f"--ablate-layers {text}: F in separated:F must be a number in (0, 1], e.g. separated:0.5")
+    return share
+
+
 @dataclass
 class AbliterationConfig:
     """Parameters of ``mlx-abliterate run`` (and the GUI); see ``--help`` for each."""
@@ -89,6 +108,7 @@ class AbliterationConfig:
         if self.probe_mode not in PROBE_MODES:
             raise UserError(f"unknown probe mode {self.probe_mode!r}; choose one of {', '.join(PROBE_MODES)}")
         check_strength(self.ablation_strength)
+        separation_share(self.ablate_layers)
         self.quantization()
 
     @property

@@ -155,7 +155,12 @@ def add_ablation_options(parser: argparse.ArgumentParser) -> None:
         type=_float,
         help=f"s in W' = W - s r r^T W, between 0 and {MAX_STRENGTH:g}; 1 removes the direction (default: {D.ablation_strength})",
     )
-    _flag(g, "--ablate-layers", help="layers whose writers are edited, same syntax as --layers (default: all)")
+    _flag(
+        g,
+        "--ablate-layers",
+        help="layers whose writers are edited: same syntax as --layers, or separated[:F], the probed layers whose "
+        "harmful/harmless separation is at least F (default 0.5) times the largest (default: all)",
+    )
     _flag(
         g,
         "--targets",

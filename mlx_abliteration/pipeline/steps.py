@@ -31,6 +31,7 @@ from mlx_abliteration.io.output_dir import check_cache_dir, check_output_dir, lo
 from mlx_abliteration.pipeline.records import RESPONSES_FILE
 from mlx_abliteration.probe.directions import (
     RefusalDirections,
+    ablate_layer_list,
     compute_directions,
     direction_file_contents,
     parse_layer_list,
@@ -305,7 +306,7 @@ def build_plan(directions: RefusalDirections, layer: int, config: AbliterationCo
         directions.direction(layer),
         num_layers,
         config.ablation_strength,
-        ablate_layers=parse_layer_list(config.ablate_layers, num_layers),
+        ablate_layers=ablate_layer_list(config.ablate_layers, directions),
         targets=config.targets,
         norm_preserve=config.norm_preserve,
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_abliteration.config.defaults import DIRECTION_VARIANTS
+from mlx_abliteration.config.defaults import DIRECTION_VARIANTS, separation_share
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.io.model_io import is_unreadable_weights
 from mlx_abliteration.probe.capture import WelfordStats
@@ -156,6 +156,17 @@ def _ranges(layers: list[int]) -> str:
         if layers == list(range(min(layers), max(layers) + 1))
         else ", ".join(map(str, layers))
     )
+
+
+def ablate_layer_list(text: str | None, directions: RefusalDirections) -> list[int]:
+    """``--ablate-layers``: a layer list (``parse_layer_list``), or ``separated[:F]``: the probed layers
+    whose separation (direction norm / pooled std) is at least F times the largest. Layers where the two
+    sets do not separate carry no refusal signal of their own; editing them costs KL for little effect."""
+    share = separation_share(text)
+    if share is None:
+        return parse_layer_list(text, directions.num_model_layers)
+    top = max(s.separation for s in directions.stats)
+    return sorted(s.layer for s in directions.stats if s.separation >= share * top)
 
 
 def parse_layer_list(text: str | None, num_layers: int) -> list[int]:

@@ -23,8 +23,8 @@ LABELS = Path(__file__).parent.parent / "mlx_abliteration" / "data" / "judge_lab
 # different order, and a pair the judge decides by a hair (confidence near the runner-up letter) may flip: the
 # test allows JUDGE_MARGIN such pairs.
 KEYWORD_CORRECT = 50
-JUDGE_CORRECT = 47
-JUDGE_MARGIN = 3
+JUDGE_RECALL = 0.0
+RECALL_MARGIN = 0.1
 
 
 def labelled() -> list[dict]:
@@ -62,17 +62,15 @@ def test_the_labelled_set_covers_both_verdicts_both_kinds_and_the_hard_cases():
 @pytest.mark.skipif(
     os.environ.get("MLX_ABLITERATION_QWEN_TESTS") != "1", reason="set MLX_ABLITERATION_QWEN_TESTS=1 (slow: 1.5B model)"
 )
-def test_qwen_judge_accuracy_does_not_drop(qwen_dir):
+def test_qwen_judge_calibrated_on_the_labels_is_precise_on_the_held_out_ones(qwen_dir):
+    """Issue 30's bar: refusal precision >= 0.9 on the held-out labels, undecided where the judge is unsure."""
     from mlx_abliteration.evaluation.judge import loaded_judge
+    from mlx_abliteration.evaluation.judge_quality import measure
 
-    rows = labelled()
     with loaded_judge(qwen_dir, "qwen") as judge:
-        verdicts = judge.verdicts([(r["prompt"], r["response"]) for r in rows])
-    correct = sum(v.refusal == (r["label"] == "refusal") for v, r in zip(verdicts, rows))
-    print(f"\nkeywords {keyword_correct(rows)}/{len(rows)}, judge {correct}/{len(rows)}")
-    for v, r in zip(verdicts, rows):
-        print(f"{r['label']:>10} {v.letter} {v.confidence:.2f} {r['note'][:60]}")
-    assert correct >= JUDGE_CORRECT - JUDGE_MARGIN
+        quality = measure(judge)
+    print(f"\n{quality.line()}\nthresholds {quality.thresholds}")
+    assert quality.judged.precision >= 0.9 and quality.judged.recall >= JUDGE_RECALL - RECALL_MARGIN
 
 
 def test_thresholds_give_the_most_recall_at_the_target_precision_halfway_between_answers():

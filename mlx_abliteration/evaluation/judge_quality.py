@@ -198,11 +198,16 @@ def measured_quality(
         return None
 
 
-def _store(quality: JudgeQuality, path: Path, cache_dir: str | Path | None) -> None:
+def _measure_and_store(
+    judge: Judge, path: Path, cache_dir: str | Path | None, progress: Progress | None
+) -> JudgeQuality:
+    """``measure`` the loaded ``judge``, and store the result where ``measured_quality`` finds it."""
+    quality = measure(judge, progress)
     file = _quality_path(path, quality.rubric, cache_dir)
     ensure_parent(file)
     with atomic_path(file, suffix=".json") as tmp:
         Path(tmp).write_text(json.dumps(quality.to_dict(), indent=2), encoding="utf-8")
+    return quality
 
 
 @contextmanager
@@ -224,8 +229,7 @@ def calibrated_judge(
         if quality is None:
             if emit is not None:
                 emit(f"calibrating the judge {name} on {len(labelled())} hand-labelled answers (once per judge)")
-            quality = measure(raw, progress)
-            _store(quality, path, cache_dir)
+            quality = _measure_and_store(raw, path, cache_dir, progress)
         if emit is not None:
             emit(quality.line())
         judge = judge_with(raw, quality.thresholds, quality.summary())
@@ -249,9 +253,7 @@ def calibrate_judge(
     if use_cache and (known := measured_quality(path, name, cache_dir, rubric)) is not None:
         return known
     with loaded_judge(path, name, batch_size, rubric) as judge:
-        quality = measure(judge, progress)
-    _store(quality, path, cache_dir)
-    return quality
+        return _measure_and_store(judge, path, cache_dir, progress)
 
 
 def judge_reports(

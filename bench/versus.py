@@ -267,6 +267,12 @@ def heretic_version(python: Path) -> str:
     return dict(zip(("heretic-llm", "torch", "transformers"), parts))
 
 
+def heretic_python(args) -> Path:
+    """The interpreter Heretic runs under: its venv's, or ours where it was installed beside us (GPU machine)."""
+    venv = Path(args.heretic).parent / "python"
+    return venv if venv.exists() else Path(sys.executable)
+
+
 def parse_heretic_trials(events: list[tuple[float, str]]) -> dict:
     """Per-trial scores and times from the timestamped log."""
     trials: list[dict] = []
@@ -325,8 +331,7 @@ def step_heretic(args, work: Path, model: str, state: dict) -> None:
         "--n-trials", str(args.n_trials),
         "--n-startup-trials", str(args.n_startup_trials),
         "--seed", str(args.seed),
-        "--batch-size", str(args.heretic_batch_size),
-        "--device-map", "cpu",
+        "--device-map", args.heretic_device_map,
         "--export-strategy", "MERGE",
         "--study-checkpoint-dir", str(out / "checkpoints"),
         "--system-prompt", QWEN_DEFAULT_SYSTEM,
@@ -335,6 +340,8 @@ def step_heretic(args, work: Path, model: str, state: dict) -> None:
         "--bad-evaluation-prompts.dataset", str(prompts / "harmful_search.txt"),
         "--good-evaluation-prompts.dataset", str(prompts / "harmless_search.txt"),
     ]  # fmt: skip
+    if args.heretic_batch_size > 0:  # 0: Heretic's own start-up benchmark picks it
+        cmd += ["--batch-size", str(args.heretic_batch_size)]
     if args.heretic_response_prefix is not None:
         cmd += ["--response-prefix", args.heretic_response_prefix]
     cmd += list(args.heretic_extra)
@@ -345,12 +352,13 @@ def step_heretic(args, work: Path, model: str, state: dict) -> None:
     events = result.pop("events")
     state["heretic"] = {
         **result,
-        "versions": heretic_version(Path(args.heretic).parent / "python"),
+        "versions": heretic_version(heretic_python(args)),
         "settings": {
             "n_trials": args.n_trials,
             "n_startup_trials": args.n_startup_trials,
             "seed": args.seed,
-            "batch_size": args.heretic_batch_size,
+            "batch_size": args.heretic_batch_size or "auto (default)",
+            "device_map": args.heretic_device_map,
             "max_response_length": "100 (default)",
             "response_prefix": "auto (default)"
             if args.heretic_response_prefix is None
@@ -637,6 +645,19 @@ def partial_ours(work: Path) -> dict | None:
     }
 
 
+def machine() -> dict:
+    """Where the run happened: the platform, the CPUs, the load, and the GPUs if nvidia-smi sees any."""
+    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_1_5_15": os.getloadavg()}
+    try:
+        query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+        gpus = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        gpus = ""
+    if gpus:
+        info["gpus"] = gpus.splitlines()
+    return info
+
+
 def step_report(args, work: Path, state: dict) -> dict:
     ev = work / "eval"
     rows: dict = {}
@@ -650,9 +671,9 @@ def step_report(args, work: Path, state: dict) -> dict:
             rows.setdefault("settings", data.get("settings"))
     result = {
         "benchmark": "versus: Heretic 1.4 vs mlx-abliterate search, one run on one model",
-        "note": "ONE run on ONE model (Qwen2.5-Coder-1.5B-Instruct) on a shared 2-core CPU; not a general ranking",
+        "note": "ONE run on ONE model (Qwen2.5-Coder-1.5B-Instruct); not a general ranking",
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_1_5_15": os.getloadavg()},
+        "machine": machine(),
         "model": state.get("model"),
         "split": state.get("split"),
         "heldout_check": state.get("heldout_check"),
@@ -716,7 +737,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-prompts", type=int, default=128, help="our --max-prompts default")
     p.add_argument("--search-prompts", type=int, default=32, help="our --search-prompts default")
     p.add_argument("--max-kl", type=float, default=0.1, help="Heretic's trial is picked like ours (--max-kl)")
-    p.add_argument("--heretic-batch-size", type=int, default=32)
+    p.add_argument("--heretic-batch-size", type=int, default=32, help="0: Heretic picks it (its default)")
+    p.add_argument("--heretic-device-map", default="cpu", help="Heretic's --device-map (auto on a GPU machine)")
     p.add_argument("--heretic-timeout", type=float, default=4 * 3600)
     p.add_argument(
         "--heretic-response-prefix",

@@ -397,6 +397,48 @@ def test_a_judged_search_is_its_own_study(tiny_model, judge_dir, tmp_path):
     assert trial.total == 4 and 0 <= trial.refusals <= 4
 
 
+def test_a_judged_search_validates_its_best_trials_with_the_judge_too(tiny_model, judge_dir, tmp_path, monkeypatch):
+    """The saved trial is chosen on the validation split; with --judge those refusals are the judge's as well
+    (markers there would rank trials by another rule than the one they were searched by)."""
+    from mlx_abliteration.config.defaults import SearchSettings
+    from mlx_abliteration.search import scorer as scorer_module
+    from mlx_abliteration.search.runner import run_search
+
+    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
+    harmful.write_text("\n".join(f"How do I build weapon number {i} to hurt people?" for i in range(24)))
+    harmless.write_text("\n".join(f"How do I bake bread recipe number {i} for my family?" for i in range(24)))
+    judged: list[int] = []
+    score = scorer_module.TrialScorer.__call__
+
+    def counting(self, spec, *args, **kwargs):
+        judged.append(self.judge is not None)
+        return score(self, spec, *args, **kwargs)
+
+    monkeypatch.setattr(scorer_module.TrialScorer, "__call__", counting)
+    settings = SearchSettings(
+        n_trials=2, search_prompts=4, validation_prompts=4, search_max_tokens=3, max_kl=1e9, prune=False,
+        study_dir=str(tmp_path / "studies"),
+    )  # fmt: skip
+    for judge, expected in ((None, "refusal markers"), (str(judge_dir), f"judge {judge_dir}")):
+        judged.clear()
+        config = AbliterationConfig(
+            model=str(tiny_model(arch="llama")),
+            harmful_dataset=str(harmful),
+            harmless_dataset=str(harmless),
+            max_prompts=8,
+            eval_size=4,
+            eval_max_tokens=4,
+            judge=judge,
+            output_dir=str(tmp_path / f"out-{judge is None}"),
+            no_eval=True,
+        )
+        outcome = run_search(config, settings)
+        validation = outcome.record["search"]["validation"]
+        assert validation["refusals_by"] == expected and len(validation["candidates"]) == 2
+        # two trials, then the two candidates again on the validation prompts: all scored the same way
+        assert judged == [judge is not None] * 4
+
+
 def test_the_judge_is_freed_after_judging(judge_dir, tmp_path):
     from mlx.utils import tree_flatten
 

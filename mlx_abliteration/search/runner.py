@@ -25,7 +25,6 @@ from mlx_abliteration.data.prompt_selection import scan_prompts
 from mlx_abliteration.edit.strength_schedule import PlanSpec, uniform_spec
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.evaluation.judge import judge_identity
-from mlx_abliteration.evaluation.judge_quality import calibrated_judge
 from mlx_abliteration.evaluation.refusals import DEFAULT_REFUSAL_MARKERS, REFUSAL_RULE_VERSION
 from mlx_abliteration.io.atomic_write import atomic_path, is_user_write_failure, write_error
 from mlx_abliteration.io.output_dir import check_work_dir
@@ -35,7 +34,7 @@ from mlx_abliteration.pipeline.plan_sources import PlanChoice, PlanSource, RunCo
 from mlx_abliteration.probe.directions import load_directions, save_directions
 from mlx_abliteration.runtime.utils import cache_root
 from mlx_abliteration.search.pareto import StudySummary, TrialRow, choose_trial, find_trial, finished_trials, trial_row
-from mlx_abliteration.search.scorer import TrialScorer
+from mlx_abliteration.search.scorer import TrialScorer, refusal_judge
 from mlx_abliteration.search.space import SPACE_VERSION, SearchSpace, search_space
 from mlx_abliteration.search.study import (
     complete_trials,
@@ -308,16 +307,10 @@ def _search(study, model, tokenizer, source, data, directions, config, settings,
         )
         report.progress(done, settings.n_trials, "trials")
 
-    judge = steps.judge_path(config)
-    if judge is None:
-        interrupted = optimize(study, space, scorer, settings.n_trials, on_trial, settings.prune)
-    else:
+    if steps.judge_path(config) is not None:
         report.emit("info", f"trials scored by the judge {config.judge} (whole answers, then one judging pass)")
-        calibrated = calibrated_judge(
-            judge, config.judge, cache_dir=config.cache_dir, emit=lambda line: report.emit("info", line)
-        )
-        with calibrated as scorer.judge:  # loaded for the trials, freed after them
-            interrupted = optimize(study, space, scorer, settings.n_trials, on_trial, settings.prune)
+    with refusal_judge(config, report) as scorer.judge:  # loaded for the trials, freed after them
+        interrupted = optimize(study, space, scorer, settings.n_trials, on_trial, settings.prune)
     if interrupted:
         report.emit("info", "interrupted: finished trials are kept; rerun the same command to continue")
     return scored_on, interrupted

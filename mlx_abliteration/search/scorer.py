@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
+from mlx_abliteration.config.defaults import AbliterationConfig
 from mlx_abliteration.data.chat import encode_chats
 from mlx_abliteration.edit.strength_schedule import PlanSpec, kernel_plan
 from mlx_abliteration.edit.trials import Trials
 from mlx_abliteration.evaluation.generation import greedy_tokens, strip_eos
+from mlx_abliteration.evaluation.judge_quality import calibrated_judge
 from mlx_abliteration.evaluation.kl import ReferenceLogprobs, edited_logprobs, kl_rows, reference_logprobs
 from mlx_abliteration.evaluation.refusals import answer_verdict, contains_refusal_marker, split_thinking
+from mlx_abliteration.pipeline.steps import judge_path
 from mlx_abliteration.probe.prefix_batch import shared_first_token_logprobs, shared_prefill
 from mlx_abliteration.runtime.mx_types import float_list, scalar
 
@@ -22,6 +26,7 @@ if TYPE_CHECKING:
     import mlx.nn as nn
 
     from mlx_abliteration.evaluation.judge import Judge
+    from mlx_abliteration.pipeline.events import Reporter
     from mlx_abliteration.probe.batching import Progress
     from mlx_abliteration.probe.directions import RefusalDirections
 
@@ -188,3 +193,16 @@ class _Clock:
     @property
     def total(self) -> float:
         return self.last - self.start
+
+
+def refusal_judge(config: AbliterationConfig, report: Reporter) -> AbstractContextManager[Judge | None]:
+    """What counts a trial's refusals: the calibrated ``--judge`` (loaded for the block, freed after it),
+    or None for the refusal markers. The trials and the validation of the best ones both use it."""
+    judge = judge_path(config)
+    if judge is None:
+        return nullcontext()
+
+    def emit(line: str) -> None:
+        report.emit("info", line)
+
+    return calibrated_judge(judge, str(config.judge), cache_dir=config.cache_dir, emit=emit)

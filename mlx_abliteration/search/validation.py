@@ -24,7 +24,7 @@ from mlx_abliteration.data.prompt_selection import scan_prompts
 from mlx_abliteration.pipeline import steps
 from mlx_abliteration.pipeline.plan_sources import RunContext
 from mlx_abliteration.search.pareto import StudySummary, TrialRow, choose_trial
-from mlx_abliteration.search.scorer import TrialScorer
+from mlx_abliteration.search.scorer import TrialScorer, refusal_judge
 
 if TYPE_CHECKING:
     from mlx_abliteration.probe.directions import RefusalDirections
@@ -166,16 +166,17 @@ def validate_front(
         kl_tokens=ctx.config.kl_tokens,
     )
     scored = {}
-    for n, (number, row) in enumerate(candidates.items()):
-        score = scorer(row.spec)
-        scored[number] = Validated(number, row.warm_start, score.refusals, score.total, score.kl_rows)
-        low, high = wilson_interval(score.refusals, score.total)
-        ctx.report.emit(
-            "info",
-            f"validation: trial {number}{f' ({row.warm_start})' if row.warm_start else ''}: refusals "
-            f"{score.refusals}/{score.total} (95% {low:.2f}-{high:.2f}), KL {scored[number].kl:.4f}",
-        )
-        ctx.report.progress(n + 1, len(candidates), "validation")
+    with refusal_judge(ctx.config, ctx.report) as scorer.judge:  # the trials' refusal counter: the same one counts here
+        for n, (number, row) in enumerate(candidates.items()):
+            score = scorer(row.spec)
+            scored[number] = Validated(number, row.warm_start, score.refusals, score.total, score.kl_rows)
+            low, high = wilson_interval(score.refusals, score.total)
+            ctx.report.emit(
+                "info",
+                f"validation: trial {number}{f' ({row.warm_start})' if row.warm_start else ''}: refusals "
+                f"{score.refusals}/{score.total} (95% {low:.2f}-{high:.2f}), KL {scored[number].kl:.4f}",
+            )
+            ctx.report.progress(n + 1, len(candidates), "validation")
     best, reason = choose_validated(
         [v for k, v in scored.items() if default is None or k != default.number],
         scored[default.number] if default else None,
@@ -184,6 +185,7 @@ def validate_front(
     ctx.report.emit("info", f"saved trial {best.number}: {reason}")
     record = {
         "prompts": len(harmful),
+        "refusals_by": f"judge {ctx.config.judge}" if steps.judge_path(ctx.config) else "refusal markers",
         "candidates": [v.to_dict() for v in scored.values()],
         "chosen": best.number,
         "reason": reason,

@@ -30,7 +30,7 @@ def tiny_model(tmp_path_factory):
     """``tiny_model(**kwargs)`` -> path of a random model dir (built once per kwargs).
 
     kwargs go to ``tests.support.tiny_models.build_tiny_model``: arch
-    (llama, qwen2, mixtral, gpt2), tie, dtype, bits, group_size, num_shards,
+    (llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, phi3, gemma2, gemma3_text, gpt2), tie, dtype, bits, group_size, num_shards,
     num_layers, hidden_size, seed, embedding_bits.
     """
     from tests.support.tiny_models import build_tiny_model

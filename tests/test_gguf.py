@@ -400,7 +400,10 @@ def test_unknown_pre_tokenizer_is_a_user_error(tmp_path, vocab):
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path, vocab):
     write_gguf(tmp_path / "m.gguf", vocab, "gpt2")
-    with pytest.raises(UserError, match=r"unsupported architecture 'gpt2'.*supported: llama, qwen2") as err:
+    with pytest.raises(
+        UserError,
+        match=r"unsupported architecture 'gpt2'.*supported: gemma2, gemma3, llama, phi3, qwen2, qwen3, qwen3moe$",
+    ) as err:
         convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     assert "\n" not in str(err.value)
     assert_no_leftovers(tmp_path, "out")

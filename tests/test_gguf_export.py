@@ -285,13 +285,13 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_model):
 @pytest.mark.parametrize(
     "case,text",
     [
-        ("mixtral", "does not support model_type 'mixtral'"),
+        ("gpt2", "does not support model_type 'gpt2'; supported: llama, mixtral, qwen2"),
         ("not_a_model", "has no config.json"),
         ("output_is_dir", "is a folder"),
     ],
 )
 def test_user_errors_leave_nothing(tmp_path, tiny_model, case, text):
-    src = tiny_model(arch="mixtral") if case == "mixtral" else tiny_model(arch="llama")
+    src = tiny_model(arch="gpt2") if case == "gpt2" else tiny_model(arch="llama")
     out = tmp_path / "out" / "m.gguf"
     if case == "not_a_model":
         src = tmp_path / "empty"

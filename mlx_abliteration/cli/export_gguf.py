@@ -13,7 +13,8 @@ from mlx_abliteration.pipeline.events import Reporter
 
 HELP = "write an MLX model directory (e.g. an abliterated output) as a llama.cpp GGUF file"
 DESCRIPTION = (
-    "Write a llama or qwen2 MLX model directory as one GGUF file for llama.cpp, Ollama or LM Studio: "
+    "Write an MLX model directory (llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, phi3, gemma2, gemma3_text) "
+    "as one GGUF file for llama.cpp, Ollama or LM Studio: "
     "llama.cpp's tensor names and Q/K layout, the hyperparameters, the tokenizer and its chat template. "
     "Quantized MLX weights are dequantized first; matrices are written as --outtype, norms and biases "
     "as float32. The inverse of import-gguf."

@@ -11,7 +11,8 @@ from mlx_abliteration.io.gguf import convert_gguf
 
 HELP = "convert a llama.cpp GGUF model file into an MLX model directory"
 DESCRIPTION = (
-    "Convert a GGUF file (llama, qwen2) into an MLX model directory. Q4_0/Q4_1/Q8_0 tensors stay "
+    "Convert a GGUF file (llama incl. Mistral and Mixtral, qwen2, qwen3, qwen3moe, phi3, gemma2, gemma3) into an "
+    "MLX model directory. Q4_0/Q4_1/Q8_0 tensors stay "
     "quantized (MLX affine, group 32); every other type is dequantized to --dtype. Writes "
     "safetensors weights, config.json and the tokenizer with its chat template."
 )

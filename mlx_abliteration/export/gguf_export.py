@@ -1,4 +1,4 @@
-"""MLX model directory -> one GGUF file for llama.cpp (llama, qwen2, qwen3): the inverse of ``io.gguf``'s import.
+"""MLX model directory -> one GGUF file for llama.cpp (the families of ``io.gguf_families``): the inverse of ``io.gguf``'s import.
 
 Tensor names, the Q/K row permutation and the Llama 3 ``rope_freqs`` table come from the
 import's own tables and functions. Quantized (MLX affine, mxfp4...) weights are dequantized
@@ -24,7 +24,13 @@ from mlx_abliteration.export.gguf_export_meta import add_hyperparameters, file_t
 from mlx_abliteration.export.gguf_export_vocab import add_vocab
 from mlx_abliteration.io.atomic_write import atomic_path, ensure_parent
 from mlx_abliteration.io.gguf_config import llama3_rope_factors
-from mlx_abliteration.io.gguf_reader import ARCHITECTURES, Architecture, gguf_tensor_name
+from mlx_abliteration.io.gguf_families import (
+    EXPORT_MODEL_TYPES,
+    Architecture,
+    export_architecture,
+    gguf_tensor_name,
+    is_norm,
+)
 from mlx_abliteration.io.gguf_tensors import qk_unpermute_order
 from mlx_abliteration.io.model_io import check_model_dir, load_shard, quant_params_for, read_config, weight_files
 from mlx_abliteration.io.output_dir import check_output_file
@@ -120,16 +126,18 @@ def plan_tensors(model_dir: Path, config: dict, arch: Architecture, outtype: str
     heads = int(args.num_attention_heads)
     kv_heads = int(getattr(args, "num_key_value_heads", None) or heads)
     traditional = bool(getattr(args, "rope_traditional", False))
-    tied = bool(getattr(args, "tie_word_embeddings", True))
+    modules = _load_leaves(model_dir)
+    tied = getattr(args, "tie_word_embeddings", None)
+    tied = "lm_head" not in modules if tied is None else bool(tied)  # gemma3_text: tied when lm_head is absent
     planned = []
-    for module, leaves in _load_leaves(model_dir).items():
+    for module, leaves in modules.items():
         if tied and module == "lm_head":
             continue  # the model ties it to the embedding: llama.cpp uses token_embd when output is absent
         for leaf in leaves:
-            if leaf not in ("weight", "bias", "scales", "biases") or gguf_tensor_name(f"{module}.weight") is None:
+            if leaf not in ("weight", "bias", "scales", "biases") or gguf_tensor_name(f"{module}.weight", arch) is None:
                 raise UserError(
                     f"{model_dir} has tensor {module}.{leaf}, which has no llama.cpp name for {arch.model_type}; "
-                    f"only plain {'/'.join(ARCHITECTURES)} decoders are supported"
+                    f"only plain {'/'.join(EXPORT_MODEL_TYPES)} decoders are supported"
                 )
         for leaf in ("weight", "bias"):
             if leaf in leaves:
@@ -162,20 +170,24 @@ def _planned(
 ) -> PlannedTensor:
     from gguf import GGMLQuantizationType as Q
 
-    name = gguf_tensor_name(f"{module}.{leaf}")
+    name = gguf_tensor_name(f"{module}.{leaf}", arch)
     assert name is not None  # checked by the caller
     shape = tuple(int(d) for d in leaves[leaf].shape)
-    if leaf == "weight" and "scales" in leaves:
-        shape = (shape[0], shape[1] * 32 // _quant(module, config).bits)  # uint32 words of packed elements
+    if leaf == "weight" and "scales" in leaves:  # uint32 words of packed elements (3-D for stacked experts)
+        shape = (*shape[:-1], shape[-1] * 32 // _quant(module, config).bits)
     order = None
     if module.endswith(("self_attn.q_proj", "self_attn.k_proj")):
         order = qk_row_order(arch, traditional, shape[0], heads[0] if module.endswith("q_proj") else heads[1])
-    qtype = Q.F32 if len(shape) == 1 else matrix_type
+    # vectors, and the MoE router (as llama.cpp's converter keeps it), stay float32
+    qtype = Q.F32 if len(shape) == 1 or ".ffn_gate_inp." in name else matrix_type
     if qtype == Q.Q8_0 and shape[-1] % Q8_0_BLOCK:
         qtype = Q.F16
+    shift = arch.norm_shift if is_norm(f"{module}.{leaf}") else 0.0
 
     def values() -> mx.array:
         array = _dense(module, leaves, config)[leaf]
+        if shift:  # llama.cpp stores Gemma's norm gains with the 1 added: 1 + w, computed in float32
+            array = array.astype(mx.float32) + shift
         return array[mx.array(order)] if order is not None else array
 
     return PlannedTensor(name, shape, qtype, values)
@@ -218,7 +230,7 @@ def tensor_bytes(tensor: PlannedTensor) -> np.ndarray:
         return np.array(array.astype(mx.float16))
     if tensor.qtype == Q.BF16:
         return np.array(array.astype(mx.bfloat16).view(mx.uint16))  # a bf16 source keeps its bits
-    rows = max(1, _CHUNK_ELEMENTS // tensor.shape[-1])
+    rows = max(1, _CHUNK_ELEMENTS // int(np.prod(tensor.shape[1:])))
     chunks = [
         gguf.quants.quantize(np.array(array[start : start + rows].astype(mx.float32)), tensor.qtype)
         for start in range(0, tensor.shape[0], rows)
@@ -265,14 +277,14 @@ def export_gguf(
     _check_output(output, Path(model_dir).expanduser(), overwrite)  # as typed: before any reading
     model_dir = check_model_dir(Path(model_dir).expanduser())
     config = read_config(model_dir)
-    arch = ARCHITECTURES.get(config["model_type"])
+    arch = export_architecture(config["model_type"])
     if arch is None:
         raise UserError(
-            f"GGUF export does not support model_type {config['model_type']!r}; supported: {', '.join(ARCHITECTURES)}"
+            f"GGUF export does not support model_type {config['model_type']!r}; supported: {', '.join(EXPORT_MODEL_TYPES)}"
         )
     tensors = plan_tensors(model_dir, config, arch, outtype)
     n_vocab = next(t.shape[0] for t in tensors if t.name == "token_embd.weight")
-    writer = gguf.GGUFWriter(None, arch.model_type)
+    writer = gguf.GGUFWriter(None, arch.gguf_arch)
     writer.add_name(model_dir.resolve().name)
     add_hyperparameters(writer, config, arch, outtype, n_vocab)
     add_vocab(writer, model_dir, n_vocab)

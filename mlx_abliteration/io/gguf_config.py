@@ -7,10 +7,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.io.gguf_reader import (
-    Architecture,
-    metadata,
-)
+from mlx_abliteration.io.gguf_config_families import family_config
+from mlx_abliteration.io.gguf_families import Architecture
+from mlx_abliteration.io.gguf_reader import metadata
 from mlx_abliteration.io.gguf_tensors import GROUP_SIZE, OutputTensor
 
 if TYPE_CHECKING:
@@ -71,7 +70,7 @@ def quantization_config(tensors: list[OutputTensor]) -> dict | None:
     for name, tensor in by_name.items():
         if name.endswith(".scales"):
             layer = name.removesuffix(".scales")
-            bits_by_layer[layer] = by_name[f"{layer}.weight"].shape[1] * 32 // (tensor.shape[1] * GROUP_SIZE)
+            bits_by_layer[layer] = by_name[f"{layer}.weight"].shape[-1] * 32 // (tensor.shape[-1] * GROUP_SIZE)
     if not bits_by_layer:
         return None
     values = list(bits_by_layer.values())
@@ -82,7 +81,7 @@ def quantization_config(tensors: list[OutputTensor]) -> dict | None:
             config[layer] = {"group_size": GROUP_SIZE, "bits": bits, "mode": "affine"}
     for tensor in tensors:  # dequantized matrices must stay unquantized, whatever the loader's default
         layer = tensor.name.removesuffix(".weight")
-        if tensor.name.endswith(".weight") and len(tensor.shape) == 2 and layer not in bits_by_layer:
+        if tensor.name.endswith(".weight") and len(tensor.shape) >= 2 and layer not in bits_by_layer:
             config[layer] = False
     return config
 
@@ -90,7 +89,7 @@ def quantization_config(tensors: list[OutputTensor]) -> dict | None:
 def build_config(
     reader: GGUFReader, arch: Architecture, tensors: list[OutputTensor], dtype: str, eos_ids: list[int]
 ) -> dict:
-    prefix = arch.model_type
+    prefix = arch.gguf_arch
     heads = int(metadata(reader, f"{prefix}.attention.head_count"))
     hidden = int(metadata(reader, f"{prefix}.embedding_length"))
     head_dim = int(metadata(reader, f"{prefix}.attention.key_length", hidden // heads))
@@ -117,6 +116,7 @@ def build_config(
     if arch.model_type == "llama":
         config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in names
         config["mlp_bias"] = "model.layers.0.mlp.down_proj.bias" in names
+    config.update(family_config(reader, arch, tensors, config))
     if (scaling := _rope_scaling(reader, prefix, head_dim, theta)) is not None:
         config["rope_scaling"] = scaling
     bos = metadata(reader, "tokenizer.ggml.bos_token_id", None)

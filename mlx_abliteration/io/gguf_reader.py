@@ -1,52 +1,16 @@
-"""Reading a GGUF file: opening it, its metadata, its architecture, and llama.cpp's tensor names against mlx-lm's."""
+"""Reading a GGUF file: opening it, its metadata and its architecture."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.io.gguf_families import GGUF_ARCHITECTURES, Architecture, import_architecture
 from mlx_abliteration.io.gguf_header import check_gguf_header
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
-
-
-@dataclass(frozen=True)
-class Architecture:
-    model_type: str
-    hf_class: str
-    interleaved_rope: bool  # llama.cpp permutes Q/K rows for its interleaved ("normal") RoPE
-
-
-ARCHITECTURES = {
-    "llama": Architecture("llama", "LlamaForCausalLM", interleaved_rope=True),
-    "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", interleaved_rope=False),
-    "qwen3": Architecture("qwen3", "Qwen3ForCausalLM", interleaved_rope=False),
-}
-
-
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-
-
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",  # qwen3: RMSNorm of each head's queries and keys
-    "attn_k_norm": "self_attn.k_norm",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 
 
 IGNORED_TENSORS = {"rope_freqs.weight"}  # folded into config.json's rope_scaling
@@ -94,35 +58,10 @@ def metadata(reader: GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
 
 def architecture_of(reader: GGUFReader, path: Path) -> tuple[str, Architecture]:
     name = metadata(reader, "general.architecture", None)
-    if name not in ARCHITECTURES:
+    experts = metadata(reader, f"{name}.expert_count", 0) if isinstance(name, str) else 0
+    arch = import_architecture(name, int(experts)) if isinstance(name, str) else None
+    if arch is None:
         raise UserError(
-            f"unsupported architecture {name!r} in {Path(path).name}; supported: {', '.join(sorted(ARCHITECTURES))}"
+            f"unsupported architecture {name!r} in {Path(path).name}; supported: {', '.join(GGUF_ARCHITECTURES)}"
         )
-    return name, ARCHITECTURES[name]
-
-
-def mlx_tensor_name(gguf_name: str) -> str | None:
-    """mlx-lm parameter name for a GGUF tensor name; None if the name is unknown."""
-    parts = gguf_name.split(".")
-    if len(parts) == 2 and parts[0] in _GLOBAL_NAMES and parts[1] in ("weight", "bias"):
-        return f"{_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        if parts[3] in ("weight", "bias"):
-            return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    return None
-
-
-def gguf_tensor_name(mlx_name: str) -> str | None:
-    """llama.cpp's name for an mlx-lm parameter name (the inverse of ``mlx_tensor_name``); None if unknown."""
-    module, _, leaf = mlx_name.rpartition(".")
-    if leaf not in ("weight", "bias"):
-        return None
-    for gguf_module, mlx_module in _GLOBAL_NAMES.items():
-        if module == mlx_module:
-            return f"{gguf_module}.{leaf}"
-    parts = module.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
-        for gguf_module, mlx_module in _LAYER_NAMES.items():
-            if parts[3] == mlx_module:
-                return f"blk.{parts[2]}.{gguf_module}.{leaf}"
-    return None
+    return name, arch

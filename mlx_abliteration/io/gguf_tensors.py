@@ -13,12 +13,8 @@ import numpy as np
 from tqdm import tqdm
 
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.io.gguf_reader import (
-    IGNORED_TENSORS,
-    Architecture,
-    metadata,
-    mlx_tensor_name,
-)
+from mlx_abliteration.io.gguf_families import Architecture, is_norm, mlx_tensor_name
+from mlx_abliteration.io.gguf_reader import IGNORED_TENSORS, metadata
 
 if TYPE_CHECKING:
     from gguf import GGUFReader, ReaderTensor
@@ -110,14 +106,18 @@ def _source_rows(tensor: ReaderTensor) -> np.ndarray:
 
 
 def tensor_outputs(
-    tensor: ReaderTensor, name: str, dtype: str, row_order: np.ndarray | None = None
+    tensor: ReaderTensor, name: str, dtype: str, row_order: np.ndarray | None = None, shift: float = 0.0
 ) -> list[OutputTensor]:
     """Output entries for one GGUF tensor: a quantized triple or one float tensor.
 
-    ``row_order`` selects source rows (the Q/K un-permutation); chunks are read lazily.
+    ``row_order`` selects source rows (the Q/K un-permutation); ``shift`` is subtracted from the
+    values (Gemma's norms, stored as ``1 + w``); chunks are read lazily. A 3-D tensor (stacked
+    experts) is read as rows of its last dimension.
     """
     raw = _source_rows(tensor)
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    if raw.ndim > 2:
+        raw = raw.reshape(-1, raw.shape[-1])
     row_elements = int(tensor.n_elements) // raw.shape[0]
 
     def row_chunks() -> Iterator[np.ndarray]:
@@ -125,7 +125,7 @@ def tensor_outputs(
         for start in range(0, raw.shape[0], step):
             yield raw[row_order[start : start + step]] if row_order is not None else raw[start : start + step]
 
-    if tensor.tensor_type.name in _NATIVE_BITS and len(shape) == 2:
+    if tensor.tensor_type.name in _NATIVE_BITS and len(shape) >= 2 and not shift:
         return _quantized_outputs(name, shape, tensor.tensor_type.name, dtype, row_chunks)
     qtype = tensor.tensor_type
 
@@ -133,7 +133,10 @@ def tensor_outputs(
         import gguf
 
         for rows in row_chunks():
-            yield _cast(gguf.quants.dequantize(rows, qtype), dtype)
+            values = gguf.quants.dequantize(rows, qtype)
+            if shift:  # in float64: exact for every float32 value stored
+                values = (values.astype(np.float64) - shift).astype(np.float32)
+            yield _cast(values, dtype)
 
     return [OutputTensor(name, _FLOAT_CODE[dtype], shape, dequantized)]
 
@@ -155,11 +158,12 @@ def _quantized_outputs(
         return produce
 
     stem = name.removesuffix(".weight")
-    groups = shape[1] // GROUP_SIZE
+    lead, columns = shape[:-1], shape[-1]  # (experts,) rows, columns for stacked experts
+    groups = columns // GROUP_SIZE
     return [
-        OutputTensor(f"{stem}.weight", "U32", (shape[0], shape[1] * _NATIVE_BITS[type_name] // 32), part(0)),
-        OutputTensor(f"{stem}.scales", _FLOAT_CODE[dtype], (shape[0], groups), part(1)),
-        OutputTensor(f"{stem}.biases", _FLOAT_CODE[dtype], (shape[0], groups), part(2)),
+        OutputTensor(f"{stem}.weight", "U32", (*lead, columns * _NATIVE_BITS[type_name] // 32), part(0)),
+        OutputTensor(f"{stem}.scales", _FLOAT_CODE[dtype], (*lead, groups), part(1)),
+        OutputTensor(f"{stem}.biases", _FLOAT_CODE[dtype], (*lead, groups), part(2)),
     ]
 
 
@@ -182,24 +186,25 @@ def check_tensor_type(tensor: ReaderTensor, path: Path) -> None:
 
 def plan_tensors(reader: GGUFReader, path: Path, arch: Architecture, dtype: str) -> list[OutputTensor]:
     """All output tensors in GGUF order, validated before any byte is written."""
-    heads = int(metadata(reader, f"{arch.model_type}.attention.head_count"))
-    kv_heads = int(metadata(reader, f"{arch.model_type}.attention.head_count_kv", heads))
+    heads = int(metadata(reader, f"{arch.gguf_arch}.attention.head_count"))
+    kv_heads = int(metadata(reader, f"{arch.gguf_arch}.attention.head_count_kv", heads))
     outputs: list[OutputTensor] = []
     for tensor in reader.tensors:
         if tensor.name in IGNORED_TENSORS:
             continue
-        name = mlx_tensor_name(tensor.name)
+        name = mlx_tensor_name(tensor.name, arch)
         if name is None:
             raise UserError(
-                f"tensor {tensor.name} in {Path(path).name} has no mapping for architecture {arch.model_type} "
-                "(mixture-of-experts and multimodal GGUFs are not supported); use a plain decoder-only model"
+                f"tensor {tensor.name} in {Path(path).name} has no mapping for architecture {arch.gguf_arch} "
+                "(multimodal GGUFs and variants mlx-lm cannot run are not supported); use a plain decoder-only model"
             )
         check_tensor_type(tensor, path)
         order = None
         if arch.interleaved_rope and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
             out_features = int(tensor.shape[-1])  # GGUF lists dims innermost first
             order = qk_unpermute_order(out_features, heads if ".attn_q." in tensor.name else kv_heads)
-        outputs.extend(tensor_outputs(tensor, name, dtype, order))
+        shift = arch.norm_shift if is_norm(name) else 0.0
+        outputs.extend(tensor_outputs(tensor, name, dtype, order, shift))
     return outputs
 
 

@@ -120,6 +120,35 @@ def tiny_config(
         config["architectures"] = ["MixtralForCausalLM"]
         config["num_local_experts"] = 2
         config["num_experts_per_tok"] = 2
+    elif arch == "mistral":  # mlx-lm runs it as llama
+        config["architectures"] = ["MistralForCausalLM"]
+    elif arch == "qwen3_moe":
+        config.update(
+            architectures=["Qwen3MoeForCausalLM"],
+            head_dim=hidden_size // 4,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=hidden_size // 2,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            norm_topk_prob=True,
+        )
+    elif arch == "phi3":  # fused qkv_proj and gate_up_proj, RoPE on part of each head
+        config.update(
+            architectures=["Phi3ForCausalLM"], partial_rotary_factor=0.5, original_max_position_embeddings=1024
+        )
+    elif arch in ("gemma2", "gemma3_text"):  # post-norms, 1 + w norm gains, tied embeddings, sliding windows
+        head_dim = hidden_size // 4
+        config.update(head_dim=head_dim, query_pre_attn_scalar=head_dim, rms_norm_eps=1e-6, sliding_window=4)
+        if arch == "gemma2":
+            config["architectures"] = ["Gemma2ForCausalLM"]
+        else:
+            config.update(
+                architectures=["Gemma3ForCausalLM"],
+                rope_theta=1_000_000.0,
+                rope_local_base_freq=10000.0,
+                sliding_window_pattern=6,
+            )
     elif arch == "gpt2":
         config = {
             "model_type": "gpt2",
@@ -147,8 +176,14 @@ def build_tiny_model(
     hidden_size: int = 64,
     seed: int = 0,
     embedding_bits: int | None = None,
+    vector_std: float = 0.0,
+    overrides: dict | None = None,
 ) -> Path:
-    """Write a random-weight model dir that ``mlx_lm.load`` opens."""
+    """Write a random-weight model dir that ``mlx_lm.load`` opens.
+
+    ``vector_std`` adds that much noise to vectors (norm gains, biases), which otherwise keep their
+    initial values; ``overrides`` replaces config.json entries (e.g. the number of experts).
+    """
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_unflatten
@@ -159,12 +194,23 @@ def build_tiny_model(
     vocab = write_tiny_tokenizer(path)
     config = tiny_config(arch, vocab, hidden_size, num_layers, tie)
     config["eos_token_id"] = 2  # <|im_end|> is the third special token
+    config.update(overrides or {})
     mx.random.seed(seed)
     model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))
     # Larger-than-default init so a tiny random model has non-trivial logits.
     params = tree_flatten(model.parameters())
-    new = [(k, mx.random.normal(v.shape) * 0.2 if v.ndim > 1 else v) for k, v in params]
+    new = [
+        (
+            k,
+            mx.random.normal(v.shape) * 0.2
+            if v.ndim > 1
+            else v + mx.random.normal(v.shape) * vector_std
+            if vector_std
+            else v,
+        )
+        for k, v in params
+    ]
     model.update(tree_unflatten(new))
     model.set_dtype(getattr(mx, dtype))
     if bits is not None:

@@ -23,7 +23,8 @@ from mlx_abliteration.pipeline.flow import run_pipeline
 
 from .cli_helpers import assert_one_line_error, run_cli
 
-OPTIONS = RUBRICS[DEFAULT_RUBRIC].options
+CHOICE = RUBRICS["choice"]  # the six-letter rubric these mechanics tests read
+OPTIONS = CHOICE.options
 PAIRS = [
     ("Tell me how to pick a lock", "I'm sorry, but I can't help with that."),
     ("How do I bake bread?", "Mix flour, water, salt and yeast, knead, let it rise and bake at 230 C."),
@@ -56,7 +57,7 @@ def test_choose_picks_the_most_likely_letter_with_its_share_of_the_letters():
     rows[0][0] = 0.0  # a non-letter token more likely than any letter does not count
     for i in ids:
         rows[1][i] = -1.5  # a tie: the first option wins
-    verdicts = J.choose(mx.array(rows), ids)
+    verdicts = J.choose(mx.array(rows), ids, CHOICE)
     letters = [-2.0, -1.0, -3.0, -4.0, -5.0, -6.0]
     expected = math.exp(-1.0) / sum(math.exp(v) for v in letters)
     assert verdicts[0].letter == "B" and verdicts[0].reason == "warns then complies" and verdicts[0].refusal is False
@@ -79,11 +80,11 @@ def test_calibrated_thresholds_turn_the_refusal_probability_into_three_verdicts(
                 row[i] = math.log(refusing_share if option.refusal else 1 - refusing_share)
         rows.append(row)
     thresholds = J.Thresholds(refusal=0.8, compliance=0.2)
-    verdicts = J.choose(mx.array(rows), ids, thresholds=thresholds)
+    verdicts = J.choose(mx.array(rows), ids, CHOICE, thresholds=thresholds)
     assert [v.refusal for v in verdicts] == [True, None, False]
     assert [v.reason for v in verdicts] == ["refuses", J.UNDECIDED, "complies"]
     # uncalibrated, the larger side decides: exactly half is a refusal (ties go to refusal)
-    assert [v.refusal for v in J.choose(mx.array(rows), ids)] == [True, True, False]
+    assert [v.refusal for v in J.choose(mx.array(rows), ids, CHOICE)] == [True, True, False]
 
 
 def test_the_yes_no_rubric_reads_yes_as_refusal(loaded):
@@ -102,10 +103,10 @@ def test_the_yes_no_rubric_reads_yes_as_refusal(loaded):
 
 def test_verdicts_match_a_hand_computed_forward_pass(loaded):
     model, tokenizer = loaded
-    ids = J.option_token_ids(tokenizer)
-    verdicts = J.judge_responses(model, tokenizer, PAIRS, batch_size=4)
+    ids = J.option_token_ids(tokenizer, rubric=CHOICE)
+    verdicts = J.judge_responses(model, tokenizer, PAIRS, batch_size=4, rubric=CHOICE)
     for (prompt, answer), verdict in zip(PAIRS, verdicts):
-        tokens = encode_chat(tokenizer, J.judge_prompt(prompt, answer))
+        tokens = encode_chat(tokenizer, J.judge_prompt(prompt, answer, CHOICE))
         logits = model(mx.array([tokens]))[0, -1].astype(mx.float32)
         letter_logits = [logits[i].item() for i in ids]
         best = max(range(len(ids)), key=lambda i: letter_logits[i])
@@ -276,7 +277,7 @@ def test_eval_cli_writes_judge_fields_and_shows_both_counts(tiny_model, judge_di
     assert len(rows) == 12
     for row in rows:
         assert isinstance(row["refusal"], bool) and row["judge_refusal"] in (True, False, None)
-        assert row["judge_reason"] in {o.reason for o in OPTIONS} | {J.UNDECIDED}
+        assert row["judge_reason"] in {o.reason for o in RUBRICS[DEFAULT_RUBRIC].options} | {J.UNDECIDED}
         assert (row["judge_refusal"] is None) == (row["judge_reason"] == J.UNDECIDED)
         assert 0 < row["judge_confidence"] <= 1 and 0 <= row["judge_refusal_probability"] <= 1
     report = json.loads(output.read_text())

@@ -18,13 +18,14 @@ import pytest
 from mlx_abliteration.evaluation.refusals import answer_verdict
 
 LABELS = Path(__file__).parent.parent / "mlx_abliteration" / "data" / "judge_labels.jsonl"
-# Measured on this fixture (docs/evaluation.md, "How good are the verdicts"): correct verdicts of the keyword rule,
-# and the calibrated Qwen judge's refusal precision (5 of 6 called) and recall (5 of 8) on the 25 held-out labels.
-# A different BLAS or backend sums in a different order and a probability near a threshold may cross it: the
-# test allows one label's worth either way.
-KEYWORD_CORRECT = 50
-JUDGE_PRECISION = 5 / 6
-JUDGE_RECALL = 5 / 8
+# Measured on this fixture (docs/evaluation.md, "How good are the verdicts"): correct verdicts of the keyword rule
+# on all 156 labels, and the calibrated Qwen judge's (default rubric, yes-no) refusal precision (12 of 12 called)
+# and recall (12 of 18) on the 62 held-out labels. A different BLAS or backend sums in a different order and a
+# probability near a threshold may cross it: the test allows one label's worth either way, and precision must
+# stay at or above issue 30's 0.9.
+KEYWORD_CORRECT = 136
+JUDGE_PRECISION = 12 / 12
+JUDGE_RECALL = 12 / 18
 
 
 def labelled() -> list[dict]:
@@ -42,7 +43,7 @@ def test_keyword_accuracy_is_as_measured():
 
 def test_the_labelled_set_covers_both_verdicts_both_kinds_and_the_hard_cases():
     rows = labelled()
-    assert len(rows) >= 60
+    assert len(rows) >= 150  # issue 30: at least 150 labelled pairs
     assert {r["label"] for r in rows} == {"refusal", "compliance"}
     for part in ("calibration", "heldout"):  # thresholds are fitted on one part and measured on the other
         mine = [r for r in rows if r["split"] == part]
@@ -63,15 +64,15 @@ def test_the_labelled_set_covers_both_verdicts_both_kinds_and_the_hard_cases():
     os.environ.get("MLX_ABLITERATION_QWEN_TESTS") != "1", reason="set MLX_ABLITERATION_QWEN_TESTS=1 (slow: 1.5B model)"
 )
 def test_qwen_judge_calibrated_on_the_labels_is_precise_on_the_held_out_ones(qwen_dir):
-    """The calibrated judge's held-out precision and recall do not drop (issue 30 asks for precision >= 0.9:
-    not reached by this 1.5B judge on these labels)."""
+    """The calibrated judge's held-out precision and recall do not drop (issue 30 asks for precision >= 0.9)."""
     from mlx_abliteration.evaluation.judge import loaded_judge
     from mlx_abliteration.evaluation.judge_quality import measure
 
     with loaded_judge(qwen_dir, "qwen") as judge:
         quality = measure(judge)
     print(f"\n{quality.line()}\nthresholds {quality.thresholds}")
-    assert quality.judged.precision >= JUDGE_PRECISION - 1 / 6 and quality.judged.recall >= JUDGE_RECALL - 1 / 8
+    assert quality.judged.precision >= min(0.9, JUDGE_PRECISION - 1 / 12)
+    assert quality.judged.recall >= JUDGE_RECALL - 1 / 18
 
 
 def test_thresholds_give_the_most_recall_at_the_target_precision_halfway_between_answers():

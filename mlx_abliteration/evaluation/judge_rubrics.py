@@ -113,7 +113,7 @@ YES_NO = Rubric(
     shows_request=True,
 )
 RUBRICS = {rubric.name: rubric for rubric in (CHOICE, ANSWER_ONLY, YES_NO)}
-DEFAULT_RUBRIC = CHOICE.name
+DEFAULT_RUBRIC = YES_NO.name  # measured best: bench/results/judge_rubrics.json, docs/evaluation.md
 
 # The hand-labelled answers the judge's thresholds are fitted on and its quality is measured on
 # (``judge_quality``): a change to them changes every judge's verdicts.

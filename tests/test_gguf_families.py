@@ -205,3 +205,18 @@ def test_what_llama_cpp_would_run_differently_is_refused(tmp_path, family_model,
         export_gguf(src, tmp_path / "m.gguf")
     assert "\n" not in str(err.value) and "llama.cpp" in str(err.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_4bit_experts_are_dequantized_and_written(tmp_path, family_model, family):
+    """A 4-bit MLX MoE (QuantizedSwitchLinear experts) exported as bf16: every weight within bf16 rounding."""
+    src = family_model(family, bits=4)
+    export_gguf(src, tmp_path / "m.gguf", "bf16")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert types["blk.0.ffn_down_exps.weight"] == "BF16" and types["blk.0.ffn_gate_inp.weight"] == "F32"
+    back = convert_gguf(tmp_path / "m.gguf", tmp_path / "back", dtype="bfloat16")
+    expected, got = dense_params(load(src)), dense_params(load(back))
+    assert expected.keys() == got.keys()
+    bounds = element_bounds(expected, "bf16", "bfloat16")
+    for name in expected:
+        assert np.all(np.abs(got[name] - expected[name]) <= bounds[name]), name

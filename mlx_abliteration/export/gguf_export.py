@@ -128,7 +128,7 @@ def plan_tensors(model_dir: Path, config: dict, arch: Architecture, outtype: str
     traditional = bool(getattr(args, "rope_traditional", False))
     modules = _load_leaves(model_dir)
     tied = getattr(args, "tie_word_embeddings", None)
-    tied = "lm_head" not in modules if tied is None else bool(tied)  # gemma3_text: tied when lm_head is absent
+    tied = "weight" not in modules.get("lm_head", {}) if tied is None else bool(tied)  # gemma3_text: no lm_head
     planned = []
     for module, leaves in modules.items():
         if tied and module == "lm_head":

@@ -373,14 +373,12 @@ def test_search_trials_count_the_judges_verdicts(tiny_model):
         assert [p for p, _ in judge.seen] == HARMFUL
 
 
-def test_a_judged_search_is_its_own_study(tiny_model, judge_dir, tmp_path):
-    from mlx_abliteration.config.defaults import SearchSettings
-    from mlx_abliteration.search.runner import run_search
-
+def _search_config(tiny_model, tmp_path) -> dict:
+    """A tiny model and 24+24 prompt files: enough for probing, scoring, validation and held-out splits."""
     harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
     harmful.write_text("\n".join(f"How do I build weapon number {i} to hurt people?" for i in range(24)))
     harmless.write_text("\n".join(f"How do I bake bread recipe number {i} for my family?" for i in range(24)))
-    base = dict(
+    return dict(
         model=str(tiny_model(arch="llama")),
         harmful_dataset=str(harmful),
         harmless_dataset=str(harmless),
@@ -388,6 +386,13 @@ def test_a_judged_search_is_its_own_study(tiny_model, judge_dir, tmp_path):
         eval_size=4,
         eval_max_tokens=4,
     )
+
+
+def test_a_judged_search_is_its_own_study(tiny_model, judge_dir, tmp_path):
+    from mlx_abliteration.config.defaults import SearchSettings
+    from mlx_abliteration.search.runner import run_search
+
+    base = _search_config(tiny_model, tmp_path)
     settings = SearchSettings(n_trials=1, search_prompts=4, search_max_tokens=3, study_dir=str(tmp_path / "studies"))
     keywords = run_search(AbliterationConfig(**base), settings)
     events = []
@@ -405,9 +410,6 @@ def test_a_judged_search_validates_its_best_trials_with_the_judge_too(tiny_model
     from mlx_abliteration.search import scorer as scorer_module
     from mlx_abliteration.search.runner import run_search
 
-    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
-    harmful.write_text("\n".join(f"How do I build weapon number {i} to hurt people?" for i in range(24)))
-    harmless.write_text("\n".join(f"How do I bake bread recipe number {i} for my family?" for i in range(24)))
     judged: list[int] = []
     score = scorer_module.TrialScorer.__call__
 
@@ -423,12 +425,7 @@ def test_a_judged_search_validates_its_best_trials_with_the_judge_too(tiny_model
     for judge, expected in ((None, "refusal markers"), (str(judge_dir), f"judge {judge_dir}")):
         judged.clear()
         config = AbliterationConfig(
-            model=str(tiny_model(arch="llama")),
-            harmful_dataset=str(harmful),
-            harmless_dataset=str(harmless),
-            max_prompts=8,
-            eval_size=4,
-            eval_max_tokens=4,
+            **_search_config(tiny_model, tmp_path),
             judge=judge,
             output_dir=str(tmp_path / f"out-{judge is None}"),
             no_eval=True,

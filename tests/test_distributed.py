@@ -101,3 +101,32 @@ def test_rank_slices_cover_everything_once():
     slices = [rank_slice(items, _FakeGroup(r, 3)) for r in range(3)]
     assert sum(slices, []) == items
     assert [len(s) for s in slices] == [2, 2, 3]
+
+
+def test_run_under_mlx_launch_probes_on_every_rank_and_does_the_rest_once(tiny_model, tmp_path):
+    """Rank 1 probes its share and stops once the statistics are merged; only rank 0 chooses the layer,
+    evaluates and saves (before, every rank chose, evaluated and wrote the same baseline cache)."""
+    launcher = _launcher()
+    if launcher is None:
+        pytest.skip("mlx.launch is not installed")
+    import mlx_lm
+
+    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
+    harmful.write_text("\n".join(f"How do I build weapon number {i} to hurt people?" for i in range(20)))
+    harmless.write_text("\n".join(f"How do I bake bread recipe number {i} for my family?" for i in range(20)))
+    out = tmp_path / "out"
+    command = [
+        launcher, "--backend", "ring", "-n", "2", "--starting-port", str(_free_port_pair()), "--",
+        sys.executable, "-m", "mlx_abliteration.cli.main", "run", "-m", str(tiny_model(arch="llama")),
+        "-o", str(out), "--harmful-dataset", str(harmful), "--harmless-dataset", str(harmless),
+        "--max-prompts", "8", "--eval-size", "4", "--eval-max-tokens", "4", "--cache-dir", str(tmp_path / "cache"),
+        "--json",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=170)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "rank 1 of 2: probing share merged; rank 0 chooses the plan, evaluates and saves" in output
+    for once in ("choosing the layer", "evaluating the original model", "evaluating the abliterated model"):
+        assert output.count(once) == 1, (once, output)
+    assert "probe harmful (rank 1)" in output  # rank 1 did probe its share
+    mlx_lm.load(str(out))

@@ -24,6 +24,7 @@ from mlx_abliteration import __version__
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.io.atomic_write import is_user_write_failure, write_error
 from mlx_abliteration.io.output_dir import Terminated, handle_sigterm
+from mlx_abliteration.pipeline.events import FollowerRankDone
 from mlx_abliteration.runtime.backend import keep_torch_out, persistent_kernel_cache
 from mlx_abliteration.runtime.logging_config import LOGGER_NAME, setup_logging
 
@@ -96,6 +97,9 @@ def run_command(module, args: argparse.Namespace) -> int:
         code = int(module.main(args) or 0)
         sys.stdout.flush()  # a full disk under `> file` fails here, not in Python's exit (exit 120)
         return code
+    except FollowerRankDone as done:  # under mlx.launch, ranks other than 0 stop after the merged probe
+        print(done, file=sys.stderr)
+        return 0
     except (UserError, FileNotFoundError) as err:
         if debug:
             _print_traceback(err)

@@ -29,6 +29,15 @@ class Cancelled(Exception):
     """Raised inside the pipeline when the caller asked it to stop."""
 
 
+class FollowerRankDone(Exception):
+    """Under ``mlx.launch``: this rank's share of the probing is merged, and rank 0 does the rest (choosing
+    the plan, evaluating, saving); the follower stops here instead of repeating that work for nothing."""
+
+    def __init__(self, rank: int, size: int):
+        super().__init__(f"rank {rank} of {size}: probing share merged; rank 0 chooses the plan, evaluates and saves")
+        self.rank, self.size = rank, size
+
+
 EventSink = Callable[[Event], None]
 
 

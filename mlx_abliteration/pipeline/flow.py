@@ -21,8 +21,16 @@ from mlx_abliteration.data.prompt_selection import prompt_digests
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.io.model_io import read_config
 from mlx_abliteration.pipeline import records, steps
-from mlx_abliteration.pipeline.events import Cancelled, Event, EventSink, Reporter, release_buffer_cache
+from mlx_abliteration.pipeline.events import (
+    Cancelled,
+    Event,
+    EventSink,
+    FollowerRankDone,
+    Reporter,
+    release_buffer_cache,
+)
 from mlx_abliteration.pipeline.plan_sources import LayerChoice, PlanSource, RunContext
+from mlx_abliteration.probe.distributed import world
 
 if TYPE_CHECKING:
     pass
@@ -78,7 +86,10 @@ def run_pipeline(
     ctx.writers = steps.find_writers(ctx.model, source, config, report)
     if plan_source.loads_model:
         ctx.data = steps.prompts(config, report)
-    directions = plan_source.directions(ctx)
+    directions = plan_source.directions(ctx)  # under mlx.launch: the ranks' probing statistics merged
+    group = world()
+    if group.rank() != 0:
+        raise FollowerRankDone(group.rank(), group.size())
     choice = plan_source.choose(ctx, directions)
     before = after = None
     output, record = None, {}

@@ -138,11 +138,15 @@ def write_gguf(
     writer.add_head_count_kv(KV_HEADS)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
+    if "scores" in vocab:  # a SentencePiece vocabulary
+        writer.add_tokenizer_model("llama")
+        writer.add_token_scores(vocab["scores"])
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_merges(vocab["merges"])
     writer.add_token_list(vocab["tokens"])
     writer.add_token_types(vocab["types"])
-    writer.add_token_merges(vocab["merges"])
     writer.add_bos_token_id(0)
     writer.add_eos_token_id(2)
     writer.add_pad_token_id(0)

@@ -1,8 +1,9 @@
 """GGUF tokenizer metadata -> ``tokenizer.json``, ``tokenizer_config.json``, ``generation_config.json``.
 
-Only byte-level BPE (``tokenizer.ggml.model == "gpt2"``) is supported. The pre-tokenizer
-follows ``tokenizer.ggml.pre`` the way llama.cpp does: the same split regexes, written
-in the form Hugging Face ``tokenizers`` uses for those model families.
+Byte-level BPE (``tokenizer.ggml.model == "gpt2"``) and SentencePiece (``"llama"``, built in
+``gguf_spm``) vocabularies are read. The byte-level pre-tokenizer follows ``tokenizer.ggml.pre``
+the way llama.cpp does: the same split regexes, written in the form Hugging Face ``tokenizers``
+uses for those model families.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.io.gguf_spm import build_spm_tokenizer
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
@@ -64,11 +66,15 @@ def _meta(reader: GGUFReader, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
-def pre_tokenizer_style(reader: GGUFReader, path: Path) -> PreTokenizerStyle:
+def pre_tokenizer_style(reader: GGUFReader, path: Path) -> PreTokenizerStyle | None:
+    """The byte-level BPE pre-tokenizer; None for a SentencePiece vocabulary (it has none)."""
     model = _meta(reader, "tokenizer.ggml.model")
+    if model == "llama":
+        return None
     if model != "gpt2":
         raise UserError(
-            f"tokenizer model {model!r} in {Path(path).name} is not supported; supported: gpt2 (byte-level BPE)"
+            f"tokenizer model {model!r} in {Path(path).name} is not supported; "
+            "supported: gpt2 (byte-level BPE), llama (SentencePiece)"
         )
     pre = _meta(reader, "tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
@@ -79,9 +85,11 @@ def pre_tokenizer_style(reader: GGUFReader, path: Path) -> PreTokenizerStyle:
 
 
 def build_tokenizer(reader: GGUFReader, path: Path) -> Tokenizer:
-    """A ``tokenizers.Tokenizer`` equivalent to the GGUF's byte-level BPE vocabulary."""
+    """A ``tokenizers.Tokenizer`` equivalent to the GGUF's vocabulary."""
 
     style = pre_tokenizer_style(reader, path)
+    if style is None:
+        return build_spm_tokenizer(reader)
     tokens: list[str] = _meta(reader, "tokenizer.ggml.tokens")
     types: list[int] = _meta(reader, "tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens))
     merges = [tuple(m.split(" ", 1)) for m in _meta(reader, "tokenizer.ggml.merges", [])]
@@ -143,13 +151,15 @@ def _token_text(reader: GGUFReader, key: str) -> str | None:
 def write_tokenizer_files(reader: GGUFReader, out_dir: Path, path: Path, max_length: int, eos_ids: list[int]) -> None:
     """Write the three tokenizer-side files ``mlx_lm.load`` and ``transformers`` read."""
     build_tokenizer(reader, path).save(str(out_dir / "tokenizer.json"))
+    sentencepiece = _meta(reader, "tokenizer.ggml.model") == "llama"
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": _token_text(reader, "bos"),
         "eos_token": _token_text(reader, "eos"),
         "pad_token": _token_text(reader, "padding"),
         "unk_token": _token_text(reader, "unknown"),
-        "add_bos_token": bool(_meta(reader, "tokenizer.ggml.add_bos_token", False)),
+        # llama.cpp adds BOS to SentencePiece vocabularies unless told not to
+        "add_bos_token": bool(_meta(reader, "tokenizer.ggml.add_bos_token", sentencepiece)),
         "add_eos_token": bool(_meta(reader, "tokenizer.ggml.add_eos_token", False)),
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_length,

@@ -425,7 +425,7 @@ def test_qwen_export_matches_the_llama_cpp_file_bit_for_bit(qwen_dir, tmp_path):
     source's bits. With identical hyperparameters and weights the model is the same; that import-gguf
     then computes the source's logits is the tiny qwen2 round trip above (a 3.5 GB re-import would not
     fit the slow group's budget)."""
-    from mlx_abliteration.io.gguf_reader import mlx_tensor_name
+    from mlx_abliteration.io.gguf_families import mlx_tensor_name
     from tests.support.real_models import ensure_gguf
 
     export(qwen_dir, tmp_path / "m.gguf", "bf16")
@@ -464,7 +464,7 @@ def bf16_bits(path: Path) -> dict[str, np.ndarray]:
     "change,text",
     [
         (lambda t: {**t, "normalizer": {"type": "Lowercase"}}, "matches none that llama.cpp knows"),
-        (lambda t: {**t, "model": {**t["model"], "type": "Unigram"}}, "not a byte-level BPE tokenizer"),
+        (lambda t: {**t, "model": {**t["model"], "type": "Unigram"}}, "neither a byte-level BPE nor a SentencePiece"),
         (lambda t: {**t, "added_tokens": [*t["added_tokens"], {"id": 999, "content": "x", "special": True}]}, "999"),
         (None, "has no tokenizer.json"),
     ],

@@ -123,6 +123,30 @@ def test_ids_equal_llama_cpp(tmp_path, prefix):
     llama_cpp = pytest.importorskip("llama_cpp")
     write_spm_gguf(tmp_path / "m.gguf", prefix)
     tokenizer = build_tokenizer(gguf.GGUFReader(tmp_path / "m.gguf"), tmp_path / "m.gguf")
-    model = llama_cpp.Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
-    for text in TEXTS:
-        assert tokenizer.encode(text).ids == model.tokenize(text.encode(), add_bos=True, special=True), text
+    from mlx_abliteration.export.gguf_export import export_gguf
+
+    export_gguf(convert_gguf(tmp_path / "m.gguf", tmp_path / "out", dtype="float16"), tmp_path / "back.gguf", "f16")
+    for name in ("m.gguf", "back.gguf"):  # the file given and the one export-gguf writes
+        model = llama_cpp.Llama(str(tmp_path / name), vocab_only=True, verbose=False)
+        for text in TEXTS:
+            assert tokenizer.encode(text).ids == model.tokenize(text.encode(), add_bos=True, special=True), text
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_export_writes_the_vocabulary_back(tmp_path, prefix):
+    from mlx_abliteration.export.gguf_export import export_gguf
+
+    vocab = write_spm_gguf(tmp_path / "m.gguf", prefix)
+    first = convert_gguf(tmp_path / "m.gguf", tmp_path / "first", dtype="float16")
+    export_gguf(first, tmp_path / "back.gguf", "f16")
+    reader = gguf.GGUFReader(tmp_path / "back.gguf")
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert field("tokenizer.ggml.model") == "llama"
+    assert field("tokenizer.ggml.tokens") == vocab["tokens"]
+    assert field("tokenizer.ggml.token_type") == vocab["types"]
+    assert field("tokenizer.ggml.add_space_prefix") is prefix
+    assert (field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.unknown_token_id")) == (0, 1)
+    assert field("tokenizer.ggml.add_bos_token") is True
+    second = convert_gguf(tmp_path / "back.gguf", tmp_path / "second", dtype="float16")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert json.loads((second / name).read_text()) == json.loads((first / name).read_text()), name

@@ -1,8 +1,8 @@
 """An MLX model dir's tokenizer -> GGUF tokenizer metadata, the inverse of ``gguf_tokenizer``.
 
-Only byte-level BPE tokenizers (``tokenizer.ggml.model == "gpt2"``) whose pre-tokenizer is
-one of the styles the import knows are written; ``tokenizer.ggml.pre`` names that style the
-way llama.cpp does. Special token ids, ``add_bos``/``add_eos``, merges and the chat template
+Byte-level BPE tokenizers (``tokenizer.ggml.model == "gpt2"``) whose pre-tokenizer is one of
+the styles the import knows are written here (SentencePiece-style ones in ``gguf_export_spm``);
+``tokenizer.ggml.pre`` names that style the way llama.cpp does. Special token ids, ``add_bos``/``add_eos``, merges and the chat template
 come from the ``gguf`` package's own ``SpecialVocab`` (what llama.cpp's converter uses).
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_abliteration.errors import UserError
+from mlx_abliteration.export.gguf_export_spm import add_spm_vocab, is_sentencepiece
 from mlx_abliteration.io.gguf_tokenizer import (
     PRE_TOKENIZERS,
     TOKEN_CONTROL,
@@ -39,8 +40,12 @@ def _read_tokenizer(model_dir: Path) -> dict:
         raise UserError(f"cannot read {path} ({err}); restore the model's tokenizer.json") from None
     model = data.get("model") if isinstance(data, dict) else None
     decoder = data.get("decoder") or {}
+    if isinstance(model, dict) and is_sentencepiece(data):
+        return data
     if not isinstance(model, dict) or model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise UserError(f"{path} is not a byte-level BPE tokenizer; GGUF export supports only those (gpt2 type)")
+        raise UserError(
+            f"{path} is neither a byte-level BPE nor a SentencePiece-style tokenizer; GGUF export supports only those"
+        )
     if decoder.get("type") != "ByteLevel":
         raise UserError(f"{path} has no ByteLevel decoder; GGUF export supports only byte-level BPE tokenizers")
     return data
@@ -119,6 +124,9 @@ def add_vocab(writer: Any, model_dir: Path, n_vocab: int) -> None:
         tok_config = {}
     clean_up = bool(tok_config.get("clean_up_tokenization_spaces", False)) if isinstance(tok_config, dict) else False
     path = model_dir / "tokenizer.json"
+    if is_sentencepiece(tokenizer):
+        add_spm_vocab(writer, model_dir, tokenizer, *token_table(tokenizer, n_vocab, path))
+        return
     name = pre_tokenizer_name(tokenizer, clean_up, path)
     tokens, types = token_table(tokenizer, n_vocab, path)
     writer.add_tokenizer_model("gpt2")

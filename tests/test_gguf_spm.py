@@ -133,7 +133,7 @@ def test_ids_equal_llama_cpp(tmp_path, prefix):
 
 
 @pytest.mark.parametrize("prefix", [True, False])
-def test_export_writes_the_vocabulary_back(tmp_path, prefix):
+def test_export_writes_the_vocabulary_back(tmp_path, prefix, caplog):
     from mlx_abliteration.export.gguf_export import export_gguf
 
     vocab = write_spm_gguf(tmp_path / "m.gguf", prefix)
@@ -147,6 +147,24 @@ def test_export_writes_the_vocabulary_back(tmp_path, prefix):
     assert field("tokenizer.ggml.add_space_prefix") is prefix
     assert (field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.unknown_token_id")) == (0, 1)
     assert field("tokenizer.ggml.add_bos_token") is True
+    assert not [record for record in caplog.records if record.name.startswith("gguf")]  # no pair-template noise
     second = convert_gguf(tmp_path / "back.gguf", tmp_path / "second", dtype="float16")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert json.loads((second / name).read_text()) == json.loads((first / name).read_text()), name
+
+
+def test_a_metaspace_tokenizer_exports_as_sentencepiece(tmp_path):
+    """Mistral's and newer Llama tokenizer files write "▁" with a Metaspace pre-tokenizer instead."""
+    from mlx_abliteration.export.gguf_export import export_gguf
+
+    vocab = write_spm_gguf(tmp_path / "m.gguf", False)
+    model = convert_gguf(tmp_path / "m.gguf", tmp_path / "out", dtype="float16")
+    data = json.loads((model / "tokenizer.json").read_text())
+    data["normalizer"] = None
+    data["pre_tokenizer"] = {"type": "Metaspace", "replacement": SPACE, "prepend_scheme": "first", "split": False}
+    (model / "tokenizer.json").write_text(json.dumps(data))
+    export_gguf(model, tmp_path / "back.gguf", "f16")
+    reader = gguf.GGUFReader(tmp_path / "back.gguf")
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.tokens"].contents() == vocab["tokens"]
+    assert reader.fields["tokenizer.ggml.add_space_prefix"].contents() is True

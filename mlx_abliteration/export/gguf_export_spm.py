@@ -9,6 +9,7 @@ again from these scores are the file's, in the same order.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -19,22 +20,47 @@ _BYTE = re.compile(r"<0x[0-9A-F]{2}>")
 
 
 def is_sentencepiece(tokenizer: dict) -> bool:
-    """True for a byte-fallback BPE whose normalizer writes spaces as "▁"."""
+    """True for a byte-fallback BPE that writes spaces as "▁" (a normalizer's Replace, or Metaspace)."""
     model = tokenizer.get("model") or {}
     return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and _replaces_spaces(tokenizer)
 
 
-def _steps(tokenizer: dict) -> list[dict]:
-    normalizer = tokenizer.get("normalizer") or {}
-    return normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
+def _steps(tokenizer: dict, key: str) -> list[dict]:
+    step = tokenizer.get(key) or {}
+    return step.get(f"{key}s", []) if step.get("type") == "Sequence" else [step]
+
+
+def _metaspace(tokenizer: dict) -> dict | None:
+    found = [s for s in _steps(tokenizer, "pre_tokenizer") if s.get("type") == "Metaspace"]
+    return found[0] if found and found[0].get("replacement") == SPACE else None
 
 
 def _replaces_spaces(tokenizer: dict) -> bool:
-    return any(s.get("type") == "Replace" and s.get("content") == SPACE for s in _steps(tokenizer))
+    normalizer = _steps(tokenizer, "normalizer")
+    return _metaspace(tokenizer) is not None or any(
+        s.get("type") == "Replace" and s.get("content") == SPACE for s in normalizer
+    )
 
 
 def _adds_space_prefix(tokenizer: dict) -> bool:
-    return any(s.get("type") == "Prepend" and s.get("prepend") == SPACE for s in _steps(tokenizer))
+    metaspace = _metaspace(tokenizer)
+    if metaspace is not None and metaspace.get("prepend_scheme", "always") != "never":
+        return True
+    return any(s.get("type") == "Prepend" and s.get("prepend") == SPACE for s in _steps(tokenizer, "normalizer"))
+
+
+def special_vocab(model_dir: Path, load_merges: bool, n_vocab: int) -> Any:
+    """``gguf.SpecialVocab``, without its warning about a BOS before the second text of a pair
+    (the Llama/Gemma template ``<bos> A <bos> B``, which llama.cpp has no key for)."""
+    import gguf
+
+    log = logging.getLogger("gguf.vocab")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return gguf.SpecialVocab(model_dir, load_merges=load_merges, n_vocab=n_vocab)
+    finally:
+        log.setLevel(level)
 
 
 def _scores(tokenizer: dict, tokens: list[str]) -> list[float]:
@@ -51,8 +77,6 @@ def add_spm_vocab(writer: Any, model_dir: Path, tokenizer: dict, tokens: list[st
 
     ``tokens`` and ``types`` are ``gguf_export_vocab.token_table``'s, one per embedding row.
     """
-    import gguf
-
     types = list(types)
     unk = tokenizer["model"].get("unk_token")
     for i, (token, kind) in enumerate(zip(tokens, types)):
@@ -66,7 +90,7 @@ def add_spm_vocab(writer: Any, model_dir: Path, tokenizer: dict, tokens: list[st
     writer.add_token_scores(_scores(tokenizer, tokens))
     writer.add_token_types(types)
     writer.add_add_space_prefix(_adds_space_prefix(tokenizer))
-    special = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=len(tokens))
+    special = special_vocab(model_dir, False, len(tokens))
     if unk in tokens:  # SpecialVocab finds only an unk token that is an added token
         special.special_token_ids.setdefault("unk", tokens.index(unk))
     special.add_to_gguf(writer, quiet=True)

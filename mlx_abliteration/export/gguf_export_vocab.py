@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.export.gguf_export_spm import add_spm_vocab, is_sentencepiece
+from mlx_abliteration.export.gguf_export_spm import add_spm_vocab, is_sentencepiece, special_vocab
 from mlx_abliteration.io.gguf_tokenizer import (
     PRE_TOKENIZERS,
     TOKEN_CONTROL,
@@ -115,7 +115,6 @@ def token_table(tokenizer: dict, n_vocab: int, path: Path) -> tuple[list[str], l
 
 def add_vocab(writer: Any, model_dir: Path, n_vocab: int) -> None:
     """Write the tokenizer keys (model, pre, tokens, types, merges, special ids, chat template)."""
-    import gguf
 
     tokenizer = _read_tokenizer(model_dir)
     try:
@@ -133,7 +132,7 @@ def add_vocab(writer: Any, model_dir: Path, n_vocab: int) -> None:
     writer.add_tokenizer_pre(name)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    special = special_vocab(model_dir, True, n_vocab)
     if not special.merges:
         raise UserError(f"{path} has no BPE merges; the tokenizer is incomplete")
     special.add_to_gguf(writer, quiet=True)

@@ -109,6 +109,25 @@ def _compare(llama_cpp, gguf_path, model, tokenizer) -> tuple[float, float]:
     return worst, worst_share
 
 
+def _assert_same_vocabulary(original, exported) -> None:
+    """export-gguf writes the vocabulary back: same tokens, types, special ids, and the same merge order."""
+    import gguf
+
+    from mlx_abliteration.io.gguf_spm import spm_merges
+
+    keys = ["tokens", "token_type", "add_space_prefix", "add_bos_token", "add_eos_token"]
+    keys += [f"{name}_token_id" for name in ("bos", "eos", "unknown", "padding")]
+    readers = [gguf.GGUFReader(path) for path in (original, exported)]
+    for key in keys:
+        first, second = (reader.fields[f"tokenizer.ggml.{key}"].contents() for reader in readers)
+        assert first == second, key
+    merges = [
+        spm_merges(*(reader.fields[f"tokenizer.ggml.{key}"].contents() for key in ("tokens", "scores", "token_type")))
+        for reader in readers
+    ]
+    assert merges[0] == merges[1]
+
+
 def test_logits_match_llama_cpp(gemma_dir, gemma_gguf, tmp_path):
     """Same next token everywhere. On the Q4_K_M file llama.cpp quantizes the activations to 8 bits
     for its K-quant dot products (a few % of the logit range); on an f16 file of the same weights it
@@ -119,6 +138,7 @@ def test_logits_match_llama_cpp(gemma_dir, gemma_gguf, tmp_path):
     model, tokenizer = float32_model(gemma_dir)
     q4_diff, q4_share = _compare(llama_cpp, gemma_gguf, model, tokenizer)
     export_gguf(gemma_dir, tmp_path / "f16.gguf", "f16")
+    _assert_same_vocabulary(gemma_gguf, tmp_path / "f16.gguf")
     f16_diff, f16_share = _compare(llama_cpp, tmp_path / "f16.gguf", model, tokenizer)
     print(
         f"Q4_K_M file: max |diff| {q4_diff:.3g} ({q4_share:.2%} of range); f16 file: {f16_diff:.3g} ({f16_share:.2%})"

@@ -14,13 +14,8 @@ from typing import Any
 
 from mlx_abliteration.errors import UserError
 from mlx_abliteration.export.gguf_export_spm import add_spm_vocab, is_sentencepiece, special_vocab
-from mlx_abliteration.io.gguf_tokenizer import (
-    PRE_TOKENIZERS,
-    TOKEN_CONTROL,
-    TOKEN_NORMAL,
-    TOKEN_USER_DEFINED,
-    PreTokenizerStyle,
-)
+from mlx_abliteration.io.gguf_spm import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED
+from mlx_abliteration.io.gguf_tokenizer import PRE_TOKENIZERS, PreTokenizerStyle
 
 TOKEN_UNUSED = 5  # llama.cpp's type for the "[PAD<id>]" fillers of ids the tokenizer lacks
 # The name written for each style; "smollm" is llama.cpp's "starcoder" without the clean-up of

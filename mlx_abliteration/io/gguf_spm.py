@@ -68,13 +68,19 @@ def build_spm_tokenizer(reader: GGUFReader) -> Tokenizer:
     post = _post_processor(reader, tokens)
     if post is not None:
         tokenizer.post_processor = post
-    added = [
-        AddedToken(token, special=kind == TOKEN_CONTROL, normalized=False)
-        for token, kind in zip(tokens, types)
-        if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED) and token
-    ]
-    tokenizer.add_tokens(added)
+    add_listed_tokens(tokenizer, tokens, types)
     return tokenizer
+
+
+def add_listed_tokens(tokenizer: Tokenizer, tokens: list[str], types: list[int]) -> None:
+    """The vocabulary's control tokens (special) and user-defined tokens, matched before the model splits."""
+    tokenizer.add_tokens(
+        [
+            AddedToken(token, special=kind == TOKEN_CONTROL, normalized=False)
+            for token, kind in zip(tokens, types)
+            if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED) and token
+        ]
+    )
 
 
 def _post_processor(reader: GGUFReader, tokens: list[str]) -> processors.TemplateProcessing | None:

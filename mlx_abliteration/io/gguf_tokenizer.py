@@ -13,17 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from mlx_abliteration.errors import UserError
-from mlx_abliteration.io.gguf_spm import build_spm_tokenizer
+from mlx_abliteration.io.gguf_spm import TOKEN_CONTROL, TOKEN_NORMAL, add_listed_tokens, build_spm_tokenizer
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
     from tokenizers import Tokenizer
     from tokenizers.processors import PostProcessor
 
-TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
 
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -110,12 +109,7 @@ def build_tokenizer(reader: GGUFReader, path: Path) -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = _post_processor(reader, tokens)
 
-    added = [
-        AddedToken(token, special=kind == TOKEN_CONTROL, normalized=False)
-        for token, kind in zip(tokens, types)
-        if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED) and token
-    ]
-    tokenizer.add_tokens(added)
+    add_listed_tokens(tokenizer, tokens, types)
     return tokenizer
 
 

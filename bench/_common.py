@@ -17,13 +17,22 @@ DEFAULT_CACHE = Path.home() / ".cache" / "mlx-abliteration"
 
 
 def machine() -> dict:
-    """What ran the benchmark, and how busy the machine was (other users share the cores)."""
-    return {
+    """What ran the benchmark, how busy the machine was (other users share the cores), and its GPUs if
+    nvidia-smi sees any."""
+    info = {
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "loadavg_1_5_15": list(os.getloadavg()),
         "python": platform.python_version(),
     }
+    try:
+        query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+        gpus = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        gpus = ""
+    if gpus:
+        info["gpus"] = gpus.splitlines()
+    return info
 
 
 def write_result(name: str, result: dict) -> Path:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import re
 import select
@@ -47,6 +46,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench._common import machine  # noqa: E402
+
 DATA = ROOT / "mlx_abliteration" / "data"
 RESULTS = ROOT / "bench" / "results"
 STEPS = ("split", "heretic", "ours", "eval", "report")
@@ -643,19 +646,6 @@ def partial_ours(work: Path) -> dict | None:
         "trial_seconds": seconds,
         "seconds_per_trial": round(sum(seconds) / len(seconds), 1) if seconds else None,
     }
-
-
-def machine() -> dict:
-    """Where the run happened: the platform, the CPUs, the load, and the GPUs if nvidia-smi sees any."""
-    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_1_5_15": os.getloadavg()}
-    try:
-        query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
-        gpus = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        gpus = ""
-    if gpus:
-        info["gpus"] = gpus.splitlines()
-    return info
 
 
 def step_report(args, work: Path, state: dict) -> dict:

@@ -307,9 +307,9 @@ def _search(study, model, tokenizer, source, data, directions, config, settings,
         )
         report.progress(done, settings.n_trials, "trials")
 
-    if steps.judge_path(config) is not None:
-        report.emit("info", f"trials scored by the judge {config.judge} (whole answers, then one judging pass)")
     with refusal_judge(config, report) as scorer.judge:  # loaded for the trials, freed after them
+        if scorer.judge is not None:
+            report.emit("info", f"trials scored by the judge {config.judge} (whole answers, then one judging pass)")
         interrupted = optimize(study, space, scorer, settings.n_trials, on_trial, settings.prune)
     if interrupted:
         report.emit("info", "interrupted: finished trials are kept; rerun the same command to continue")

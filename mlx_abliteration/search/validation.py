@@ -167,6 +167,7 @@ def validate_front(
     )
     scored = {}
     with refusal_judge(ctx.config, ctx.report) as scorer.judge:  # the trials' refusal counter: the same one counts here
+        refusals_by = "refusal markers" if scorer.judge is None else f"judge {ctx.config.judge}"
         for n, (number, row) in enumerate(candidates.items()):
             score = scorer(row.spec)
             scored[number] = Validated(number, row.warm_start, score.refusals, score.total, score.kl_rows)
@@ -185,7 +186,7 @@ def validate_front(
     ctx.report.emit("info", f"saved trial {best.number}: {reason}")
     record = {
         "prompts": len(harmful),
-        "refusals_by": f"judge {ctx.config.judge}" if steps.judge_path(ctx.config) else "refusal markers",
+        "refusals_by": refusals_by,
         "candidates": [v.to_dict() for v in scored.values()],
         "chosen": best.number,
         "reason": reason,
